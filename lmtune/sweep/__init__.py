@@ -1,0 +1,8 @@
+"""Sweeps: ``from lmtune.sweep import Sweep, Smoke, Frontier, grid, choice, uniform, loguniform, randint``.
+
+Run one with ``python -m lmtune.sweep SWEEP.py``. Importing this package does not import ray.
+"""
+
+from lmtune.sweep.spec import Frontier, Smoke, Sweep, choice, grid, loguniform, randint, uniform
+
+__all__ = ["Sweep", "Smoke", "Frontier", "grid", "choice", "uniform", "loguniform", "randint"]

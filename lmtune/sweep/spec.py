@@ -1,0 +1,156 @@
+"""What a sweep file declares: ``sweep = Sweep(...)``.
+
+A sweep file reads like the experiment's design. Everything mechanical (Ray, Optuna, OOM handling,
+tables) lives in lmtune. This module does not import ray or optuna, so a sweep file can be loaded and
+validated (and rejected with exit code 2) before any cluster resources are used.
+
+Example::
+
+    from lmtune.sweep import Sweep, Smoke, grid, loguniform
+
+    sweep = Sweep(
+        name="optimizer",
+        base={"model.n_layer": 6, "train.steps": 2000},
+        space={"train.optimizer": grid(["adamw", "adam", "sgd"]), "train.lr": loguniform(1e-4, 3e-3)},
+        metric="val_loss", mode="min", num_samples=12,
+        export=["train.optimizer", "train.lr"],
+        smoke=Smoke(base={"model.n_layer": 2, "train.steps": 20}, num_samples=3),
+    )
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+# --- search-space domains -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Every value is tried (crossed with the other grid axes)."""
+
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical the searcher samples from."""
+
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Uniform:
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class LogUniform:
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """Integers in [low, high], optionally on a log scale."""
+
+    low: int
+    high: int
+    log: bool = False
+
+
+Domain = Grid | Choice | Uniform | LogUniform | IntRange
+
+
+def grid(values: Sequence) -> Grid:
+    return Grid(tuple(values))
+
+
+def choice(values: Sequence) -> Choice:
+    return Choice(tuple(values))
+
+
+def uniform(low: float, high: float) -> Uniform:
+    return Uniform(float(low), float(high))
+
+
+def loguniform(low: float, high: float) -> LogUniform:
+    return LogUniform(float(low), float(high))
+
+
+def randint(low: int, high: int, log: bool = False) -> IntRange:
+    return IntRange(int(low), int(high), log)
+
+
+# --- the sweep declaration ------------------------------------------------------------------------
+
+
+@dataclass
+class Frontier:
+    """A memory frontier: ``x`` (micro-batch) against peak memory, measured separately per ``budget`` value.
+
+    Memory is monotone in ``x`` at a fixed budget, so once a point is OOM every larger ``x`` at that budget
+    is recorded as OOM by implication and never launched.
+    """
+
+    x: str = "train.micro_batch_size"
+    budget: str = "train.ac_budget"
+    headroom_gib: float = 6.0
+    """The recommended operating point keeps at least this much memory free (the seed kept 6 GiB on 40)."""
+    margin_gib: float = 0.5
+    """Points predicted above the limit by more than this are skipped (recorded as predicted OOM)."""
+
+
+@dataclass
+class Smoke:
+    """Overrides applied with ``--smoke``: shrink the sweep to a CPU-sized run of a few minutes."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    """Config keys overriding Sweep.base."""
+    space: dict[str, Domain] = field(default_factory=dict)
+    """Axes replacing those of Sweep.space with the same key (an axis not named here is kept)."""
+    num_samples: int | None = None
+    """Replaces Sweep.num_samples."""
+
+
+@dataclass
+class Sweep:
+    name: str
+    """Short kebab-case name; results go to {n}-{name}-{timestamp}, the W&B group is the same."""
+    space: dict[str, Domain] = field(default_factory=dict)
+    """Config key → domain (grid, choice, uniform, loguniform, randint)."""
+    base: dict[str, Any] = field(default_factory=dict)
+    """Config keys fixed for every trial (on top of the trainer's defaults and locked defaults)."""
+    define_by_run: Callable[[Any], dict[str, Any] | None] | None = None
+    """Optional Optuna define-by-run function ``f(trial) -> constants``, used instead of ``space``'s
+    non-grid axes (it may branch: e.g. momentum only when optimizer is sgd)."""
+    metric: str | list[str] = "val_loss"
+    """A metric the trainer reports (DESIGN.md names), or several for a Pareto front."""
+    mode: Literal["min", "max"] | list[Literal["min", "max"]] = "min"
+    searcher: Literal["tpe", "grid", "nsga2", "frontier"] = "tpe"
+    """Optuna TPE, Optuna grid (every grid point once), NSGA-II (several metrics), or the frontier planner."""
+    num_samples: int = 16
+    """Trials for tpe/nsga2; ignored by grid and frontier (the grid size decides)."""
+    scheduler: Literal["asha", "none"] = "none"
+    """ASHA early stopping on `tokens` (Li et al. 2020)."""
+    grace_tokens: int = 0
+    """ASHA: tokens every trial gets before it can be stopped (0 = a tenth of the budget)."""
+    reduction_factor: int = 3
+    workers: int = 1
+    """Data-parallel workers per trial (Ray Train, DDP)."""
+    gpus: float = 0
+    """GPUs per worker (0 on CPU machines)."""
+    cpus: float = 1
+    """CPUs per worker."""
+    max_failures: int = 1
+    """Retries of a trial that fails with a genuine error (an OOM is a result and is never retried)."""
+    frontier: Frontier | None = None
+    """Frontier axes; required for searcher="frontier" and used by the frontier tables and plots."""
+    export: list[str] = field(default_factory=list)
+    """Config keys of the winning trial that `lmtune.export` writes as locked defaults."""
+    smoke: Smoke = field(default_factory=Smoke)
+    seed: int = 0
+    """Seed of the searcher."""
+    description: str = ""
