@@ -244,7 +244,8 @@ def coerce(key: str, value: Any) -> Any:
     """Convert ``value`` (a TOML value or a command-line string) to the key's type, or raise ConfigError."""
     f = _field(key)
     tp = _hints(SECTIONS[key.split(".")[0]])[f.name]
-    bad = ConfigError(f"{key}={value!r} is not accepted: expected {accepted(key)}.")
+    shown = value if isinstance(value, str) else repr(value)
+    bad = ConfigError(f"{key}={shown} is not accepted: expected {accepted(key)}.")
     from_cli = isinstance(value, str)
     if typing.get_origin(tp) is Literal:
         if value not in typing.get_args(tp):
@@ -341,6 +342,8 @@ def flatten_toml(doc: dict[str, Any], source: str) -> dict[str, Any]:
 def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
+        if p.suffix != ".toml":
+            raise ConfigError(f"'{p}' is neither a config file (FILE.toml) nor an override (section.key=value).")
         raise ConfigError(f"config file not found: {p}")
     try:
         return tomllib.loads(p.read_text())

@@ -1,0 +1,194 @@
+"""GPT-2-style decoder (Radford et al. 2019), after nanoGPT's model.py.
+
+Plain math only: torch.compile and activation checkpointing are applied from outside by
+:mod:`lmtune.parallelize` (torchtitan's split), so this file reads top to bottom as the model.
+Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.{i}.attn.c_attn``, ``lm_head``).
+Shapes: B batch, T sequence, C = n_embd, nh = n_head, hs = C // nh, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from lmtune.config import ConfigError, ModelConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # residual projection (scaled init)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.dropout, self.attention = cfg.n_head, cfg.dropout, cfg.attention
+        if cfg.attention == "manual":
+            # Non-persistent: sdpa and manual models have the same state_dict keys, and it is rebuilt, not loaded.
+            mask = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
+            self.register_buffer("mask", mask.view(1, 1, cfg.block_size, cfg.block_size), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.attention == "sdpa":
+            # Fused kernel (flash / memory-efficient on CUDA): never materializes the (T, T) matrix.
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        else:
+            # softmax(q k^T / sqrt(hs)) v with future positions masked (Vaswani et al. 2017, eq. 1).
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+            att = att.masked_fill(~self.mask[:, :, :T, :T], float("-inf"))
+            # Softmax in fp32 as the fused kernels do; CPU autocast would otherwise run it in bf16.
+            att = F.softmax(att.float(), dim=-1).to(v.dtype)
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)  # 4x expansion (Vaswani et al. 2017)
+        self.gelu = nn.GELU()  # exact erf GELU (Hendrycks & Gimpel 2016); GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # residual projection (scaled init)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, 4C) inside, (B, T, C) out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.pre_norm = cfg.norm_placement == "pre"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One block on the residual stream x (B, T, C).
+
+        pre-LN (GPT-2; Xiong et al. 2020): the residual path is never normalized, so gradients reach
+        early layers undamped and training is stable without warmup.
+
+            x --+-------------------(+)--+------------------(+)--> out
+                |                    ^   |                   ^
+                +--> ln_1 --> attn --+   +--> ln_2 --> mlp --+
+
+        post-LN (Vaswani et al. 2017): every sum is normalized, so the residual stream itself passes
+        through each LayerNorm; needs warmup (Xiong et al. 2020, section 3).
+
+            x --+-----------(+)--> ln_1 --+----------(+)--> ln_2 --> out
+                |            ^            |           ^
+                +--> attn ---+            +--> mlp ---+
+        """
+        if self.pre_norm:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ConfigError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}.")
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),  # learned positions (Radford et al. 2018)
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.final_norm else nn.Identity(),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # One matrix embeds tokens and scores them (Press & Wolf 2017); saves V*C parameters.
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 (Radford et al. 2019, section 2.3): each of the 2*n_layer residual branches adds to the
+        # stream's variance, so the projections that write into it start at std 0.02/sqrt(2*n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # GPT-2 / nanoGPT: N(0, 0.02) for every matrix and embedding, zero biases; LayerNorm stays (1, 0).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy."""
+        B, T = idx.size()
+        if T > self.cfg.block_size:
+            raise ConfigError(f"a sequence of {T} tokens is longer than model.block_size={self.cfg.block_size}.")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)  # (B, T, C)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:  # autocast runs cross_entropy in fp32 on CPU and CUDA
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (shared tensors once). non_embedding drops the position embedding and, when untied,
+        the token embedding: the N of Kaplan et al. 2020. A tied wte counts as lm_head, as in nanoGPT."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups: weight decay on matrices and embeddings (dim >= 2), none on biases and
+        LayerNorm weights (nanoGPT's configure_optimizers; decaying gains and offsets only shrinks them)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
+
+        The context is cropped to the last block_size tokens; temperature 0 is greedy; top_k keeps the k most
+        likely tokens. Runs without dropout and restores the previous train/eval mode.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                # self.forward, not self(...): the length changes every step, which would make a torch.compile
+                # applied from outside recompile; sampling is not the hot path.
+                logits, _ = self.forward(idx[:, -self.cfg.block_size:])
+                logits = logits[:, -1, :].float()  # (B, V)
+                if temperature == 0:
+                    nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+                idx = torch.cat((idx, nxt), dim=1)
+        finally:
+            self.train(was_training)
+        return idx
