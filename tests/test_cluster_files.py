@@ -15,7 +15,8 @@ What ``ray up`` does first (ray 2.60, ``ray/autoscaler/_private/commands.py``: `
 
 For a local-provider file no step leaves this machine, so Ray's own ``_bootstrap_config`` runs end to end. For a
 cloud file we run 1, 2 and 4, plus ``check_legacy_fields`` (the first, offline step of ``bootstrap_aws``), and skip
-3 and 5. The cloud files declare every node type's ``resources``, so step 3 has nothing to fill in.
+3 and 5. The cloud files declare every node type's CPU and GPU ``resources``, so the autoscaler's plan does not
+depend on step 3 (which would only add ``memory`` and ``accelerator_type:*``).
 """
 
 from __future__ import annotations
