@@ -301,24 +301,28 @@ class Trainer:
         if bar is not None:
             bar.close()
 
+    def _split_for_measure(self, k: int) -> bool:
+        """A lone micro-batch on a lone worker is measured as two halves (two gradient samples)."""
+        return k == 1 and self.world == 1 and self.cfg.train.micro_batch_size >= 2
+
     def _micro_sequences(self, k: int) -> int:
-        """Sequences per gradient sample on a measurement step (half a micro-batch when k == 1)."""
+        """Sequences per gradient sample on a measurement step."""
         mb = self.cfg.train.micro_batch_size
-        return mb // 2 if k == 1 else mb
+        return mb // 2 if self._split_for_measure(k) else mb
 
     def _forward_backward(self, k: int, measuring: bool) -> torch.Tensor:
         """k micro-batches, gradients accumulated in p.grad; returns the step's mean loss (a tensor).
 
-        On a measurement step with a single micro-batch, the micro-batch is run as two halves so that
-        there are two gradient samples (same mean gradient, same tokens). Under DDP, gradient sync is
+        On a measurement step with a single micro-batch on a single worker, the micro-batch is run as two
+        halves so that there are two gradient samples (same mean gradient, same tokens). Under DDP, gradient sync is
         skipped on all but the last micro-batch; on measurement steps every micro-batch runs without sync
         and the gradients are averaged explicitly afterwards, so the per-micro-batch gradients are local.
         """
         chunks = [self.batches.next() for _ in range(k)]
-        if measuring and k == 1 and self.cfg.train.micro_batch_size >= 2:
-            x, y = chunks[0]
+        if measuring and self._split_for_measure(k):
+            x, y = chunks[0]  # interleaved halves: exactly what two data-parallel ranks would each get
             half = x.shape[0] // 2
-            chunks = [(x[:half], y[:half]), (x[half:2 * half], y[half:2 * half])]
+            chunks = [(x[0:2 * half:2], y[0:2 * half:2]), (x[1:2 * half:2], y[1:2 * half:2])]
         if measuring:
             self.noise.begin()
         n = len(chunks)
@@ -374,10 +378,12 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed validation batches, split across ranks."""
+        """Mean loss over fixed validation windows: eval_batches micro-batches per rank, the ranks striding
+        over one global list, so N workers at micro-batch m see the same windows as one worker at N·m."""
         cfg = self.cfg
         self.model.eval()
-        batches = eval_batches(self.tokens.val, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)
+        batches = eval_batches(self.tokens.val, cfg.data.seq_len, cfg.train.micro_batch_size,
+                               cfg.train.eval_batches * self.world)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i, (x, y) in enumerate(batches):
             if i % self.world != self.rank:
