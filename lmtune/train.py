@@ -160,6 +160,8 @@ class Trainer:
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.device = resolve_device(cfg.system.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL and the caching allocator work on the current device
         if cfg.system.threads:
             torch.set_num_threads(cfg.system.threads)
         torch.manual_seed(t.seed)

@@ -230,6 +230,11 @@ def wikitext_rows(split: str, n: int = 30) -> list[str]:
     return rows
 
 
+def wikitext_text(split: str) -> str:
+    """The text file the rows came from: empty rows are blank lines."""
+    return "".join(row or "\n" for row in wikitext_rows(split))
+
+
 def make_wikitext_mirror(root: Path, configs=("wikitext-2-raw-v1", "wikitext-103-raw-v1"), readme: bool = True,
                          splits=("train", "validation", "test")) -> Path:
     """Files laid out as in the hub repo Salesforce/wikitext (README configs + parquet per config)."""
@@ -273,9 +278,9 @@ def test_hub_alias_through_mirror_offline(tmp_path, byte):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Line datasets are concatenated as they are (rows already end in "\n"; blank rows dropped).
-    assert out["train"] == "".join(wikitext_rows("train"))
-    assert out["val"] == "".join(wikitext_rows("validation"))
+    # Line datasets are concatenated back into the text they came from (no end-of-text ids).
+    assert out["train"] == wikitext_text("train")
+    assert out["val"] == wikitext_text("validation")
     assert "validation split" in out["source"] and str(tmp_path / "mirror") in out["source"]
     assert out["hit"] is False
 
@@ -283,7 +288,7 @@ def test_hub_alias_through_mirror_offline(tmp_path, byte):
 def test_hub_local_path_with_config(tmp_path, cfg, byte, hf_offline):
     repo = make_wikitext_mirror(tmp_path / "m")
     s = load_tokens(cfg(dataset=f"{repo}:wikitext-2-raw-v1", tokenizer="byte"))
-    assert byte.decode(s.val) == "".join(wikitext_rows("validation"))
+    assert byte.decode(s.val) == wikitext_text("validation")
     again = load_tokens(cfg(dataset=f"{repo}:wikitext-2-raw-v1", tokenizer="byte"))
     assert again.cache_hit
 
@@ -295,7 +300,7 @@ def test_hub_partial_mirror_without_validation(tmp_path, cfg, byte, hf_offline, 
     make_wikitext_mirror(tmp_path / "m", configs=("wikitext-2-raw-v1",), readme=readme, splits=("train",))
     monkeypatch.setenv(data.HUB_ROOT_ENV, str(tmp_path / "m"))
     s = load_tokens(cfg(dataset="wikitext-2-raw-v1", tokenizer="byte", val_fraction=0.2))
-    text = "".join(wikitext_rows("train"))
+    text = wikitext_text("train")
     cut = round(len(text) * 0.8)
     assert byte.decode(s.train) == text[:cut] and byte.decode(s.val) == text[cut:]
     assert "last 0.2 of train" in s.source
