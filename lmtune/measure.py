@@ -189,6 +189,18 @@ class MemoryMeter:
         gib = (hwm or 0) / 1024**2
         return {"peak_reserved_gib": gib, "peak_allocated_gib": gib}
 
+    def device_info(self) -> dict[str, float | str]:
+        """The memory of the device trained on (the frontier's limit when no emulated limit is set)."""
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            return {"device_memory_gib": props.total_memory / GIB, "device_name": props.name}
+        total = 0
+        try:
+            total = int(re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1))
+        except (OSError, AttributeError):
+            pass
+        return {"device_memory_gib": total / 1024**2, "device_name": "cpu"}
+
     def check_limit(self) -> None:
         """CPU emulation of a smaller device: end the step whose peak RSS crossed the limit."""
         if self.limit_gib <= 0 or self.device.type == "cuda":

@@ -431,6 +431,7 @@ class Trainer:
             final["oom_reason"] = self.last["oom_reason"]
         if status == "oom":  # the last measured memory, even if the OOM came before the warmup reset
             final.update(self.memory.peak())
+        final.update(self.memory.device_info())
         self._emit(final, self._save_checkpoint() if status == "ok" else None, status=status)
         summary = {**self.last, "config": self.cfg.flat()}
         if self.is_main and self.out_dir:

@@ -40,6 +40,7 @@ def test_summary_has_design_metric_names(tmp_path):
     assert math.isclose(summary["val_ppl"], math.exp(summary["val_loss"]), rel_tol=1e-9)
     assert -1.0 <= summary["grad_coherence"] <= 1.0
     assert summary["peak_reserved_gib"] > 0.05  # a real process RSS, not a placeholder
+    assert summary["device_memory_gib"] > summary["peak_reserved_gib"]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["status"] == "ok" and all(m["status"] == "running" for m in lines[:-1])
     saved = json.loads((tmp_path / "summary.json").read_text())

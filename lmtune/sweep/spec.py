@@ -99,8 +99,9 @@ class Frontier:
     budget: str = "train.ac_budget"
     headroom_gib: float = 6.0
     """The recommended operating point keeps at least this much memory free (the seed kept 6 GiB on 40)."""
-    margin_gib: float = 0.5
-    """Points predicted above the limit by more than this are skipped (recorded as predicted OOM)."""
+    margin_gib: float | None = None
+    """Points predicted above the limit by more than this are skipped (recorded as predicted OOM);
+    None = 5% of the limit (near capacity reserved memory levels off, so a linear fit overshoots)."""
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""Export a sweep's winner as locked defaults: ``python -m lmtune.export RESULTS_DIR [--to PATH] [--force]``.
+
+Writes the keys the sweep file locks (``Sweep.export``, recorded in sweep.json) with the winner's values:
+
+* a frontier sweep's winner is its recommended operating point (highest throughput with the headroom kept);
+* any other sweep's winner is its best ``ok`` trial by the sweep's metric and mode.
+
+Two files: the TOML the trainer reads (default ``./lmtune.locked.toml``, the project's locked defaults;
+any path works with ``--locked PATH`` or ``$LMTUNE_LOCKED``), with a ``[provenance."section.key"]`` record
+per key (source, sweep, group, metric, value, trial_id, date), and next to it (same stem, ``.md``) the
+seed-style ``Parameter | Value | Source`` table.
+
+An existing TOML is never overwritten without ``--force``; either way the command shows what would
+change (old → new per key). With ``--force`` the keys this export does not touch are kept, with their
+provenance, so the locked defaults of several sweeps accumulate in one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmtune import config as config_lib
+from lmtune.cli import user_errors_exit_2
+from lmtune.config import PROJECT_LOCKED, ConfigError
+from lmtune.frontier import Results, best_trial, fmt, frontier_report, gib, load_results, markdown_table, short
+
+SECTION_TITLES = {"model": "Architecture", "data": "Data", "train": "Training recipe", "system": "System"}
+
+
+@dataclass
+class Winner:
+    row: dict[str, Any]
+    """The winning trials.csv row."""
+    values: dict[str, Any]
+    """Exported key → value (typed as the config declares it)."""
+    metric: str
+    metric_value: float | None
+    source: str
+    """Seed-style text for the Source column."""
+
+
+@dataclass
+class ExportPlan:
+    path: Path
+    winner: Winner
+    values: dict[str, Any]
+    provenance: dict[str, dict[str, Any]]
+    changes: list[str] = field(default_factory=list)
+    """Human lines: ``key: old → new`` for every key of the new file."""
+
+
+def winner(results: Results) -> Winner:
+    """The winning trial and its values of the sweep's export keys (ConfigError when there is none)."""
+    keys = list(results.sweep.get("export") or [])
+    if not keys:
+        raise ConfigError(f"{results.dir}: the sweep exports no keys (sweep.json 'export' is empty); "
+                          f"add export=[...] to the sweep file.")
+    rep = frontier_report(results)
+    if rep is not None:
+        if rep.recommended is None:
+            raise ConfigError(f"{results.dir}: nothing to export. {rep.statement}")
+        row = next(r for r in results.rows if r.get("trial_id") == rep.recommended["trial_id"])
+        metric, value = "tokens_per_s", rep.recommended["tokens_per_s"]
+        source = (f"{results.name} frontier ({results.group}): recommended operating point, "
+                  f"{gib(rep.recommended['headroom_gib'])} GiB headroom of {rep.limit_gib:g} GiB")
+    else:
+        row = best_trial(results)
+        if row is None:
+            raise ConfigError(f"{results.dir}: nothing to export: no trial ended ok with a value of "
+                              f"'{results.metric}' (statuses: {_status_counts(results)}).")
+        metric, value = results.metric, row.get(results.metric)
+        n_ok = sum(1 for r in results.rows if r.get("status") == "ok")
+        source = f"{results.name} sweep ({results.group}): best {metric}={fmt(value, metric)} ({results.mode}) of {n_ok} ok trials"
+    cfg = results.config_of(row)
+    values = {}
+    for key in keys:
+        if key not in cfg:
+            raise ConfigError(f"{results.dir}: export key '{key}' has no value for trial {row.get('trial_id')} "
+                              f"(not in its config, the sweep's base or its summary.json).")
+        values[key] = config_lib.coerce(key, cfg[key])
+    return Winner(row, values, metric, value, source)
+
+
+def _status_counts(results: Results) -> str:
+    counts: dict[str, int] = {}
+    for r in results.rows:
+        counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no trials"
+
+
+def plan_export(results: Results, to: str | Path | None = None, *, date: str | None = None) -> ExportPlan:
+    """What :func:`export` would write: the merged values, provenance and the old → new lines."""
+    path = Path(to) if to else PROJECT_LOCKED
+    w = winner(results)
+    date = date or datetime.date.today().isoformat()
+    provenance = {
+        key: {"source": w.source, "sweep": results.name, "group": results.group, "metric": w.metric,
+              "value": w.metric_value, "trial_id": str(w.row.get("trial_id")), "date": date,
+              "results_dir": str(results.dir.resolve())}
+        for key in w.values
+    }
+    old_values, old_prov = _read_locked(path) if path.exists() else ({}, {})
+    values = {**old_values, **w.values}
+    provenance = {**{k: v for k, v in old_prov.items() if k in values}, **provenance}
+    current = _current_defaults()
+    changes = []
+    for key in values:
+        new = values[key]
+        if key not in w.values:
+            changes.append(f"  {key}: {_show(new)} (kept)")
+        elif key in old_values:
+            old = old_values[key]
+            changes.append(f"  {key}: {_show(old)} → {_show(new)}" + (" (unchanged)" if old == new else ""))
+        else:
+            was = f"(not set; default {_show(current[key])})" if key in current else "(not set)"
+            changes.append(f"  {key}: {was} → {_show(new)}")
+    return ExportPlan(path, w, values, provenance, changes)
+
+
+def _read_locked(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    try:
+        doc = tomllib.loads(path.read_text())
+        values = config_lib.flatten_toml(doc, str(path))
+    except (OSError, tomllib.TOMLDecodeError, ConfigError):
+        return {}, {}  # unreadable: --force replaces it entirely
+    return values, dict(doc.get("provenance") or {})
+
+
+def _current_defaults() -> dict[str, Any]:
+    try:
+        return config_lib.load().flat()
+    except ConfigError:
+        return {}
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+def export(results_dir: str | Path, to: str | Path | None = None, *, force: bool = False) -> ExportPlan:
+    """Write the locked-defaults TOML and its markdown table; ConfigError if refused or on bad input."""
+    results = load_results(results_dir)
+    return write_export(plan_export(results, to), results, force=force)
+
+
+def write_export(plan: ExportPlan, results: Results, *, force: bool = False) -> ExportPlan:
+    if plan.path.exists() and not force:
+        raise ConfigError(f"{plan.path} exists; nothing written. Rerun with --force to apply the changes above "
+                          f"(keys not exported here are kept).")
+    plan.path.parent.mkdir(parents=True, exist_ok=True)
+    plan.path.write_text(to_toml(plan.values, plan.provenance, results))
+    plan.path.with_suffix(".md").write_text(to_markdown(plan.values, plan.provenance, plan.path))
+    check_round_trip(plan.path, plan.values)
+    return plan
+
+
+def check_round_trip(path: Path, values: dict[str, Any]) -> None:
+    """The trainer, given this file, resolves exactly the exported values."""
+    cfg = config_lib.load(locked=path)
+    wrong = {k: (cfg.get(k), v) for k, v in values.items() if cfg.get(k) != v}
+    if wrong:
+        raise RuntimeError(f"{path}: the trainer would not resolve the exported values: {wrong}")
+
+
+# --- file formats ------------------------------------------------------------------------------------
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string: JSON's escapes are valid TOML
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(values: dict[str, Any], provenance: dict[str, dict[str, Any]], results: Results) -> str:
+    lines = [
+        f"# lmtune locked defaults, written by `python -m lmtune.export {results.dir.resolve()}`.",
+        "# The trainer reads this file over its built-in and shipped defaults (./lmtune.locked.toml is picked up",
+        "# from the working directory; any path with --locked PATH or $LMTUNE_LOCKED); command-line keys win.",
+        "",
+    ]
+    sections: dict[str, list[str]] = {}
+    for key in sorted(values, key=lambda k: (list(config_lib.SECTIONS).index(k.split(".")[0]), k)):
+        section, name = key.split(".", 1)
+        sections.setdefault(section, []).append(f"{name} = {_toml_value(values[key])}")
+    for section, body in sections.items():
+        lines += [f"[{section}]", *body, ""]
+    for key in sorted(provenance):
+        lines.append(f'[provenance."{key}"]')
+        lines += [f"{k} = {_toml_value(v)}" for k, v in provenance[key].items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_markdown(values: dict[str, Any], provenance: dict[str, dict[str, Any]], toml_path: Path) -> str:
+    """The seed's "Conclusions & Locked Configs" tables: one per config section."""
+    lines = ["# Locked defaults", "",
+             f"The values in `{toml_path.name}` (written by `python -m lmtune.export`); the trainer uses them as "
+             f"its defaults. Carry them forward unless explicitly ablating them.", ""]
+    by_section: dict[str, list[str]] = {}
+    for key in values:
+        by_section.setdefault(key.split(".")[0], []).append(key)
+    for section in config_lib.SECTIONS:
+        keys = by_section.get(section)
+        if not keys:
+            continue
+        rows = [[short(k), _md_value(values[k]), provenance.get(k, {}).get("source", "")] for k in sorted(keys)]
+        lines += [f"## {SECTION_TITLES[section]}", "", markdown_table(["Parameter", "Value", "Source"], rows), ""]
+    return "\n".join(lines)
+
+
+def _md_value(v: Any) -> str:
+    return str(v) if not isinstance(v, list) else ", ".join(map(str, v))
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+@user_errors_exit_2
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lmtune.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's results directory (it has sweep.json)")
+    ap.add_argument("--to", metavar="PATH", default=None,
+                    help=f"where to write the TOML (default: {PROJECT_LOCKED}, the project's locked defaults)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing file (its other keys are kept)")
+    args = ap.parse_args(argv)
+    results = load_results(args.results_dir)
+    plan = plan_export(results, args.to)
+    print(f"{plan.path}: {'would change' if plan.path.exists() and not args.force else 'writing'} "
+          f"(winner: trial {plan.winner.row.get('trial_id')} of {results.group}, {plan.winner.metric} = "
+          f"{fmt(plan.winner.metric_value, plan.winner.metric)})")
+    print("\n".join(plan.changes))
+    write_export(plan, results, force=args.force)
+    print(f"written: {plan.path} and {plan.path.with_suffix('.md')}")
+    print("the trainer now uses them: python -m lmtune.train"
+          + ("" if plan.path.resolve() == PROJECT_LOCKED.resolve() else f" --locked {plan.path}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

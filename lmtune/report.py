@@ -1,0 +1,217 @@
+"""Render a sweep's tables and plots: ``python -m lmtune.report RESULTS_DIR``.
+
+Works on a finished or a running sweep (it reads whatever trials have reported so far) and writes into
+the results directory::
+
+    frontier.md|csv|json        memory frontier per AC budget + recommended operating point (frontier sweeps)
+    summary.md                  every trial sorted by the metric (+ norm × warmup, batch × LR tables)
+    plots/frontier.png          micro-batch vs peak memory and vs throughput per budget, OOMs marked, limit drawn
+    plots/loss_curves.png       train and validation loss vs tokens, one colour per trial
+    plots/grad_norm_layers.png  final per-layer gradient norm (log10) per trial, for norm sweeps
+
+The sweep runner calls :func:`render` when a sweep ends; the command line prints the tables and the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmtune.cli import user_errors_exit_2
+from lmtune.frontier import (
+    NORM_KEYS,
+    FrontierReport,
+    Results,
+    frontier_report,
+    load_results,
+    short,
+    summary_markdown,
+    write_frontier,
+)
+
+LAYER_PREFIX = "grad_norm/layer_"
+
+
+def render(results_dir: str | Path) -> list[Path]:
+    """Write the tables and plots of a results directory; returns the files written.
+
+    Raises ConfigError when ``results_dir`` is not a results directory.
+    """
+    results = load_results(results_dir)
+    written: list[Path] = []
+    rep = frontier_report(results)
+    if rep is not None:
+        written += write_frontier(rep, results.dir, title=f"{results.name} ({results.group})")
+    summary = results.dir / "summary.md"
+    summary.write_text(summary_markdown(results))
+    written.append(summary)
+    written += render_plots(results, rep)
+    return written
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def render_plots(results: Results, rep: FrontierReport | None) -> list[Path]:
+    plots = results.dir / "plots"
+    plots.mkdir(exist_ok=True)
+    out = []
+    if rep is not None and rep.tables:
+        out.append(plot_frontier(rep, plots / "frontier.png"))
+    curves = plot_loss_curves(results, plots / "loss_curves.png")
+    if curves is not None:
+        out.append(curves)
+    if any(k in results.space_keys for k in NORM_KEYS):
+        heat = plot_grad_norm_layers(results, plots / "grad_norm_layers.png")
+        if heat is not None:
+            out.append(heat)
+    return out
+
+
+def plot_frontier(rep: FrontierReport, path: Path) -> Path:
+    """Left: peak_reserved_gib vs micro-batch per budget (OOMs marked at the limit); right: tokens/s."""
+    plt = _pyplot()
+    fig, (ax_mem, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = rep.x
+    oom_y = rep.limit_gib if rep.limit_gib is not None else max(
+        [r["peak_reserved_gib"] or 0 for t in rep.tables for r in t.rows] + [1.0])
+    markers = {"OOM": "x", "OOM (implied)": "1", "OOM (predicted)": "+"}
+    step = 0.025 * oom_y  # OOM marks sit just above the limit, one row per budget, so they do not overlap
+    seen: set[str] = set()
+    for n, t in enumerate(rep.tables):
+        color = f"C{n % 10}"
+        ran = [r for r in t.rows if r["status"] not in markers and r["peak_reserved_gib"] is not None]
+        ax_mem.plot([r[x] for r in ran], [r["peak_reserved_gib"] for r in ran], "o-", color=color, label=t.title)
+        tps = [r for r in ran if r["tokens_per_s"] is not None]
+        ax_tps.plot([r[x] for r in tps], [r["tokens_per_s"] for r in tps], "o-", color=color, label=t.title)
+        for status, marker in markers.items():
+            pts = [r[x] for r in t.rows if r["status"] == status]
+            if pts:
+                ax_mem.plot(pts, [oom_y + step * (n + 1)] * len(pts), marker, color=color, markersize=10,
+                            linestyle="none")
+                seen.add(status)
+    for status in (s for s in markers if s in seen):  # legend entries in black: the colour is the budget's
+        ax_mem.plot([], [], markers[status], color="black", markersize=10, linestyle="none", label=status)
+    if rep.limit_gib is not None:
+        ax_mem.axhline(rep.limit_gib, color="red", linewidth=1, label=f"limit {rep.limit_gib:g} GiB")
+        ax_mem.axhline(rep.limit_gib - rep.headroom_gib, color="grey", linestyle="--", linewidth=1,
+                       label=f"{rep.headroom_gib:g} GiB headroom")
+    if rep.recommended is not None:
+        r = rep.recommended
+        for ax, y in ((ax_mem, r["peak_reserved_gib"]), (ax_tps, r["tokens_per_s"])):
+            ax.plot([r[x]], [y], "*", color="gold", markeredgecolor="black", markersize=16, label="recommended")
+    ax_mem.set(xlabel=short(x), ylabel="peak_reserved_gib", title="Peak memory")
+    ax_tps.set(xlabel=short(x), ylabel="tokens_per_s", title="Throughput")
+    return _save(fig, path, legends=(ax_mem, ax_tps))
+
+
+def _label(results: Results, row: dict[str, Any]) -> str:
+    axes = ", ".join(f"{short(k)}={row.get(k)}" for k in results.space_keys)
+    return axes or str(row.get("trial_id"))
+
+
+def plot_loss_curves(results: Results, path: Path, max_legend: int = 12) -> Path | None:
+    """Train loss (line) and validation loss (markers) against tokens for every trial that reported any."""
+    series = []
+    for r in results.rows:
+        if r.get("source", "run") != "run":
+            continue
+        ms = results.metrics(r["trial_id"])
+        train = [(m["tokens"], m["loss"]) for m in ms if _finite(m.get("loss")) and _finite(m.get("tokens"))]
+        val = [(m["tokens"], m["val_loss"]) for m in ms if _finite(m.get("val_loss")) and _finite(m.get("tokens"))]
+        if train or val:
+            series.append((r, train, val))
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab20" if len(series) > 10 else "tab10")
+    for n, (r, train, val) in enumerate(series):
+        color = cmap(n % cmap.N)
+        label = _label(results, r) if n < max_legend else None
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.6, linewidth=1, label=label)
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, markersize=4, label=None if train else label)
+    ax.set(xlabel="tokens", ylabel="loss (line: train, markers: val)", title=f"Loss curves: {results.name}")
+    return _save(fig, path, legends=(ax,))
+
+
+def layer_norms(results: Results, row: dict[str, Any]) -> list[float]:
+    """The trial's final ``grad_norm/layer_{i}`` values (summary.json, else its last report that has them)."""
+    last: dict[str, Any] = {}
+    for m in results.metrics(row["trial_id"]):
+        if any(k.startswith(LAYER_PREFIX) for k in m):
+            last = m
+    keys = sorted((k for k in last if k.startswith(LAYER_PREFIX)), key=lambda k: int(k[len(LAYER_PREFIX):]))
+    return [float(last[k]) for k in keys]
+
+
+def plot_grad_norm_layers(results: Results, path: Path) -> Path | None:
+    """Heatmap: one row per trial, one column per layer, colour = log10 of the final gradient norm."""
+    rows = [(r, layer_norms(results, r)) for r in results.rows if r.get("source", "run") == "run"]
+    rows = [(r, v) for r, v in rows if v]
+    if not rows:
+        return None
+    plt = _pyplot()
+    width = max(len(v) for _, v in rows)
+    grid = [[math.log10(x) if x > 0 else float("nan") for x in v] + [float("nan")] * (width - len(v)) for _, v in rows]
+    fig, ax = plt.subplots(figsize=(max(6.5, 3.5 + 0.45 * width), 1.6 + 0.45 * len(rows)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(width), [str(i) for i in range(width)])
+    ax.set_yticks(range(len(rows)), [_label(results, r) for r, _ in rows], fontsize=7)
+    ax.set(xlabel="layer", title="log10 final gradient norm per layer")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path, legends=()) -> Path:
+    """Grid and legend on ``legends`` axes, tight layout, PNG at 110 dpi, figure closed."""
+    for ax in legends:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+@user_errors_exit_2
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lmtune.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's results directory (it has sweep.json)")
+    args = ap.parse_args(argv)
+    written = render(args.results_dir)
+    results = load_results(args.results_dir)
+    running = [r for r in results.rows if r.get("status") == "running"]
+    if not (results.dir / "trials.csv").is_file() or running:
+        print(f"(sweep still running: {len(results.rows) - len(running)} trial(s) finished, {len(running)} running)\n")
+    shown = results.dir / ("frontier.md" if results.frontier_spec else "summary.md")
+    print(shown.read_text())
+    print("written:")
+    for p in written:
+        print(f"  {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

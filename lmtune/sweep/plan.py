@@ -1,0 +1,532 @@
+"""The frontier planner: find each memory frontier with as few trials as the grid allows.
+
+A frontier sweep is a grid of ``x`` (the micro-batch) crossed with the other grid axes (the AC budget,
+and any other grid axis). Every combination of the other axes is one *line*, measured on its own:
+across lines nothing is assumed (memory is not monotone across AC budgets). Along one line:
+
+* Memory is monotone in x. Once a point is OOM, every larger x is OOM by implication and is never
+  launched; and a point is never launched while a smaller, still pending point could imply it.
+* Two thresholds are searched, both monotone in x: the OOM boundary (largest feasible x) and the
+  headroom boundary (largest x whose ``peak_reserved_gib`` leaves ``headroom_gib`` free, the
+  candidates for the recommended operating point). Each is a bisection over the sorted grid.
+* Peak memory is predicted by a least-squares line through the feasible points of the line
+  (activations scale linearly with the micro-batch; points within ``margin_gib`` of the limit are left
+  out, since the caching allocator's reserved memory plateaus there and would bend the line). With a fit, a probe is the grid
+  point predicted to sit just under the threshold (interpolation search); guided probes alternate with
+  plain bisection, so a biased fit costs at most twice the bisection count (Dekker's safeguard).
+  Points predicted above ``limit_gib + margin_gib`` are not launched (recorded as OOM, source
+  ``predicted``); points predicted to leave less than ``headroom_gib - margin_gib`` free are not measured
+  for the recommendation. Every launched point keeps the prediction made before it ran, so the
+  prediction error is reported against the points that ran (:meth:`FrontierPlan.prediction_errors`).
+* Throughput is assumed unimodal in x within a line (it rises with the micro-batch and may sag near
+  the memory limit): once every headroom boundary is settled, both grid neighbours of the fastest
+  point with headroom (over all lines: the recommended point) are measured, and so on until it is a
+  measured local maximum.
+
+:class:`FrontierPlan` holds all of this and imports no Ray, so tests and ``benchmarks/frontier_search.py``
+drive it with a simulated memory function (:func:`simulate`); :class:`FrontierSearcher` adapts it to
+Ray Tune's ``Searcher`` API.
+
+Concurrency: a line never has two probes pending inside the same open interval (the second would be
+chosen without the first's answer), so the planner returns ``None`` ("wait") when every open interval
+already has a probe in flight; different lines and the two thresholds of one line proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from lmtune.config import ConfigError
+from lmtune.sweep.spec import Choice, Frontier, Grid
+
+FINISHED = "FINISHED"
+"""Returned by :meth:`FrontierPlan.suggest` when every line is resolved (same value as Ray's Searcher.FINISHED)."""
+
+PEAK_KEY = "peak_reserved_gib"
+THROUGHPUT_KEY = "tokens_per_s"
+FEASIBLE = ("ok", "diverged", "pruned")
+"""Trial statuses that ran without running out of memory (their peak counts for the fit)."""
+
+LineKey = tuple[tuple[str, Any], ...]
+
+
+@dataclass
+class _Point:
+    x: Any
+    state: str = "unknown"  # unknown | pending | ok (any FEASIBLE status) | oom | error
+    status: str = ""  # the trial's own status
+    peak: float | None = None
+    throughput: float | None = None
+    trial_id: str | None = None
+    predicted: float | None = None  # peak predicted when launched (None: no fit yet)
+    purpose: str = ""  # "oom" | "headroom" | "throughput": which question the probe answers
+    guided: bool = False  # chosen by the prediction (not by bisection)
+    completed: int = -1  # completion order, for the bisection safeguard
+
+
+@dataclass
+class _Line:
+    key: LineKey
+    points: list[_Point]
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.key) or "(single line)"
+
+
+@dataclass
+class _Knowledge:
+    """What one line's measurements say, recomputed from the points whenever asked."""
+
+    lo_f: int  # largest feasible index below the OOM boundary (-1: none)
+    hi_f: int  # smallest index known or predicted OOM (n: none)
+    lo_a: int  # largest index measured with headroom (-1: none)
+    hi_a: int  # smallest index known or predicted without headroom (n: none)
+
+
+class FrontierPlan:
+    """Decide which (line, x) points to run; Ray-free.
+
+    ``suggest(trial_id)`` returns a flat config ``{key: value}`` (the line's axes and ``x_key``), ``None``
+    to wait for a pending result, or :data:`FINISHED`. ``complete(trial_id, result, error)`` feeds back
+    the trial's final result (``status``, ``peak_reserved_gib``, ``tokens_per_s``).
+    """
+
+    def __init__(
+        self,
+        xs: Sequence[Any],
+        lines: Sequence[Mapping[str, Any]] = ({},),
+        *,
+        x_key: str = "train.micro_batch_size",
+        limit_gib: float | None = None,
+        headroom_gib: float = 6.0,
+        margin_gib: float | None = None,
+        predict: bool = True,
+        confirm_throughput: bool = True,
+    ):
+        """
+        Args:
+            xs: the grid of x (sorted and de-duplicated here).
+            lines: one mapping of the other grid axes per line (``[{}]`` for a single line).
+            limit_gib: the memory limit (``system.memory_limit_gib``, else the device's memory);
+                None = unknown: only the OOM boundary is searched and nothing is predicted.
+            headroom_gib: memory the recommended operating point keeps free.
+            margin_gib: how far above the limit a prediction must be before the point is skipped;
+                None = 5% of the limit (near capacity the reserved memory levels off, so a straight-line
+                fit overshoots by a few percent: 1.8 GiB of 40 on the seed's A100).
+            predict: use the linear fit (to guide probes and skip points); False = plain bisection.
+            confirm_throughput: measure both grid neighbours of the fastest point with headroom.
+        """
+        xs = sorted(set(xs))
+        if not xs:
+            raise ConfigError(f"the frontier axis {x_key} has no values.")
+        if not lines:
+            raise ConfigError("the frontier has no lines (the other grid axes have no values).")
+        self.x_key = x_key
+        self.xs = xs
+        self.limit_gib = limit_gib if limit_gib and limit_gib > 0 else None
+        self.headroom_gib = headroom_gib
+        self._margin_gib = margin_gib
+        self.predict = predict and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        self.confirm_throughput = confirm_throughput
+        self.lines = [_Line(tuple(line.items()), [_Point(x) for x in xs]) for line in lines]
+        keys = {line.key for line in self.lines}
+        if len(keys) != len(self.lines):
+            raise ConfigError("the frontier lines are not distinct.")
+        self._by_trial: dict[str, tuple[_Line, _Point]] = {}
+        self._completed = 0
+        self._next_line = 0  # round-robin start, so concurrent probes spread over lines
+        self.notes: list[str] = []
+        """Observations worth reporting (non-monotone memory, errors)."""
+
+    # --- construction from a sweep's space --------------------------------------------------------
+
+    @classmethod
+    def from_space(
+        cls, space: Mapping[str, Any], frontier: Frontier, *, limit_gib: float | None, **options: Any
+    ) -> "FrontierPlan":
+        """Build the plan for ``searcher="frontier"``: every axis must be a grid (or choice, or a list).
+
+        The frontier's ``x`` is the axis searched; every other axis (the budget first) is crossed into
+        lines, each measured on its own.
+        """
+        axes: dict[str, list] = {}
+        for key, domain in space.items():
+            if isinstance(domain, (Grid, Choice)):
+                axes[key] = list(domain.values)
+            elif isinstance(domain, (list, tuple)):
+                axes[key] = list(domain)
+            else:
+                raise ConfigError(
+                    f"searcher='frontier' needs grid axes only; {key} is {domain!r}. "
+                    f"Use grid([...]) or another searcher."
+                )
+        if frontier.x not in axes:
+            raise ConfigError(f"searcher='frontier': the frontier axis {frontier.x} is not a grid axis of the space.")
+        others = [k for k in axes if k != frontier.x]
+        others.sort(key=lambda k: k != frontier.budget)  # budget first, then the space's order
+        lines = [dict(zip(others, combo)) for combo in itertools.product(*(axes[k] for k in others))]
+        return cls(
+            axes[frontier.x], lines, x_key=frontier.x, limit_gib=limit_gib,
+            headroom_gib=frontier.headroom_gib, margin_gib=frontier.margin_gib, **options,
+        )
+
+    @property
+    def margin_gib(self) -> float:
+        if self._margin_gib is not None:
+            return self._margin_gib
+        return 0.05 * self.limit_gib if self.limit_gib else 0.0
+
+    @property
+    def grid_size(self) -> int:
+        return len(self.xs) * len(self.lines)
+
+    # --- the fit ----------------------------------------------------------------------------------
+
+    def fit(self, line: _Line) -> tuple[float, float] | None:
+        """Least-squares ``peak ≈ intercept + slope·x`` through the line's feasible points (needs two x).
+
+        Near the limit, reserved memory stops growing linearly: the caching allocator frees cached blocks
+        and retries instead of reserving more (the seed's no-AC run: 38.1 GiB at mb 28, 38.95 at 30, OOM at
+        32). Points within ``margin_gib`` of the limit are therefore left out (no fit without two others).
+        """
+        if not self.predict:
+            return None
+        pts = [(float(p.x), p.peak) for p in line.points if p.state == "ok" and p.peak is not None]
+        if self.limit_gib is not None:
+            pts = [(x, y) for x, y in pts if y <= self.limit_gib - self.margin_gib]
+        if len({x for x, _ in pts}) < 2:
+            return None
+        n = len(pts)
+        mx = sum(x for x, _ in pts) / n
+        my = sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+        return slope, my - slope * mx
+
+    def predicted_peak(self, line: _Line, x: Any) -> float | None:
+        f = self.fit(line)
+        return None if f is None else f[1] + f[0] * float(x)
+
+    # --- what a line knows ------------------------------------------------------------------------
+
+    def _knowledge(self, line: _Line) -> _Knowledge:
+        pts = line.points
+        n = len(pts)
+        fit = self.fit(line)
+        rising = fit is not None and fit[0] > 0  # skip by prediction only while memory grows with x
+
+        def predicted_above(i: int, threshold: float) -> bool:
+            return rising and pts[i].state == "unknown" and fit[1] + fit[0] * float(pts[i].x) > threshold
+
+        hi_meas = min((i for i, p in enumerate(pts) if p.state == "oom"), default=n)
+        lo_f = max((i for i, p in enumerate(pts[:hi_meas]) if p.state == "ok"), default=-1)
+        hi_f = hi_meas
+        if self.limit_gib is not None:
+            hi_f = next((i for i in range(lo_f + 1, hi_meas) if predicted_above(i, self.limit_gib + self.margin_gib)),
+                        hi_meas)
+        lo_a, hi_a = -1, n
+        if self.limit_gib is not None:
+            room = self.limit_gib - self.headroom_gib
+            no_room = [i for i, p in enumerate(pts) if p.state == "ok" and p.peak is not None and p.peak > room]
+            hi_a = min([hi_f, *no_room])
+            lo_a = max((i for i, p in enumerate(pts[:hi_a])
+                        if p.state == "ok" and p.peak is not None and p.peak <= room), default=-1)
+            hi_a = next((i for i in range(lo_a + 1, hi_a) if predicted_above(i, room + self.margin_gib)), hi_a)
+        return _Knowledge(lo_f, hi_f, lo_a, hi_a)
+
+    def _guide_next(self, line: _Line, purpose: str) -> bool:
+        """Alternate guided probes with bisection (Dekker's safeguard): the fit can be biased near the limit,
+        so after a guided probe that left the interval open, the next probe halves it regardless."""
+        done = [p for p in line.points if p.purpose == purpose and p.completed >= 0]
+        return not done or not max(done, key=lambda p: p.completed).guided
+
+    def _probe_in(self, line: _Line, lo: int, hi: int, purpose: str) -> tuple[int, bool] | None:
+        """The next probe strictly between ``lo`` and ``hi`` (None if nothing to probe or one is pending)."""
+        inside = range(lo + 1, hi)
+        if any(line.points[i].state == "pending" for i in inside):
+            return None
+        unknown = [i for i in inside if line.points[i].state == "unknown"]
+        if not unknown:
+            return None
+        if self.limit_gib is not None and self.fit(line) and self._guide_next(line, purpose):
+            threshold = self.limit_gib if purpose == "oom" else self.limit_gib - self.headroom_gib
+            under = [i for i in unknown if self.predicted_peak(line, line.points[i].x) <= threshold]
+            return (under[-1] if under else unknown[0]), True
+        mid = (lo + hi) / 2
+        return min(unknown, key=lambda i: (abs(i - mid), i)), False
+
+    def _line_probe(self, line: _Line) -> tuple[int, str, bool] | None:
+        """The next probe of one line for its OOM or headroom boundary, or None."""
+        k = self._knowledge(line)
+        pending = [i for i, p in enumerate(line.points) if p.state == "pending"]
+        for lo, hi, purpose in ((k.lo_f, k.hi_f, "oom"), (k.lo_a, k.hi_a, "headroom")):
+            if purpose == "headroom" and self.limit_gib is None:
+                continue
+            probe = self._probe_in(line, lo, hi, purpose)
+            # Never launch a point that a pending smaller x could make OOM by implication.
+            if probe is not None and not any(j < probe[0] for j in pending):
+                return probe[0], purpose, probe[1]
+        return None
+
+    def _throughput_probe(self) -> tuple[_Line, int] | None:
+        """Once every headroom boundary is settled: the unmeasured grid neighbour of the fastest point with
+        headroom (over all lines), so the recommended point is a measured local maximum of throughput."""
+        if not self.confirm_throughput or self.limit_gib is None:
+            return None
+        room = self.limit_gib - self.headroom_gib
+        best: tuple[float, _Line, int, _Knowledge] | None = None
+        for line in self.lines:
+            k = self._knowledge(line)
+            if any(p.state in ("unknown", "pending") for p in line.points[k.lo_a + 1: k.hi_a]):
+                return None
+            for i, p in enumerate(line.points[: k.lo_a + 1]):
+                if p.state == "ok" and p.peak is not None and p.peak <= room and p.throughput is not None:
+                    if best is None or p.throughput > best[0]:
+                        best = (p.throughput, line, i, k)
+        if best is None:
+            return None
+        _, line, i, k = best
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j <= k.lo_a]
+        if any(line.points[j].state == "pending" for j in neighbours):
+            return None
+        return next(((line, j) for j in neighbours if line.points[j].state == "unknown"), None)
+
+    # --- the searcher protocol --------------------------------------------------------------------
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        n = len(self.lines)
+        for off in range(n):
+            line = self.lines[(self._next_line + off) % n]
+            probe = self._line_probe(line)
+            if probe is not None:
+                self._next_line = (self._next_line + off + 1) % n
+                return self._launch(trial_id, line, *probe)
+        extra = self._throughput_probe()
+        if extra is not None:
+            return self._launch(trial_id, *extra, "throughput", False)
+        if any(p.state == "pending" for line in self.lines for p in line.points):
+            return None
+        return FINISHED
+
+    def _launch(self, trial_id: str, line: _Line, i: int, purpose: str, guided: bool) -> dict[str, Any]:
+        p = line.points[i]
+        p.predicted = self.predicted_peak(line, p.x)
+        p.state, p.trial_id, p.purpose, p.guided = "pending", trial_id, purpose, guided
+        self._by_trial[trial_id] = (line, p)
+        return {**dict(line.key), self.x_key: p.x}
+
+    def complete(self, trial_id: str, result: Mapping[str, Any] | None, error: bool = False) -> None:
+        if trial_id not in self._by_trial:
+            return
+        line, p = self._by_trial[trial_id]
+        result = result or {}
+        if self.limit_gib is None and _number(result.get("device_memory_gib")):
+            self.limit_gib = _number(result.get("device_memory_gib"))  # no emulated limit: the device's memory
+        status = str(result.get("status", "error" if error else "ok"))
+        p.status = status
+        p.peak = _number(result.get(PEAK_KEY))
+        p.throughput = _number(result.get(THROUGHPUT_KEY))
+        if status == "oom":
+            p.state = "oom"
+        elif status in FEASIBLE and not error:
+            p.state = "ok"
+        else:
+            p.state = "error"
+            self.notes.append(f"{line.label()}, {self.x_key}={p.x}: trial {trial_id} ended with status "
+                              f"{status!r}; the frontier around it is resolved without it.")
+        p.completed = self._completed
+        self._completed += 1
+        self._check_monotone(line)
+
+    def _check_monotone(self, line: _Line) -> None:
+        ooms = [p.x for p in line.points if p.state == "oom"]
+        oks = [p.x for p in line.points if p.state == "ok"]
+        if ooms and oks and max(oks) > min(ooms):
+            note = (f"{line.label()}: memory not monotone in {self.x_key}: {self.x_key}={max(oks)} ran "
+                    f"but {min(ooms)} was OOM (the boundary is taken at the smallest OOM).")
+            if note not in self.notes:
+                self.notes.append(note)
+
+    @property
+    def done(self) -> bool:
+        """Nothing pending and nothing left to probe (what suggest() reports as FINISHED)."""
+        return (all(p.state != "pending" for line in self.lines for p in line.points)
+                and all(self._line_probe(line) is None for line in self.lines) and self._throughput_probe() is None)
+
+    # --- outputs ----------------------------------------------------------------------------------
+
+    def trials_run(self) -> int:
+        return len(self._by_trial)
+
+    def implied_rows(self) -> list[dict[str, Any]]:
+        """trials.csv rows for the points never launched because they are OOM by implication or prediction.
+
+        ``source`` is ``implied`` when a measured OOM at a smaller x implies it, else ``predicted``;
+        ``predicted_peak_gib`` is the line's fit at that x (None without a fit).
+        """
+        rows = []
+        for line in self.lines:
+            k = self._knowledge(line)
+            first_oom = min((p.x for p in line.points if p.state == "oom"), default=None)
+            for i in range(k.hi_f, len(line.points)):
+                p = line.points[i]
+                if p.state != "unknown":
+                    continue
+                source = "implied" if first_oom is not None and first_oom <= p.x else "predicted"
+                rows.append({
+                    "trial_id": f"{source}-{len(rows) + 1:03d}", "status": "oom", "source": source,
+                    **dict(line.key), self.x_key: p.x, "predicted_peak_gib": self.predicted_peak(line, p.x),
+                })
+        return rows
+
+    def launch_predictions(self) -> dict[str, float | None]:
+        """``{trial_id: peak predicted when it was launched}`` for the trials.csv column ``predicted_peak_gib``."""
+        return {tid: p.predicted for tid, (_, p) in self._by_trial.items()}
+
+    def prediction_errors(self) -> list[dict[str, Any]]:
+        """For every launched point that had a prediction: predicted vs measured peak.
+
+        ``error_gib`` = measured − predicted for feasible points; for an OOM point the measured peak is
+        only the last reading before the OOM, so ``error_gib`` is None and ``consistent`` says whether
+        the prediction was above the limit.
+        """
+        out = []
+        for line in self.lines:
+            for p in line.points:
+                if p.trial_id is None or p.predicted is None or p.state not in ("ok", "oom"):
+                    continue
+                row = {**dict(line.key), self.x_key: p.x, "trial_id": p.trial_id, "status": p.status,
+                       "predicted_gib": p.predicted, "measured_gib": p.peak, "error_gib": None, "consistent": None}
+                if p.state == "ok" and p.peak is not None:
+                    row["error_gib"] = p.peak - p.predicted
+                elif p.state == "oom" and self.limit_gib is not None:
+                    row["consistent"] = p.predicted > self.limit_gib
+                out.append(row)
+        return out
+
+    def frontier(self) -> dict[LineKey, dict[str, Any]]:
+        """Per line: largest feasible x and smallest OOM x (measured, implied or predicted)."""
+        out = {}
+        for line in self.lines:
+            k = self._knowledge(line)
+            out[line.key] = {
+                "largest_feasible": line.points[k.lo_f].x if k.lo_f >= 0 else None,
+                "smallest_oom": line.points[k.hi_f].x if k.hi_f < len(line.points) else None,
+            }
+        return out
+
+
+def prediction_summary(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean/max absolute error over the feasible points, and how many OOM points the fit saw coming."""
+    errs = [abs(e["error_gib"]) for e in errors if e.get("error_gib") is not None]
+    oom = [e for e in errors if e.get("consistent") is not None]
+    return {
+        "points": len(errs),
+        "mean_abs_error_gib": sum(errs) / len(errs) if errs else None,
+        "max_abs_error_gib": max(errs) if errs else None,
+        "oom_points": len(oom),
+        "oom_predicted_above_limit": sum(1 for e in oom if e["consistent"]),
+    }
+
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def simulate(
+    plan: FrontierPlan, measure: Callable[[dict[str, Any]], Mapping[str, Any]], *, concurrency: int = 1
+) -> list[dict[str, Any]]:
+    """Drive ``plan`` to the end with ``measure(config) -> result`` and ``concurrency`` trials in flight.
+
+    Trials complete in launch order (first in, first out), which is the hardest order for the planner:
+    the oldest pending probe answers first. Returns the launched trials as
+    ``[{"trial_id", "config", "result"}]`` in launch order.
+    """
+    launched: list[dict[str, Any]] = []
+    in_flight: list[dict[str, Any]] = []
+    while True:
+        cfg = None
+        while len(in_flight) < concurrency:
+            tid = f"sim-{len(launched) + 1:04d}"
+            cfg = plan.suggest(tid)
+            if cfg is None or cfg == FINISHED:
+                break
+            trial = {"trial_id": tid, "config": cfg, "result": dict(measure(cfg))}
+            launched.append(trial)
+            in_flight.append(trial)
+        if not in_flight:
+            if cfg != FINISHED:
+                raise RuntimeError("frontier plan waits with no trial in flight")
+            return launched
+        trial = in_flight.pop(0)
+        plan.complete(trial["trial_id"], trial["result"])
+
+
+# --- Ray Tune adapter -------------------------------------------------------------------------------
+
+try:  # the plan above is usable without Ray; the searcher needs it
+    from ray.tune.search import Searcher as _Searcher
+except ImportError:  # pragma: no cover
+    _Searcher = object  # type: ignore[assignment,misc]
+
+
+class FrontierSearcher(_Searcher):  # type: ignore[misc,valid-type]
+    """Ray Tune searcher for ``Sweep(searcher="frontier")``; the decisions are :class:`FrontierPlan`'s.
+
+    The sweep runner::
+
+        plan = FrontierPlan.from_space(space, sweep.frontier, limit_gib=limit)
+        searcher = FrontierSearcher(plan, metric=metric, mode=mode)
+        tune.TuneConfig(search_alg=searcher, num_samples=plan.grid_size, max_concurrent_trials=N)
+        ...
+        rows = searcher.plan.implied_rows()                 # append to trials.csv
+        predicted = searcher.plan.launch_predictions()      # trials.csv column predicted_peak_gib
+
+    Tune's ``param_space`` must not hold the frontier's grid axes (the searcher suggests them as flat
+    dotted keys, merged into the param_space by Tune). A trial's final result must carry ``status``
+    (``oom`` for an OOM) and ``peak_reserved_gib``/``tokens_per_s``.
+    """
+
+    def __init__(self, plan: FrontierPlan, metric: str | None = None, mode: str | None = None):
+        super().__init__(metric=metric, mode=mode)
+        self.plan = plan
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        out = self.plan.suggest(trial_id)
+        return _Searcher.FINISHED if out == FINISHED else out
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.plan.complete(trial_id, result, error)
+
+    def implied_rows(self) -> list[dict[str, Any]]:
+        return self.plan.implied_rows()
+
+    def prediction_errors(self) -> list[dict[str, Any]]:
+        return self.plan.prediction_errors()
+
+    def get_state(self) -> dict:
+        return {"plan": self.plan}
+
+    def set_state(self, state: dict) -> None:
+        self.plan = state["plan"]
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))

@@ -1,0 +1,124 @@
+"""`python -m lmtune.export`: locked defaults from a sweep's winner, read back by the trainer's config."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from lmtune import config as config_lib
+from lmtune import export
+from lmtune.frontier import load_results
+from tests.conftest import run_module
+from tests.frontier_fixtures import B, X, frontier_results, frontier_sweep_json, norm_results, write_results_dir
+
+
+def test_frontier_export_round_trip(tmp_path):
+    d, _ = frontier_results(tmp_path / "r")
+    rec = json.loads(__import__("lmtune.report", fromlist=["render"]).render(d) and (d / "frontier.json").read_text())[
+        "recommended"]
+    out = tmp_path / "locked" / "frontier.toml"
+    plan = export.export(d, out)
+    assert plan.values == {X: rec[X], B: rec["line"][B]}
+    cfg = config_lib.load(locked=out)  # what the trainer resolves with this file
+    assert cfg.train.micro_batch_size == rec[X] and cfg.train.ac_budget == rec["line"][B]
+    prov = config_lib.provenance(out)
+    for key in (X, B):
+        p = prov[key]
+        assert p["sweep"] == "memory-frontier" and p["group"].startswith("1-memory-frontier-")
+        assert p["metric"] == "tokens_per_s" and p["value"] == pytest.approx(rec["tokens_per_s"])
+        assert p["trial_id"] == rec["trial_id"] and len(p["date"]) == 10
+        assert p["source"].startswith("memory-frontier frontier (1-memory-frontier-")
+    md = out.with_suffix(".md").read_text()
+    assert "| Parameter | Value | Source |" in md
+    assert f"| micro_batch_size | {rec[X]} | memory-frontier frontier (" in md
+
+
+def test_best_trial_export_skips_non_ok_trials(tmp_path):
+    d = norm_results(tmp_path / "n")
+    out = tmp_path / "norm.toml"
+    plan = export.export(d, out)
+    assert plan.values == {"model.norm_placement": "pre", "train.warmup_steps": 0}  # t0: val_loss 3.1, ok
+    cfg = config_lib.load(locked=out)
+    assert (cfg.model.norm_placement, cfg.train.warmup_steps) == ("pre", 0)
+    assert config_lib.provenance(out)["model.norm_placement"]["value"] == 3.1
+    md = out.with_suffix(".md").read_text()
+    assert "## Architecture" in md and "## Training recipe" in md
+
+
+def test_default_target_is_the_projects_locked_file_the_trainer_picks_up(tmp_path, in_tmp):
+    d, _ = frontier_results(tmp_path / "r")
+    assert export.main([str(d)]) == 0
+    assert (in_tmp / "lmtune.locked.toml").is_file() and (in_tmp / "lmtune.locked.md").is_file()
+    winner = export.winner(load_results(d))
+    assert config_lib.PROJECT_LOCKED.resolve() in config_lib.locked_files()
+    cfg = config_lib.load()  # no --locked: the project's file is in force
+    assert {k: cfg.get(k) for k in winner.values} == winner.values
+
+
+def test_overwrite_refused_without_force_and_file_unchanged(tmp_path, capsys):
+    d, _ = frontier_results(tmp_path / "r")
+    out = tmp_path / "locked.toml"
+    out.write_text('[train]\nmicro_batch_size = 7\ncompile = false\n\n[provenance."train.compile"]\nsource = "by hand"\n')
+    before = out.read_bytes()
+    assert export.main([str(d), "--to", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert out.read_bytes() == before and not out.with_suffix(".md").exists()
+    assert "train.micro_batch_size: 7 → " in captured.out  # what would change
+    assert "train.compile: False (kept)" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out} exists; nothing written")
+    assert export.main([str(d), "--to", str(out), "--force"]) == 0
+    doc = tomllib.loads(out.read_text())
+    assert doc["train"]["compile"] is False and doc["provenance"]["train.compile"]["source"] == "by hand"  # kept
+    assert doc["train"]["micro_batch_size"] != 7
+    cfg = config_lib.load(locked=out)
+    assert cfg.train.compile is False and cfg.train.micro_batch_size == doc["train"]["micro_batch_size"]
+
+
+def test_export_command_refuses_second_export(tmp_path):
+    d, _ = frontier_results(tmp_path / "r")
+    out = tmp_path / "l.toml"
+    first = run_module("lmtune.export", str(d), "--to", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "(not set; default " in first.stdout and "written:" in first.stdout
+    second = run_module("lmtune.export", str(d), "--to", str(out))
+    assert second.returncode == 2 and second.stderr.startswith("error: ") and "Traceback" not in second.stderr
+    assert "(unchanged)" in second.stdout
+
+
+def _all_oom(tmp_path):
+    sweep = frontier_sweep_json([1, 2], [1.0])
+    rows = [{"trial_id": f"t{x}", "status": "oom", "source": "run", X: x, B: 1.0, "peak_reserved_gib": 20.0} for x in (1, 2)]
+    return write_results_dir(tmp_path / "oom", sweep, rows)
+
+
+def _no_export_keys(tmp_path):
+    d = norm_results(tmp_path / "n")
+    sweep = json.loads((d / "sweep.json").read_text())
+    sweep["export"] = []
+    (d / "sweep.json").write_text(json.dumps(sweep))
+    return d
+
+
+def _no_ok_trial(tmp_path):
+    d = norm_results(tmp_path / "n2")
+    text = (d / "trials.csv").read_text().replace(",ok,", ",error,")
+    (d / "trials.csv").write_text(text)
+    return d
+
+
+@pytest.mark.parametrize("case, message", [
+    (lambda p: p / "missing", "results directory not found"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "is not a results directory"),
+    (_all_oom, "No recommended operating point"),
+    (_no_ok_trial, "no trial ended ok"),
+    (_no_export_keys, "exports no keys"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, message):
+    target = case(tmp_path)
+    assert export.main([str(target), "--to", str(tmp_path / "out.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out.toml").exists()

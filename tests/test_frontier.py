@@ -1,0 +1,178 @@
+"""Frontier and summary tables, plots and `python -m lmtune.report` on results directories."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from lmtune import report
+from lmtune.frontier import analyze_frontier, load_results, val_loss_at_equal_tokens
+from tests.conftest import run_module
+from tests.frontier_fixtures import (
+    B,
+    SLOPES,
+    X,
+    batch_results,
+    frontier_results,
+    frontier_sweep_json,
+    norm_results,
+    write_results_dir,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_frontier_rows_equal_the_trial_results(tmp_path):
+    d, plan = frontier_results(tmp_path / "r")
+    written = report.render(d)
+    assert {p.name for p in written} >= {"frontier.md", "frontier.csv", "frontier.json", "summary.md", "frontier.png"}
+    data = json.loads((d / "frontier.json").read_text())
+    with open(d / "trials.csv") as f:
+        trials = {r["trial_id"]: r for r in csv.DictReader(f)}
+    table_rows = [(t["line"], r) for t in data["tables"] for r in t["rows"]]
+    assert len(table_rows) == len(trials)
+    best = max(float(r["tokens_per_s"]) for r in trials.values() if r["status"] == "ok")
+    for line, r in table_rows:
+        t = trials[r["trial_id"]]
+        assert float(t[B]) == line[B] and int(t[X]) == r[X]
+        if t["source"] == "run" and t["status"] == "ok":
+            assert r["status"] == "ok"
+            assert r["peak_reserved_gib"] == pytest.approx(float(t["peak_reserved_gib"]))
+            assert r["tokens_per_s"] == pytest.approx(float(t["tokens_per_s"]))
+            assert r["avg_step_time_ms"] == pytest.approx(float(t["avg_step_time_ms"]))
+            assert r["headroom_gib"] == pytest.approx(20.0 - float(t["peak_reserved_gib"]))
+            assert r["relative_throughput"] == pytest.approx(float(t["tokens_per_s"]) / best)
+        else:
+            assert t["status"] == "oom"
+            assert r["status"] == {"run": "OOM", "implied": "OOM (implied)", "predicted": "OOM (predicted)"}[t["source"]]
+    for t in data["tables"]:  # the largest feasible micro-batch is the truth of the simulated memory
+        b = t["line"][B]
+        assert t["largest_feasible"] == max(x for x in range(1, 41) if 1 + SLOPES[b] * x <= 20.0)
+    csv_rows = list(csv.DictReader(open(d / "frontier.csv")))
+    assert len(csv_rows) == len(trials)
+
+
+def test_recommended_point_is_the_fastest_with_headroom_stated_like_the_seed(tmp_path):
+    d, _ = frontier_results(tmp_path / "r")
+    report.render(d)
+    data = json.loads((d / "frontier.json").read_text())
+    rows = [(t["line"][B], r) for t in data["tables"] for r in t["rows"]]
+    eligible = [(b, r) for b, r in rows if r["status"] == "ok" and r["headroom_gib"] >= 4.0]
+    b, r = max(eligible, key=lambda br: br[1]["tokens_per_s"])
+    assert data["recommended"]["trial_id"] == r["trial_id"]
+    md = (d / "frontier.md").read_text()
+    assert (f"Recommended operating point: ac_budget={b}, micro_batch_size={r[X]}. Gives the highest throughput "
+            f"with {r['headroom_gib']:.1f} GiB headroom") in md
+    assert "Limit: 20 GiB (system.memory_limit_gib)" in md
+    assert "OOM (implied)" in md and "| micro_batch_size | peak_reserved_gib | tokens_per_s |" in md
+
+
+def test_the_seeds_a100_tables_give_the_seeds_recommendation():
+    """The phase-0 readme's numbers: budget 0.75 at mb 32 (34.2 GiB) wins; no-AC mb 28 is fast but has ~2 GiB."""
+    seed = [(1.0, 16, 22.5, 90.0), (1.0, 28, 38.1, 99.0), (1.0, 30, 38.95, 98.0), (1.0, 32, None, None),
+            (0.12, 32, 25.7, 80.0), (0.38, 32, 30.2, 88.0), (0.75, 32, 34.2, 100.0), (0.75, 40, None, None)]
+    rows = [{"trial_id": f"s{i}", "source": "run", B: b, X: mb, "status": "ok" if peak else "oom",
+             "peak_reserved_gib": peak, "tokens_per_s": tps} for i, (b, mb, peak, tps) in enumerate(seed)]
+    rep = analyze_frontier(rows, x=X, line_keys=[B], limit_gib=40.0, headroom_gib=5.5, limit_source="A100 40GB")
+    assert rep.statement.startswith("Recommended operating point: ac_budget=0.75, micro_batch_size=32. "
+                                    "Gives the highest throughput with 5.8 GiB headroom")
+    assert {t.line[B]: t.largest_feasible for t in rep.tables} == {0.12: 32, 0.38: 32, 0.75: 32, 1.0: 30}
+    assert {t.line[B]: t.smallest_oom for t in rep.tables} == {0.12: None, 0.38: None, 0.75: 40, 1.0: 32}
+
+
+def test_limit_falls_back_to_device_memory_and_unknown_limit_is_said(tmp_path):
+    d, _ = frontier_results(tmp_path / "dev", limit=None, device=20.0)
+    report.render(d)
+    assert "Limit: 20 GiB (device memory (simulated))" in (d / "frontier.md").read_text()
+    sweep = frontier_sweep_json([1, 2, 4], [1.0], limit=None, device=None)
+    rows = [{"trial_id": "a", "source": "run", "status": "ok", X: 2, B: 1.0, "peak_reserved_gib": 1.0, "tokens_per_s": 5.0}]
+    d2 = write_results_dir(tmp_path / "nolimit", sweep, rows)
+    report.render(d2)
+    assert "No recommended operating point: the memory limit is unknown" in (d2 / "frontier.md").read_text()
+
+
+def _assert_png(path):
+    assert path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_plots_are_written_as_valid_pngs(tmp_path):
+    d, _ = frontier_results(tmp_path / "f")
+    report.render(d)
+    _assert_png(d / "plots" / "frontier.png")
+    _assert_png(d / "plots" / "loss_curves.png")
+    n = norm_results(tmp_path / "n")
+    written = report.render(n)
+    assert n / "plots" / "grad_norm_layers.png" in written
+    _assert_png(n / "plots" / "grad_norm_layers.png")
+    assert not (d / "plots" / "grad_norm_layers.png").exists()  # only for norm sweeps
+
+
+def test_norm_and_batch_summary_tables(tmp_path):
+    n = norm_results(tmp_path / "n")
+    report.render(n)
+    md = (n / "summary.md").read_text()
+    assert "## Norm placement × warmup" in md
+    assert "| t2 | post | 0 | — | 10 | yes |" in md  # diverged: no val loss, spread 10, diverged yes
+    assert "| t0 | pre | 0 | 3.1 | 0.5 | no |" in md
+    assert "Best ok trial: t0" in md
+    b = batch_results(tmp_path / "b")
+    tokens, at = val_loss_at_equal_tokens(load_results(b))
+    assert tokens == 1000 and at["a1"] == pytest.approx(3.0) and at["a4"] == pytest.approx(5.0 - 2.0 * 1000 / 2000)
+    report.render(b)
+    md = (b / "summary.md").read_text()
+    assert "## Batch size × LR scaling" in md and "1,000 tokens" in md
+    assert "| a4 | 4 | linear | 4 | 2.9 | 0.998 | 2345 |" in md
+
+
+def test_report_works_on_a_running_sweep(tmp_path):
+    d, _ = frontier_results(tmp_path / "r")
+    (d / "trials.csv").unlink()  # not written yet: rows come from the trial directories
+    tid = sorted(p.name for p in (d / "trials").iterdir())[0]
+    (d / "trials" / tid / "summary.json").unlink()
+    metrics = d / "trials" / tid / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:2]) + '{"step": 3, "tok')  # mid-write
+    res = load_results(d)
+    assert any(r["status"] == "running" for r in res.rows)
+    proc = run_module("lmtune.report", str(d))
+    assert proc.returncode == 0, proc.stderr
+    assert "sweep still running" in proc.stdout and "written:" in proc.stdout
+
+
+def test_report_command_prints_tables_and_files(tmp_path):
+    d, _ = frontier_results(tmp_path / "r")
+    proc = run_module("lmtune.report", str(d))
+    assert proc.returncode == 0, proc.stderr
+    assert "Recommended operating point:" in proc.stdout
+    assert str(d / "plots" / "frontier.png") in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no_sweep_json"])
+def test_report_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case):
+    target = tmp_path / "x"
+    if case == "file":
+        target.write_text("hello")
+    elif case == "no_sweep_json":
+        target.mkdir()
+        (target / "trials.csv").write_text("trial_id,status\n")
+    assert report.main([str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_report_module_exit_code(tmp_path):
+    proc = run_module("lmtune.report", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: results directory not found")
+    assert "Traceback" not in proc.stderr
+
+
+def test_limit_falls_back_to_the_device_memory_trials_reported(tmp_path):
+    d, _ = frontier_results(tmp_path / "r", limit=None, device=None)
+    for s in (d / "trials").glob("*/summary.json"):
+        s.write_text(json.dumps({**json.loads(s.read_text()), "device_memory_gib": 20.0}))
+    assert load_results(d).limit() == (20.0, "device memory reported by the trials")
