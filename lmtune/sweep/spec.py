@@ -114,6 +114,8 @@ class Smoke:
     """Axes replacing those of Sweep.space with the same key (an axis not named here is kept)."""
     num_samples: int | None = None
     """Replaces Sweep.num_samples."""
+    frontier: "Frontier | None" = None
+    """Replaces Sweep.frontier (e.g. a headroom that fits the smoke run's emulated memory limit)."""
 
 
 @dataclass

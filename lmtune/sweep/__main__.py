@@ -1,0 +1,65 @@
+"""python -m lmtune.sweep SWEEP.py [--smoke] [--address ADDR] [--storage DIR|URI] [--resume]
+[--max-concurrent N] [section.key=value ...]
+
+Everything about the sweep file, the overrides and the cluster address is checked before Ray is
+imported: bad input is one ``error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmtune.cli import user_errors_exit_2
+from lmtune.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lmtune.sweep",
+        description="Run a sweep file on Ray Tune + Optuna (embedded local Ray unless --address is given).",
+        allow_abbrev=False,
+    )
+    p.add_argument("sweep_file", metavar="SWEEP.py", help="a sweep file, e.g. sweeps/norm_warmup.py")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="base config keys for every trial (not the space's axes)")
+    p.add_argument("--smoke", action="store_true", help="the file's smoke variant: a CPU-sized run of a few minutes")
+    p.add_argument("--address", metavar="ADDR", help="join a running cluster: auto, HOST:PORT or ray://HOST:PORT")
+    p.add_argument("--storage", default="results", metavar="DIR|URI",
+                   help="where results go (default ./results; a shared path or URI such as s3://… for multi-node)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest interrupted run of this sweep in --storage")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="trials in flight at most (default: what fits)")
+    p.add_argument("--no-wandb", action="store_true", help="no W&B runs (they are offline without an API key)")
+    p.add_argument("--no-report", action="store_true", help="skip the tables and plots of lmtune.report at the end")
+    return p
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    # argparse's own errors exit 2 with usage; keep them to one line like every other bad input.
+    parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))  # type: ignore[method-assign]
+    args = parser.parse_intermixed_args(argv)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent} is not accepted: expected an integer >= 1.")
+    return args
+
+
+@user_errors_exit_2
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from lmtune.sweep.load import check_address, load_sweep, resolve
+
+    sweep, path = load_sweep(args.sweep_file)
+    rs = resolve(sweep, path, smoke=args.smoke, overrides=args.overrides)
+    check_address(args.address)
+
+    from lmtune.sweep.runner import run  # imports ray: only once the input is known to be good
+
+    outcome = run(rs, address=args.address, storage=args.storage, resume=args.resume,
+                  max_concurrent=args.max_concurrent, wandb=not args.no_wandb, render=not args.no_report)
+    return 0 if outcome.rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The driver's Tune callback: per-trial files, trials.csv and one console line per trial event.
+
+Tune calls it in the driver for every trial event; it writes ``trials/{id}/metrics.jsonl`` (every report),
+``trials/{id}/summary.json`` (all reported metrics, last value of each, + status + the trial's flat config)
+and rewrites ``trials.csv`` whenever a trial ends, so an interrupted sweep leaves a complete table of what
+finished. Statuses come from :data:`lmtune.sweep.oom.LEDGER` and the trial's own final report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from ray.tune import Callback
+
+from lmtune.sweep.oom import LEDGER
+from lmtune.sweep.results import (
+    FINAL_METRICS, _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv,
+)
+from lmtune.sweep.trainable import OOM_KILLED_KEY, TIME_IN_TRAINER, trial_config
+
+
+class ResultsWriter(Callback):
+    """Writes trials/{id}/metrics.jsonl + summary.json and trials.csv from the driver; one console line
+    per trial event (started, finished with status and metric, OOM, pruned, error, retry) with progress.
+    """
+
+    def __init__(self, results_dir: Path, space_keys: list[str], metrics: list[str], total: int | str, *,
+                 extra_columns: Iterable[str] = (), out: TextIO | None = None):
+        """``total``: trials to run, or a label such as ``"≤12"`` when the searcher may stop earlier."""
+        self.results_dir = Path(results_dir)
+        self.space_keys = list(space_keys)
+        self.metrics = list(metrics)
+        self.total = total
+        self.extra_columns = list(extra_columns)
+        self.columns = csv_columns(self.space_keys, self.extra_columns)
+        self._out = out
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.trainer_s: dict[str, float] = {}
+        self.reported: dict[str, int] = {}
+        self.finished_before: set[str] = set()
+
+    # Pickled into Tune's tuner.pkl: keep only what rebuilds the writer.
+    def __getstate__(self) -> dict[str, Any]:
+        keep = ("results_dir", "space_keys", "metrics", "total", "extra_columns", "columns")
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._out = None
+        self._reset()
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    # --- Tune hooks ---
+
+    def setup(self, **info) -> None:
+        (self.results_dir / "trials").mkdir(parents=True, exist_ok=True)
+        for row in read_trials_csv(self.results_dir / "trials.csv"):  # a resumed sweep keeps its finished rows
+            self.rows[row["trial_id"]] = dict(row)
+            self.finished_before.add(row["trial_id"])
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        tid = trial.trial_id
+        if tid in self.finished_before:  # restarted by a resume only to replay its recorded result
+            return
+        LEDGER.errors.pop(tid, None)
+        self.started.setdefault(tid, time.time())
+        self.last.setdefault(tid, {})
+        if trial.config.get(OOM_KILLED_KEY):
+            return
+        point = "  ".join(f"{k}={fmt(trial.config.get(k))}" for k in self.space_keys if k in trial.config)
+        self._line("start", tid, point)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        tid = trial.trial_id
+        if tid in self.finished_before:
+            return
+        metrics = _metrics_only(result)
+        if TIME_IN_TRAINER in result:
+            self.trainer_s[tid] = float(result[TIME_IN_TRAINER])
+        self.last.setdefault(tid, {}).update(metrics)
+        self.reported[tid] = self.reported.get(tid, 0) + 1
+        tdir = self.results_dir / "trials" / tid
+        tdir.mkdir(parents=True, exist_ok=True)
+        with open(tdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics, default=str) + "\n")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, error=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        kind, message = LEDGER.errors.get(trial.trial_id, ("error", ""))
+        what = "OOM-killed by Ray's memory monitor: recorded as oom" if kind == "oom" else "retrying from its last checkpoint"
+        self._line("failed", trial.trial_id, f"{what} ({message})")
+
+    # --- rows ---
+
+    def _finish(self, trial, *, error: bool) -> None:
+        tid = trial.trial_id
+        if tid in self.finished_before:  # its row, summary and metrics are from the session that ran it
+            return
+        last = self.last.get(tid, {})
+        status = LEDGER.status_of(tid, last, error)
+        flat = trial_config(trial.config)
+        row: dict[str, Any] = {"trial_id": tid, "status": status, "source": "run"}
+        row.update({k: flat.get(k) for k in self.space_keys})
+        row.update({k: last.get(k) for k in FINAL_METRICS})
+        started = self.started.get(tid)
+        self.ended[tid] = time.time()
+        row["wall_time_s"] = round(time.time() - started, 3) if started else None
+        message = ""
+        if status in ("error", "oom") and tid in LEDGER.errors:
+            message = LEDGER.errors[tid][1]
+        elif status == "oom":
+            message = str(last.get("oom_reason", ""))
+        row["error"] = message if status in ("error", "oom") else ""
+        self.rows[tid] = row
+        tdir = self.results_dir / "trials" / tid
+        tdir.mkdir(parents=True, exist_ok=True)
+        summary = {**last, "status": status, "trial_id": tid, "config": flat, "wall_time_s": row["wall_time_s"]}
+        if status == "pruned":
+            summary["pruned_at_tokens"] = LEDGER.pruned.get(tid)
+        if row["error"]:
+            summary["error"] = row["error"]
+        write_json(tdir / "summary.json", summary)
+        self.write_csv()
+        self._line(status, tid, self._describe(status, row, last))
+
+    def _describe(self, status: str, row: dict[str, Any], last: dict[str, Any]) -> str:
+        parts = []
+        if status == "pruned":
+            parts.append(f"stopped by ASHA at tokens={fmt(LEDGER.pruned.get(row['trial_id']))}")
+        for m in self.metrics:
+            if last.get(m) is not None:
+                parts.append(f"{m}={fmt(last[m])}")
+        if status == "oom" and last.get("peak_reserved_gib") is not None and "peak_reserved_gib" not in self.metrics:
+            parts.append(f"peak_reserved_gib={fmt(last['peak_reserved_gib'])}")
+        if last.get("tokens") is not None:
+            parts.append(f"tokens={fmt(last['tokens'])}")
+        if row.get("wall_time_s") is not None:
+            parts.append(f"{row['wall_time_s']:.1f}s")
+        if row.get("error"):
+            parts.append(row["error"])
+        return "  ".join(parts)
+
+    def write_csv(self, extra_rows: Iterable[dict[str, Any]] = ()) -> None:
+        rows = list(self.rows.values()) + list(extra_rows)
+        write_trials_csv(self.results_dir / "trials.csv", self.columns, rows)
+
+    def done(self) -> int:
+        return len(self.rows)
+
+    def _line(self, event: str, tid: str, text: str) -> None:
+        width = len(str(self.total).lstrip("≤"))
+        print(f"[{self.done():>{width}}/{self.total} done] {event:<8} {tid}  {text}".rstrip(), file=self.out, flush=True)

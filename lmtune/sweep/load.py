@@ -1,0 +1,495 @@
+"""Read a sweep file and check everything about it before any cluster resource is used.
+
+:func:`load_sweep` executes the file and finds its one :class:`~lmtune.sweep.spec.Sweep`;
+:func:`resolve` applies ``--smoke`` and the command line's ``key=value`` overrides, checks every key,
+value, domain and metric, resolves the base config and every grid point through
+:func:`lmtune.config.load`, and returns a :class:`ResolvedSweep` that the runner turns into a Tune run.
+:func:`check_address` tries the GCS address of ``--address`` with one socket connect.
+
+Every problem is a :class:`~lmtune.config.ConfigError` (one line, exit code 2). This module imports
+neither ray nor optuna nor torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import socket
+import traceback
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmtune import config as config_lib
+from lmtune.config import ConfigError
+from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUniform, Smoke, Sweep, Uniform
+
+# Metrics the trainer reports (DESIGN.md, "Metric names") that a sweep can optimize: numbers in the
+# final report. ``grad_norm/layer_{i}`` is accepted for i < model.n_layer.
+REPORTED_METRICS = (
+    "val_loss", "val_ppl", "loss", "grad_norm", "grad_norm_spread", "grad_coherence", "noise_scale",
+    "step_time_ms", "avg_step_time_ms", "wall_clock_s", "tokens_per_s", "mfu", "peak_reserved_gib",
+    "peak_allocated_gib", "tokens", "step", "epoch", "lr",
+)
+_LAYER_METRIC = re.compile(r"^grad_norm/layer_(\d+)$")
+_MEASURED_EVERY = ("grad_coherence", "noise_scale")  # need train.measure_interval > 0
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+MAX_CHECKED_POINTS = 4096
+"""Grid points resolved one by one at validation; beyond this many, a random-free sample of corners."""
+
+
+@dataclass
+class ResolvedSweep:
+    """A sweep file after --smoke and overrides: everything the runner needs, checked."""
+
+    sweep: Sweep
+    file: Path
+    smoke: bool
+    base: dict[str, Any]
+    """The flat resolved config every trial starts from (all keys; locked defaults included)."""
+    base_overrides: dict[str, Any]
+    """The keys the sweep (base, smoke.base) and the command line set, before defaults: what `load` got."""
+    space: dict[str, Domain]
+    metrics: list[str]
+    modes: list[str]
+    searcher: str
+    """Effective searcher: ``grid`` (every axis a grid), ``tpe``, ``nsga2`` or ``frontier``."""
+    num_samples: int
+    """Trials to run (grid: the grid size; tpe/nsga2 with grid axes: grid size × num_samples)."""
+    export: list[str] = field(default_factory=list)
+    frontier: Frontier | None = None
+    """The frontier axes in force (Smoke.frontier under --smoke, else Sweep.frontier)."""
+    define_by_run_keys: list[str] = field(default_factory=list)
+    """Config keys the define-by-run function sets (found by dry runs at validation)."""
+
+    @property
+    def name(self) -> str:
+        return self.sweep.name
+
+    @property
+    def metric(self) -> str | list[str]:
+        return self.metrics[0] if len(self.metrics) == 1 else list(self.metrics)
+
+    @property
+    def mode(self) -> str | list[str]:
+        return self.modes[0] if len(self.modes) == 1 else list(self.modes)
+
+    @property
+    def grid_axes(self) -> dict[str, list]:
+        return {k: list(d.values) for k, d in self.space.items() if isinstance(d, Grid)}
+
+    @property
+    def sampled_axes(self) -> dict[str, Domain]:
+        return {k: d for k, d in self.space.items() if not isinstance(d, Grid)}
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        axes = self.grid_axes
+        return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+    def defaults_point(self) -> dict[str, Any]:
+        """The base config's values of the space's keys where they lie in the space (evaluated first)."""
+        out = {}
+        for key, dom in self.space.items():
+            v = self.base.get(key)
+            if _in_domain(dom, v):
+                out[key] = v
+        return out
+
+    def space_json(self) -> dict[str, dict[str, Any]]:
+        return {k: domain_json(d) for k, d in self.space.items()}
+
+
+# --- loading the file -------------------------------------------------------------------------------
+
+
+def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
+    """Execute a sweep file and return its one Sweep object."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"sweep file not found: {p}")
+    if not p.is_file():
+        raise ConfigError(f"{p} is not a file (expected a sweep file such as sweeps/norm_warmup.py).")
+    try:
+        source = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read sweep file {p}: {e}") from None
+    try:
+        code = compile(source, str(p), "exec")
+    except SyntaxError as e:
+        raise ConfigError(f"{p}:{e.lineno}: syntax error: {e.msg}") from None
+    module = types.ModuleType(f"lmtune_sweep_file_{p.stem}")
+    module.__file__ = str(p.resolve())
+    try:
+        exec(code, module.__dict__)  # noqa: S102 — a sweep file is the user's own Python
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except Exception as e:  # noqa: BLE001 — any failure of the user's file is bad input
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(p)]
+        where = f":{frames[-1].lineno}" if frames else ""
+        raise ConfigError(f"{p}{where}: {type(e).__name__}: {e}") from None
+    found = {k: v for k, v in vars(module).items() if isinstance(v, Sweep)}
+    if not found:
+        raise ConfigError(f"{p} defines no Sweep object; declare one, e.g. `sweep = Sweep(name=..., space=...)`.")
+    if len({id(v) for v in found.values()}) > 1:
+        raise ConfigError(f"{p} defines several Sweep objects ({', '.join(found)}); keep one per file.")
+    return next(iter(found.values())), p
+
+
+# --- checking and resolving ------------------------------------------------------------------------
+
+
+def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
+            overrides: list[str] | dict[str, Any] | None = None) -> ResolvedSweep:
+    """Apply --smoke and overrides to ``sweep`` and check everything; raises ConfigError."""
+    file = Path(file)
+    where = str(file)
+    _check_fields(sweep, where)
+
+    space: dict[str, Any] = dict(sweep.space)
+    base_overrides: dict[str, Any] = dict(sweep.base)
+    num_samples = sweep.num_samples
+    frontier = sweep.frontier
+    if smoke:
+        sm = sweep.smoke
+        if not isinstance(sm, Smoke):
+            raise ConfigError(f"{where}: smoke must be Smoke(base=..., space=..., num_samples=...), got {sm!r}.")
+        _check_keys(sm.base, f"{where}: smoke.base")
+        _check_keys(sm.space, f"{where}: smoke.space")
+        base_overrides.update(sm.base)
+        space.update(sm.space)
+        if sm.frontier is not None:
+            frontier = sm.frontier
+        if sm.num_samples is not None:
+            if not isinstance(sm.num_samples, int) or sm.num_samples < 1:
+                raise ConfigError(f"{where}: smoke.num_samples={sm.num_samples!r} is not accepted: expected an integer >= 1.")
+            num_samples = sm.num_samples
+    elif isinstance(sweep.smoke, Smoke):  # checked without --smoke too: a typo there is still a typo
+        _check_keys(sweep.smoke.base, f"{where}: smoke.base")
+        _check_keys(sweep.smoke.space, f"{where}: smoke.space")
+
+    _check_keys(base_overrides, f"{where}: base")
+    _check_keys(space, f"{where}: space")
+    cli = _cli_overrides(overrides)
+    for key in cli:
+        if key in space:
+            raise ConfigError(f"{key} is an axis of the sweep's space; a command-line value would be ignored "
+                              f"(change the space in {where}, or override a base key).")
+    base_overrides.update(cli)
+
+    space = {k: _domain(k, d, where) for k, d in space.items()}
+    if not space and sweep.define_by_run is None:
+        raise ConfigError(f"{where}: the search space is empty; give at least one axis, e.g. "
+                          f"space={{'train.lr': loguniform(1e-4, 3e-3)}}.")
+    try:
+        base_cfg = config_lib.load(overrides=base_overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: base config: {e}") from None
+    base = _absolute_paths(base_cfg.flat())
+
+    metrics = [sweep.metric] if isinstance(sweep.metric, str) else list(sweep.metric)
+    modes = [sweep.mode] if isinstance(sweep.mode, str) else list(sweep.mode)
+    _check_metrics(metrics, modes, base, where)
+
+    searcher = sweep.searcher
+    if searcher not in ("tpe", "grid", "nsga2", "frontier"):
+        raise ConfigError(f"{where}: searcher={searcher!r} is not accepted: expected one of 'tpe', 'grid', 'nsga2', 'frontier'.")
+    all_grid = bool(space) and all(isinstance(d, Grid) for d in space.values()) and sweep.define_by_run is None
+    if searcher == "grid" and not all_grid:
+        bad = [k for k, d in space.items() if not isinstance(d, Grid)] or ["define_by_run"]
+        raise ConfigError(f"{where}: searcher='grid' needs grid axes only; {', '.join(bad)} "
+                          f"is not a grid (use grid([...]), or searcher='tpe').")
+    if searcher == "tpe" and len(metrics) > 1:
+        searcher = "nsga2"  # several metrics: a Pareto front
+    if searcher == "tpe" and all_grid:
+        searcher = "grid"
+    if searcher == "frontier":
+        if not isinstance(frontier, Frontier):
+            raise ConfigError(f"{where}: searcher='frontier' needs frontier=Frontier(x=..., budget=...).")
+        if sweep.define_by_run is not None:
+            raise ConfigError(f"{where}: searcher='frontier' does not take define_by_run.")
+    if frontier is not None:
+        _check_frontier(frontier, space, where)
+    if sweep.scheduler not in ("asha", "none"):
+        raise ConfigError(f"{where}: scheduler={sweep.scheduler!r} is not accepted: expected 'asha' or 'none'.")
+    if sweep.scheduler == "asha" and len(metrics) > 1:
+        raise ConfigError(f"{where}: scheduler='asha' stops trials on one metric; this sweep has {len(metrics)} "
+                          f"({', '.join(metrics)}). Use scheduler='none' for a Pareto sweep.")
+    if sweep.scheduler == "asha" and searcher == "frontier":
+        raise ConfigError(f"{where}: scheduler='asha' would stop frontier probes early; use scheduler='none'.")
+
+    n_grid = math.prod(len(d.values) for d in space.values() if isinstance(d, Grid)) if space else 1
+    if searcher in ("grid", "frontier"):
+        total = n_grid
+    else:
+        total = n_grid * num_samples
+
+    rs = ResolvedSweep(sweep=sweep, file=file, smoke=smoke, base=base, base_overrides=base_overrides,
+                       space=space, metrics=metrics, modes=modes, searcher=searcher, num_samples=total,
+                       export=list(sweep.export), frontier=frontier)
+    _check_points(rs, where)
+    if sweep.define_by_run is not None:
+        rs.define_by_run_keys = _dry_run_define_by_run(rs, where)
+    return rs
+
+
+def _check_fields(s: Sweep, where: str) -> None:
+    if not isinstance(s.name, str) or not _NAME.match(s.name):
+        raise ConfigError(f"{where}: name={s.name!r} is not accepted: expected a short kebab-case name "
+                          f"(lower-case letters, digits, '-' or '_'), e.g. 'norm-warmup'.")
+    ints = {"num_samples": (s.num_samples, 1), "workers": (s.workers, 1), "max_failures": (s.max_failures, 0),
+            "grace_tokens": (s.grace_tokens, 0), "seed": (s.seed, 0)}
+    for name, (v, lo) in ints.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"{where}: {name}={v!r} is not accepted: expected an integer >= {lo}.")
+    for name, v, lo_ok in (("gpus", s.gpus, 0), ("cpus", s.cpus, None)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (v < 0 if lo_ok == 0 else v <= 0):
+            raise ConfigError(f"{where}: {name}={v!r} is not accepted: expected a number "
+                              f"{'>= 0' if lo_ok == 0 else '> 0'}.")
+    if isinstance(s.reduction_factor, bool) or not isinstance(s.reduction_factor, (int, float)) or s.reduction_factor <= 1:
+        raise ConfigError(f"{where}: reduction_factor={s.reduction_factor!r} is not accepted: expected a number > 1.")
+    if not isinstance(s.space, dict):
+        raise ConfigError(f"{where}: space must be a dict of config key → domain, got {type(s.space).__name__}.")
+    if not isinstance(s.base, dict):
+        raise ConfigError(f"{where}: base must be a dict of config key → value, got {type(s.base).__name__}.")
+    if s.define_by_run is not None and not callable(s.define_by_run):
+        raise ConfigError(f"{where}: define_by_run must be a function f(trial) -> dict | None.")
+    if not isinstance(s.export, (list, tuple)) or not all(isinstance(k, str) for k in s.export):
+        raise ConfigError(f"{where}: export must be a list of config keys, got {s.export!r}.")
+    for key in s.export:
+        try:
+            config_lib._field(key)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: export: {e}") from None
+
+
+def _check_keys(d: dict, where: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a dict of config key → value, got {type(d).__name__}.")
+    for key in d:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: keys are 'section.key' strings, got {key!r}.")
+        try:
+            config_lib._field(key)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _cli_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        _check_keys(overrides, "command line")
+        return dict(overrides)
+    return config_lib.parse_overrides(list(overrides))
+
+
+def _domain(key: str, d: Any, where: str) -> Domain:
+    """Check a domain's shape and that its values are accepted by the key."""
+    if isinstance(d, (list, tuple)):
+        d = Grid(tuple(d))
+    if not isinstance(d, (Grid, Choice, Uniform, LogUniform, IntRange)):
+        raise ConfigError(f"{where}: space[{key!r}]={d!r} is not a domain; use grid([...]), choice([...]), "
+                          f"uniform(a, b), loguniform(a, b) or randint(a, b) (constants go in base).")
+    try:
+        if isinstance(d, (Grid, Choice)):
+            if not d.values:
+                raise ConfigError(f"space[{key!r}] has no values.")
+            if len(set(map(repr, d.values))) != len(d.values):
+                raise ConfigError(f"space[{key!r}] repeats a value: {list(d.values)}.")
+            d = type(d)(tuple(config_lib.coerce(key, v) for v in d.values))
+        else:
+            if not d.low < d.high and not (isinstance(d, IntRange) and d.low == d.high):
+                raise ConfigError(f"space[{key!r}]: low={d.low} must be below high={d.high}.")
+            if isinstance(d, LogUniform) and d.low <= 0:
+                raise ConfigError(f"space[{key!r}]: loguniform needs low > 0 (got {d.low}).")
+            if isinstance(d, IntRange) and d.log and d.low < 1:
+                raise ConfigError(f"space[{key!r}]: randint(log=True) needs low >= 1 (got {d.low}).")
+            config_lib.coerce(key, d.low)
+            config_lib.coerce(key, d.high)
+            tp = type(config_lib.coerce(key, d.low))
+            if isinstance(d, (Uniform, LogUniform)) and tp is not float:
+                raise ConfigError(f"space[{key!r}]: {type(d).__name__.lower()} samples floats but {key} expects "
+                                  f"{config_lib.accepted(key)}; use randint or grid.")
+            if isinstance(d, IntRange) and tp is not int:
+                raise ConfigError(f"space[{key!r}]: randint samples integers but {key} expects {config_lib.accepted(key)}.")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return d
+
+
+def _check_metrics(metrics: list[str], modes: list[str], base: dict[str, Any], where: str) -> None:
+    if not metrics:
+        raise ConfigError(f"{where}: metric is empty; name one the trainer reports, e.g. 'val_loss'.")
+    if len(modes) != len(metrics):
+        raise ConfigError(f"{where}: {len(metrics)} metric(s) but {len(modes)} mode(s); give one mode per metric.")
+    for m in modes:
+        if m not in ("min", "max"):
+            raise ConfigError(f"{where}: mode={m!r} is not accepted: expected 'min' or 'max'.")
+    if len(set(metrics)) != len(metrics):
+        raise ConfigError(f"{where}: metric names a metric twice: {metrics}.")
+    for m in metrics:
+        layer = _LAYER_METRIC.match(m) if isinstance(m, str) else None
+        if layer:
+            if int(layer.group(1)) >= base["model.n_layer"]:
+                raise ConfigError(f"{where}: metric {m!r} names a layer the model does not have "
+                                  f"(model.n_layer={base['model.n_layer']}).")
+            continue
+        if m not in REPORTED_METRICS:
+            import difflib
+
+            close = difflib.get_close_matches(str(m), REPORTED_METRICS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: metric {m!r} is never reported by the trainer.{hint} "
+                              f"Reported: {', '.join(REPORTED_METRICS)}, grad_norm/layer_{{i}}.")
+        if m in _MEASURED_EVERY and base["train.measure_interval"] == 0:
+            raise ConfigError(f"{where}: metric {m!r} needs train.measure_interval > 0 (it is 0 in the base config).")
+        if m == "mfu" and base["system.device"] == "cpu":
+            raise ConfigError(f"{where}: metric 'mfu' is reported on GPU only (system.device='cpu').")
+
+
+def _check_frontier(f: Frontier, space: dict[str, Domain], where: str) -> None:
+    if not isinstance(f, Frontier):
+        raise ConfigError(f"{where}: frontier must be Frontier(x=..., budget=...), got {f!r}.")
+    for name in ("x", "budget"):
+        try:
+            config_lib._field(getattr(f, name))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: frontier.{name}: {e}") from None
+    if f.x not in space:
+        raise ConfigError(f"{where}: frontier.x={f.x!r} is not an axis of the space.")
+    for name in ("headroom_gib", "margin_gib"):
+        v = getattr(f, name)
+        if v is None and name == "margin_gib":
+            continue  # 5% of the limit
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"{where}: frontier.{name}={v!r} is not accepted: expected a number >= 0.")
+
+
+def _check_points(rs: ResolvedSweep, where: str) -> None:
+    """Resolve the base plus every grid point (sampled axes at their bounds) through lmtune.config.load."""
+    sampled: list[dict[str, Any]] = [{}]
+    bounds = {k: d for k, d in rs.sampled_axes.items() if not isinstance(d, Choice)}
+    choices = {k: list(d.values) for k, d in rs.sampled_axes.items() if isinstance(d, Choice)}
+    if bounds:
+        sampled = [{k: d.low for k, d in bounds.items()}, {k: d.high for k, d in bounds.items()}]
+    choice_points = [dict(zip(choices, c)) for c in itertools.product(*choices.values())] or [{}]
+    points = rs.grid_points()
+    combos = itertools.product(points, choice_points, sampled)
+    for i, (g, c, s) in enumerate(combos):
+        if i >= MAX_CHECKED_POINTS:
+            break
+        point = {**g, **c, **s}
+        try:
+            config_lib.load(overrides={**rs.base_overrides, **point})
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v}" for k, v in point.items())
+            raise ConfigError(f"{where}: the trial with {shown} has an invalid config: {e}") from None
+
+
+def _dry_run_define_by_run(rs: ResolvedSweep, where: str, runs: int = 16) -> list[str]:
+    """Call the define-by-run function on a throwaway in-memory study (random sampler, fixed seed) and
+    check that every key it suggests or returns is a config key with an accepted value, and that the
+    resulting trial configs resolve."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=rs.sweep.seed))
+    keys: list[str] = []
+    for _ in range(runs):
+        trial = study.ask()
+        try:
+            constants = rs.sweep.define_by_run(trial)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 — the user's function failed
+            raise ConfigError(f"{where}: define_by_run failed: {type(e).__name__}: {e}") from None
+        if constants is not None and not isinstance(constants, dict):
+            raise ConfigError(f"{where}: define_by_run must return a dict of config key → value or None, "
+                              f"got {type(constants).__name__}.")
+        point = {**trial.params, **(constants or {})}
+        _check_keys(point, f"{where}: define_by_run")
+        for k in point:
+            if k in rs.space and isinstance(rs.space[k], Grid):
+                raise ConfigError(f"{where}: define_by_run sets {k}, which is already a grid axis of the space.")
+            if k not in keys:
+                keys.append(k)
+        grid = rs.grid_points()[0] if rs.grid_axes else {}
+        try:
+            config_lib.load(overrides={**rs.base_overrides, **grid, **point})
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v}" for k, v in point.items())
+            raise ConfigError(f"{where}: define_by_run gave a trial with {shown} whose config is invalid: {e}") from None
+        study.tell(trial, 0.0)
+    return keys
+
+
+def _absolute_paths(flat: dict[str, Any]) -> dict[str, Any]:
+    """Trials run in other processes (other nodes); paths given relative to the cwd are made absolute."""
+    out = dict(flat)
+    for key in ("data.files", "data.val_files"):
+        out[key] = [p if os.path.isabs(p) or "://" in p else os.path.abspath(p) for p in out.get(key) or []]
+    if out.get("data.cache_dir") and not os.path.isabs(out["data.cache_dir"]):
+        out["data.cache_dir"] = os.path.abspath(out["data.cache_dir"])
+    return out
+
+
+def _in_domain(d: Domain, v: Any) -> bool:
+    if v is None:
+        return False
+    if isinstance(d, (Grid, Choice)):
+        return any(type(v) is type(x) and v == x for x in d.values)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(d, IntRange) and not isinstance(v, int):
+        return False
+    return d.low <= v <= d.high
+
+
+def domain_json(d: Domain) -> dict[str, Any]:
+    """The sweep.json form of a domain (docs/CONTRACTS.md)."""
+    if isinstance(d, Grid):
+        return {"type": "grid", "values": list(d.values)}
+    if isinstance(d, Choice):
+        return {"type": "choice", "values": list(d.values)}
+    if isinstance(d, Uniform):
+        return {"type": "uniform", "low": d.low, "high": d.high}
+    if isinstance(d, LogUniform):
+        return {"type": "loguniform", "low": d.low, "high": d.high}
+    return {"type": "int", "low": d.low, "high": d.high, "log": d.log}
+
+
+# --- the cluster address ----------------------------------------------------------------------------
+
+
+def check_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """``--address``: ``auto`` or ``[ray://]HOST:PORT``; a concrete address must accept a TCP connection.
+
+    ``auto`` is left to Ray (it reads the running cluster's address file); a GCS address that refuses
+    the connection is bad input, reported before Ray is imported.
+    """
+    if address is None or address in ("auto", "local"):
+        return
+    addr = address
+    scheme = ""
+    if "://" in addr:
+        scheme, _, addr = addr.partition("://")
+        if scheme not in ("ray", "http", "https"):
+            raise ConfigError(f"--address {address}: unknown scheme '{scheme}://'; expected auto, HOST:PORT or ray://HOST:PORT.")
+    host, colon, port_s = addr.rpartition(":")
+    if not colon or not host or not port_s.isdigit():
+        raise ConfigError(f"--address {address}: expected auto, HOST:PORT (the head's GCS, port 6379 by default) "
+                          f"or ray://HOST:PORT.")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port_s)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}). "
+                          f"Start one with `ray start --head` or `ray up cluster.yaml`, or leave --address out "
+                          f"for an embedded local Ray.") from None
+
+
+__all__ = ["ResolvedSweep", "load_sweep", "resolve", "check_address", "REPORTED_METRICS", "domain_json"]

@@ -1,0 +1,153 @@
+"""How a trial ended, at the Ray level: OOM (a result about the config) or a genuine error.
+
+The trainer turns CUDA OOM, CPU allocator failures and the emulated ``system.memory_limit_gib`` into a
+clean final report with ``status="oom"``. What the trainer cannot see is Ray's memory monitor killing
+the process that runs it (``ray.exceptions.OutOfMemoryError``, or an actor that died "due to memory
+pressure") or an OOM raised inside a Ray Train worker and wrapped by Train. :func:`classify` reads
+any such exception chain; the trainable and the driver use it to record ``oom`` instead of ``error``.
+
+The :class:`Ledger` is the driver's record of what Tune's scheduler and error paths decided about each
+trial (stopped by ASHA → ``pruned``; failed with an OOM → ``oom``). The scheduler, the searcher and the
+results callback all run in the driver process and read it, so the Optuna study, ``trials.csv`` and the
+console agree on every trial's status.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUSES = ("ok", "oom", "diverged", "pruned", "error")
+
+# Text Ray puts in the errors of a worker killed by its memory monitor (raylet's OOM killer), and the
+# trainer's own OOM messages (lmtune.measure.is_oom) once they have crossed a process boundary as text.
+_OOM_TEXT = re.compile(
+    r"OutOfMemoryError|running low on memory|memory monitor|killed due to memory|memory pressure|"
+    r"out of memory|can't allocate memory|MemoryError|\bOOM\b|emulated memory limit",
+    re.IGNORECASE,
+)
+
+
+def _chain(exc: BaseException, limit: int = 32):
+    """The exception, its causes/contexts, Ray's wrapped cause, and Train's per-worker failures."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo and len(seen) < limit:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        cause = getattr(e, "cause", None)  # RayTaskError.cause
+        if isinstance(cause, BaseException):
+            todo.append(cause)
+        failures = getattr(e, "worker_failures", None)  # Train V2 WorkerGroupError
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+        inner = getattr(e, "controller_failure", None)  # Train V2 ControllerError
+        if isinstance(inner, BaseException):
+            todo.append(inner)
+
+
+def is_oom_error(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or anything it wraps) is an out-of-memory failure."""
+    if exc is None:
+        return False
+    try:
+        from ray.exceptions import OutOfMemoryError as RayOOM
+    except ImportError:  # pragma: no cover - ray is a dependency
+        RayOOM = ()  # type: ignore[assignment]
+    try:
+        import torch
+
+        torch_oom: tuple = (torch.OutOfMemoryError,)
+    except (ImportError, AttributeError):  # pragma: no cover
+        torch_oom = ()
+    for e in _chain(exc):
+        if isinstance(e, (MemoryError, *torch_oom)) or (RayOOM and isinstance(e, RayOOM)):
+            return True
+        if _OOM_TEXT.search(str(e)) or _OOM_TEXT.search(type(e).__name__):
+            return True
+    return False
+
+
+def classify(exc: BaseException | None) -> str:
+    """``oom`` or ``error`` for a trial that ended with an exception."""
+    return "oom" if is_oom_error(exc) else "error"
+
+
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*?:")
+
+
+def first_line(exc: BaseException | str | None, limit: int = 300) -> str:
+    """A one-line description of an error for trials.csv and the console.
+
+    Ray wraps a trial's exception in a traceback dump; the line naming the error (``SomeError: …``) is
+    picked, the first OOM line if there is one (a memory-monitor kill explains itself there)."""
+    if exc is None:
+        return ""
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.startswith("Failure #")]
+    pick = next((ln for ln in lines if _OOM_TEXT.search(ln)), None)
+    if pick is None:
+        named = [ln for ln in lines if _ERROR_LINE.match(ln)]
+        pick = named[-1] if named else (lines[0] if lines else "")
+    return pick[:limit]
+
+
+@dataclass
+class Ledger:
+    """Driver-side decisions about trials that the trial's own last report does not carry."""
+
+    pruned: dict[str, Any] = field(default_factory=dict)
+    """trial_id → the ``tokens`` at which ASHA stopped it."""
+    errors: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """trial_id → (``oom`` | ``error``, one-line message) for trials that ended with an exception."""
+
+    def status_of(self, trial_id: str, result: dict | None, error: bool = False) -> str:
+        """The trial's final status from everything known in the driver."""
+        if trial_id in self.pruned:
+            return "pruned"
+        if trial_id in self.errors:
+            return self.errors[trial_id][0]
+        status = (result or {}).get("status")
+        if error:
+            return "oom" if status == "oom" else "error"
+        if status in ("ok", "oom", "diverged", "pruned"):  # pruned: replayed from an earlier session
+            return status
+        return "error"  # ended without the trainer's final report
+
+
+LEDGER = Ledger()
+"""The one ledger of this driver process (scheduler, searcher and callbacks share it)."""
+
+
+def read_trial_error(trial: Any) -> BaseException | str | None:
+    """The exception Tune recorded for a failed trial (its pickled error, else the error file's text)."""
+    import os
+
+    path = getattr(trial, "pickled_error_file", None)
+    if path and os.path.exists(path):
+        try:
+            import ray.cloudpickle as cloudpickle
+
+            with open(path, "rb") as f:
+                return cloudpickle.load(f)
+        except Exception:  # noqa: BLE001 — fall back to the text
+            pass
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    return None
+
+
+def classify_trial_error(trial: Any) -> tuple[str, str]:
+    """(``oom`` | ``error``, one-line message) for a Tune trial that failed."""
+    exc = read_trial_error(trial)
+    if isinstance(exc, BaseException):
+        return classify(exc), first_line(exc)
+    text = exc or ""
+    return ("oom" if _OOM_TEXT.search(text) else "error"), first_line(text)

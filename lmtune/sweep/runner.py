@@ -1,0 +1,442 @@
+"""Run a resolved sweep on Ray Tune: cluster, results directory, searcher, scheduler, trials, resume.
+
+The flow of :func:`run`:
+
+1. results directory: a new ``{n}-{name}-{timestamp}`` under the storage, or with ``resume`` the latest
+   run of this sweep there (same ``--smoke``), continued with ``Tuner.restore`` (finished trials are
+   kept, unfinished ones continue from their last checkpoint, failed ones stay failed);
+2. Ray: an embedded local cluster with the dashboard (its URL printed), or ``--address`` to join one;
+   Ray's own output goes to ``logs/`` (driver log, worker logs via the session directory);
+3. one Tune trial per config (:mod:`lmtune.sweep.trainable`), Optuna or the frontier planner
+   suggesting configs, ASHA on ``tokens`` or FIFO, Tune-level retries for genuine errors only;
+4. at the end: ``trials.csv`` complete (frontier sweeps add the points never launched), the table of
+   trials and the best one on the console, ``lmtune.report.render`` for tables and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from lmtune.config import ConfigError
+from lmtune.sweep.load import ResolvedSweep
+
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"
+LOG_DIR = "logs"
+
+
+@dataclass
+class Outcome:
+    results_dir: Path
+    rows: list[dict[str, Any]]
+    wall_s: float
+    """Wall-clock of the Tune run (Tuner.fit), excluding Ray start-up."""
+    time_in_trainer_s: dict[str, float] = field(default_factory=dict)
+    """Per trial: from building the Trainer to the end of fit (reported by the trial)."""
+    fit_start: float = 0.0
+    """time.time() when Tuner.fit started."""
+    trial_end: dict[str, float] = field(default_factory=dict)
+    """Per trial: time.time() when the driver saw it end."""
+    best: dict[str, Any] | None = None
+
+
+# --- environment --------------------------------------------------------------------------------------
+
+
+def _prepare_env() -> dict[str, str]:
+    """Environment every trial process must see; set here so an embedded Ray's workers inherit it."""
+    from lmtune.train import wandb_mode
+
+    env = {
+        # Metrics arrive at different intervals (val_loss only at evals); the metric names are checked
+        # against the trainer's vocabulary before Ray starts (lmtune.sweep.load), so Tune need not.
+        "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+        # Ray Train's controller polls its workers every 2 s by default: ~1 s per report and ~7 s of
+        # teardown per trial on 2 CPUs (issue 3, point 8); 0.1 s brings both under a second.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
+        # The console is ours: one line per trial event. Tune's tables and banners stay off (its logs
+        # and per-trial output go to files), as do the warnings about forced experiment snapshots that
+        # CheckpointConfig(num_to_keep) causes at every eval of a fast trial.
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+    }
+    if wandb_mode() == "offline":  # no API key: offline, never a prompt
+        env["WANDB_MODE"] = "offline"
+    os.environ.update(env)
+    return env
+
+
+def _log_to_files(log_dir: Path) -> logging.Handler:
+    """Ray's and Tune's Python logging and warnings go to logs/driver.log, not the console."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / "driver.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # `import ray` gives "ray" and its library loggers (ray.tune, ray.train, …) console handlers of their
+    # own; they are replaced by the file. tensorboardX (Tune's TensorBoard logger) warns on every NaN/inf
+    # metric (a diverged trial's loss, a noise scale with no signal); that goes to the file too.
+    names = {"ray", "ray.tune", "ray.train", "ray.air", "ray.data", "ray.serve", "ray.rllib", "py.warnings", "optuna",
+             "tensorboardX", "lmtune"}
+    names |= {n for n in logging.root.manager.loggerDict if n.startswith("ray.")
+              and isinstance(logging.root.manager.loggerDict[n], logging.Logger)
+              and logging.getLogger(n).handlers}
+    for name in names:
+        lg = logging.getLogger(name)
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)
+                       or isinstance(h, logging.FileHandler)]
+        lg.addHandler(handler)
+        lg.propagate = False
+        if name in ("ray", "lmtune", "optuna"):
+            lg.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    return handler
+
+
+def _close_log(handler: logging.Handler) -> None:
+    for name in [*logging.root.manager.loggerDict, "ray"]:
+        lg = logging.getLogger(name)
+        if handler in lg.handlers:
+            lg.removeHandler(handler)
+    handler.close()
+
+
+def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: TextIO) -> bool:
+    """Start (or join) Ray; returns True when this process started the cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    if address:
+        try:
+            ctx = ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+            from lmtune.sweep.oom import first_line
+
+            reason = first_line(e.__cause__ or e)
+            hint = (" (the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or "
+                    "~/.ray/auth_token as on the head)") if "auth" in reason.lower() else ""
+            raise ConfigError(f"--address {address}: could not join the Ray cluster: {reason}{hint}") from None
+    else:
+        ctx = ray.init(include_dashboard=True, **kwargs)
+    url = getattr(ctx, "dashboard_url", None)
+    where = "joined the cluster at " + (ctx.address_info.get("gcs_address") or address) if address else "embedded local Ray"
+    print(f"ray: {where}; dashboard {'http://' + url if url else 'not running'}", file=out)
+    session = Path(ray._private.worker._global_node.get_session_dir_path()) if not address else None
+    if session is not None and (session / "logs").is_dir():
+        link = log_dir / "ray-session"
+        if not link.exists():
+            link.symlink_to(session / "logs", target_is_directory=True)
+    return not address
+
+
+# --- results directory --------------------------------------------------------------------------------
+
+
+def _resolve_storage(storage: str) -> tuple[Path, str | None]:
+    """(local directory for the driver's files, remote URI or None)."""
+    if "://" in storage:
+        return Path("results").resolve(), storage.rstrip("/")
+    return Path(storage).expanduser().resolve(), None
+
+
+def _find_resumable(local_root: Path, rs: ResolvedSweep) -> Path:
+    import json
+
+    from lmtune.sweep.results import runs_of
+
+    for run_dir in reversed(runs_of(local_root, rs.name)):
+        try:
+            meta = json.loads((run_dir / "sweep.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if bool(meta.get("smoke")) == rs.smoke and (run_dir / TUNE_DIR).is_dir():
+            return run_dir
+    smoke = " --smoke" if rs.smoke else ""
+    raise ConfigError(f"--resume: no earlier{smoke} run of sweep '{rs.name}' in {local_root} to continue; "
+                      f"run it without --resume first.")
+
+
+def _check_same_sweep(rs: ResolvedSweep, results_dir: Path) -> None:
+    """A resumed run must have the config it started with: unfinished trials would otherwise mix two."""
+    import json
+
+    from lmtune.sweep.results import sweep_json
+
+    then = json.loads((results_dir / "sweep.json").read_text())
+    now = json.loads(json.dumps(sweep_json(rs, results_dir), default=str))
+    changed = [k for k in sorted(set(then["base"]) | set(now["base"])) if then["base"].get(k) != now["base"].get(k)]
+    changed += [f"space[{k}]" for k in sorted(set(then["space"]) | set(now["space"]))
+                if then["space"].get(k) != now["space"].get(k)]
+    changed += [k for k in ("metric", "mode", "searcher", "scheduler", "num_trials", "workers") if then.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"--resume: {results_dir.name} was started with a different sweep ({', '.join(changed[:6])}"
+                          f"{' …' if len(changed) > 6 else ''} changed); resume with the same file and overrides, "
+                          f"or start a new run without --resume.")
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def run(
+    rs: ResolvedSweep,
+    *,
+    address: str | None = None,
+    storage: str = "results",
+    resume: bool = False,
+    max_concurrent: int | None = None,
+    wandb: bool = True,
+    ray_train: bool = False,
+    render: bool = True,
+    reuse_actors: bool | None = None,
+    out: TextIO | None = None,
+) -> Outcome:
+    """Run (or with ``resume`` continue) the sweep; ``reuse_actors=None`` decides by :func:`measures_memory`."""
+    out = out or sys.stdout
+    local_root, remote = _resolve_storage(storage)
+    from lmtune.sweep.results import new_results_dir, sweep_json, write_json
+
+    if resume:
+        results_dir = _find_resumable(local_root, rs)
+        _check_same_sweep(rs, results_dir)
+    else:
+        local_root.mkdir(parents=True, exist_ok=True)
+        results_dir = new_results_dir(local_root, rs.name)
+        write_json(results_dir / "sweep.json", sweep_json(rs, results_dir))
+    group = results_dir.name
+    base_uri = f"{remote}/{group}" if remote else str(results_dir)
+
+    env = _prepare_env()
+    handler = _log_to_files(results_dir / LOG_DIR)
+    try:
+        started = _start_ray(address, env, results_dir / LOG_DIR, out)
+    except ConfigError:
+        _close_log(handler)
+        if not resume:  # nothing ran: leave no empty results directory behind
+            import shutil
+
+            shutil.rmtree(results_dir, ignore_errors=True)
+        raise
+    print(f"sweep {rs.name}{' (smoke)' if rs.smoke else ''}: {rs.num_samples} trial(s), searcher {rs.searcher}, "
+          f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
+    try:
+        return _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
+                         wandb=wandb, ray_train=ray_train, render=render, remote=remote, reuse_actors=reuse_actors,
+                         out=out)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+        _close_log(handler)
+
+
+def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str, resume: bool,
+              max_concurrent: int | None, wandb: bool, ray_train: bool, render: bool, remote: str | None,
+              reuse_actors: bool | None, out: TextIO) -> Outcome:
+    from ray import tune
+
+    from lmtune.sweep.callback import ResultsWriter
+    from lmtune.sweep.search import make_scheduler, make_searcher
+    from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
+
+    settings = TrialSettings(
+        results_dir=str(results_dir), group=group, train_storage=f"{base_uri}/{TRAIN_DIR}",
+        workers=rs.sweep.workers, cpus=rs.sweep.cpus, gpus=rs.sweep.gpus, wandb=wandb, ray_train=ray_train,
+    )
+    trainable = tune.with_resources(make_trainable(settings), trial_resources(settings))
+    space_keys = _space_keys(rs)
+    # The searcher suggests the space's axes (the frontier planner requires them absent here); keys a
+    # define-by-run function sets only in some branches keep their base value in the others.
+    param_space = {k: v for k, v in rs.base.items() if k not in rs.space}
+    tune_path = f"{base_uri}/{TUNE_DIR}"
+    if reuse_actors is None:
+        reuse_actors = not measures_memory(rs)
+
+    if resume:
+        if not tune.Tuner.can_restore(tune_path):
+            raise ConfigError(f"--resume: {tune_path} holds no Tune experiment to continue.")
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+        searcher = writer = None
+    else:
+        from lmtune.sweep.results import device_memory
+
+        limit = rs.base.get("system.memory_limit_gib") or device_memory(rs).get("device_memory_gib")
+        searcher = make_searcher(rs, results_dir, limit_gib=limit or None)
+        extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
+        total = f"≤{rs.num_samples}" if rs.searcher == "frontier" else rs.num_samples  # the planner skips points
+        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, extra_columns=extra)
+        concurrency = max_concurrent or _default_concurrency(settings)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=make_scheduler(rs), num_samples=rs.num_samples,
+                max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name, reuse_actors=reuse_actors,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR, storage_path=base_uri, callbacks=[writer], verbose=0, log_to_file=True,
+                failure_config=tune.FailureConfig(max_failures=rs.sweep.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    if resume and max_concurrent:
+        print("note: --max-concurrent is fixed when a sweep starts; the resumed run keeps its value.", file=out)
+
+    fit_start = time.time()
+    t0 = time.perf_counter()
+    tuner.fit()
+    wall = time.perf_counter() - t0
+
+    writer = writer or _writer_of(tuner)
+    if searcher is None:
+        searcher = _searcher_of(tuner)
+    if rs.searcher == "frontier" and searcher is not None and hasattr(searcher, "implied_rows"):
+        predictions = searcher.plan.launch_predictions()
+        for tid, row in writer.rows.items():
+            row.setdefault("predicted_peak_gib", predictions.get(tid))
+        writer.write_csv(searcher.implied_rows())
+    else:
+        writer.write_csv()
+    rows = _read_rows(results_dir)
+    best = _print_summary(rs, results_dir, rows, out)
+    if remote:
+        _upload(results_dir, f"{remote}/{results_dir.name}")
+    if render:
+        _render(results_dir, out)
+    return Outcome(results_dir=results_dir, rows=rows, wall_s=wall, time_in_trainer_s=dict(writer.trainer_s), fit_start=fit_start,
+                   trial_end=dict(writer.ended), best=best)
+
+
+def measures_memory(rs: ResolvedSweep) -> bool:
+    """Whether the sweep is about memory: then every trial gets a fresh process.
+
+    Otherwise Tune reuses trial processes between trials (``reuse_actors``): a new process costs ~2.5 s
+    per trial on 2 CPUs (start, imports), a reused one ~0.1 s (benchmarks/RESULTS-sweep.md). The trainable
+    frees what the previous trial left (gc, ``malloc_trim``, the CUDA cache) before it starts, but a
+    process's peak RSS and the allocator's state still carry some history, so a frontier, an emulated
+    memory limit or a peak-memory metric is measured in fresh processes.
+    """
+    keys = set(rs.space) | set(rs.define_by_run_keys)
+    return (rs.searcher == "frontier" or bool(rs.base.get("system.memory_limit_gib"))
+            or "system.memory_limit_gib" in keys or any(m.startswith("peak_") for m in rs.metrics))
+
+
+def _trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def _space_keys(rs: ResolvedSweep) -> list[str]:
+    keys = list(rs.space)
+    keys += [k for k in rs.define_by_run_keys if k not in keys]
+    return keys
+
+
+def _default_concurrency(settings) -> int:
+    """Trials in flight: what the cluster's CPUs/GPUs hold at the trial's resources (at least 1)."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_cpu = settings.cpus * (settings.workers if settings.use_ray_train else 1)
+    n = int(total.get("CPU", 1) // max(per_cpu, 1e-9))
+    if settings.gpus:
+        per_gpu = settings.gpus * (settings.workers if settings.use_ray_train else 1)
+        n = min(n, int(total.get("GPU", 0) // per_gpu))
+    return max(1, n)
+
+
+def _writer_of(tuner):
+    from lmtune.sweep.callback import ResultsWriter
+
+    run_config = tuner._local_tuner.get_run_config()
+    for cb in run_config.callbacks or []:
+        if isinstance(cb, ResultsWriter):
+            return cb
+    raise RuntimeError("the sweep's ResultsWriter callback is missing from the Tune run")
+
+
+def _searcher_of(tuner):
+    """The searcher after a restore (Tune restores its state from the experiment directory)."""
+    tc = tuner._local_tuner._tune_config
+    alg = tc.search_alg
+    while alg is not None and hasattr(alg, "searcher"):  # ConcurrencyLimiter / SearchGenerator wrappers
+        alg = alg.searcher
+    return alg
+
+
+def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
+    from lmtune.frontier import parse_cell
+    from lmtune.sweep.results import read_trials_csv
+
+    return [{k: parse_cell(k, v) for k, v in r.items()} for r in read_trials_csv(results_dir / "trials.csv")]
+
+
+def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO):
+    from lmtune.frontier import best_trial, load_results
+    from lmtune.sweep.results import table
+
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    metric = rs.metrics[0]
+    sign = 1 if rs.modes[0] == "min" else -1
+
+    def key(r):
+        v = r.get(metric)
+        ok = isinstance(v, (int, float)) and math.isfinite(v) and r.get("status") == "ok"
+        return (not ok, sign * v if ok else 0.0)
+
+    ordered = sorted(rows, key=key)
+    shown = ["trial_id", "status", *[k for k in _space_keys(rs)], *rs.metrics]
+    for extra in ("tokens", "peak_reserved_gib", "wall_time_s"):
+        if extra not in shown:
+            shown.append(extra)
+    print("", file=out)
+    print(table(ordered, shown), file=out)
+    print("", file=out)
+    print(f"{len(rows)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=out)
+    best = None
+    if len(rs.metrics) == 1:
+        best = best_trial(load_results(results_dir))
+        if best is not None:
+            point = ", ".join(f"{k}={best.get(k)}" for k in _space_keys(rs))
+            print(f"best: {best['trial_id']}  {metric}={best.get(metric)}  ({point})", file=out)
+        else:
+            print(f"best: none (no trial finished ok with {metric})", file=out)
+    print(f"results: {results_dir}", file=out)
+    print(f"  trials.csv, trials/<id>/, optuna.db (optuna-dashboard sqlite:///{results_dir / 'optuna.db'}), "
+          f"TensorBoard: tensorboard --logdir {results_dir / TUNE_DIR}", file=out)
+    return best
+
+
+def _render(results_dir: Path, out: TextIO) -> None:
+    from lmtune import report
+
+    written = report.render(results_dir)
+    if written:
+        print("report: " + ", ".join(str(p.relative_to(results_dir)) for p in written), file=out)
+
+
+def _upload(results_dir: Path, uri: str) -> None:
+    """With a remote --storage: the driver's files (trials.csv, optuna.db, …) next to Tune's and Train's."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    for name in ("sweep.json", "trials.csv", "optuna.db", "trials", "logs", "wandb", "plots", "summary.md",
+                 "frontier.md", "frontier.csv", "frontier.json"):
+        src = results_dir / name
+        if src.exists() and not src.is_symlink():
+            pyarrow.fs.copy_files(str(src), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)

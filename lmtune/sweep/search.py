@@ -1,0 +1,264 @@
+"""Searchers and schedulers: Optuna (TPE / grid / NSGA-II) and ASHA, taught lmtune's trial statuses.
+
+* :func:`make_searcher` builds the Tune searcher for a resolved sweep: :class:`StudySearch` (an
+  ``OptunaSearch`` whose study lives in ``optuna.db`` next to the results, so ``optuna-dashboard
+  sqlite:///…/optuna.db`` opens it) or the frontier planner's ``FrontierSearcher``.
+* Optuna is told the truth about every trial: ``ok`` → COMPLETE with the metric(s); stopped by ASHA →
+  PRUNED (not COMPLETE with a truncated value); ``oom`` / ``diverged`` / ``error`` → FAIL with the status
+  as a user attribute, so the sampler treats the region as infeasible instead of learning a made-up value.
+* The trainer's current defaults (the locked defaults) are enqueued first where they lie in the space.
+* :func:`make_scheduler` builds ASHA on ``tokens`` (Li et al. 2020, "A System for Massively Parallel
+  Hyperparameter Tuning") or FIFO, both recording their decisions in :data:`lmtune.sweep.oom.LEDGER`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from lmtune.sweep.load import ResolvedSweep
+from lmtune.sweep.oom import LEDGER, classify_trial_error
+from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
+
+STUDY_FILE = "optuna.db"
+logger = logging.getLogger("lmtune.sweep")
+
+
+def optuna_distributions(rs: ResolvedSweep) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, d in rs.space.items():
+        if isinstance(d, (Grid, Choice)):
+            out[key] = CategoricalDistribution(list(d.values))
+        elif isinstance(d, Uniform):
+            out[key] = FloatDistribution(d.low, d.high)
+        elif isinstance(d, LogUniform):
+            out[key] = FloatDistribution(d.low, d.high, log=True)
+        elif isinstance(d, IntRange):
+            out[key] = IntDistribution(d.low, d.high, log=d.log)
+    return out
+
+
+def _defaults_first(values: list, default: Any) -> list:
+    """The axis with the default value moved to the front (grid points are tried in product order)."""
+    hit = [v for v in values if type(v) is type(default) and v == default]
+    return hit + [v for v in values if not hit or v is not hit[0]]
+
+
+def ordered_grid(rs: ResolvedSweep) -> dict[str, list]:
+    """Grid axes with the defaults first, so the first grid point is the current locked defaults."""
+    defaults = rs.defaults_point()
+    return {k: _defaults_first(v, defaults.get(k)) if k in defaults else v for k, v in rs.grid_axes.items()}
+
+
+def enqueued_points(rs: ResolvedSweep) -> list[dict[str, Any]]:
+    """Trials fixed ahead of the sampler for tpe/nsga2.
+
+    With grid axes, every grid point is enqueued ``num_samples`` times (its other axes sampled), so
+    each grid value is tried as the sweep file promises; the first one also carries the defaults of the
+    sampled axes. Without grid axes, the defaults point alone (partial points are fine: the sampler fills
+    the rest).
+    """
+    defaults = rs.defaults_point()
+    sampled_defaults = {k: v for k, v in defaults.items() if k in rs.sampled_axes}
+    grid = ordered_grid(rs)
+    if not grid:
+        return [sampled_defaults] if sampled_defaults else []
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    repeats = rs.num_samples // len(points)
+    out = [dict(p) for _ in range(repeats) for p in points]
+    out[0].update(sampled_defaults)
+    return out
+
+
+def _define_by_run(rs: ResolvedSweep):
+    """The sweep's define-by-run function, with the grid axes suggested (and enqueued) first."""
+    user = rs.sweep.define_by_run
+    grid = ordered_grid(rs)
+    sampled = optuna_distributions(rs)
+
+    def space(trial):
+        for key, dist in sampled.items():
+            if isinstance(dist, CategoricalDistribution):
+                trial.suggest_categorical(key, list(grid.get(key, dist.choices)))
+            elif isinstance(dist, IntDistribution):
+                trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+            else:
+                trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+        return user(trial)
+
+    return space
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """GridSampler that walks the grid in product order of the axes as given (defaults first, see
+    :func:`ordered_grid`) instead of a shuffled order, and without its end-of-grid ``study.stop()``
+    (valid only inside ``study.optimize``; Tune stops after ``num_samples`` = the grid size)."""
+
+    def __init__(self, search_space, seed=None):
+        super().__init__(search_space, seed=seed)
+        # trial number i < grid size runs grid point i (GridSampler.before_trial), so the first
+        # trial is the product's first point: every axis at its default where the default is a value.
+        self._all_grids = list(itertools.product(*self._search_space.values()))
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that records lmtune's trial statuses in the study (see the module docstring)."""
+
+    def __init__(self, *args, enqueue: list[dict] | None = None, **kwargs):
+        self._enqueue = list(enqueue or [])
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        for point in self._enqueue:
+            self._ot_study.enqueue_trial(point)
+        self._enqueue = []
+
+    def save(self, checkpoint_path: str) -> None:
+        # Tune snapshots the searcher with the experiment; a define-by-run space is the sweep file's own
+        # function (a closure, from a module that is not importable), which only cloudpickle can write.
+        import ray.cloudpickle
+
+        with open(checkpoint_path, "wb") as f:
+            ray.cloudpickle.dump(self.__dict__.copy(), f)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Intermediate values for optuna-dashboard's curves, at the tokens seen so far (metric reports only:
+        # validation runs at eval intervals). Several metrics: Optuna has no intermediate values.
+        if isinstance(self.metric, list) or self.metric not in result or trial_id not in self._ot_trials:
+            return
+        value = result[self.metric]
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self._ot_trials[trial_id].report(float(value), int(result.get("tokens", result.get("training_iteration", 0))))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # Told before an interruption: Tune's last snapshot of this searcher predates it.
+            self._completed_trials.add(trial_id)
+            return
+        status = LEDGER.status_of(trial_id, result, error)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [(result or {}).get(m) for m in metrics]
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        ot_trial.set_user_attr("status", status)
+        ot_trial.set_user_attr("trial_id", trial_id)
+        if status == "ok" and finite:
+            state, told = TrialState.COMPLETE, [float(v) for v in values]
+        elif status == "pruned":
+            state, told = TrialState.PRUNED, None
+        else:  # oom, diverged, error, or ok without a usable metric value: infeasible
+            state, told = TrialState.FAIL, None
+        self._completed_trials.add(trial_id)
+        try:
+            self._ot_study.tell(ot_trial, told if told is None or len(told) > 1 else told[0], state=state)
+        except Exception as exc:  # noqa: BLE001 — the study is a record; a failed write must not fail the trial
+            logger.warning("optuna: could not record trial %s (%s) in %s: %s", trial_id, status, STUDY_FILE, exc)
+            print(f"warning: optuna.db: could not record trial {trial_id} ({status}): {exc}", file=sys.stderr)
+
+
+def study_storage(results_dir: Path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{Path(results_dir).resolve() / STUDY_FILE}")
+
+
+def make_searcher(rs: ResolvedSweep, results_dir: Path, *, limit_gib: float | None = None):
+    """The Tune searcher for ``rs``; ``results_dir`` holds optuna.db."""
+    if rs.searcher == "frontier":
+        from lmtune.sweep.plan import FrontierPlan, FrontierSearcher
+
+        plan = FrontierPlan.from_space(rs.space, rs.frontier, limit_gib=limit_gib)
+        return FrontierSearcher(plan, metric=rs.metric, mode=rs.mode)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if rs.searcher == "grid":
+        sampler = _GridSampler(ordered_grid(rs), seed=rs.sweep.seed)
+    elif rs.searcher == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=rs.sweep.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=rs.sweep.seed)
+    space = _define_by_run(rs) if rs.sweep.define_by_run is not None else optuna_distributions(rs)
+    enqueue = [] if rs.searcher == "grid" else enqueued_points(rs)
+    return StudySearch(
+        space=space, metric=rs.metric, mode=rs.mode, sampler=sampler, study_name=rs.name,
+        storage=study_storage(results_dir), enqueue=enqueue,
+    )
+
+
+# --- schedulers -------------------------------------------------------------------------------------
+
+
+class _RecordsDecisions:
+    """Mixin: note ASHA's stops and OOM failures in the ledger, and keep OOM-killed trials from re-running.
+
+    Tune calls ``on_trial_error`` both when a failed trial is given up and when it is about to be retried.
+    A trial killed by Ray's memory monitor is an OOM, which is a result and must not be retried: it is
+    marked so that its restart reports ``status=oom`` at once instead of training again (see
+    ``lmtune.sweep.trainable``).
+    """
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        kind, message = classify_trial_error(trial)
+        LEDGER.errors[trial.trial_id] = (kind, message)
+        if kind == "oom":
+            from lmtune.sweep.trainable import OOM_KILLED_KEY
+
+            trial.config[OOM_KILLED_KEY] = message or "killed by Ray's memory monitor"
+        super().on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get("status", "running") == "running":
+            LEDGER.pruned[trial.trial_id] = result.get("tokens")
+        return decision
+
+
+class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
+    pass
+
+
+class FIFO(_RecordsDecisions, FIFOScheduler):
+    pass
+
+
+def make_scheduler(rs: ResolvedSweep):
+    if rs.sweep.scheduler != "asha":
+        return FIFO()
+    budget = max_tokens(rs)
+    grace = rs.sweep.grace_tokens or max(1, budget // 10)
+    grace = min(grace, budget)
+    # stop_last_trials=False: reaching the budget is the trainer's own end (status ok), never a prune.
+    return ASHA(time_attr="tokens", metric=rs.metric, mode=rs.mode, max_t=budget, grace_period=grace,
+                reduction_factor=rs.sweep.reduction_factor, stop_last_trials=False)
+
+
+def max_tokens(rs: ResolvedSweep) -> int:
+    """The largest token budget of any trial: steps × micro-batch × accumulation × workers × seq_len.
+
+    Axes sampled from ranges count at their upper bound. With ``train.epochs`` the budget depends on the
+    corpus; one epoch is then estimated from ``steps`` (ASHA only needs rung spacing, not the exact end).
+    """
+
+    def top(key: str) -> Any:
+        d = rs.space.get(key)
+        if isinstance(d, (Grid, Choice)):
+            return max(d.values)
+        if isinstance(d, (Uniform, LogUniform, IntRange)):
+            return d.high
+        return rs.base[key]
+
+    return int(top("train.steps") * top("train.micro_batch_size") * top("train.accumulation_steps")
+               * rs.sweep.workers * top("data.seq_len"))

@@ -1,0 +1,268 @@
+"""One Tune trial: lmtune's Trainer on one config, in the trial process or on a Ray Train worker group.
+
+How a trial runs (``TrialSettings.workers``):
+
+* ``workers == 1`` (the default): the Tune function trainable *is* the training process. The trainer's
+  ``report`` is bound to ``ray.tune.report`` and its eval-interval checkpoints become Tune checkpoints;
+  a retried or resumed trial gets ``ray.tune.get_checkpoint()`` as ``resume_from``. This skips Ray
+  Train's controller, worker actor and process-group start (~5–6 s per trial on 2 CPUs, issue 3 point 8)
+  where there is nothing to distribute.
+* ``workers > 1``: the trial is the driver of a Ray Train ``TorchTrainer`` (``ScalingConfig`` from the
+  sweep's workers/gpus/cpus, gloo on CPU, NCCL on GPU) running the Trainer on every worker under DDP.
+  Rank 0's reports reach Tune through ``TuneReportCallback``; checkpoints are Train checkpoints; the
+  Train run is named ``train-{trial_id}`` under the results' ``train/`` directory, so a retried trial
+  (or a resumed sweep) restarts the same Train run, which resumes from its latest checkpoint.
+  ``TrialSettings.ray_train=True`` forces this path for one worker too (the overhead benchmark).
+
+OOM is a result: the trainer reports ``status=oom`` itself; an OOM that kills a Train worker (Ray's
+memory monitor) is caught here and reported as ``status=oom``, and a trial process killed by the memory
+monitor is restarted by Tune only to report ``status=oom`` at once (``OOM_KILLED_KEY``, set by the
+scheduler in ``lmtune.sweep.search``). Anything else propagates and is retried by Tune up to the sweep's
+``max_failures``.
+
+The last report of a trial is held back until ``Trainer.fit`` returns, so that it can carry
+``time_in_trainer_s`` (from building the Trainer to the end of ``fit``: what the overhead benchmark
+subtracts from the sweep's wall-clock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPLAYED = "lmtune_replayed"
+"""Marks the result of a trial that had already finished when a resumed sweep started it again."""
+OOM_KILLED_KEY = "__lmtune_oom_killed__"
+"""Set in a trial's config by the driver when Ray's memory monitor killed it: the restart reports oom."""
+TIME_IN_TRAINER = "time_in_trainer_s"
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of one sweep shares (captured by the trainable, not part of the searched config)."""
+
+    results_dir: str
+    """The sweep's results directory (local path); W&B runs go to its wandb/."""
+    group: str
+    """The W&B group (the results directory's name)."""
+    train_storage: str
+    """Where Ray Train runs keep their state and checkpoints (``{storage}/{group}/train``)."""
+    workers: int = 1
+    cpus: float = 1
+    gpus: float = 0
+    wandb: bool = True
+    ray_train: bool = False
+    """Run single-worker trials through TorchTrainer too (for measuring the overhead it adds)."""
+
+    @property
+    def use_ray_train(self) -> bool:
+        return self.workers > 1 or self.ray_train
+
+    def wandb_kwargs(self, trial_id: str) -> dict | None:
+        if not self.wandb:
+            return None
+        return {"project": "lmtune", "group": self.group, "name": trial_id, "dir": self.results_dir}
+
+
+def trial_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat lmtune config keys of a Tune trial config."""
+    return {k: v for k, v in config.items() if "." in k}
+
+
+class _HoldLast:
+    """Wraps a report function: passes every report through at once except the final one (status other
+    than ``running``), which :meth:`flush` sends after ``fit`` with the time spent in the trainer."""
+
+    def __init__(self, send: Callable[[dict, str | None], None]):
+        self.send = send
+        self.final: tuple[dict, str | None] | None = None
+        self.t0 = time.perf_counter()
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if metrics.get("status", "running") != "running":
+            self.final = (dict(metrics), checkpoint_dir)
+        else:
+            self.send(dict(metrics), checkpoint_dir)
+
+    def flush(self, fallback: dict[str, Any] | None = None) -> None:
+        metrics, ckpt = self.final if self.final else (dict(fallback or {}), None)
+        metrics[TIME_IN_TRAINER] = time.perf_counter() - self.t0
+        self.send(metrics, ckpt)
+
+
+def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from: str | None,
+                 wandb: dict | None) -> None:
+    """Build and fit the Trainer; the final report (held back) goes out after fit returns."""
+    from lmtune.config import from_flat
+    from lmtune.measure import is_oom
+    from lmtune.train import Trainer
+
+    hold = _HoldLast(send)
+    try:
+        Trainer(from_flat(flat), out_dir=out_dir, report=hold, resume_from=resume_from, wandb=wandb).fit()
+    except Exception as exc:  # noqa: BLE001 — an OOM outside the trainer's own handling is still an OOM
+        if not is_oom(exc) or hold.final is not None:
+            raise
+        hold.final = ({"status": "oom", "oom_reason": str(exc).splitlines()[0][:200]}, None)
+    hold.flush()
+
+
+# --- workers == 1: the trainer in the trial process ------------------------------------------------
+
+
+def _tune_send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    from ray import tune
+
+    if checkpoint_dir:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+    else:
+        tune.report(metrics)
+
+
+def _release_memory() -> None:
+    """Give back what a previous trial in this (reused) process left: Python garbage, freed heap pages
+    (glibc keeps them mapped otherwise) and the CUDA caching allocator's blocks."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_in_trial(flat: dict[str, Any], settings: TrialSettings) -> None:
+    from ray import tune
+
+    _release_memory()
+    ctx = tune.get_context()
+    checkpoint = tune.get_checkpoint()
+    out_dir = str(Path(ctx.get_trial_dir()) / "trainer")
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_from:
+        _run_trainer(flat, _tune_send, out_dir=out_dir, resume_from=resume_from,
+                     wandb=settings.wandb_kwargs(ctx.get_trial_id()))
+
+
+# --- workers > 1: a Ray Train run driven by the trial ----------------------------------------------
+
+
+def _train_worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (torch.distributed is initialized: the trainer runs DDP)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+
+    def send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_from:
+        _run_trainer(loop_config["config"], send, out_dir=loop_config["out_dir"] if rank == 0 else None,
+                     resume_from=resume_from, wandb=loop_config["wandb"] if rank == 0 else None)
+
+
+def _run_with_ray_train(flat: dict[str, Any], settings: TrialSettings) -> None:
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from lmtune.sweep.oom import first_line, is_oom_error
+
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    gpu = settings.gpus > 0
+    resources = {"CPU": settings.cpus, **({"GPU": settings.gpus} if gpu else {})}
+    trainer = TorchTrainer(
+        _train_worker_loop,
+        train_loop_config={
+            "config": flat,
+            "out_dir": str(Path(ctx.get_trial_dir()) / "trainer"),
+            "wandb": settings.wandb_kwargs(trial_id),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=settings.train_storage,
+            callbacks=[TuneReportCallback()],
+            # Worker failures end the Train run; Tune retries the trial (FailureConfig at the Tune level,
+            # genuine errors only) and the retried trial restarts this same run from its checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        trainer.fit()
+    except TrainingFailedError as exc:
+        if not is_oom_error(exc):
+            raise
+        tune.report({"status": "oom", "oom_reason": first_line(exc)})
+
+
+# --- the Tune function trainable --------------------------------------------------------------------
+
+
+def make_trainable(settings: TrialSettings) -> Callable[[dict], None]:
+    """The Tune function trainable for one sweep (a closure over ``settings``)."""
+
+    def lmtune_trial(config: dict[str, Any]) -> None:
+        from ray import tune
+
+        if config.get(OOM_KILLED_KEY):
+            # The previous attempt was killed by Ray's memory monitor: that is the trial's result.
+            tune.report({"status": "oom", "oom_reason": str(config[OOM_KILLED_KEY])[:200], TIME_IN_TRAINER: 0.0})
+            return
+        finished = _finished_before(settings, tune.get_context().get_trial_id())
+        if finished is not None:
+            # A resumed sweep restarts the trials its last Tune snapshot saw running; the driver had
+            # already recorded this one as finished (trials/{id}/summary.json), so that is its result.
+            tune.report({**finished, REPLAYED: True, TIME_IN_TRAINER: 0.0})
+            return
+        flat = trial_config(config)
+        if settings.use_ray_train:
+            _run_with_ray_train(flat, settings)
+        else:
+            _run_in_trial(flat, settings)
+
+    return lmtune_trial
+
+
+def _finished_before(settings: TrialSettings, trial_id: str) -> dict[str, Any] | None:
+    """The final metrics the driver recorded for this trial, if it ended before (None otherwise, or when
+    the results directory is not visible from this node)."""
+    import json
+
+    path = Path(settings.results_dir) / "trials" / trial_id / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") not in ("ok", "oom", "diverged", "pruned", "error"):
+        return None
+    return {k: v for k, v in summary.items() if k != "config" and isinstance(v, (int, float, str, bool))}
+
+
+def trial_resources(settings: TrialSettings) -> dict[str, float]:
+    """Resources Tune reserves for the trial process itself.
+
+    In-process trials hold the training resources. A Ray Train driver holds no CPU (Train reserves its
+    workers' resources in its own placement group; a fraction of a CPU here would leave a 2-worker run
+    on a 2-CPU machine waiting forever), only a token of memory, since Tune needs a non-empty request;
+    concurrency is bounded by ``max_concurrent_trials`` instead (see the runner).
+    """
+    if settings.use_ray_train:
+        return {"CPU": 0, "memory": 1 << 20}
+    return {"CPU": settings.cpus, **({"GPU": settings.gpus} if settings.gpus else {})}

@@ -1,0 +1,219 @@
+"""Real sweeps on a local Ray (2 CPUs) with the real trainer at tiny sizes.
+
+* a grid sweep through Optuna with ASHA: one trials.csv row per trial with ok / pruned / oom, the best
+  trial printed is the table's best, the ASHA-stopped trial is PRUNED in optuna.db, OOM is FAIL there,
+  W&B offline runs are written under the sweep's group;
+* a driver killed with SIGKILL mid-sweep and resumed: finished trials are not run again, the interrupted
+  trial continues from its checkpoint;
+* a two-worker trial through Ray Train's TorchTrainer (DDP on gloo).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_module
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_file(tmp_path: Path, body: str, name: str = "sweep.py") -> Path:
+    p = tmp_path / name
+    p.write_text("from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform\n" + textwrap.dedent(body))
+    return p
+
+
+def only_run(storage: Path) -> Path:
+    runs = [p for p in storage.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def rows(results: Path) -> dict[str, dict[str, str]]:
+    with open(results / "trials.csv", newline="") as f:
+        return {r["trial_id"]: r for r in csv.DictReader(f)}
+
+
+def test_asha_sweep_statuses_optuna_and_wandb(tmp_path):
+    # Trials run one at a time in grid order: (lr 3e-3, mb 8) sets the bar at each ASHA rung, lr 1e-5 falls
+    # below it at the first rung and is stopped; micro-batch 1024 crosses the emulated memory limit.
+    f = sweep_file(tmp_path, """
+        sweep = Sweep(
+            name="asha-e2e",
+            base={**TINY_CPU, "train.steps": 30, "system.memory_limit_gib": 0.75},
+            space={"train.lr": grid([3e-3, 1e-5]), "train.micro_batch_size": grid([8, 1024])},
+            metric="val_loss", mode="min", scheduler="asha", grace_tokens=10 * 8 * 64, reduction_factor=2,
+            export=["train.lr"],
+        )
+    """)
+    storage = tmp_path / "results"
+    proc = run_module("lmtune.sweep", str(f), "--storage", str(storage), "--max-concurrent", "1",
+                      cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = only_run(storage)
+    assert results.name.startswith("1-asha-e2e-")
+    table = rows(results)
+    assert len(table) == 4
+    by_point = {(float(r["train.lr"]), int(r["train.micro_batch_size"])): r for r in table.values()}
+    assert by_point[(3e-3, 8)]["status"] == "ok"
+    assert by_point[(1e-5, 8)]["status"] == "pruned"
+    assert by_point[(3e-3, 1024)]["status"] == "oom" and by_point[(1e-5, 1024)]["status"] == "oom"
+    assert float(by_point[(1e-5, 8)]["tokens"]) < float(by_point[(3e-3, 8)]["tokens"])  # stopped early
+
+    # The console names the best trial, and it is the table's best ok trial.
+    best_id = by_point[(3e-3, 8)]["trial_id"]
+    assert f"best: {best_id}  val_loss=" in proc.stdout
+    for tid, r in table.items():  # one console line per trial end, with its status
+        assert any(line.split()[2:4] == [r["status"], tid] for line in proc.stdout.splitlines()
+                   if line.startswith("[")), (tid, proc.stdout)
+        summary = json.loads((results / "trials" / tid / "summary.json").read_text())
+        assert summary["status"] == r["status"] and summary["config"]["train.lr"] == float(r["train.lr"])
+        assert (results / "trials" / tid / "metrics.jsonl").read_text().strip()
+
+    # Optuna: COMPLETE with the value, PRUNED for the ASHA stop (not COMPLETE with a truncated value), FAIL for OOM.
+    import optuna
+
+    study = optuna.load_study(study_name="asha-e2e", storage=f"sqlite:///{results / 'optuna.db'}")
+    state = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert set(state) == set(table)
+    assert state[best_id].state == optuna.trial.TrialState.COMPLETE
+    assert state[best_id].value == pytest.approx(float(table[best_id]["val_loss"]))
+    pruned_id = by_point[(1e-5, 8)]["trial_id"]
+    assert state[pruned_id].state == optuna.trial.TrialState.PRUNED and state[pruned_id].value is None
+    for point in ((3e-3, 1024), (1e-5, 1024)):
+        t = state[by_point[point]["trial_id"]]
+        assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["status"] == "oom"
+
+    # W&B: offline (no key in the test env), one run per trial, in the sweep's group. A run that ended
+    # (ok, oom) is complete; the ASHA-stopped one was cut off with its trial process (Tune kills it).
+    runs = sorted((results / "wandb").glob("offline-run-*"))
+    assert len(runs) == 4
+    complete = [run for run in runs if results.name.encode() in b"".join(p.read_bytes() for p in run.glob("*.wandb"))]
+    assert len(complete) >= 3
+
+    # Tune's TensorBoard logs are in the results directory too.
+    assert list((results / "tune").rglob("events.out.tfevents.*"))
+    assert (results / "sweep.json").is_file() and json.loads((results / "sweep.json").read_text())["group"] == results.name
+
+
+def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before it could be interrupted:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the sweep")
+
+
+def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    f = sweep_file(tmp_path, """
+        sweep = Sweep(
+            name="resume-e2e",
+            base={**TINY_CPU, "train.steps": 40, "train.log_interval": 5, "train.eval_interval": 10},
+            space={"train.lr": grid([3e-3, 1e-3, 2e-3])},
+            metric="val_loss", mode="min", export=["train.lr"],
+        )
+    """)
+    storage = tmp_path / "results"
+    args = [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--max-concurrent", "1",
+            "--no-wandb", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        def second_trial_checkpointed() -> bool:
+            if not storage.exists() or not any(storage.iterdir()):
+                return False
+            results = only_run(storage)
+            done = rows(results) if (results / "trials.csv").exists() else {}
+            if len(done) != 1:
+                return False
+            for m in (results / "trials").glob("*/metrics.jsonl"):
+                if m.parent.name not in done and any(json.loads(line).get("step") == 20 for line in m.open()):
+                    return True
+            return False
+
+        _wait_for(second_trial_checkpointed, 400, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as if the machine went away
+        proc.wait()
+    results = only_run(storage)
+    finished = rows(results)
+    assert len(finished) == 1
+    first_id = next(iter(finished))
+    first_lines = (results / "trials" / first_id / "metrics.jsonl").read_text().splitlines()
+    interrupted = next(m.parent.name for m in (results / "trials").glob("*/metrics.jsonl") if m.parent.name != first_id)
+    before = (results / "trials" / interrupted / "metrics.jsonl").read_text().splitlines()
+
+    again = run_module("lmtune.sweep", str(f), "--storage", str(storage), "--resume", "--no-wandb", "--no-report",
+                       cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert only_run(storage) == results  # the same results directory, continued
+    table = rows(results)
+    assert len(table) == 3 and all(r["status"] == "ok" for r in table.values()), table
+    # The finished trial did not run again; the interrupted one continued from a checkpoint (step 20 or
+    # later): every report after the restart is past step 20, none repeats the first steps.
+    assert (results / "trials" / first_id / "metrics.jsonl").read_text().splitlines() == first_lines
+    assert f"start    {first_id}" not in again.stdout
+    after = (results / "trials" / interrupted / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before
+    resumed = [json.loads(line) for line in after[len(before):]]
+    assert resumed and all(m["step"] > 20 for m in resumed), [m["step"] for m in resumed]
+    assert resumed[-1]["step"] == 40 and resumed[-1]["status"] == "ok"
+
+
+def test_two_worker_trial_runs_on_ray_train(tmp_path):
+    f = sweep_file(tmp_path, """
+        sweep = Sweep(
+            name="ddp-e2e", workers=2,
+            base={**TINY_CPU, "train.steps": 20},
+            space={"train.lr": grid([3e-3])},
+            metric="val_loss", mode="min", export=["train.lr"],
+        )
+    """)
+    storage = tmp_path / "results"
+    proc = run_module("lmtune.sweep", str(f), "--storage", str(storage), "--no-wandb", "--no-report",
+                      cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = only_run(storage)
+    (row,) = rows(results).values()
+    assert row["status"] == "ok" and int(row["tokens"]) == 20 * 8 * 64 * 2  # both workers' micro-batches
+    # The Train run is named after the trial and kept its checkpoints (what a retried trial resumes from).
+    train_run = results / "train" / f"train-{row['trial_id']}"
+    assert train_run.is_dir() and list(train_run.glob("checkpoint_*"))
+    reports = (results / "trials" / row["trial_id"] / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(reports[-1])["status"] == "ok" and len(reports) >= 4
+
+
+def test_trial_killed_by_rays_memory_monitor_is_oom_and_not_trained_again(tmp_path):
+    """Fault injection: a memory-usage threshold of 1% makes Ray's memory monitor kill the trial process.
+    The trial ends as oom (not error), and its retry (max_failures=1) does not train: it is recorded as oom."""
+    f = sweep_file(tmp_path, """
+        sweep = Sweep(name="mm-e2e", base={**TINY_CPU, "train.steps": 400}, space={"train.lr": grid([1e-3])},
+                      max_failures=1, export=["train.lr"])
+    """)
+    storage = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_memory_usage_threshold": "0.01",
+           "RAY_memory_monitor_refresh_ms": "100"}
+    proc = subprocess.run([sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--no-wandb",
+                           "--no-report"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = only_run(storage)
+    (row,) = rows(results).values()
+    assert row["status"] == "oom" and "memory" in row["error"], row
+    assert "OOM-killed by Ray's memory monitor: recorded as oom" in proc.stdout
+    assert not row["tokens"]  # no step of training was recorded as a result
+    assert "Traceback" not in proc.stdout + proc.stderr  # Ray's error dumps went to logs/
+    assert "OutOfMemoryError" in (results / "logs" / "driver.log").read_text()

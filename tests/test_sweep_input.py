@@ -1,0 +1,198 @@
+"""Sweep files and the sweep command's bad input: one `error:` line, exit code 2, no traceback, no Ray.
+
+Fast: nothing here starts Ray (the command is run in-process with a guard that fails if ray is imported,
+and once as a real subprocess).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lmtune.config import ConfigError
+from lmtune.sweep import TINY_CPU, Smoke, Sweep, grid, loguniform
+from lmtune.sweep.__main__ import main
+from lmtune.sweep.load import load_sweep, resolve
+from tests.conftest import REPO, run_module
+
+GOOD = """
+from lmtune.sweep import TINY_CPU, Smoke, Sweep, grid, loguniform
+sweep = Sweep(
+    name="tiny",
+    base={**TINY_CPU},
+    space={"train.lr": loguniform(1e-4, 1e-2), "model.norm_placement": grid(["pre", "post"])},
+    metric="val_loss", mode="min", num_samples=2,
+    export=["train.lr"],
+    smoke=Smoke(base={"train.steps": 10}, num_samples=1),
+)
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "s.py") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything imports ray."""
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+
+    class Guard:
+        def find_spec(self, name, path=None, target=None):
+            if name == "ray" or name.startswith("ray."):
+                raise AssertionError(f"{name} imported while checking bad input")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Guard(), *sys.meta_path])
+
+
+def refused(argv: list[str], capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound then released: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = {
+    "missing file": (None, ["{dir}/nope.py"], "sweep file not found"),
+    "syntax error": ("sweep = Sweep(name='x'\n", [], "syntax error"),
+    "error while loading": ("from lmtune.sweep import Sweep\nsweep = Sweep(name='x', spce={})\n", [], "TypeError"),
+    "no sweep object": ("x = 1\n", [], "defines no Sweep object"),
+    "several sweeps": (GOOD + "other = Sweep(name='other', space={'train.lr': grid([1e-3])})\n", [],
+                       "several Sweep objects"),
+    "unknown key in base": (GOOD.replace("base={**TINY_CPU}", "base={**TINY_CPU, 'train.lrr': 1}"), [],
+                            "unknown config key 'train.lrr'"),
+    "unknown key in space": (GOOD.replace('"train.lr": loguniform', '"train.learning_rate": loguniform'), [],
+                             "unknown config key 'train.learning_rate'"),
+    "unknown key in smoke": (GOOD.replace('Smoke(base={"train.steps": 10}', 'Smoke(base={"train.stepz": 10}'),
+                             ["--smoke"], "smoke.base: unknown config key 'train.stepz'"),
+    "unknown key in export": (GOOD.replace('export=["train.lr"]', 'export=["train.rl"]'), [],
+                              "export: unknown config key 'train.rl'"),
+    "unknown key on the command line": (GOOD, ["train.nope=3"], "unknown config key 'train.nope'"),
+    "bad value on the command line": (GOOD, ["train.steps=-3"], "train.steps=-3 is not accepted"),
+    "override of an axis": (GOOD, ["train.lr=0.1"], "is an axis of the sweep's space"),
+    "empty space": (GOOD.replace('space={"train.lr": loguniform(1e-4, 1e-2), "model.norm_placement": grid(["pre", "post"])}',
+                                 "space={}"), [], "search space is empty"),
+    "value out of range in space": (GOOD.replace('grid(["pre", "post"])', 'grid(["pre", "middle"])'), [],
+                                    "model.norm_placement=middle is not accepted"),
+    "unknown metric": (GOOD.replace('metric="val_loss"', 'metric="val_los"'), [], "never reported by the trainer"),
+    "invalid trial config": (GOOD.replace('"model.norm_placement": grid(["pre", "post"])', '"model.n_head": grid([2, 3])'),
+                             [], "model.n_embd=64 must be divisible by model.n_head=3"),
+    "frontier without Frontier": (GOOD.replace('num_samples=2,', 'num_samples=2, searcher="frontier",'), [],
+                                  "needs frontier=Frontier"),
+    "asha with two metrics": (GOOD.replace('metric="val_loss", mode="min"',
+                                           'metric=["val_loss", "tokens_per_s"], mode=["min", "max"], scheduler="asha"'),
+                              [], "scheduler='asha' stops trials on one metric"),
+    "unreachable address": (GOOD, ["--address", "127.0.0.1:{port}"], "no Ray cluster answers there"),
+    "bad address": (GOOD, ["--address", "nohostport"], "--address nohostport"),
+    "resume with nothing to resume": (GOOD, ["--resume", "--storage", "{dir}/empty"], "no earlier run"),
+    "unknown option": (GOOD, ["--bogus"], "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_without_ray(case, tmp_path, capsys, no_ray):
+    text, extra, expected = CASES[case]
+    path = write(tmp_path, text) if text is not None else tmp_path / "nope.py"
+    argv = [str(path)] + [a.format(dir=tmp_path, port=closed_port()) for a in extra]
+    if case == "missing file":
+        argv = argv[1:]
+    line = refused(argv, capsys)
+    assert expected in line, line
+
+
+def test_bad_input_as_a_real_command(tmp_path):
+    """The same contract seen by a user: a subprocess, stderr one line, exit 2, and ray never imported."""
+    bad = write(tmp_path, GOOD.replace('metric="val_loss"', 'metric="accuracy"'))
+    proc = run_module("lmtune.sweep", str(bad), "--smoke", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and "accuracy" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+def test_every_shipped_sweep_resolves_with_and_without_smoke():
+    files = sorted((REPO / "sweeps").glob("*.py"))
+    assert {f.stem for f in files} >= {"norm_warmup", "batch_lr_scaling", "memory_frontier", "optimizer", "weight_decay"}
+    for f in files:
+        sweep, path = load_sweep(f)
+        for smoke in (False, True):
+            rs = resolve(sweep, path, smoke=smoke)
+            assert rs.export, f"{f.name} declares no export keys"
+            assert rs.num_samples >= 1
+        smoke_rs = resolve(sweep, path, smoke=True)
+        assert smoke_rs.base["data.dataset"] == "builtin" and smoke_rs.base["train.dtype"] == "float32", f.name
+        assert smoke_rs.num_samples <= 12, f"{f.name}: the smoke variant runs {smoke_rs.num_samples} trials"
+
+
+def test_resolve_applies_smoke_and_overrides():
+    sweep = Sweep(name="t", base={**TINY_CPU, "train.steps": 100},
+                  space={"train.lr": loguniform(1e-4, 1e-2), "model.norm_placement": grid(["pre", "post"])},
+                  num_samples=3, smoke=Smoke(base={"train.steps": 7}, space={"model.norm_placement": grid(["post"])},
+                                             num_samples=2))
+    rs = resolve(sweep, "t.py", smoke=True, overrides=["train.seed=5"])
+    assert rs.base["train.steps"] == 7 and rs.base["train.seed"] == 5
+    assert rs.space["model.norm_placement"].values == ("post",)
+    assert rs.searcher == "tpe" and rs.num_samples == 2  # one grid point × 2 samples
+    full = resolve(sweep, "t.py")
+    assert full.num_samples == 6 and full.base["train.steps"] == 100
+    # The locked defaults are the first point where they lie in the space (pre-LN is locked).
+    assert full.defaults_point() == {"model.norm_placement": "pre", "train.lr": 6e-4}
+
+
+def test_several_metrics_use_nsga2_and_grid_only_spaces_use_the_grid_sampler():
+    s = Sweep(name="p", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)},
+              metric=["val_loss", "tokens_per_s"], mode=["min", "max"])
+    assert resolve(s, "p.py").searcher == "nsga2"
+    g = Sweep(name="g", base=dict(TINY_CPU), space={"train.lr": grid([1e-3, 3e-3]), "train.seed": grid([1, 2, 3])})
+    rs = resolve(g, "g.py")
+    assert rs.searcher == "grid" and rs.num_samples == 6
+
+
+def test_define_by_run_is_dry_run_at_validation():
+    def space(trial):
+        opt = trial.suggest_categorical("train.optimizer", ["adamw", "sgd"])
+        if opt == "sgd":
+            trial.suggest_float("train.momentum", 0.8, 0.99)
+        return {"train.lr": 1e-3}
+
+    s = Sweep(name="d", base=dict(TINY_CPU), define_by_run=space, num_samples=2)
+    rs = resolve(s, "d.py")
+    assert set(rs.define_by_run_keys) == {"train.optimizer", "train.momentum", "train.lr"}
+
+    def bad(trial):
+        trial.suggest_float("train.momentumm", 0.8, 0.99)
+
+    with pytest.raises(ConfigError, match="unknown config key 'train.momentumm'"):
+        resolve(Sweep(name="d", base=dict(TINY_CPU), define_by_run=bad), "d.py")
+
+
+def test_resume_refuses_a_changed_sweep(tmp_path, capsys, no_ray):
+    """--resume continues the latest run of the same sweep; other overrides would mix two configs."""
+    from lmtune.sweep.results import new_results_dir, sweep_json, write_json
+
+    path = write(tmp_path, GOOD)
+    sweep, _ = load_sweep(path)
+    storage = tmp_path / "results"
+    run_dir = new_results_dir(storage, "tiny")
+    assert run_dir.name.startswith("1-tiny-")
+    write_json(run_dir / "sweep.json", sweep_json(resolve(sweep, path), run_dir))
+    (run_dir / "tune").mkdir()
+    line = refused([str(path), "--resume", "--storage", str(storage), "train.seed=7"], capsys)
+    assert "was started with a different sweep (train.seed changed)" in line
+    assert new_results_dir(storage, "tiny").name.startswith("2-tiny-")  # the run counter goes on

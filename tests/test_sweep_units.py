@@ -1,0 +1,120 @@
+"""Small pieces of the sweep runner, without Ray running: error classification, searcher setup, names."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+from ray.exceptions import OutOfMemoryError, RayTaskError
+
+from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform
+from lmtune.sweep.load import resolve
+from lmtune.sweep.oom import LEDGER, classify, first_line
+from lmtune.sweep.results import group_name, runs_of
+from lmtune.sweep.search import enqueued_points, make_scheduler, make_searcher, max_tokens, ordered_grid
+
+
+def test_oom_classification_sees_through_wrappers():
+    import torch
+
+    assert classify(torch.OutOfMemoryError("CUDA out of memory")) == "oom"
+    assert classify(MemoryError()) == "oom"
+    monitor = OutOfMemoryError("1 worker(s) were killed due to the node running low on memory.")
+    wrapped = RayTaskError("lmtune_trial", "traceback", monitor)
+    assert classify(wrapped) == "oom"
+    try:
+        try:
+            raise monitor
+        except OutOfMemoryError as e:
+            raise RuntimeError("Training failed") from e
+    except RuntimeError as outer:
+        assert classify(outer) == "oom"
+    assert classify(ValueError("shape mismatch")) == "error"
+    assert classify(RuntimeError("Expected all tensors to be on the same device")) == "error"
+    assert first_line("Failure # 1 (occurred at x)\nTraceback (most recent call last):\n  File 'a'\nKeyError: 'x'") == "KeyError: 'x'"
+
+
+def test_ledger_status():
+    LEDGER.pruned["t-pruned"] = 1000
+    LEDGER.errors["t-oom"] = ("oom", "killed")
+    assert LEDGER.status_of("t-pruned", {"status": "running"}) == "pruned"
+    assert LEDGER.status_of("t-oom", None, error=True) == "oom"
+    assert LEDGER.status_of("t-x", {"status": "diverged"}) == "diverged"
+    assert LEDGER.status_of("t-y", {"status": "running"}) == "error"  # ended without the final report
+    assert LEDGER.status_of("t-z", {"status": "ok"}, error=True) == "error"
+
+
+def test_defaults_first_and_searcher_setup(tmp_path):
+    # Locked defaults: pre-LN, warmup 0, lr 6e-4 — they come first where they lie in the space.
+    grid_sweep = Sweep(name="g", base=dict(TINY_CPU),
+                       space={"model.norm_placement": grid(["post", "pre"]), "train.warmup_steps": grid([10, 0])})
+    rs = resolve(grid_sweep, "g.py")
+    assert ordered_grid(rs) == {"model.norm_placement": ["pre", "post"], "train.warmup_steps": [0, 10]}
+    searcher = make_searcher(rs, tmp_path)
+    first = searcher.suggest("trial-1")
+    assert first == {"model.norm_placement": "pre", "train.warmup_steps": 0}
+    seen = [first] + [searcher.suggest(f"trial-{i}") for i in range(2, 5)]
+    assert len({tuple(sorted(p.items())) for p in seen}) == 4  # the grid, each point once
+    assert (tmp_path / "optuna.db").is_file()
+
+    mixed = Sweep(name="m", base=dict(TINY_CPU), num_samples=2,
+                  space={"train.optimizer": grid(["sgd", "adamw"]), "train.lr": loguniform(1e-4, 1e-2)})
+    rs = resolve(mixed, "m.py")
+    assert rs.num_samples == 4
+    points = enqueued_points(rs)
+    assert points[0] == {"train.optimizer": "adamw", "train.lr": 6e-4}
+    assert [p["train.optimizer"] for p in points] == ["adamw", "sgd", "adamw", "sgd"]
+
+
+def test_searcher_tells_optuna_pruned_and_infeasible(tmp_path):
+    s = Sweep(name="t", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, num_samples=4)
+    rs = resolve(s, "t.py")
+    searcher = make_searcher(rs, tmp_path)
+    for tid in ("a", "b", "c", "d"):
+        searcher.suggest(tid)
+    LEDGER.pruned["b"] = 512
+    searcher.on_trial_complete("a", {"val_loss": 3.0, "status": "ok"})
+    searcher.on_trial_complete("b", {"val_loss": 3.5, "status": "running"})
+    searcher.on_trial_complete("c", {"val_loss": 2.0, "status": "oom"})
+    searcher.on_trial_complete("d", {"val_loss": float("nan"), "status": "diverged"})
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    got = {t.user_attrs["trial_id"]: (t.state.name, t.value, t.user_attrs["status"]) for t in study.trials}
+    assert got == {"a": ("COMPLETE", 3.0, "ok"), "b": ("PRUNED", None, "pruned"), "c": ("FAIL", None, "oom"),
+                   "d": ("FAIL", None, "diverged")}
+
+
+def test_asha_budget_and_results_dir_names(tmp_path):
+    s = Sweep(name="a", base={**TINY_CPU, "train.steps": 30}, scheduler="asha",
+              space={"train.micro_batch_size": grid([8, 16])})
+    rs = resolve(s, "a.py")
+    assert max_tokens(rs) == 30 * 16 * 64
+    asha = make_scheduler(rs)
+    assert asha._time_attr == "tokens" and not asha._stop_last_trials
+    assert re.fullmatch(r"1-x-\d{8}-\d{6}-\d{6}", group_name(1, "x"))  # like the seed's W&B groups
+    (tmp_path / "2-a-20260101-000000-000001").mkdir()
+    (tmp_path / "10-a-20260102-000000-000001").mkdir()
+    (tmp_path / "3-ab-20260101-000000-000001").mkdir()
+    assert [p.name for p in runs_of(tmp_path, "a")] == ["2-a-20260101-000000-000001", "10-a-20260102-000000-000001"]
+
+
+def test_define_by_run_searcher_suggests_and_survives_a_snapshot(tmp_path):
+    """Tune snapshots the searcher with the experiment (and restores it on --resume)."""
+
+    def space(trial):
+        if trial.suggest_categorical("train.optimizer", ["adamw", "sgd"]) == "sgd":
+            trial.suggest_float("train.momentum", 0.8, 0.99)
+        return {"train.lr": 2e-3}
+
+    s = Sweep(name="dbr", base=dict(TINY_CPU), space={"model.norm_placement": grid(["pre", "post"])},
+              define_by_run=space, num_samples=2)
+    rs = resolve(s, "dbr.py")
+    searcher = make_searcher(rs, tmp_path)
+    first = searcher.suggest("t1")
+    assert first["model.norm_placement"] == "pre" and first["train.lr"] == 2e-3
+    assert set(first) >= {"model.norm_placement", "train.optimizer", "train.lr"}
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    (tmp_path / "other").mkdir()
+    again = make_searcher(rs, tmp_path / "other")
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert "t1" in again._ot_trials
+    assert again.suggest("t2")["model.norm_placement"] == "post"
