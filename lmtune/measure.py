@@ -112,8 +112,12 @@ class GradientNoise:
         s = (small - big) / (1 / b_small - 1 / b_big)
         self.g2_ema = g2 if self.g2_ema is None else self.ema * self.g2_ema + (1 - self.ema) * g2
         self.s_ema = s if self.s_ema is None else self.ema * self.s_ema + (1 - self.ema) * s
-        noise = self.s_ema / self.g2_ema if self.g2_ema > 0 else float("inf")
-        return {"grad_coherence": coherence, "noise_scale": noise}
+        out = {"grad_coherence": coherence}
+        # A non-positive |G|² estimate means the noise swamps the signal at these batch sizes: B_simple
+        # is not measurable yet (not infinite), so it is left out rather than reported as inf.
+        if self.g2_ema > 0 and self.s_ema > 0:
+            out["noise_scale"] = self.s_ema / self.g2_ema
+        return out
 
     def state_dict(self) -> dict:
         return {"g2_ema": self.g2_ema, "s_ema": self.s_ema}

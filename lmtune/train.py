@@ -230,6 +230,14 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to an OOM / divergence); returns the summary."""
         self._setup()
+        try:
+            return self._fit()
+        finally:  # a trial stopped by its scheduler still leaves a complete W&B run behind
+            if self._wandb_run is not None:
+                self._wandb_run.finish()
+                self._wandb_run = None
+
+    def _fit(self) -> dict[str, Any]:
         status = "ok"
         try:
             self._train()
@@ -438,7 +446,6 @@ class Trainer:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if self._wandb_run is not None:
             self._wandb_run.summary.update({k: v for k, v in self.last.items() if isinstance(v, (int, float, str))})
-            self._wandb_run.finish()
         if self._tmp_ckpt:
             shutil.rmtree(self._tmp_ckpt, ignore_errors=True)
         return summary
