@@ -1,6 +1,6 @@
 """Benchmark: the frontier planner against running the full grid, on a simulated A100.
 
-    python benchmarks/frontier_search.py [--out benchmarks/RESULTS-frontier.md]
+    python benchmarks/frontier_search.py [--out benchmarks/results/frontier_search.md]
 
 Acceptance (issue 4): on the smoke grid of sweeps/memory_frontier.py and on a larger grid, the planner
 finds the same frontier as the full grid (same largest feasible micro-batch per AC budget, same
@@ -164,7 +164,7 @@ def run_case(name: str, grid: dict[str, list], lines: list[str], checks: list[bo
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS-frontier.md"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "frontier_search.md"))
     args = ap.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [

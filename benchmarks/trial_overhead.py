@@ -15,7 +15,7 @@ checkpoints), one at a time on a fresh embedded Ray per configuration:
 
 Per trial i (sequential): overhead_i = (end_i - end_{i-1}) - time_in_trainer_i, with end_{-1} the start of
 Tuner.fit (Ray's own start-up is not counted). Prints the median and mean per configuration and the
-before/after ratio, and writes benchmarks/RESULTS-sweep.md with the machine, date and commit.
+before/after ratio, and writes benchmarks/results/trial_overhead.md with the machine, date and commit.
 
     python benchmarks/trial_overhead.py [--trials N] [--only after]
 """
@@ -77,7 +77,7 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--only", choices=list(CONFIGS), action="append")
     p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    p.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS-sweep.md")
+    p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/trial_overhead.md")
     args = p.parse_args()
     if args.child:
         print("RESULT " + json.dumps(measure(args.child, args.trials)), flush=True)
@@ -148,8 +148,8 @@ def write_results(results: dict, trials: int) -> None:
         "- 2-workers: lmtune's path for `workers>1`: `TorchTrainer` with 2 DDP workers (gloo), health check 0.1 s.",
         "",
     ]
-    (REPO / "benchmarks" / "RESULTS-sweep.md").write_text("\n".join(lines))
-    print(f"wrote {REPO / 'benchmarks' / 'RESULTS-sweep.md'}")
+    (REPO / "benchmarks" / "results" / "trial_overhead.md").write_text("\n".join(lines))
+    print(f"wrote {REPO / 'benchmarks' / 'results' / 'trial_overhead.md'}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ sweep = Sweep(
         "train.ac_budget": grid([0.12, 0.38, 0.75, 1.0]),
     },
     searcher="frontier",
-    frontier=Frontier(x="train.micro_batch_size", budget="train.ac_budget", headroom_gib=6.0, margin_gib=0.5),
+    frontier=Frontier(x="train.micro_batch_size", budget="train.ac_budget", headroom_gib=6.0),
     metric="tokens_per_s", mode="max",
     export=["train.micro_batch_size", "train.ac_budget"],
     smoke=Smoke(

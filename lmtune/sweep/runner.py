@@ -324,7 +324,7 @@ def measures_memory(rs: ResolvedSweep) -> bool:
     """Whether the sweep is about memory: then every trial gets a fresh process.
 
     Otherwise Tune reuses trial processes between trials (``reuse_actors``): a new process costs ~2.5 s
-    per trial on 2 CPUs (start, imports), a reused one ~0.1 s (benchmarks/RESULTS-sweep.md). The trainable
+    per trial on 2 CPUs (start, imports), a reused one ~0.1 s (BENCHMARKS.md). The trainable
     frees what the previous trial left (gc, ``malloc_trim``, the CUDA cache) before it starts, but a
     process's peak RSS and the allocator's state still carry some history, so a frontier, an emulated
     memory limit or a peak-memory metric is measured in fresh processes.
