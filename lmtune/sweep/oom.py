@@ -28,6 +28,15 @@ _OOM_TEXT = re.compile(
     re.IGNORECASE,
 )
 
+# Ray's message for *any* worker that exited unexpectedly (SIGKILL, segfault, `ray stop --force`) lists
+# "killed by the OOM killer" among possible causes: that list says nothing about this failure, so it is
+# not read as an OOM (a memory-monitor kill has its own error type and text, matched above).
+_POSSIBLE_CAUSES = re.compile(r"(Some common causes include|There are some potential root causes)\b.*", re.DOTALL)
+
+
+def _oom_text(text: str) -> bool:
+    return bool(_OOM_TEXT.search(_POSSIBLE_CAUSES.sub("", text)))
+
 
 def _chain(exc: BaseException, limit: int = 32):
     """The exception, its causes/contexts, Ray's wrapped cause, and Train's per-worker failures."""
@@ -68,7 +77,7 @@ def is_oom_error(exc: BaseException | None) -> bool:
     for e in _chain(exc):
         if isinstance(e, (MemoryError, *torch_oom)) or (RayOOM and isinstance(e, RayOOM)):
             return True
-        if _OOM_TEXT.search(str(e)) or _OOM_TEXT.search(type(e).__name__):
+        if _oom_text(str(e)) or _OOM_TEXT.search(type(e).__name__):
             return True
     return False
 
@@ -90,7 +99,7 @@ def first_line(exc: BaseException | str | None, limit: int = 300) -> str:
         return ""
     text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.startswith("Failure #")]
-    pick = next((ln for ln in lines if _OOM_TEXT.search(ln)), None)
+    pick = next((ln for ln in lines if _oom_text(ln)), None)
     if pick is None:
         named = [ln for ln in lines if _ERROR_LINE.match(ln)]
         pick = named[-1] if named else (lines[0] if lines else "")
@@ -150,4 +159,4 @@ def classify_trial_error(trial: Any) -> tuple[str, str]:
     if isinstance(exc, BaseException):
         return classify(exc), first_line(exc)
     text = exc or ""
-    return ("oom" if _OOM_TEXT.search(text) else "error"), first_line(text)
+    return ("oom" if _oom_text(text) else "error"), first_line(text)

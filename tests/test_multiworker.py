@@ -1,0 +1,212 @@
+"""Multi-worker trials on a local Ray (2 CPUs), through the sweep command as a user runs it (issue 5).
+
+* a 2-worker trial (Ray Train TorchTrainer, DDP on gloo, micro-batch 8 per rank) ends with the same
+  loss and val_loss as a 1-worker trial at micro-batch 16 over the same data;
+* it writes one W&B run (offline, in the sweep's group) and one checkpoint stream (rank 0's, in the
+  Train run's storage);
+* a Train worker process SIGKILLed mid-run (after the first checkpoint): the trial is retried, the Train
+  run resumes from its last checkpoint (no step before it is reported again) and ends with exactly the
+  uninterrupted run's final metrics.
+
+The three sweeps run once per module (fixtures) and the tests read their results directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, run_module
+from tests.test_sweep_e2e import _wait_for, only_run, rows, sweep_file
+
+pytestmark = pytest.mark.slow
+
+STEPS = 80  # the kill must land between the first checkpoint (step 10) and the end: ~1.7 s on 2 CPUs
+EVAL = 10
+MB = 8  # per rank on 2 workers; the 1-worker reference runs 2·MB
+FINAL_KEYS = ("loss", "val_loss", "val_ppl", "tokens", "step")
+
+
+def _sweep_body(name: str, workers: int, mb: int, max_failures: int = 1) -> str:
+    return f"""
+        sweep = Sweep(
+            name="{name}", workers={workers}, max_failures={max_failures},
+            base={{**TINY_CPU, "train.steps": {STEPS}, "train.eval_interval": {EVAL}, "train.log_interval": 5,
+                   "train.micro_batch_size": {mb}}},
+            space={{"train.lr": grid([1e-3])}},
+            metric="val_loss", mode="min", export=["train.lr"],
+        )
+    """
+
+
+def _run_sweep(tmp: Path, name: str, workers: int, mb: int, *extra: str) -> Path:
+    f = sweep_file(tmp, _sweep_body(name, workers, mb))
+    storage = tmp / "results"
+    proc = run_module("lmtune.sweep", str(f), "--storage", str(storage), "--no-report", *extra, cwd=tmp, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return only_run(storage)
+
+
+def _final(results: Path) -> tuple[dict[str, str], dict]:
+    (row,) = rows(results).values()
+    last = json.loads((results / "trials" / row["trial_id"] / "metrics.jsonl").read_text().splitlines()[-1])
+    return row, last
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory) -> Path:
+    """An uninterrupted 2-worker sweep with W&B (offline)."""
+    return _run_sweep(tmp_path_factory.mktemp("ddp2"), "ddp2", 2, MB)
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory) -> Path:
+    return _run_sweep(tmp_path_factory.mktemp("ddp1"), "ddp1", 1, 2 * MB, "--no-wandb")
+
+
+def _train_workers(root: psutil.Process) -> list[psutil.Process]:
+    """The Ray Train worker actors among the processes of the sweep (its embedded Ray's workers)."""
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A 2-worker sweep whose Train worker is SIGKILLed after the trial's first checkpoint."""
+    tmp = tmp_path_factory.mktemp("kill")
+    f = sweep_file(tmp, _sweep_body("ddp-kill", 2, MB, max_failures=1))
+    storage = tmp / "results"
+    args = [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--no-wandb", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen: list[dict] = []
+    try:
+        def checkpointed() -> bool:
+            for m in storage.glob("*/trials/*/metrics.jsonl"):
+                lines = []
+                for line in m.read_text().splitlines():
+                    try:
+                        lines.append(json.loads(line))
+                    except ValueError:  # a line the driver is still writing
+                        break
+                if any("val_loss" in r and r.get("status") == "running" for r in lines):
+                    seen[:] = lines
+                    return True
+            return False
+
+        _wait_for(checkpointed, 300, proc)
+        workers = _train_workers(psutil.Process(proc.pid))
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        workers[-1].send_signal(signal.SIGKILL)  # one worker of the group (which rank is not pinned down)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out
+    return only_run(storage), seen, out
+
+
+def test_two_workers_match_one_worker_at_twice_the_micro_batch(two_workers, one_worker):
+    row2, last2 = _final(two_workers)
+    row1, last1 = _final(one_worker)
+    assert row2["status"] == row1["status"] == "ok"
+    assert last2["step"] == last1["step"] == STEPS
+    assert int(row2["tokens"]) == int(row1["tokens"]) == STEPS * 2 * MB * 64  # same global batch, same data
+    for key in ("loss", "val_loss"):
+        assert float(row2[key]) == pytest.approx(float(row1[key]), rel=0, abs=2e-5), key
+    # Every eval along the way agrees too, not just the last one.
+    evals = [{r["step"]: r["val_loss"] for r in map(json.loads, (res / "trials" / row["trial_id"] / "metrics.jsonl")
+                                                    .read_text().splitlines()) if "val_loss" in r}
+             for res, row in ((two_workers, row2), (one_worker, row1))]
+    assert sorted(evals[0]) == sorted(evals[1]) == list(range(EVAL, STEPS + 1, EVAL))
+    for step in evals[0]:
+        assert evals[0][step] == pytest.approx(evals[1][step], rel=0, abs=2e-5), step
+
+
+def test_multi_worker_trial_writes_one_wandb_run_and_one_checkpoint_stream(two_workers):
+    row, _ = _final(two_workers)
+    tid = row["trial_id"]
+    # One W&B run (rank 0's), offline, in the sweep's group.
+    runs = sorted((two_workers / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert two_workers.name.encode() in b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    # One checkpoint stream: the Train run's, rank 0's checkpoint files only (num_to_keep=2).
+    train_run = two_workers / "train" / f"train-{tid}"
+    ckpts = sorted(p for p in train_run.glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(ckpts) <= 2, ckpts
+    for c in ckpts:
+        assert sorted(p.name for p in c.rglob("*") if p.is_file()) == ["checkpoint.pt", "config.json"], c
+    import torch
+
+    last = max(ckpts, key=lambda c: torch.load(c / "checkpoint.pt", weights_only=False)["step"])
+    assert torch.load(last / "checkpoint.pt", weights_only=False)["step"] == STEPS
+    # No other Train run, no Tune-level checkpoints, and no other checkpoint files: besides the Train run's
+    # copies there is only rank 0's staging directory (the trainer's out_dir, rewritten at every eval, which
+    # Ray Train copies into the run); rank 1 writes none.
+    assert [p.name for p in (two_workers / "train").iterdir() if p.is_dir()] == [f"train-{tid}"]
+    assert not list((two_workers / "tune").rglob("checkpoint_*"))
+    stray = [p.relative_to(two_workers) for p in two_workers.rglob("checkpoint.pt") if train_run not in p.parents]
+    assert stray == [Path("tune", tid, "trainer", "checkpoint", "checkpoint.pt")], stray
+    # The trainer's own outputs are rank 0's alone: one metrics stream with each step once.
+    (trainer_dir,) = (two_workers / "tune").rglob("trainer")
+    lines = [json.loads(line) for line in (trainer_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val_loss" in r] == list(range(EVAL, STEPS + 1, EVAL))
+    samples = trainer_dir / "samples.txt"
+    if samples.exists():  # text samples (train.sample_interval): rank 0's, each step once
+        heads = [line for line in samples.read_text().splitlines() if line.startswith("--- step ")]
+        assert heads and len(heads) == len(set(heads)), heads
+
+
+def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_metrics(killed, two_workers):
+    results, before_kill, out = killed
+    row, last = _final(results)
+    assert row["status"] == "ok", (row, out)
+    ckpt_step = max(r["step"] for r in before_kill if "val_loss" in r)
+    assert ckpt_step >= EVAL
+    reports = [json.loads(line) for line in (results / "trials" / row["trial_id"] / "metrics.jsonl")
+               .read_text().splitlines()]
+    steps = [r["step"] for r in reports]
+    # The trial failed and was retried (Tune level: the Train run itself has max_failures=0)...
+    assert f"failed   {row['trial_id']}  retrying from its last checkpoint" in out, out
+    # ...from its checkpoint, not from scratch: no step up to the checkpoint it had is reported twice
+    # (a restart from step 0 would report steps 5 and 10 again), and it reached the end.
+    ref = [json.loads(line)["step"] for line in (two_workers / "trials" / _final(two_workers)[0]["trial_id"]
+                                                   / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s <= ckpt_step] == [s for s in ref if s <= ckpt_step], (steps, ref)
+    assert steps[-1] == STEPS
+    # The same final metrics as the uninterrupted run (exact on CPU).
+    ref_row, ref_last = _final(two_workers)
+    assert last["step"] == ref_last["step"] == STEPS
+    for key in ("loss", "val_loss", "val_ppl", "tokens"):
+        assert last[key] == ref_last[key], (key, last[key], ref_last[key])
+
+
+def test_a_worker_that_died_unexpectedly_is_an_error_not_an_oom():
+    """Ray's message for any unexpected worker exit lists the OOM killer among possible causes; a SIGKILLed
+    Train worker must be retried (error), not recorded as oom. A memory-monitor kill still is an OOM."""
+    from lmtune.sweep.oom import classify, first_line, is_oom_error
+
+    died = RuntimeError(
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: "
+        "Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) the "
+        "process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called, or (3) the "
+        "worker crashed unexpectedly due to SIGSEGV or another unexpected error.")
+    assert not is_oom_error(died) and classify(died) == "error"
+    assert first_line(died).startswith("RuntimeError: The actor is dead")
+    monitor = RuntimeError("Task was killed due to the node running low on memory. Memory on the node was 23.5GB")
+    assert is_oom_error(monitor) and classify(monitor) == "oom"
