@@ -28,7 +28,7 @@ from tests.test_sweep_e2e import _wait_for, only_run, rows, sweep_file
 
 pytestmark = pytest.mark.slow
 
-STEPS = 80  # the kill must land between the first checkpoint (step 10) and the end: ~1.7 s on 2 CPUs
+STEPS = 200  # the kill must land between the first checkpoint (step 10) and the end: a few seconds on 2 CPUs
 EVAL = 10
 MB = 8  # per rank on 2 workers; the 1-worker reference runs 2·MB
 FINAL_KEYS = ("loss", "val_loss", "val_ppl", "tokens", "step")
