@@ -52,6 +52,9 @@ FINAL_METRICS = (
     "peak_reserved_gib", "peak_allocated_gib", "grad_norm_spread", "grad_coherence", "noise_scale", "mfu",
 )
 CHECKPOINT_FILE = "checkpoint.pt"
+FAULT_OOM_ENV = "LMTUNE_FAULT_OOM_MICRO_BATCH"
+"""Fault injection for tests of the OOM path through Ray (trial processes inherit the driver's environment):
+every step of a run whose micro_batch_size is at least this raises a real torch.OutOfMemoryError."""
 
 
 class Diverged(Exception):
@@ -328,6 +331,9 @@ class Trainer:
         skipped on all but the last micro-batch; on measurement steps every micro-batch runs without sync
         and the gradients are averaged explicitly afterwards, so the per-micro-batch gradients are local.
         """
+        fault = int(os.environ.get(FAULT_OOM_ENV) or 0)
+        if fault and self.cfg.train.micro_batch_size >= fault:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {FAULT_OOM_ENV}={fault})")
         chunks = [self.batches.next() for _ in range(k)]
         if measuring and self._split_for_measure(k):
             x, y = chunks[0]  # interleaved halves: exactly what two data-parallel ranks would each get
