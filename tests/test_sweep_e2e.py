@@ -121,7 +121,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path):
     f = sweep_file(tmp_path, """
         sweep = Sweep(
             name="resume-e2e",
-            base={**TINY_CPU, "train.steps": 40, "train.log_interval": 5, "train.eval_interval": 10},
+            base={**TINY_CPU, "train.steps": 200, "train.log_interval": 5, "train.eval_interval": 10},
             space={"train.lr": grid([3e-3, 1e-3, 2e-3])},
             metric="val_loss", mode="min", export=["train.lr"],
         )
@@ -171,7 +171,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path):
     assert after[: len(before)] == before
     resumed = [json.loads(line) for line in after[len(before):]]
     assert resumed and all(m["step"] > 20 for m in resumed), [m["step"] for m in resumed]
-    assert resumed[-1]["step"] == 40 and resumed[-1]["status"] == "ok"
+    assert resumed[-1]["step"] == 200 and resumed[-1]["status"] == "ok"
 
 
 def test_two_worker_trial_runs_on_ray_train(tmp_path):

@@ -66,6 +66,10 @@ def _prepare_env() -> dict[str, str]:
         # and per-trial output go to files), as do the warnings about forced experiment snapshots that
         # CheckpointConfig(num_to_keep) causes at every eval of a fast trial.
         "RAY_AIR_NEW_OUTPUT": "0",
+        # Tune snapshots the experiment ("auto": rarely, to keep the cost under 5%); a driver killed between
+        # snapshots loses the trials started since, and --resume would rerun them from scratch. Snapshots of
+        # a sweep's state are small, so take one every second unless the user chose otherwise.
+        "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "1"),
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
         "WANDB_SILENT": "true",
         "WANDB_CONSOLE": "off",
