@@ -294,6 +294,10 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                 name=TUNE_DIR, storage_path=base_uri, callbacks=[writer], verbose=0, log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=rs.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # Tune saves its experiment state locally and copies it to storage at most every sync_period
+                # (default 300 s): a driver killed in between would resume from a stale state and rerun the
+                # trials started since. To a local directory that copy is cheap, so make it every second.
+                sync_config=tune.SyncConfig(sync_period=1 if "://" not in str(base_uri) else 60),
             ),
         )
     if resume and max_concurrent:
