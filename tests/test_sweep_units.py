@@ -118,3 +118,39 @@ def test_define_by_run_searcher_suggests_and_survives_a_snapshot(tmp_path):
     again.restore(str(tmp_path / "searcher.pkl"))
     assert "t1" in again._ot_trials
     assert again.suggest("t2")["model.norm_placement"] == "post"
+
+
+def test_restored_searcher_requeues_a_point_asked_after_the_snapshot(tmp_path):
+    """A driver killed between asking the study for a trial and snapshotting the searcher: on restore the
+    orphan RUNNING trial is closed as interrupted and its grid point is the next one suggested."""
+    s = Sweep(name="orphan", base=dict(TINY_CPU), space={"train.lr": grid([1e-3, 2e-3, 3e-3])})
+    rs = resolve(s, "orphan.py")
+    searcher = make_searcher(rs, tmp_path)
+    first = searcher.suggest("t1")
+    searcher.on_trial_complete("t1", {"val_loss": 3.0, "status": "ok"})
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's snapshot
+    orphan = searcher.suggest("t2")  # asked (written to optuna.db) after the snapshot; then the driver dies
+    assert orphan != first
+
+    restored = make_searcher(rs, tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    study = optuna.load_study(study_name="orphan", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [(t.state, t.user_attrs.get("status")) for t in study.trials]
+    assert states[:2] == [(optuna.trial.TrialState.COMPLETE, "ok"), (optuna.trial.TrialState.FAIL, "interrupted")]
+    assert restored.suggest("t3") == orphan  # the interrupted point runs next,
+    last = restored.suggest("t4")
+    assert {first["train.lr"], orphan["train.lr"], last["train.lr"]} == {1e-3, 2e-3, 3e-3}  # then the rest of the grid
+
+
+def test_restarted_trial_reports_replace_the_steps_it_repeats(tmp_path):
+    import json
+
+    from lmtune.sweep.callback import _drop_reports_from
+
+    path = tmp_path / "metrics.jsonl"
+    reports = [{"step": 5, "loss": 4.0}, {"step": 10, "loss": 3.5}, {"step": 10, "val_loss": 3.6}, {"step": 15, "loss": 3.2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in reports))
+    _drop_reports_from(path, 15)  # resumed from the step-10 checkpoint: its first report is step 15 again
+    assert [json.loads(line) for line in path.read_text().splitlines()] == reports[:3]
+    _drop_reports_from(path, 5)  # restarted from scratch
+    assert path.read_text() == ""

@@ -48,6 +48,8 @@ class ResultsWriter(Callback):
         self.trainer_s: dict[str, float] = {}
         self.reported: dict[str, int] = {}
         self.finished_before: set[str] = set()
+        self.restarted: set[str] = set()
+        """Trials (re)started in this driver whose next report may repeat steps already in metrics.jsonl."""
 
     # Pickled into Tune's tuner.pkl: keep only what rebuilds the writer.
     def __getstate__(self) -> dict[str, Any]:
@@ -76,6 +78,7 @@ class ResultsWriter(Callback):
         if tid in self.finished_before:  # restarted by a resume only to replay its recorded result
             return
         LEDGER.errors.pop(tid, None)
+        self.restarted.add(tid)
         self.started.setdefault(tid, time.time())
         self.last.setdefault(tid, {})
         if trial.config.get(OOM_KILLED_KEY):
@@ -94,8 +97,14 @@ class ResultsWriter(Callback):
         self.reported[tid] = self.reported.get(tid, 0) + 1
         tdir = self.results_dir / "trials" / tid
         tdir.mkdir(parents=True, exist_ok=True)
+        if tid in self.restarted:
+            self.restarted.discard(tid)
+            _drop_reports_from(tdir / "metrics.jsonl", metrics.get("step"))
         with open(tdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics, default=str) + "\n")
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        LEDGER.snapshot_due = True  # see lmtune.sweep.search._RecordsDecisions
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, error=False)
@@ -104,6 +113,7 @@ class ResultsWriter(Callback):
         self._finish(trial, error=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.restarted.add(trial.trial_id)
         kind, message = LEDGER.errors.get(trial.trial_id, ("error", ""))
         what = "OOM-killed by Ray's memory monitor: recorded as oom" if kind == "oom" else "retrying from its last checkpoint"
         self._line("failed", trial.trial_id, f"{what} ({message})")
@@ -168,3 +178,17 @@ class ResultsWriter(Callback):
     def _line(self, event: str, tid: str, text: str) -> None:
         width = len(str(self.total).lstrip("≤"))
         print(f"[{self.done():>{width}}/{self.total} done] {event:<8} {tid}  {text}".rstrip(), file=self.out, flush=True)
+
+
+def _drop_reports_from(path: Path, step: Any) -> None:
+    """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from the step after
+    it; reports the earlier attempt made from that step on are dropped, so that metrics.jsonl holds each
+    step once, as one uninterrupted run would have written it."""
+    if not isinstance(step, int) or not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", -1) < step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)

@@ -114,6 +114,9 @@ class Ledger:
     """trial_id → the ``tokens`` at which ASHA stopped it."""
     errors: dict[str, tuple[str, str]] = field(default_factory=dict)
     """trial_id → (``oom`` | ``error``, one-line message) for trials that ended with an exception."""
+    snapshot_due: bool = False
+    """A trial was added, checkpointed or ended since Tune's last experiment snapshot (what ``--resume``
+    restores): the scheduler takes one before anything else happens (see ``lmtune.sweep.search``)."""
 
     def status_of(self, trial_id: str, result: dict | None, error: bool = False) -> str:
         """The trial's final status from everything known in the driver."""

@@ -66,10 +66,8 @@ def _prepare_env() -> dict[str, str]:
         # and per-trial output go to files), as do the warnings about forced experiment snapshots that
         # CheckpointConfig(num_to_keep) causes at every eval of a fast trial.
         "RAY_AIR_NEW_OUTPUT": "0",
-        # Tune snapshots the experiment ("auto": rarely, to keep the cost under 5%); a driver killed between
-        # snapshots loses the trials started since, and --resume would rerun them from scratch. Snapshots of
-        # a sweep's state are small, so take one every second unless the user chose otherwise.
-        "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "1"),
+        # The scheduler snapshots the experiment after every trial start, checkpoint and end (what --resume
+        # restores, see lmtune.sweep.search); Tune would warn about "excessive" snapshots each time.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
         "WANDB_SILENT": "true",
         "WANDB_CONSOLE": "off",
@@ -294,10 +292,6 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                 name=TUNE_DIR, storage_path=base_uri, callbacks=[writer], verbose=0, log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=rs.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                # Tune saves its experiment state locally and copies it to storage at most every sync_period
-                # (default 300 s): a driver killed in between would resume from a stale state and rerun the
-                # trials started since. To a local directory that copy is cheap, so make it every second.
-                sync_config=tune.SyncConfig(sync_period=1 if "://" not in str(base_uri) else 60),
             ),
         )
     if resume and max_concurrent:

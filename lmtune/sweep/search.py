@@ -135,6 +135,28 @@ class StudySearch(OptunaSearch):
         with open(checkpoint_path, "wb") as f:
             ray.cloudpickle.dump(self.__dict__.copy(), f)
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._requeue_orphans()
+
+    def _requeue_orphans(self) -> None:
+        """Trials asked of the study after the Tune snapshot being restored was taken.
+
+        The snapshot is taken right after a trial is added (see :class:`_RecordsDecisions`), but a driver
+        killed in between leaves a trial RUNNING in optuna.db that the restored sweep knows nothing of.
+        It is closed as FAIL (``status=interrupted``) and its point enqueued, so the resumed sweep runs that
+        point next instead of losing it (a grid would count it as taken) or leaving it RUNNING forever.
+        """
+        storage, known = self._ot_study._storage, {t._trial_id for t in self._ot_trials.values()}
+        for t in storage.get_all_trials(self._ot_study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            if t._trial_id in known:
+                continue
+            storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self._ot_study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+            logger.info("optuna: trial %d was asked after the restored snapshot; closed as interrupted, "
+                        "its point enqueued again", t.number)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Intermediate values for optuna-dashboard's curves, at the tokens seen so far (metric reports only:
         # validation runs at eval intervals). Several metrics: Optuna has no intermediate values.
@@ -202,22 +224,52 @@ def make_searcher(rs: ResolvedSweep, results_dir: Path, *, limit_gib: float | No
 
 
 class _RecordsDecisions:
-    """Mixin: note ASHA's stops and OOM failures in the ledger, and keep OOM-killed trials from re-running.
+    """Mixin: note ASHA's stops and OOM failures in the ledger, keep OOM-killed trials from re-running, and
+    keep Tune's experiment snapshot in step with the trials.
 
     Tune calls ``on_trial_error`` both when a failed trial is given up and when it is about to be retried.
     A trial killed by Ray's memory monitor is an OOM, which is a result and must not be retried: it is
     marked so that its restart reports ``status=oom`` at once instead of training again (see
     ``lmtune.sweep.trainable``).
+
+    Snapshots: Tune saves the experiment (trials, their latest checkpoints, the searcher) every
+    ``TUNE_GLOBAL_CHECKPOINT_S`` at most, so a driver killed a moment after a trial started or
+    checkpointed left a snapshot without that trial or checkpoint, and ``--resume`` ran it again from
+    scratch under a new id. Here every event that matters to a resume (trial added, checkpoint
+    registered, trial ended: :data:`LEDGER` ``.snapshot_due``) is followed by a synchronous snapshot at the
+    start of the controller's next step (``choose_trial_to_run``), before a new trial's process is
+    started and before the trial's next result is processed.
     """
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        LEDGER.snapshot_due = True
+        super().on_trial_add(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        if LEDGER.snapshot_due:
+            LEDGER.snapshot_due = False
+            # Schedulers get a wrapper that logs a warning for attributes outside its whitelist.
+            controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            controller.checkpoint(force=True, wait=True)
+        return super().choose_trial_to_run(tune_controller)
 
     def on_trial_error(self, tune_controller, trial) -> None:
         kind, message = classify_trial_error(trial)
         LEDGER.errors[trial.trial_id] = (kind, message)
+        LEDGER.snapshot_due = True
         if kind == "oom":
             from lmtune.sweep.trainable import OOM_KILLED_KEY
 
             trial.config[OOM_KILLED_KEY] = message or "killed by Ray's memory monitor"
         super().on_trial_error(tune_controller, trial)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        LEDGER.snapshot_due = True
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        LEDGER.snapshot_due = True
+        super().on_trial_remove(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
