@@ -117,7 +117,30 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out waiting for the sweep")
 
 
-def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path):
+@pytest.fixture(params=["local", "s3"])
+def sweep_storage(request, tmp_path, monkeypatch):
+    """``--storage`` for a sweep run from ``tmp_path``: a directory, or an S3 URI (a local S3 server);
+    either way the driver's own files are under ``tmp_path/results``. Yields (argument, S3 client or None)."""
+    if request.param == "local":
+        yield str(tmp_path / "results"), None
+        return
+    import boto3
+
+    from tests.s3 import CREDENTIALS, local_s3
+
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    with local_s3("lmtune") as endpoint:
+        client = boto3.client("s3", endpoint_url=f"http://{endpoint}")
+        yield f"s3://lmtune/sweeps?endpoint_override={endpoint}&scheme=http", client
+
+
+def s3_keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="lmtune", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep_storage):
     f = sweep_file(tmp_path, """
         sweep = Sweep(
             name="resume-e2e",
@@ -126,8 +149,9 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path):
             metric="val_loss", mode="min", export=["train.lr"],
         )
     """)
+    storage_arg, s3 = sweep_storage
     storage = tmp_path / "results"
-    args = [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--max-concurrent", "1",
+    args = [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", storage_arg, "--max-concurrent", "1",
             "--no-wandb", "--no-report"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -160,7 +184,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path):
     interrupted = next(m.parent.name for m in (results / "trials").glob("*/metrics.jsonl") if m.parent.name != first_id)
     before = (results / "trials" / interrupted / "metrics.jsonl").read_text().splitlines()
 
-    again = run_module("lmtune.sweep", str(f), "--storage", str(storage), "--resume", "--no-wandb", "--no-report",
+    again = run_module("lmtune.sweep", str(f), "--storage", storage_arg, "--resume", "--no-wandb", "--no-report",
                        cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert only_run(storage) == results  # the same results directory, continued
@@ -183,6 +207,12 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path):
     assert json.loads(after[-1])["status"] == "ok"
     summary = json.loads((results / "trials" / interrupted / "summary.json").read_text())
     assert summary["step"] == 200
+    if s3 is not None:  # Tune's state and the checkpoints lived in the bucket; the driver's files joined them
+        assert not (results / "tune").exists()
+        keys = s3_keys(s3, f"sweeps/{results.name}/")
+        assert any(k.startswith(f"sweeps/{results.name}/tune/experiment_state-") for k in keys)
+        assert any(k.startswith(f"sweeps/{results.name}/tune/{interrupted}/checkpoint_") for k in keys)
+        assert f"sweeps/{results.name}/trials.csv" in keys and f"sweeps/{results.name}/optuna.db" in keys
 
 
 def test_two_worker_trial_runs_on_ray_train(tmp_path):

@@ -145,14 +145,23 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
 # --- results directory --------------------------------------------------------------------------------
 
 
+def uri_join(base: str, *parts: str) -> str:
+    """``base/part/…`` for a directory or a URI; a URI's query (``s3://b/p?endpoint_override=…``, which
+    pyarrow reads for the filesystem's options) stays at the end."""
+    head, sep, query = base.partition("?") if "://" in base else (base, "", "")
+    return "/".join([head.rstrip("/"), *parts]) + sep + query
+
+
 def _resolve_storage(storage: str) -> tuple[Path, str | None]:
     """(local directory for the driver's files, remote URI or None)."""
     if "://" in storage:
-        return Path("results").resolve(), storage.rstrip("/")
+        return Path("results").resolve(), storage
     return Path(storage).expanduser().resolve(), None
 
 
-def _find_resumable(local_root: Path, rs: ResolvedSweep) -> Path:
+def _find_resumable(local_root: Path, rs: ResolvedSweep, remote: str | None) -> Path:
+    """The latest run of this sweep (same ``--smoke``) under the local results root. With a remote storage
+    the driver's files are still local (the trials' and Tune's state are in the storage, checked later)."""
     import json
 
     from lmtune.sweep.results import runs_of
@@ -162,7 +171,7 @@ def _find_resumable(local_root: Path, rs: ResolvedSweep) -> Path:
             meta = json.loads((run_dir / "sweep.json").read_text())
         except (OSError, ValueError):
             continue
-        if bool(meta.get("smoke")) == rs.smoke and (run_dir / TUNE_DIR).is_dir():
+        if bool(meta.get("smoke")) == rs.smoke and (remote or (run_dir / TUNE_DIR).is_dir()):
             return run_dir
     smoke = " --smoke" if rs.smoke else ""
     raise ConfigError(f"--resume: no earlier{smoke} run of sweep '{rs.name}' in {local_root} to continue; "
@@ -209,14 +218,14 @@ def run(
     from lmtune.sweep.results import new_results_dir, sweep_json, write_json
 
     if resume:
-        results_dir = _find_resumable(local_root, rs)
+        results_dir = _find_resumable(local_root, rs, remote)
         _check_same_sweep(rs, results_dir)
     else:
         local_root.mkdir(parents=True, exist_ok=True)
         results_dir = new_results_dir(local_root, rs.name)
         write_json(results_dir / "sweep.json", sweep_json(rs, results_dir))
     group = results_dir.name
-    base_uri = f"{remote}/{group}" if remote else str(results_dir)
+    base_uri = uri_join(remote, group) if remote else str(results_dir)
 
     env = _prepare_env()
     handler = _log_to_files(results_dir / LOG_DIR)
@@ -253,7 +262,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
 
     settings = TrialSettings(
-        results_dir=str(results_dir), group=group, train_storage=f"{base_uri}/{TRAIN_DIR}",
+        results_dir=str(results_dir), group=group, train_storage=uri_join(base_uri, TRAIN_DIR),
         workers=rs.sweep.workers, cpus=rs.sweep.cpus, gpus=rs.sweep.gpus, wandb=wandb, ray_train=ray_train,
     )
     trainable = tune.with_resources(make_trainable(settings), trial_resources(settings))
@@ -261,7 +270,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     # The searcher suggests the space's axes (the frontier planner requires them absent here); keys a
     # define-by-run function sets only in some branches keep their base value in the others.
     param_space = {k: v for k, v in rs.base.items() if k not in rs.space}
-    tune_path = f"{base_uri}/{TUNE_DIR}"
+    tune_path = uri_join(base_uri, TUNE_DIR)
     if reuse_actors is None:
         reuse_actors = not measures_memory(rs)
 
@@ -313,11 +322,12 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     else:
         writer.write_csv()
     rows = _read_rows(results_dir)
-    best = _print_summary(rs, results_dir, rows, out)
-    if remote:
-        _upload(results_dir, f"{remote}/{results_dir.name}")
+    best = _print_summary(rs, results_dir, rows, out, tune_dir=tune_path)
     if render:
         _render(results_dir, out)
+    if remote:
+        _upload(results_dir, base_uri)
+        print(f"uploaded to {base_uri}", file=out)
     return Outcome(results_dir=results_dir, rows=rows, wall_s=wall, time_in_trainer_s=dict(writer.trainer_s), fit_start=fit_start,
                    trial_end=dict(writer.ended), best=best)
 
@@ -385,7 +395,8 @@ def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
     return [{k: parse_cell(k, v) for k, v in r.items()} for r in read_trials_csv(results_dir / "trials.csv")]
 
 
-def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO):
+def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
+                   tune_dir: str):
     from lmtune.frontier import best_trial, load_results
     from lmtune.sweep.results import table
 
@@ -419,7 +430,7 @@ def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, An
             print(f"best: none (no trial finished ok with {metric})", file=out)
     print(f"results: {results_dir}", file=out)
     print(f"  trials.csv, trials/<id>/, optuna.db (optuna-dashboard sqlite:///{results_dir / 'optuna.db'}), "
-          f"TensorBoard: tensorboard --logdir {results_dir / TUNE_DIR}", file=out)
+          f"TensorBoard: tensorboard --logdir {tune_dir}", file=out)
     return best
 
 
@@ -432,13 +443,19 @@ def _render(results_dir: Path, out: TextIO) -> None:
 
 
 def _upload(results_dir: Path, uri: str) -> None:
-    """With a remote --storage: the driver's files (trials.csv, optuna.db, …) next to Tune's and Train's."""
+    """With a remote --storage: the driver's files (trials.csv, optuna.db, reports, …) next to Tune's and
+    Train's. Symlinks (logs/ray-session → the Ray session's logs) are not followed."""
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    for name in ("sweep.json", "trials.csv", "optuna.db", "trials", "logs", "wandb", "plots", "summary.md",
-                 "frontier.md", "frontier.csv", "frontier.json"):
-        src = results_dir / name
-        if src.exists() and not src.is_symlink():
-            pyarrow.fs.copy_files(str(src), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                                  destination_filesystem=fs)
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    local = pyarrow.fs.LocalFileSystem()
+    for dirpath, dirnames, filenames in os.walk(results_dir):
+        dirnames[:] = [d for d in dirnames if d != TUNE_DIR and d != TRAIN_DIR
+                       and not os.path.islink(os.path.join(dirpath, d))]
+        for name in filenames:
+            src = Path(dirpath, name)
+            if src.is_symlink():
+                continue
+            dest = f"{root}/{src.relative_to(results_dir).as_posix()}"
+            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            pyarrow.fs.copy_files(str(src), dest, source_filesystem=local, destination_filesystem=fs)
