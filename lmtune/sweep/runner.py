@@ -51,9 +51,15 @@ class Outcome:
 # --- environment --------------------------------------------------------------------------------------
 
 
-def _prepare_env() -> dict[str, str]:
+def _prepare_env(*, embedded: bool) -> dict[str, str]:
     """Environment every trial process must see; set here so an embedded Ray's workers inherit it."""
     from lmtune.train import wandb_mode
+
+    if embedded and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
+        # Ray enables token authentication for a new local cluster by default and says so on the console
+        # unless the mode is set explicitly (read when ray is imported); the same default is set here so
+        # that the console stays ours.
+        os.environ["RAY_AUTH_MODE"] = "token"
 
     env = {
         # Metrics arrive at different intervals (val_loss only at evals); the metric names are checked
@@ -133,7 +139,9 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         ctx = ray.init(include_dashboard=True, **kwargs)
     url = getattr(ctx, "dashboard_url", None)
     where = "joined the cluster at " + (ctx.address_info.get("gcs_address") or address) if address else "embedded local Ray"
-    print(f"ray: {where}; dashboard {'http://' + url if url else 'not running'}", file=out)
+    token = " (it asks for the token that `ray get-auth-token` prints)" if url and os.environ.get(
+        "RAY_AUTH_MODE", "").lower() == "token" else ""
+    print(f"ray: {where}; dashboard {'http://' + url if url else 'not running'}{token}", file=out)
     session = Path(ray._private.worker._global_node.get_session_dir_path()) if not address else None
     if session is not None and (session / "logs").is_dir():
         link = log_dir / "ray-session"
@@ -227,7 +235,7 @@ def run(
     group = results_dir.name
     base_uri = uri_join(remote, group) if remote else str(results_dir)
 
-    env = _prepare_env()
+    env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
     try:
         started = _start_ray(address, env, results_dir / LOG_DIR, out)
