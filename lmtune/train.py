@@ -52,6 +52,10 @@ FINAL_METRICS = (
     "peak_reserved_gib", "peak_allocated_gib", "grad_norm_spread", "grad_coherence", "noise_scale", "mfu",
 )
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_REPORT = "lmtune_checkpoint_report"
+"""Set on the report a resumed trainer sends again first: the one its checkpoint was saved with. Whoever
+collects reports (the sweep driver) may have lost it when the run was interrupted; it replaces any
+reports made after that checkpoint, which the resumed run makes again."""
 FAULT_OOM_ENV = "LMTUNE_FAULT_OOM_MICRO_BATCH"
 """Fault injection for tests of the OOM path through Ray (trial processes inherit the driver's environment):
 every step of a run whose micro_batch_size is at least this raises a real torch.OutOfMemoryError."""
@@ -209,6 +213,7 @@ class Trainer:
         self.first_loss: float | None = None
         self.last: dict[str, Any] = {}
         self.measured: dict[str, float] = {}
+        self._checkpoint_report: dict[str, Any] | None = None
         if self.resume_from:
             self._load_checkpoint(self.resume_from)
         if self.is_main and self.out_dir:
@@ -260,6 +265,8 @@ class Trainer:
 
     def _train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
+        if self._checkpoint_report is not None and self._report is not None:
+            self._report({**self._checkpoint_report, CHECKPOINT_REPORT: True}, None)
         k = t.accumulation_steps
         self.model.train()
         self.timer = StepTimer(self.device, t.compile_warmup_steps)
@@ -305,7 +312,7 @@ class Trainer:
                     self.last.update(metrics)
             if self.step % t.eval_interval == 0 and self.step < self.total_steps:
                 paused = self.timer.pause()
-                self._emit(self._evaluate(), self._save_checkpoint())
+                self._emit(self._evaluate(), checkpoint=True)
                 self.timer.resume(paused)
             if t.sample_interval and self.step % t.sample_interval == 0 and self.step < self.total_steps:
                 paused = self.timer.pause()
@@ -425,8 +432,11 @@ class Trainer:
             "status": status,
         }
 
-    def _emit(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, status: str = "running") -> None:
+    def _emit(self, metrics: dict[str, Any], *, checkpoint: bool = False, status: str = "running") -> None:
+        """Record and report ``metrics``; with ``checkpoint``, a checkpoint holding this report is saved first
+        and goes with it."""
         metrics = {**metrics, **self._common(status)}
+        checkpoint_dir = self._save_checkpoint(metrics) if checkpoint else None
         self.last.update(metrics)
         self.history.append(metrics)
         if self.is_main:
@@ -446,7 +456,7 @@ class Trainer:
         if status == "oom":  # the last measured memory, even if the OOM came before the warmup reset
             final.update(self.memory.peak())
         final.update(self.memory.device_info())
-        self._emit(final, self._save_checkpoint() if status == "ok" else None, status=status)
+        self._emit(final, checkpoint=status == "ok", status=status)
         summary = {**self.last, "config": self.cfg.flat()}
         if self.is_main and self.out_dir:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -482,8 +492,9 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
 
-    def _save_checkpoint(self) -> str | None:
-        """Model, optimizer, step, RNG and data position, written atomically; returns its directory."""
+    def _save_checkpoint(self, report: dict[str, Any]) -> str | None:
+        """Model, optimizer, step, RNG, data position and the report it goes with, written atomically;
+        returns its directory."""
         if not (self.is_main and self.cfg.train.checkpoint):
             return None
         if self.out_dir:
@@ -504,6 +515,7 @@ class Trainer:
                 "data": self.batches.state_dict(),
                 "noise": self.noise.state_dict(),
                 "vocab_size": self.tokens.vocab_size,
+                "report": report,
             },
             tmp / CHECKPOINT_FILE,
         )
@@ -524,6 +536,7 @@ class Trainer:
         self.batches.load_state_dict(state["data"])
         self.noise.load_state_dict(state["noise"])
         _set_rng_state(state["rng"])
+        self._checkpoint_report = state.get("report")
 
     def _progress_bar(self):
         if not (self.progress and self.is_main):

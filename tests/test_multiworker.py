@@ -188,6 +188,12 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_metrics(killed
     ref = [json.loads(line)["step"] for line in (two_workers / "trials" / _final(two_workers)[0]["trial_id"]
                                                    / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s <= ckpt_step] == [s for s in ref if s <= ckpt_step], (steps, ref)
+    # The reports the first attempt made after its checkpoint were replaced by the retry's: the file reads
+    # as the uninterrupted run's, report for report.
+    kinds = [(r["step"], "val_loss" in r) for r in reports]
+    ref_kinds = [(r["step"], "val_loss" in r) for r in map(json.loads, (two_workers / "trials" / _final(two_workers)[0]
+                                                                          ["trial_id"] / "metrics.jsonl").read_text().splitlines())]
+    assert kinds == ref_kinds, (kinds, ref_kinds)
     assert steps[-1] == STEPS
     # The same final metrics as the uninterrupted run (exact on CPU).
     ref_row, ref_last = _final(two_workers)

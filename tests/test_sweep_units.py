@@ -148,9 +148,21 @@ def test_restarted_trial_reports_replace_the_steps_it_repeats(tmp_path):
     from lmtune.sweep.callback import _drop_reports_from
 
     path = tmp_path / "metrics.jsonl"
-    reports = [{"step": 5, "loss": 4.0}, {"step": 10, "loss": 3.5}, {"step": 10, "val_loss": 3.6}, {"step": 15, "loss": 3.2}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in reports))
-    _drop_reports_from(path, 15)  # resumed from the step-10 checkpoint: its first report is step 15 again
-    assert [json.loads(line) for line in path.read_text().splitlines()] == reports[:3]
-    _drop_reports_from(path, 5)  # restarted from scratch
+    reports = [{"step": 5, "loss": 4.0}, {"step": 10, "loss": 3.5}, {"step": 10, "val_loss": 3.6},
+               {"step": 15, "loss": 3.2}, {"step": 20, "loss": 3.1}]
+
+    def write(lines):
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def read():
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    write(reports)
+    _drop_reports_from(path, {"step": 10, "val_loss": 3.6})  # resumed from step 10: its checkpoint's report first
+    assert read() == reports[:2]  # the step-10 training report stays; the eval report comes again, then 15, …
+    write(reports[:2])  # the interruption came before the driver heard the step-10 eval report at all
+    _drop_reports_from(path, {"step": 10, "val_loss": 3.6})
+    assert read() == reports[:2]
+    write(reports)
+    _drop_reports_from(path, {"step": 5, "loss": 4.1})  # restarted from scratch
     assert path.read_text() == ""

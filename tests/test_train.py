@@ -76,6 +76,30 @@ def test_resume_reproduces_uninterrupted_trajectory(tmp_path):
     assert summary["val_loss"] == full.history[-1]["val_loss"]
 
 
+def test_resumed_trainer_first_sends_the_report_its_checkpoint_was_saved_with(tmp_path):
+    """What a sweep driver needs to keep metrics.jsonl whole when the interruption came between a
+    checkpoint and its report reaching the driver."""
+    from lmtune.train import CHECKPOINT_REPORT
+
+    class Interrupted(Exception):
+        pass
+
+    heard: list[dict] = []
+
+    def report_until_first_checkpoint(metrics, checkpoint_dir):
+        heard.append(metrics)
+        if checkpoint_dir:
+            raise Interrupted  # the machine went away right after the step-10 checkpoint
+
+    cfg = tiny("train.steps=30")
+    with pytest.raises(Interrupted):
+        Trainer(cfg, out_dir=tmp_path / "part", report=report_until_first_checkpoint).fit()
+    again: list[dict] = []
+    Trainer(cfg, resume_from=tmp_path / "part" / "checkpoint", report=lambda m, c: again.append(m)).fit()
+    assert again[0] == {**heard[-1], CHECKPOINT_REPORT: True} and heard[-1]["step"] == 10 and "val_loss" in heard[-1]
+    assert [m["step"] for m in again[1:]] == [15, 20, 20, 25, 30]  # then on from the checkpoint, as uninterrupted
+
+
 def test_learns_builtin_corpus_golden_loss():
     """~300 steps of a 2-layer byte model on real English: the loss falls from ln(256) to a known value."""
     cfg = tiny("train.steps=300", "train.eval_interval=300", "train.eval_batches=8", "train.log_interval=50",

@@ -21,6 +21,7 @@ from lmtune.sweep.results import (
     FINAL_METRICS, _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv,
 )
 from lmtune.sweep.trainable import OOM_KILLED_KEY, TIME_IN_TRAINER, trial_config
+from lmtune.train import CHECKPOINT_REPORT
 
 
 class ResultsWriter(Callback):
@@ -91,6 +92,7 @@ class ResultsWriter(Callback):
         if tid in self.finished_before:
             return
         metrics = _metrics_only(result)
+        metrics.pop(CHECKPOINT_REPORT, None)
         if TIME_IN_TRAINER in result:
             self.trainer_s[tid] = float(result[TIME_IN_TRAINER])
         self.last.setdefault(tid, {}).update(metrics)
@@ -99,7 +101,7 @@ class ResultsWriter(Callback):
         tdir.mkdir(parents=True, exist_ok=True)
         if tid in self.restarted:
             self.restarted.discard(tid)
-            _drop_reports_from(tdir / "metrics.jsonl", metrics.get("step"))
+            _drop_reports_from(tdir / "metrics.jsonl", metrics)
         with open(tdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics, default=str) + "\n")
 
@@ -180,14 +182,21 @@ class ResultsWriter(Callback):
         print(f"[{self.done():>{width}}/{self.total} done] {event:<8} {tid}  {text}".rstrip(), file=self.out, flush=True)
 
 
-def _drop_reports_from(path: Path, step: Any) -> None:
-    """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from the step after
-    it; reports the earlier attempt made from that step on are dropped, so that metrics.jsonl holds each
-    step once, as one uninterrupted run would have written it."""
-    if not isinstance(step, int) or not path.exists():
+def _order(report: dict[str, Any]) -> tuple[int, int]:
+    """Where a report falls in a run: its step, and at an eval step the training report before the eval's."""
+    return int(report.get("step", -1)), int("val_loss" in report)
+
+
+def _drop_reports_from(path: Path, first: dict[str, Any]) -> None:
+    """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from there: first the
+    report its checkpoint was saved with (``lmtune.train.CHECKPOINT_REPORT``), then the steps after it.
+    Reports the earlier attempt made from that point on are dropped, so that metrics.jsonl holds each
+    report once, as one uninterrupted run would have written it (including a checkpoint's report that
+    never reached the driver before the interruption)."""
+    if not isinstance(first.get("step"), int) or not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", -1) < step]
+    keep = [ln for ln in lines if ln.strip() and _order(json.loads(ln)) < _order(first)]
     if len(keep) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))

@@ -29,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lmtune.sweep.load import ResolvedSweep
 from lmtune.sweep.oom import LEDGER, classify_trial_error
 from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
+from lmtune.train import CHECKPOINT_REPORT
 
 STUDY_FILE = "optuna.db"
 logger = logging.getLogger("lmtune.sweep")
@@ -163,8 +164,12 @@ class StudySearch(OptunaSearch):
         if isinstance(self.metric, list) or self.metric not in result or trial_id not in self._ot_trials:
             return
         value = result[self.metric]
+        step = int(result.get("tokens", result.get("training_iteration", 0)))
+        ot_trial = self._ot_trials[trial_id]
+        if result.get(CHECKPOINT_REPORT) and step in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
+            return  # a resumed trial's checkpoint report, already heard before the interruption
         if isinstance(value, (int, float)) and math.isfinite(value):
-            self._ot_trials[trial_id].report(float(value), int(result.get("tokens", result.get("training_iteration", 0))))
+            ot_trial.report(float(value), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
