@@ -8,6 +8,8 @@ the results directory::
     plots/frontier.png          micro-batch vs peak memory and vs throughput per budget, OOMs marked, limit drawn
     plots/loss_curves.png       train and validation loss vs tokens, one colour per trial
     plots/grad_norm_layers.png  final per-layer gradient norm (log10) per trial, for norm sweeps
+    plots/grad_norm_over_time.png  per-layer gradient norm (log10) against step, one panel per trial, for
+                                norm sweeps: where the seed saw post-LN's ~10 orders of magnitude open up
 
 The sweep runner calls :func:`render` when a sweep ends; the command line prints the tables and the files.
 """
@@ -74,9 +76,11 @@ def render_plots(results: Results, rep: FrontierReport | None) -> list[Path]:
     if curves is not None:
         out.append(curves)
     if any(k in results.space_keys for k in NORM_KEYS):
-        heat = plot_grad_norm_layers(results, plots / "grad_norm_layers.png")
-        if heat is not None:
-            out.append(heat)
+        for plot, name in ((plot_grad_norm_layers, "grad_norm_layers.png"),
+                           (plot_grad_norm_over_time, "grad_norm_over_time.png")):
+            written = plot(results, plots / name)
+            if written is not None:
+                out.append(written)
     return out
 
 
@@ -175,6 +179,53 @@ def plot_grad_norm_layers(results: Results, path: Path) -> Path | None:
     ax.set(xlabel="layer", title="log10 final gradient norm per layer")
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
+
+
+def layer_norm_history(results: Results, row: dict[str, Any]) -> tuple[list[int], list[list[float]]]:
+    """(steps, norms[layer][i]) from every report of the trial that has per-layer gradient norms."""
+    steps, columns = [], []
+    for m in results.metrics(row["trial_id"]):
+        layers = sorted((k for k in m if k.startswith(LAYER_PREFIX)), key=lambda k: int(k[len(LAYER_PREFIX):]))
+        if layers and _finite(m.get("step")):
+            steps.append(int(m["step"]))
+            columns.append([float(m[k]) if _finite(m[k]) else float("nan") for k in layers])
+    depth = max((len(c) for c in columns), default=0)
+    norms = [[c[j] if j < len(c) else float("nan") for c in columns] for j in range(depth)]
+    return steps, norms
+
+
+def plot_grad_norm_over_time(results: Results, path: Path, max_panels: int = 12) -> Path | None:
+    """One panel per trial: layer (rows, input at the top) × step (columns), colour = log10 gradient norm,
+    one colour scale for all panels so that pre-LN's flat O(1) and post-LN's spread compare at a glance."""
+    series = [(r, *layer_norm_history(results, r)) for r in results.rows if r.get("source", "run") == "run"]
+    series = [(r, steps, norms) for r, steps, norms in series if steps][:max_panels]
+    if not series:
+        return None
+    plt = _pyplot()
+
+    def log10(x: float) -> float:
+        return math.log10(x) if x > 0 else float("nan")
+
+    grids = [[[log10(x) for x in layer] for layer in norms] for _, _, norms in series]
+    values = [v for g in grids for layer in g for v in layer if math.isfinite(v)]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    cols = min(4, math.ceil(math.sqrt(len(series))))
+    nrows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols + 1.2, 2.8 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
+    im = None
+    for ax, (r, steps, norms), grid in zip(axes.flat, series, grids):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest",
+                       extent=(steps[0], steps[-1], len(norms) - 0.5, -0.5))
+        ax.set_title(_label(results, r) + f"  [{r.get('status')}]", fontsize=8)
+        ax.set(xlabel="step", ylabel="layer")
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.suptitle(f"log10 gradient norm per layer over training: {results.name}", fontsize=10)
+    fig.colorbar(im, ax=axes, shrink=0.9, label="log10 gradient norm")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _save(fig, path: Path, legends=()) -> Path:

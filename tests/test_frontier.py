@@ -108,8 +108,11 @@ def test_plots_are_written_as_valid_pngs(tmp_path):
     _assert_png(d / "plots" / "loss_curves.png")
     n = norm_results(tmp_path / "n")
     written = report.render(n)
-    assert n / "plots" / "grad_norm_layers.png" in written
-    _assert_png(n / "plots" / "grad_norm_layers.png")
+    for name in ("grad_norm_layers.png", "grad_norm_over_time.png"):
+        assert n / "plots" / name in written
+        _assert_png(n / "plots" / name)
+    steps, norms = report.layer_norm_history(load_results(n), {"trial_id": "t2"})
+    assert steps == [100, 200, 300] and len(norms) == 4 and norms[3][0] == pytest.approx(10 ** -10)
     assert not (d / "plots" / "grad_norm_layers.png").exists()  # only for norm sweeps
 
 
