@@ -117,6 +117,10 @@ class Ledger:
     snapshot_due: bool = False
     """A trial was added, checkpointed or ended since Tune's last experiment snapshot (what ``--resume``
     restores): the scheduler takes one before anything else happens (see ``lmtune.sweep.search``)."""
+    snapshots: list[float] = field(default_factory=list)
+    """Seconds each of those snapshots took (the runner logs their count and total)."""
+    next_snapshot: float = 0.0
+    """``time.monotonic()`` before which a due snapshot waits (keeps snapshots under 5% of the driver's time)."""
 
     def status_of(self, trial_id: str, result: dict | None, error: bool = False) -> str:
         """The trial's final status from everything known in the driver."""

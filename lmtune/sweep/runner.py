@@ -318,6 +318,12 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     t0 = time.perf_counter()
     tuner.fit()
     wall = time.perf_counter() - t0
+    from lmtune.sweep.oom import LEDGER
+
+    if LEDGER.snapshots:
+        logging.getLogger("lmtune").info(
+            "experiment snapshots (trial added / checkpointed / ended): %d, %.2f s in all, longest %.3f s",
+            len(LEDGER.snapshots), sum(LEDGER.snapshots), max(LEDGER.snapshots))
 
     writer = writer or _writer_of(tuner)
     if searcher is None:
