@@ -215,6 +215,37 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path, sw
         assert f"sweeps/{results.name}/trials.csv" in keys and f"sweeps/{results.name}/optuna.db" in keys
 
 
+def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tmp_path):
+    f = sweep_file(tmp_path, """
+        sweep = Sweep(
+            name="ctrl-c",
+            base={**TINY_CPU, "train.steps": 200, "train.log_interval": 5, "train.eval_interval": 10},
+            space={"train.lr": grid([3e-3, 1e-3])},
+            metric="val_loss", mode="min", export=["train.lr"],
+        )
+    """)
+    storage = tmp_path / "results"
+    args = ["--storage", str(storage), "--max-concurrent", "1", "--no-wandb", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: any(storage.glob("*/trials/*/metrics.jsonl")), 300, proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "interrupted:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
+    assert "Traceback" not in out and "ResourceWarning" not in out, out
+    again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    table = rows(only_run(storage))
+    assert len(table) == 2 and all(r["status"] == "ok" for r in table.values()), table
+
+
 def test_two_worker_trial_runs_on_ray_train(tmp_path):
     f = sweep_file(tmp_path, """
         sweep = Sweep(

@@ -8,6 +8,7 @@ imported: bad input is one ``error: ...`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from lmtune.cli import user_errors_exit_2
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     outcome = run(rs, address=args.address, storage=args.storage, resume=args.resume,
                   max_concurrent=args.max_concurrent, wandb=not args.no_wandb, render=not args.no_report)
+    if outcome.interrupted:
+        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        print(f"\ninterrupted: {len(outcome.rows)} trial(s) recorded, the sweep's state is saved. Continue it with:\n"
+              f"  python -m lmtune.sweep {' '.join(shlex.quote(a) for a in again)} --resume")
+        return 130
     return 0 if outcome.rows else 1
 
 

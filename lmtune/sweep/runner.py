@@ -46,6 +46,8 @@ class Outcome:
     trial_end: dict[str, float] = field(default_factory=dict)
     """Per trial: time.time() when the driver saw it end."""
     best: dict[str, Any] | None = None
+    interrupted: bool = False
+    """Stopped before the sweep's end (Ctrl-C: Tune saved its state, ``--resume`` continues it)."""
 
 
 # --- environment --------------------------------------------------------------------------------------
@@ -107,6 +109,8 @@ def _log_to_files(log_dir: Path) -> logging.Handler:
             lg.setLevel(logging.INFO)
     logging.captureWarnings(True)
     warnings.simplefilter("default")
+    # Files Tune leaves open at exit would be reported on the console after the log file is closed.
+    warnings.filterwarnings("ignore", category=ResourceWarning)
     return handler
 
 
@@ -316,7 +320,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
 
     fit_start = time.time()
     t0 = time.perf_counter()
-    tuner.fit()
+    grid = tuner.fit()
     wall = time.perf_counter() - t0
     from lmtune.sweep.oom import LEDGER
 
@@ -328,6 +332,13 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     writer = writer or _writer_of(tuner)
     if searcher is None:
         searcher = _searcher_of(tuner)
+    # Ctrl-C ends Tune's loop early (the state is saved): trials left running or pending, or fewer than the
+    # sweep asks for (the frontier planner may rightly stop early: its plan says whether it is done).
+    if rs.searcher == "frontier":
+        planned_more = searcher is not None and hasattr(searcher, "plan") and not searcher.plan.done
+    else:
+        planned_more = len(grid) < rs.num_samples
+    interrupted = grid.num_terminated + grid.num_errors < len(grid) or planned_more
     if rs.searcher == "frontier" and searcher is not None and hasattr(searcher, "implied_rows"):
         predictions = searcher.plan.launch_predictions()
         for tid, row in writer.rows.items():
@@ -343,7 +354,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         _upload(results_dir, base_uri)
         print(f"uploaded to {base_uri}", file=out)
     return Outcome(results_dir=results_dir, rows=rows, wall_s=wall, time_in_trainer_s=dict(writer.trainer_s), fit_start=fit_start,
-                   trial_end=dict(writer.ended), best=best)
+                   trial_end=dict(writer.ended), best=best, interrupted=interrupted)
 
 
 def measures_memory(rs: ResolvedSweep) -> bool:
@@ -436,9 +447,12 @@ def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, An
         if extra not in shown:
             shown.append(extra)
     print("", file=out)
-    print(table(ordered, shown), file=out)
-    print("", file=out)
-    print(f"{len(rows)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=out)
+    if rows:
+        print(table(ordered, shown), file=out)
+        print("", file=out)
+        print(f"{len(rows)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=out)
+    else:
+        print("no trial has finished", file=out)
     best = None
     if len(rs.metrics) == 1:
         best = best_trial(load_results(results_dir))
