@@ -3,7 +3,9 @@
 Writes the keys the sweep file locks (``Sweep.export``, recorded in sweep.json) with the winner's values:
 
 * a frontier sweep's winner is its recommended operating point (highest throughput with the headroom kept);
-* any other sweep's winner is its best ``ok`` trial by the sweep's metric and mode.
+* any other sweep's winner is its best ``ok`` trial by the sweep's metric and mode;
+* a sweep with several metrics has no single winner: ``--trial ID`` picks a point of its Pareto front
+  (``--trial`` exports any ``ok`` trial of any sweep).
 
 Two files: the TOML the trainer reads (default ``./lmtune.locked.toml``, the project's locked defaults;
 any path works with ``--locked PATH`` or ``$LMTUNE_LOCKED``), with a ``[provenance."section.key"]`` record
@@ -29,7 +31,9 @@ from typing import Any
 from lmtune import config as config_lib
 from lmtune.cli import user_errors_exit_2
 from lmtune.config import PROJECT_LOCKED, ConfigError
-from lmtune.frontier import Results, best_trial, fmt, frontier_report, gib, load_results, markdown_table, short
+from lmtune.frontier import (
+    Results, best_trial, fmt, frontier_report, gib, load_results, markdown_table, pareto_front, short,
+)
 
 SECTION_TITLES = {"model": "Architecture", "data": "Data", "train": "Training recipe", "system": "System"}
 
@@ -56,14 +60,31 @@ class ExportPlan:
     """Human lines: ``key: old → new`` for every key of the new file."""
 
 
-def winner(results: Results) -> Winner:
-    """The winning trial and its values of the sweep's export keys (ConfigError when there is none)."""
+def winner(results: Results, trial: str | None = None) -> Winner:
+    """The winning trial (or the chosen ``trial``) and its values of the sweep's export keys (ConfigError
+    when there is none, or when a Pareto sweep's trial was not chosen)."""
     keys = list(results.sweep.get("export") or [])
     if not keys:
         raise ConfigError(f"{results.dir}: the sweep exports no keys (sweep.json 'export' is empty); "
                           f"add export=[...] to the sweep file.")
     rep = frontier_report(results)
-    if rep is not None:
+    several = len(results.objectives) > 1
+    if trial is not None:
+        row = next((r for r in results.rows if str(r.get("trial_id")) == trial), None)
+        ok = [str(r.get("trial_id")) for r in results.rows if r.get("status") == "ok"]
+        if row is None or row.get("status") != "ok":
+            what = "is not a trial of this sweep" if row is None else f"ended {row.get('status')}, not ok"
+            raise ConfigError(f"--trial {trial} {what}. Ok trials: {', '.join(ok) or 'none'}.")
+        metric = results.metric
+        value = row.get(metric)
+        on_front = " (on the Pareto front)" if several and row in pareto_front(results) else ""
+        source = f"{results.name} sweep ({results.group}): trial {trial} chosen{on_front}, {metric}={fmt(value, metric)}"
+    elif several:
+        front = ", ".join(f"{r['trial_id']} (" + ", ".join(f"{m}={fmt(r.get(m), m)}" for m, _ in results.objectives) + ")"
+                          for r in pareto_front(results))
+        raise ConfigError(f"{results.dir}: a sweep with several metrics has no single winner; choose a trial of "
+                          f"its Pareto front with --trial ID. Front: {front or 'no ok trial'}.")
+    elif rep is not None:
         if rep.recommended is None:
             raise ConfigError(f"{results.dir}: nothing to export. {rep.statement}")
         row = next(r for r in results.rows if r.get("trial_id") == rep.recommended["trial_id"])
@@ -95,10 +116,11 @@ def _status_counts(results: Results) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no trials"
 
 
-def plan_export(results: Results, to: str | Path | None = None, *, date: str | None = None) -> ExportPlan:
+def plan_export(results: Results, to: str | Path | None = None, *, date: str | None = None,
+                trial: str | None = None) -> ExportPlan:
     """What :func:`export` would write: the merged values, provenance and the old → new lines."""
     path = Path(to) if to else PROJECT_LOCKED
-    w = winner(results)
+    w = winner(results, trial)
     date = date or datetime.date.today().isoformat()
     provenance = {
         key: {"source": w.source, "sweep": results.name, "group": results.group, "metric": w.metric,
@@ -235,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--to", metavar="PATH", default=None,
                     help=f"where to write the TOML (default: {PROJECT_LOCKED}, the project's locked defaults)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing file (its other keys are kept)")
+    ap.add_argument("--trial", metavar="ID", help="export this ok trial instead of the winner (required for a sweep "
+                                                   "with several metrics: a point of its Pareto front)")
     args = ap.parse_args(argv)
     results = load_results(args.results_dir)
-    plan = plan_export(results, args.to)
+    plan = plan_export(results, args.to, trial=args.trial)
     print(f"{plan.path}: {'would change' if plan.path.exists() and not args.force else 'writing'} "
-          f"(winner: trial {plan.winner.row.get('trial_id')} of {results.group}, {plan.winner.metric} = "
+          f"({'chosen' if args.trial else 'winner'}: trial {plan.winner.row.get('trial_id')} of {results.group}, {plan.winner.metric} = "
           f"{fmt(plan.winner.metric_value, plan.winner.metric)})")
     print("\n".join(plan.changes))
     write_export(plan, results, force=args.force)

@@ -76,6 +76,15 @@ class Results:
         m = self.sweep.get("mode") or "min"
         return m[0] if isinstance(m, list) else m
 
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, mode) pairs: one for a single-metric sweep, several for a Pareto sweep."""
+        metrics, modes = self.sweep.get("metric") or "val_loss", self.sweep.get("mode") or "min"
+        if not isinstance(metrics, list):
+            return [(metrics, modes if isinstance(modes, str) else modes[0])]
+        modes = modes if isinstance(modes, list) else [modes] * len(metrics)
+        return list(zip(metrics, modes))
+
     def limit(self) -> tuple[float | None, str]:
         """The memory limit of the frontier: ``memory_limit_gib`` when set, else the device's memory."""
         emulated = _number(self.sweep.get("memory_limit_gib")) or _number((self.sweep.get("base") or {}).get(
@@ -429,6 +438,21 @@ def best_trial(results: Results) -> dict[str, Any] | None:
     return None
 
 
+def pareto_front(results: Results) -> list[dict[str, Any]]:
+    """The ``ok`` trials no other ``ok`` trial beats on every objective (and strictly on one), ordered by the
+    first objective. For a single-metric sweep that is the best trial (and its ties)."""
+    signs = [(m, 1.0 if mode == "min" else -1.0) for m, mode in results.objectives]
+
+    def costs(r: dict[str, Any]) -> tuple[float, ...] | None:
+        values = [_number(r.get(m)) for m, _ in signs]
+        return None if any(v is None for v in values) else tuple(sign * v for (_, sign), v in zip(signs, values))
+
+    ok = [(r, c) for r in results.rows if r.get("status") == "ok" and (c := costs(r)) is not None]
+    front = [(r, c) for r, c in ok
+             if not any(all(a <= b for a, b in zip(o, c)) and o != c for _, o in ok)]
+    return [r for r, _ in sorted(front, key=lambda rc: rc[1])]
+
+
 def val_loss_at_equal_tokens(results: Results) -> tuple[float | None, dict[str, float | None]]:
     """The largest token count every trial reached with a validation pass, and each trial's val_loss there
     (linear interpolation between its validation points)."""
@@ -455,12 +479,25 @@ def summary_markdown(results: Results) -> str:
     """``summary.md``: every trial sorted by the metric, plus the norm × warmup and batch × LR tables when they apply."""
     metric = results.metric
     axes = results.space_keys
-    lines = [f"# Sweep summary: {results.name}", "", f"Group: {results.group}. Metric: {metric} ({results.mode}).", ""]
-    best = best_trial(results)
+    objectives = ", ".join(f"{m} ({mode})" for m, mode in results.objectives)
+    several = len(results.objectives) > 1
+    lines = [f"# Sweep summary: {results.name}", "",
+             f"Group: {results.group}. {'Objectives' if several else 'Metric'}: {objectives}.", ""]
+    best = None if several else best_trial(results)
+    if several:
+        front = pareto_front(results)
+        headers = ["trial_id", *map(short, axes), *(m for m, _ in results.objectives)]
+        body = [[r.get("trial_id"), *(fmt(r.get(k), k) for k in axes), *(fmt(r.get(m), m) for m, _ in results.objectives)]
+                for r in front]
+        lines += ["## Pareto front", "",
+                  f"The ok trials no other ok trial beats on every objective ({len(front)} of "
+                  f"{sum(1 for r in results.rows if r.get('status') == 'ok')}); export one with "
+                  f"`python -m lmtune.export {results.dir} --trial ID`.", "",
+                  markdown_table(headers, body) if body else "No ok trial yet.", ""]
     if best is not None:
         lines += [f"Best ok trial: {best['trial_id']} ("
                   + ", ".join(f"{short(k)}={best.get(k)}" for k in axes) + f"), {metric} = {fmt(best.get(metric), metric)}.", ""]
-    shown = [m for m in dict.fromkeys([metric, *SUMMARY_METRICS])
+    shown = [m for m in dict.fromkeys([metric, *(m for m, _ in results.objectives), *SUMMARY_METRICS])
              if m == metric or any(_number(r.get(m)) is not None for r in results.rows)]
     headers = ["trial_id", "status", *map(short, axes), *shown]
     body = [[r.get("trial_id"), status_label(r), *(fmt(r.get(k), k) for k in axes), *(fmt(r.get(m), m) for m in shown)]

@@ -7,6 +7,7 @@ the results directory::
     summary.md                  every trial sorted by the metric (+ norm × warmup, batch × LR tables)
     plots/frontier.png          micro-batch vs peak memory and vs throughput per budget, OOMs marked, limit drawn
     plots/loss_curves.png       train and validation loss vs tokens, one colour per trial
+    plots/pareto.png            sweeps with several metrics: the first two, every ok trial, the Pareto front
     plots/grad_norm_layers.png  final per-layer gradient norm (log10) per trial, for norm sweeps
     plots/grad_norm_over_time.png  per-layer gradient norm (log10) against step, one panel per trial, for
                                 norm sweeps: where the seed saw post-LN's ~10 orders of magnitude open up
@@ -29,6 +30,7 @@ from lmtune.frontier import (
     Results,
     frontier_report,
     load_results,
+    pareto_front,
     short,
     summary_markdown,
     write_frontier,
@@ -75,6 +77,10 @@ def render_plots(results: Results, rep: FrontierReport | None) -> list[Path]:
     curves = plot_loss_curves(results, plots / "loss_curves.png")
     if curves is not None:
         out.append(curves)
+    if len(results.objectives) > 1:
+        pareto = plot_pareto(results, plots / "pareto.png")
+        if pareto is not None:
+            out.append(pareto)
     if any(k in results.space_keys for k in NORM_KEYS):
         for plot, name in ((plot_grad_norm_layers, "grad_norm_layers.png"),
                            (plot_grad_norm_over_time, "grad_norm_over_time.png")):
@@ -179,6 +185,24 @@ def plot_grad_norm_layers(results: Results, path: Path) -> Path | None:
     ax.set(xlabel="layer", title="log10 final gradient norm per layer")
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
+
+
+def plot_pareto(results: Results, path: Path) -> Path | None:
+    """The first two objectives of every ok trial; the Pareto front (over all objectives) marked and joined."""
+    (mx, x_mode), (my, y_mode) = results.objectives[:2]
+    ok = [r for r in results.rows if r.get("status") == "ok" and _finite(r.get(mx)) and _finite(r.get(my))]
+    if not ok:
+        return None
+    front = [r for r in pareto_front(results) if r in ok]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot([r[mx] for r in ok], [r[my] for r in ok], "o", color="C0", alpha=0.5, label="ok trials")
+    line = sorted(front, key=lambda r: r[mx])
+    ax.plot([r[mx] for r in line], [r[my] for r in line], "o-", color="C3", label="Pareto front")
+    for r in front:
+        ax.annotate(str(r["trial_id"]), (r[mx], r[my]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel=f"{mx} ({x_mode})", ylabel=f"{my} ({y_mode})", title=f"Pareto front: {results.name}")
+    return _save(fig, path, legends=(ax,))
 
 
 def layer_norm_history(results: Results, row: dict[str, Any]) -> tuple[list[int], list[list[float]]]:

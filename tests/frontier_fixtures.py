@@ -129,3 +129,18 @@ def batch_results(root: Path) -> Path:
         "a4": [{"tokens": 0, "val_loss": 5.0}, {"tokens": 2000, "val_loss": 3.0}, {"tokens": 4000, "val_loss": 2.9}],
     }
     return write_results_dir(root, sweep, rows, metrics)
+
+
+def pareto_results(root: Path) -> Path:
+    """A sweep with two metrics (val_loss min, tokens_per_s max): a front of three, one dominated, one oom."""
+    sweep = {
+        "name": "pareto", "group": "4-pareto-20260101-000000-000000", "metric": ["val_loss", "tokens_per_s"],
+        "mode": ["min", "max"], "searcher": "nsga2", "export": ["train.lr"], "frontier": None,
+        "memory_limit_gib": 0.0, "base": {"train.lr": 6e-4},
+        "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+    }
+    points = [("a", 3.0, 1000.0, "ok"), ("b", 3.2, 2000.0, "ok"), ("c", 3.5, 3000.0, "ok"),
+              ("d", 3.3, 1500.0, "ok"), ("e", None, None, "oom")]
+    rows = [{"trial_id": tid, "status": status, "source": "run", "train.lr": 1e-3 * (i + 1), "val_loss": val,
+             "tokens_per_s": tps} for i, (tid, val, tps, status) in enumerate(points)]
+    return write_results_dir(root, sweep, rows)

@@ -122,3 +122,19 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out.toml").exists()
+
+
+def test_a_pareto_sweep_is_exported_by_choosing_a_trial_of_its_front(tmp_path, capsys):
+    from tests.frontier_fixtures import pareto_results
+
+    d = pareto_results(tmp_path / "p")
+    out = tmp_path / "locked.toml"
+    assert export.main([str(d), "--to", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "several metrics has no single winner" in err and "--trial ID" in err and "b (val_loss=3.2" in err
+    assert not out.exists()
+    assert export.main([str(d), "--to", str(out), "--trial", "e"]) == 2  # oom: not a config to lock
+    assert "ended oom, not ok" in capsys.readouterr().err
+    assert export.main([str(d), "--to", str(out), "--trial", "b"]) == 0
+    assert config_lib.load(locked=out).train.lr == pytest.approx(2e-3)
+    assert "trial b chosen (on the Pareto front)" in config_lib.provenance(out)["train.lr"]["source"]

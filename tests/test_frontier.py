@@ -179,3 +179,21 @@ def test_limit_falls_back_to_the_device_memory_trials_reported(tmp_path):
     for s in (d / "trials").glob("*/summary.json"):
         s.write_text(json.dumps({**json.loads(s.read_text()), "device_memory_gib": 20.0}))
     assert load_results(d).limit() == (20.0, "device memory reported by the trials")
+
+
+def test_pareto_front_summary_and_plot(tmp_path):
+    from tests.frontier_fixtures import pareto_results
+
+    from lmtune.frontier import pareto_front
+
+    d = pareto_results(tmp_path / "p")
+    results = load_results(d)
+    assert results.objectives == [("val_loss", "min"), ("tokens_per_s", "max")]
+    assert [r["trial_id"] for r in pareto_front(results)] == ["a", "b", "c"]  # d is beaten by b on both
+    written = report.render(d)
+    md = (d / "summary.md").read_text()
+    assert "Objectives: val_loss (min), tokens_per_s (max)." in md and "## Pareto front" in md
+    front_table = md.split("## Pareto front")[1].split("## Trials")[0]
+    assert "| a |" in front_table and "| c |" in front_table and "| d |" not in front_table
+    assert d / "plots" / "pareto.png" in written
+    _assert_png(d / "plots" / "pareto.png")

@@ -422,8 +422,8 @@ def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
 
 def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
                    tune_dir: str):
-    from lmtune.frontier import NORM_KEYS, best_trial, load_results
-    from lmtune.sweep.results import table
+    from lmtune.frontier import NORM_KEYS, best_trial, load_results, pareto_front
+    from lmtune.sweep.results import fmt, table
 
     counts: dict[str, int] = {}
     for r in rows:
@@ -454,7 +454,13 @@ def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, An
     else:
         print("no trial has finished", file=out)
     best = None
-    if len(rs.metrics) == 1:
+    if len(rs.metrics) > 1:
+        front = pareto_front(load_results(results_dir))
+        objectives = ", ".join(f"{m} {mode}" for m, mode in zip(rs.metrics, rs.modes))
+        print(f"pareto front ({objectives}): " + ("; ".join(
+            f"{r['trial_id']} (" + ", ".join(f"{m}={fmt(r.get(m))}" for m in rs.metrics) + ")" for r in front)
+            or "no ok trial"), file=out)
+    else:
         best = best_trial(load_results(results_dir))
         if best is not None:
             point = ", ".join(f"{k}={best.get(k)}" for k in _space_keys(rs))
