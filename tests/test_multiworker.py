@@ -6,7 +6,9 @@
   Train run's storage);
 * a Train worker process SIGKILLed mid-run (after the first checkpoint): the trial is retried, the Train
   run resumes from its last checkpoint (no step before it is reported again) and ends with exactly the
-  uninterrupted run's final metrics.
+  uninterrupted run's final metrics;
+* the sweep's driver SIGKILLed during a 2-worker trial: ``--resume`` continues the trial's Train run from its
+  checkpoint, with the uninterrupted run's reports and final metrics.
 
 The three sweeps run once per module (fixtures) and the tests read their results directories.
 """
@@ -199,6 +201,46 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_metrics(killed
     ref_row, ref_last = _final(two_workers)
     assert last["step"] == ref_last["step"] == STEPS
     for key in ("loss", "val_loss", "val_ppl", "tokens"):
+        assert last[key] == ref_last[key], (key, last[key], ref_last[key])
+
+
+def test_killed_driver_resumes_the_train_run_from_its_checkpoint(tmp_path, two_workers):
+    """The sweep's driver (and the Ray it started) SIGKILLed during a 2-worker trial: --resume restarts the
+    trial under its id, its Train run continues from the latest Train checkpoint, and the trial ends exactly
+    as the uninterrupted run did, its metrics.jsonl report for report the same."""
+    f = sweep_file(tmp_path, _sweep_body("ddp-driver-kill", 2, MB))
+    storage = tmp_path / "results"
+    args = ["--storage", str(storage), "--no-wandb", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def past_two_checkpoints() -> bool:
+            for m in storage.glob("*/trials/*/metrics.jsonl"):
+                try:
+                    return any(json.loads(line).get("step", 0) >= 2 * EVAL for line in m.read_text().splitlines())
+                except ValueError:  # a line the driver is still writing
+                    return False
+            return False
+
+        _wait_for(past_two_checkpoints, 300, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    results = only_run(storage)
+    (tid,) = [p.name for p in (results / "trials").iterdir()]
+    before = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
+    again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    row, last = _final(results)
+    assert row["trial_id"] == tid and row["status"] == "ok", (row, again.stdout)
+    after = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
+    assert after[:2] == before[:2]  # continued, not restarted: the first reports are the first attempt's
+    ref = (two_workers / "trials" / _final(two_workers)[0]["trial_id"] / "metrics.jsonl").read_text().splitlines()
+    kinds = [(json.loads(line)["step"], "val_loss" in json.loads(line)) for line in after]
+    assert kinds == [(json.loads(line)["step"], "val_loss" in json.loads(line)) for line in ref]
+    ref_row, ref_last = _final(two_workers)
+    for key in ("loss", "val_loss", "tokens"):
         assert last[key] == ref_last[key], (key, last[key], ref_last[key])
 
 
