@@ -53,9 +53,12 @@ FINAL_METRICS = (
 )
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_REPORT = "lmtune_checkpoint_report"
-"""Set on the report a resumed trainer sends again first: the one its checkpoint was saved with. Whoever
-collects reports (the sweep driver) may have lost it when the run was interrupted; it replaces any
-reports made after that checkpoint, which the resumed run makes again."""
+"""Set on the reports a resumed trainer sends again first: those made since the checkpoint before the
+previous one, up to the checkpoint it resumes from (saved in the checkpoint). Whoever collects reports (the
+sweep driver) may have lost the last of them when the run was interrupted (on Ray Train the checkpoint can
+be persisted before its reports reach Tune); from the first of them on, they replace what it recorded."""
+REPLAY_CHECKPOINTS = 2
+"""How many checkpoint intervals of reports a checkpoint holds for that replay."""
 FAULT_OOM_ENV = "LMTUNE_FAULT_OOM_MICRO_BATCH"
 """Fault injection for tests of the OOM path through Ray (trial processes inherit the driver's environment):
 every step of a run whose micro_batch_size is at least this raises a real torch.OutOfMemoryError."""
@@ -213,7 +216,9 @@ class Trainer:
         self.first_loss: float | None = None
         self.last: dict[str, Any] = {}
         self.measured: dict[str, float] = {}
-        self._checkpoint_report: dict[str, Any] | None = None
+        self._replay: list[dict[str, Any]] = []
+        self._checkpoint_marks: list[int] = []
+        """Indices in ``history`` of the reports that went with a checkpoint."""
         if self.resume_from:
             self._load_checkpoint(self.resume_from)
         if self.is_main and self.out_dir:
@@ -265,8 +270,9 @@ class Trainer:
 
     def _train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        if self._checkpoint_report is not None and self._report is not None:
-            self._report({**self._checkpoint_report, CHECKPOINT_REPORT: True}, None)
+        if self._report is not None:
+            for report in self._replay:
+                self._report({**report, CHECKPOINT_REPORT: True}, None)
         k = t.accumulation_steps
         self.model.train()
         self.timer = StepTimer(self.device, t.compile_warmup_steps)
@@ -436,9 +442,14 @@ class Trainer:
         """Record and report ``metrics``; with ``checkpoint``, a checkpoint holding this report is saved first
         and goes with it."""
         metrics = {**metrics, **self._common(status)}
-        checkpoint_dir = self._save_checkpoint(metrics) if checkpoint else None
-        self.last.update(metrics)
         self.history.append(metrics)
+        checkpoint_dir = None
+        if checkpoint:
+            self._checkpoint_marks.append(len(self.history) - 1)
+            marks = self._checkpoint_marks
+            start = marks[-1 - REPLAY_CHECKPOINTS] + 1 if len(marks) > REPLAY_CHECKPOINTS else 0
+            checkpoint_dir = self._save_checkpoint(self.history[start:])
+        self.last.update(metrics)
         if self.is_main:
             if self.out_dir:
                 with open(self.out_dir / "metrics.jsonl", "a") as f:
@@ -492,9 +503,9 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, report: dict[str, Any]) -> str | None:
-        """Model, optimizer, step, RNG, data position and the report it goes with, written atomically;
-        returns its directory."""
+    def _save_checkpoint(self, reports: list[dict[str, Any]]) -> str | None:
+        """Model, optimizer, step, RNG, data position and the reports that end with its own (see
+        :data:`CHECKPOINT_REPORT`), written atomically; returns its directory."""
         if not (self.is_main and self.cfg.train.checkpoint):
             return None
         if self.out_dir:
@@ -515,7 +526,7 @@ class Trainer:
                 "data": self.batches.state_dict(),
                 "noise": self.noise.state_dict(),
                 "vocab_size": self.tokens.vocab_size,
-                "report": report,
+                "reports": reports,
             },
             tmp / CHECKPOINT_FILE,
         )
@@ -536,7 +547,9 @@ class Trainer:
         self.batches.load_state_dict(state["data"])
         self.noise.load_state_dict(state["noise"])
         _set_rng_state(state["rng"])
-        self._checkpoint_report = state.get("report")
+        self._replay = list(state.get("reports") or [])
+        self.history = list(self._replay)  # the next checkpoint's replay window reaches back before the resume
+        self._checkpoint_marks = [len(self.history) - 1] if self.history else []
 
     def _progress_bar(self):
         if not (self.progress and self.is_main):

@@ -76,9 +76,9 @@ def test_resume_reproduces_uninterrupted_trajectory(tmp_path):
     assert summary["val_loss"] == full.history[-1]["val_loss"]
 
 
-def test_resumed_trainer_first_sends_the_report_its_checkpoint_was_saved_with(tmp_path):
+def test_resumed_trainer_first_sends_the_reports_its_checkpoint_was_saved_with(tmp_path):
     """What a sweep driver needs to keep metrics.jsonl whole when the interruption came between a
-    checkpoint and its report reaching the driver."""
+    checkpoint and its reports reaching the driver."""
     from lmtune.train import CHECKPOINT_REPORT
 
     class Interrupted(Exception):
@@ -96,8 +96,10 @@ def test_resumed_trainer_first_sends_the_report_its_checkpoint_was_saved_with(tm
         Trainer(cfg, out_dir=tmp_path / "part", report=report_until_first_checkpoint).fit()
     again: list[dict] = []
     Trainer(cfg, resume_from=tmp_path / "part" / "checkpoint", report=lambda m, c: again.append(m)).fit()
-    assert again[0] == {**heard[-1], CHECKPOINT_REPORT: True} and heard[-1]["step"] == 10 and "val_loss" in heard[-1]
-    assert [m["step"] for m in again[1:]] == [15, 20, 20, 25, 30]  # then on from the checkpoint, as uninterrupted
+    # The reports up to the checkpoint (here all of them: it is the first) come again, marked, ...
+    assert [m["step"] for m in heard] == [5, 10, 10] and "val_loss" in heard[-1]
+    assert again[:3] == [{**m, CHECKPOINT_REPORT: True} for m in heard]
+    assert [m["step"] for m in again[3:]] == [15, 20, 20, 25, 30]  # ...then on from the checkpoint, as uninterrupted
 
 
 def test_learns_builtin_corpus_golden_loss():
@@ -212,3 +214,15 @@ def test_empty_corpus_exits_2(in_tmp):
     proc = run_module("lmtune.train", *TINY, "data.dataset=files", "data.files=empty.txt", "--no-wandb", cwd=in_tmp)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "empty.txt" in proc.stderr
+
+
+def test_checkpoint_replay_window_spans_two_checkpoint_intervals(tmp_path):
+    import torch
+
+    from lmtune.train import CHECKPOINT_FILE
+
+    Trainer(tiny("train.steps=30", "train.eval_interval=10", "train.log_interval=5"), out_dir=tmp_path).fit()
+    state = torch.load(tmp_path / "checkpoint" / CHECKPOINT_FILE, weights_only=False)
+    # The final checkpoint (step 30) holds the reports after the step-10 checkpoint through its own.
+    assert [(m["step"], m["status"]) for m in state["reports"]][0] == (15, "running")
+    assert state["reports"][-1]["step"] == 30 and state["reports"][-1]["status"] == "ok"
