@@ -98,6 +98,10 @@ def test_asha_sweep_statuses_optuna_and_wandb(tmp_path):
     # (ok, oom) is complete; the ASHA-stopped one was cut off with its trial process (Tune kills it).
     runs = sorted((results / "wandb").glob("offline-run-*"))
     assert len(runs) == 4
+    from lmtune.sweep.trainable import wandb_run_id
+
+    # Run ids are the trials' (a retried or resumed trial continues its run).
+    assert {run.name.split("-", 3)[-1] for run in runs} == {wandb_run_id(results.name, t) for t in table}
     complete = [run for run in runs if results.name.encode() in b"".join(p.read_bytes() for p in run.glob("*.wandb"))]
     assert len(complete) >= 3
 

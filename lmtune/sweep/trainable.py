@@ -62,9 +62,19 @@ class TrialSettings:
         return self.workers > 1 or self.ray_train
 
     def wandb_kwargs(self, trial_id: str) -> dict | None:
+        """One W&B run per trial: a retried or resumed trial continues the run it started (same id, online)."""
         if not self.wandb:
             return None
-        return {"project": "lmtune", "group": self.group, "name": trial_id, "dir": self.results_dir}
+        return {"project": "lmtune", "group": self.group, "name": trial_id, "dir": self.results_dir,
+                "id": wandb_run_id(self.group, trial_id), "resume": "allow"}
+
+
+def wandb_run_id(group: str, trial_id: str) -> str:
+    """The trial's W&B run id: its Tune id and a hash of the sweep run's name (unique across sweeps, within
+    W&B's 64-character id limit)."""
+    import hashlib
+
+    return f"{trial_id}-{hashlib.sha1(group.encode()).hexdigest()[:10]}"
 
 
 def trial_config(config: dict[str, Any]) -> dict[str, Any]:
