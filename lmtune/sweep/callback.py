@@ -189,10 +189,10 @@ def _order(report: dict[str, Any]) -> tuple[int, int]:
 
 def _drop_reports_from(path: Path, first: dict[str, Any]) -> None:
     """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from there: first the
-    report its checkpoint was saved with (``lmtune.train.CHECKPOINT_REPORT``), then the steps after it.
-    Reports the earlier attempt made from that point on are dropped, so that metrics.jsonl holds each
-    report once, as one uninterrupted run would have written it (including a checkpoint's report that
-    never reached the driver before the interruption)."""
+    reports its checkpoint holds (``lmtune.train.CHECKPOINT_REPORT``: up to two checkpoint intervals ending
+    with the checkpoint's own), then the steps after it. What the earlier attempt recorded from the first of
+    them on is dropped, so that metrics.jsonl holds each report once, as one uninterrupted run would have
+    written it (including reports that never reached the driver before the interruption)."""
     if not isinstance(first.get("step"), int) or not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)

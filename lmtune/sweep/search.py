@@ -146,7 +146,7 @@ class StudySearch(OptunaSearch):
     def _requeue_orphans(self) -> None:
         """Trials asked of the study after the Tune snapshot being restored was taken.
 
-        The snapshot is taken right after a trial is added (see :class:`_RecordsDecisions`), but a driver
+        The snapshot is taken soon after a trial is added (see :class:`_RecordsDecisions`), but a driver
         killed in between leaves a trial RUNNING in optuna.db that the restored sweep knows nothing of.
         It is closed as FAIL (``status=interrupted``) and its point enqueued, so the resumed sweep runs that
         point next instead of losing it (a grid would count it as taken) or leaving it RUNNING forever.
