@@ -28,6 +28,17 @@ FEASIBLE = ("ok", "diverged", "pruned")
 """Statuses of trials that ran without running out of memory (as in lmtune.sweep.plan)."""
 NORM_KEYS = ("model.norm_placement", "model.final_norm", "train.warmup_steps")
 BATCH_KEYS = ("train.micro_batch_size", "train.accumulation_steps", "train.lr_scaling", "train.base_batch_tokens")
+STUDIED = {"norm": ("grad_norm_spread",), "batch": ("grad_coherence", "noise_scale")}
+"""What the seed's experiments look at besides the metric: the spread of per-layer gradient norms for norm
+placement × warmup, gradient coherence and the noise scale for effective batch × LR scaling."""
+
+
+def experiments(space_keys: Iterable[str], frontier: Any = None) -> list[str]:
+    """Which of the seed's experiments a sweep over ``space_keys`` is (keys of :data:`STUDIED`); a memory
+    frontier over micro-batch sizes is not a batch-size experiment."""
+    keys = set(space_keys)
+    kinds = ["norm"] if keys & set(NORM_KEYS) else []
+    return kinds + (["batch"] if keys & set(BATCH_KEYS) and not frontier else [])
 SUMMARY_METRICS = ("val_loss", "loss", "tokens_per_s", "peak_reserved_gib", "wall_clock_s")
 
 
@@ -503,7 +514,8 @@ def summary_markdown(results: Results) -> str:
     body = [[r.get("trial_id"), status_label(r), *(fmt(r.get(k), k) for k in axes), *(fmt(r.get(m), m) for m in shown)]
             for r in sorted_by_metric(results)]
     lines += ["## Trials", "", markdown_table(headers, body) if body else "No trials yet.", ""]
-    if any(k in axes for k in NORM_KEYS):
+    kinds = experiments(axes, results.frontier_spec)
+    if "norm" in kinds:
         headers = ["trial_id", *map(short, axes), "val_loss", "grad_norm_spread", "diverged"]
         body = [[r.get("trial_id"), *(fmt(r.get(k), k) for k in axes), fmt(r.get("val_loss"), "val_loss"),
                  fmt(r.get("grad_norm_spread"), "grad_norm_spread"), "yes" if r.get("status") == "diverged" else "no"]
@@ -511,7 +523,7 @@ def summary_markdown(results: Results) -> str:
         lines += ["## Norm placement × warmup", "",
                   "Final validation loss, the spread of per-layer gradient norms (log10 max/min over layers) and "
                   "whether the run diverged.", "", markdown_table(headers, body), ""]
-    if any(k in axes for k in BATCH_KEYS) and not results.frontier_spec:
+    if "batch" in kinds:
         tokens, at = val_loss_at_equal_tokens(results)
         headers = ["trial_id", *map(short, axes), "val_loss_at_equal_tokens", "val_loss", "grad_coherence", "noise_scale"]
         body = [[r.get("trial_id"), *(fmt(r.get(k), k) for k in axes), fmt(at.get(r["trial_id"]), "val_loss"),

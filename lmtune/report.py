@@ -25,9 +25,9 @@ from typing import Any
 
 from lmtune.cli import user_errors_exit_2
 from lmtune.frontier import (
-    NORM_KEYS,
     FrontierReport,
     Results,
+    experiments,
     frontier_report,
     load_results,
     pareto_front,
@@ -81,7 +81,7 @@ def render_plots(results: Results, rep: FrontierReport | None) -> list[Path]:
         pareto = plot_pareto(results, plots / "pareto.png")
         if pareto is not None:
             out.append(pareto)
-    if any(k in results.space_keys for k in NORM_KEYS):
+    if "norm" in experiments(results.space_keys, results.frontier_spec):
         for plot, name in ((plot_grad_norm_layers, "grad_norm_layers.png"),
                            (plot_grad_norm_over_time, "grad_norm_over_time.png")):
             written = plot(results, plots / name)

@@ -422,7 +422,7 @@ def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
 
 def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
                    tune_dir: str):
-    from lmtune.frontier import NORM_KEYS, best_trial, load_results, pareto_front
+    from lmtune.frontier import STUDIED, best_trial, experiments, load_results, pareto_front
     from lmtune.sweep.results import fmt, table
 
     counts: dict[str, int] = {}
@@ -438,11 +438,7 @@ def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, An
 
     ordered = sorted(rows, key=key)
     shown = ["trial_id", "status", *[k for k in _space_keys(rs)], *rs.metrics]
-    keys = set(_space_keys(rs))
-    # What the seed's experiments look at besides the metric: gradient spread across layers for norm
-    # placement × warmup, gradient coherence and the noise scale for effective batch × LR scaling.
-    studied = (["grad_norm_spread"] if keys & set(NORM_KEYS) else []) + (
-        ["grad_coherence", "noise_scale"] if keys & {"train.accumulation_steps", "train.lr_scaling"} else [])
+    studied = [m for kind in experiments(_space_keys(rs), rs.frontier) for m in STUDIED[kind]]
     for extra in (*studied, "tokens", "peak_reserved_gib", "wall_time_s"):
         if extra not in shown:
             shown.append(extra)
