@@ -1,18 +1,41 @@
-# The two commands of the quickstart. Both install what they need first (torch's CPU wheel before
-# anything else: an unpinned torch would pull a multi-GB CUDA build).
+# The README's two commands (`make demo`, `make test`) set everything up themselves: a project virtual
+# environment in .venv (so a distribution's PEP 668 Python works), torch first, then lmtune with its test extra.
+#
+# torch is pinned here, once. On a Linux machine PyPI's torch wheel is the CUDA build (several GB): right for a
+# GPU machine. On a machine without a GPU, the CPU-only build is ~10x smaller:
+#     make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lmtune-installed
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check clean
 
-install:
-	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; install your Python's venv module (Debian/Ubuntu: apt install python3-venv) or set PYTHON=/path/to/python3"; exit 2; }
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $@
+
+install: $(STAMP)  ## the project environment in .venv (once; again when pyproject.toml changes)
 
 demo: install  ## the main job: the memory-frontier sweep, smoke size, on an embedded local Ray (CPU, built-in corpus)
-	$(PYTHON) -m lmtune.sweep sweeps/memory_frontier.py --smoke
+	$(PY) -m lmtune.sweep sweeps/memory_frontier.py --smoke
 
 test: install  ## the whole test suite, real runs at tiny sizes (a few minutes on 2 cores)
-	$(PYTHON) -m pytest -q
+	$(PY) -m pytest -q
 
-bench: install  ## the benchmarks recorded in BENCHMARKS.md
-	for b in benchmarks/*.py; do $(PYTHON) $$b || exit 1; done
+bench: install  ## the benchmarks recorded in BENCHMARKS.md (one at a time: they time the machine)
+	for b in trainer_vs_bare token_cache trial_overhead frontier_search memory_model oom_aware_search; do \
+		$(PY) benchmarks/$$b.py || exit 1; done
+
+# The GPU acceptance run needs no environment: torch, numpy and tiktoken of whatever Python has them (a GPU
+# machine's own), from this source tree. Without a CUDA device it says so and exits 0.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:  ## the GPU acceptance checks (benchmarks/gpu_check.py): ≤ 8 minutes on one CUDA GPU
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py
+
+clean:  ## what lmtune and Ray leave that can be made again: Ray's session logs, the token cache, Python caches
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m lmtune.clean

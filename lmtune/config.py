@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import tomllib
 import typing
@@ -65,6 +66,9 @@ class ModelConfig:
     """Bias terms in Linear and LayerNorm layers (GPT-2 has them)."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the LM head (Press & Wolf 2017)."""
+    vocab_size: int = field(default=0, metadata=_range(ge=0))
+    """Rows of the embedding and the LM head; 0 = the tokenizer's ids. A larger value pads them (nanoGPT pads
+    GPT-2's 50257 to 50304, a multiple of 64) or gives a byte-level model the GPT-2 model's size."""
 
 
 @dataclass
@@ -123,7 +127,12 @@ class TrainConfig:
     eval_interval: int = field(default=100, metadata=_range(ge=1))
     """Optimizer steps between validation passes (and checkpoints); the last step is always evaluated."""
     eval_batches: int = field(default=20, metadata=_range(ge=1))
-    """Micro-batches per validation pass."""
+    """Micro-batches per validation pass (when eval_sequences is 0)."""
+    eval_sequences: int = field(default=0, metadata=_range(ge=0))
+    """Validation sequences per pass: the first ones of the validation split, the same text for every
+    micro-batch size and worker count (run in micro-batches, the last one padded with ignored targets).
+    0 = eval_batches·micro_batch_size·workers, which changes with the micro-batch; a sweep over the
+    micro-batch sets it, so that all its trials are scored on the same text."""
     log_interval: int = field(default=10, metadata=_range(ge=1))
     """Optimizer steps between training metric reports (loss, lr, tokens_per_s, grad norms)."""
     measure_interval: int = field(default=50, metadata=_range(ge=0))
@@ -141,15 +150,22 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode."""
     ac_budget: float = field(default=1.0, metadata=_range(ge=0.0, le=1.0))
-    """Activation-memory budget (1 = keep every activation, no recomputation). With compile it is the
-    partitioner's torch._functorch.config.activation_memory_budget; in eager mode round((1-ac_budget)·n_layer)
-    blocks are checkpointed."""
+    """Activation-memory budget (1 = keep every activation, no recomputation), applied in ac_mode: with
+    compile ("budget") it is the partitioner's torch._functorch.config.activation_memory_budget for each
+    compiled block; without ("blocks") round((1-ac_budget)·n_layer) blocks are checkpointed. A locked value
+    measured in one mode is not applied in the other (the run keeps 1.0 and --describe says why)."""
     compile_warmup_steps: int = field(default=3, metadata=_range(ge=0))
     """Leading steps excluded from avg_step_time_ms; peak memory is reset after them."""
     divergence_factor: float = field(default=3.0, metadata=_range(gt=1.0))
     """End the run as diverged when the loss is non-finite or exceeds this multiple of its first value."""
     checkpoint: bool = True
     """Save a checkpoint at every eval (needs an output directory)."""
+
+    @property
+    def ac_mode(self) -> Literal["budget", "blocks"]:
+        """How ac_budget is applied (lmtune.parallelize): the compile partitioner's memory ``budget``, or
+        eager checkpointed ``blocks``. Derived from compile; reported with every budget."""
+        return "budget" if self.compile else "blocks"
 
 
 @dataclass
@@ -276,6 +292,9 @@ def coerce(key: str, value: Any) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(out):  # nan and ±inf pass every range check below
+            raise ConfigError(f"{key}={shown} is not accepted: expected a finite number"
+                              f"{accepted(key).removeprefix('a number')}.")
     elif tp is str:
         if not isinstance(value, str):
             raise bad
@@ -365,6 +384,84 @@ def locked_files(explicit: str | Path | None = None) -> list[Path]:
     return files
 
 
+@dataclass
+class Layer:
+    """One source of config values, lowest priority first in :func:`layers`."""
+
+    name: str
+    """Where the values come from, as --describe shows it: ``locked lmtune/locked_defaults.toml``, ``file x.toml``,
+    ``command line``."""
+    values: dict[str, Any]
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error_prefix: str = ""
+
+
+def layers(files: list[str | Path] = (), overrides: dict[str, Any] | list[str] | None = None, *,
+           locked: str | Path | None | Literal[False] = None) -> list[Layer]:
+    """The locked-defaults files in force, the config files, then the overrides (later wins)."""
+    out = []
+    for path in [] if locked is False else locked_files(locked):
+        doc = read_toml(path)
+        out.append(Layer(f"locked {_shown(path)}", flatten_toml(doc, str(path)), doc.get("provenance") or {}, str(path)))
+    for path in map(Path, files):
+        out.append(Layer(f"file {path}", flatten_toml(read_toml(path), str(path)), error_prefix=str(path)))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    if overrides:
+        out.append(Layer("command line", dict(overrides)))
+    return out
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory or to lmtune's package when under either."""
+    path = Path(path).resolve()
+    for root, prefix in ((Path.cwd(), ""), (SHIPPED_LOCKED.parent.parent, "")):
+        try:
+            return prefix + str(path.relative_to(root))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def resolve(
+    files: list[str | Path] = (),
+    overrides: dict[str, Any] | list[str] | None = None,
+    *,
+    locked: str | Path | None | Literal[False] = None,
+) -> tuple[Config, dict[str, str]]:
+    """The config and, for every key, the layer its value comes from (``built-in`` for the defaults).
+
+    A locked value whose provenance names the ``ac_mode`` it was measured in (``[provenance."train.ac_budget"]
+    ac_mode = "budget"``) is applied only to runs in that mode: the compile partitioner's budget 0.75 would
+    otherwise checkpoint a quarter of the blocks of every eager run. The layer below it then decides, and
+    the source says so.
+    """
+    stack = layers(files, overrides, locked=locked)
+    skipped: dict[tuple[int, str], str] = {}
+    while True:
+        cfg, sources = Config(), {k: "built-in" for k in all_keys()}
+        for i, layer in enumerate(stack):
+            updates = {k: v for k, v in layer.values.items() if (i, k) not in skipped}
+            cfg = apply(cfg, updates, layer.error_prefix)
+            sources.update({k: layer.name for k in updates})
+        mismatched = None
+        for i, layer in enumerate(stack):
+            for key, record in layer.provenance.items():
+                mode = record.get("ac_mode") if isinstance(record, dict) else None
+                if (key in layer.values and (i, key) not in skipped and sources.get(key) == layer.name
+                        and mode and mode != cfg.train.ac_mode):
+                    mismatched = (i, key, mode)
+        if mismatched is None:
+            break
+        i, key, mode = mismatched
+        skipped[(i, key)] = (f"the {stack[i].name} value {stack[i].values[key]!r} was measured with ac_mode={mode}, "
+                             f"not applied to this {cfg.train.ac_mode}-mode run")
+    for (i, key), why in skipped.items():
+        sources[key] = f"{sources[key]} ({why})"
+    validate(cfg)
+    return cfg, sources
+
+
 def load(
     files: list[str | Path] = (),
     overrides: dict[str, Any] | list[str] | None = None,
@@ -375,15 +472,7 @@ def load(
 
     ``locked=False`` skips every locked-defaults file (the bare dataclass defaults).
     """
-    cfg = Config()
-    layers = [] if locked is False else locked_files(locked)
-    for path in [*layers, *map(Path, files)]:
-        cfg = apply(cfg, flatten_toml(read_toml(path), str(path)), str(path))
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    cfg = apply(cfg, overrides or {})
-    validate(cfg)
-    return cfg
+    return resolve(files, overrides, locked=locked)[0]
 
 
 def from_flat(flat: dict[str, Any]) -> Config:
@@ -412,16 +501,18 @@ def provenance(path: str | Path) -> dict[str, dict[str, Any]]:
     return read_toml(path).get("provenance", {})
 
 
-def describe() -> str:
-    """Every key with its type, default and the documentation written under its declaration."""
+def describe(cfg: Config | None = None, sources: dict[str, str] | None = None) -> str:
+    """Every key with its type and documentation; with ``cfg``, the value a run will use and the layer it comes
+    from (built-in, a locked-defaults file, a config file, the command line), else the built-in default."""
     lines = []
+    values = (cfg or Config()).flat()
     for section, cls in SECTIONS.items():
         docs = _attribute_docs(cls)
         lines.append(f"[{section}]")
-        defaults = dataclasses.asdict(cls())
         for f in dataclasses.fields(cls):
             key = f"{section}.{f.name}"
-            lines.append(f"  {key} = {defaults[f.name]!r}   ({accepted(key)})")
+            where = f"   <- {sources.get(key, 'built-in')}" if sources is not None else ""
+            lines.append(f"  {key} = {values[key]!r}   ({accepted(key)}){where}")
             if f.name in docs:
                 lines.append("      " + " ".join(docs[f.name].split()))
     return "\n".join(lines)

@@ -39,7 +39,6 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 import torch
-from tqdm import tqdm
 
 from lmtune.config import ConfigError, DataConfig
 
@@ -251,6 +250,27 @@ def _pieces(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
+class _NoProgress:
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(**kwargs: Any):
+    """A tqdm bar (imported here: the trainer also runs where only torch, numpy and tiktoken are installed,
+    e.g. the GPU acceptance check)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress(**kwargs)
+    return tqdm(**kwargs)
+
+
 def tokenize_documents(tokenizer: Tokenizer, documents: Sequence[str], desc: str = "tokenizing") -> np.ndarray:
     """Encode documents and join them with the tokenizer's end-of-text id (or a blank line for byte).
 
@@ -267,8 +287,8 @@ def tokenize_documents(tokenizer: Tokenizer, documents: Sequence[str], desc: str
     # Flags that say after which pieces of `batch` a document ends (a separator follows it).
     ends: list[bool] = []
 
-    bar = tqdm(total=total, unit="char", unit_scale=True, desc=desc, file=sys.stderr,
-               disable=total < PROGRESS_MIN_CHARS, leave=False)
+    bar = _progress(total=total, unit="char", unit_scale=True, desc=desc, file=sys.stderr,
+                    disable=total < PROGRESS_MIN_CHARS, leave=False)
 
     def flush() -> None:
         nonlocal batch_chars
@@ -796,11 +816,23 @@ class Batches:
         self.position = int(state["position"])
 
 
+IGNORE_INDEX = -100
+"""Target id that F.cross_entropy leaves out of its mean (its default ignore_index)."""
+
+
 def eval_batches(tokens: np.ndarray, seq_len: int, micro_batch_size: int,
-                 n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same validation batches every time: the first windows in order, wrapping around when the
-    split has fewer than ``n_batches·micro_batch_size`` windows."""
+                 n_sequences: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The validation set: the first ``n_sequences`` windows in order (all of them when the split has fewer;
+    none twice), as ``(x, y, n_valid)`` micro-batches of ``micro_batch_size`` rows. The last micro-batch is
+    padded to full size (with the first windows again) and its padding rows' targets set to
+    :data:`IGNORE_INDEX`, so every batch has one shape (no recompile) and the mean over the valid rows is
+    the same whatever the micro-batch size."""
     n = _n_windows(tokens, seq_len)
-    for b in range(n_batches):
-        ids = (b * micro_batch_size + np.arange(micro_batch_size)) % n
-        yield _windows(tokens, ids, seq_len)
+    n_sequences = min(n_sequences, n)
+    for start in range(0, n_sequences, micro_batch_size):
+        valid = min(micro_batch_size, n_sequences - start)
+        ids = (start + np.arange(micro_batch_size)) % n
+        x, y = _windows(tokens, ids, seq_len)
+        if valid < micro_batch_size:
+            y[valid:] = IGNORE_INDEX
+        yield x, y, valid

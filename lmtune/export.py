@@ -32,6 +32,7 @@ from lmtune import config as config_lib
 from lmtune.cli import user_errors_exit_2
 from lmtune.config import PROJECT_LOCKED, ConfigError
 from lmtune.frontier import (
+    AC_MODES,
     Results, best_trial, fmt, frontier_report, gib, load_results, markdown_table, pareto_front, short,
 )
 
@@ -128,6 +129,13 @@ def plan_export(results: Results, to: str | Path | None = None, *, date: str | N
               "results_dir": str(results.dir.resolve())}
         for key in w.values
     }
+    why = rehearsal(results)
+    if why:  # said next to every key it locks
+        for record in provenance.values():
+            record["measured_on"] = why
+            record["source"] += f" [{why}]"
+    if "train.ac_budget" in provenance:  # a budget means what its mode makes of it (lmtune.parallelize)
+        provenance["train.ac_budget"]["ac_mode"] = AC_MODES[bool(results.config_of(w.row).get("train.compile"))]
     old_values, old_prov = _read_locked(path) if path.exists() else ({}, {})
     values = {**old_values, **w.values}
     provenance = {**{k: v for k, v in old_prov.items() if k in values}, **provenance}
@@ -172,20 +180,52 @@ def export(results_dir: str | Path, to: str | Path | None = None, *, force: bool
     return write_export(plan_export(results, to), results, force=force)
 
 
+def _check_ac_mode(plan: ExportPlan) -> None:
+    """A locked ac_budget applies only in the mode it was measured in (lmtune.config.resolve): refuse a file
+    whose own train.compile would keep it from ever applying."""
+    mode = plan.provenance.get("train.ac_budget", {}).get("ac_mode")
+    if mode and "train.compile" in plan.values and AC_MODES[bool(plan.values["train.compile"])] != mode:
+        raise ConfigError(f"{plan.path}: the exported train.ac_budget={plan.values['train.ac_budget']} was measured "
+                          f"with ac_mode={mode}, but the file sets train.compile={str(plan.values['train.compile']).lower()}, "
+                          f"so the trainer would never apply it; export to another file (--to), or remove "
+                          f"train.compile from {plan.path.name} first.")
+
+
+def rehearsal(results: Results) -> str:
+    """Why a sweep's winner is not a measurement of the real run ('' when it is): a ``--smoke`` run, or one
+    under an emulated memory limit (a small device emulated on a bigger one)."""
+    why = []
+    if results.sweep.get("smoke"):
+        why.append("a --smoke run (a CPU-sized model)")
+    limit = results.sweep.get("memory_limit_gib") or (results.sweep.get("base") or {}).get("system.memory_limit_gib")
+    if limit:
+        why.append(f"run under an emulated {limit:g} GiB memory limit")
+    return " and ".join(why)
+
+
 def write_export(plan: ExportPlan, results: Results, *, force: bool = False) -> ExportPlan:
+    _check_ac_mode(plan)
+    why = rehearsal(results)
+    if why and plan.path.resolve() == PROJECT_LOCKED.resolve() and not force:
+        raise ConfigError(f"{results.dir.name} is {why}: its values would become the defaults of every "
+                          f"`python -m lmtune.train` in {Path.cwd()}; nothing written. Export it elsewhere with "
+                          f"--to FILE (and use it with --locked FILE), or pass --force to lock it in here anyway.")
     if plan.path.exists() and not force:
         raise ConfigError(f"{plan.path} exists; nothing written. Rerun with --force to apply the changes above "
                           f"(keys not exported here are kept).")
     plan.path.parent.mkdir(parents=True, exist_ok=True)
     plan.path.write_text(to_toml(plan.values, plan.provenance, results))
     plan.path.with_suffix(".md").write_text(to_markdown(plan.values, plan.provenance, plan.path))
-    check_round_trip(plan.path, plan.values)
+    check_round_trip(plan.path, plan.values, plan.provenance)
     return plan
 
 
-def check_round_trip(path: Path, values: dict[str, Any]) -> None:
-    """The trainer, given this file, resolves exactly the exported values."""
-    cfg = config_lib.load(locked=path)
+def check_round_trip(path: Path, values: dict[str, Any], provenance: dict[str, dict[str, Any]] | None = None) -> None:
+    """The trainer, given this file, resolves exactly the exported values (for a run in the AC mode they were
+    measured in, when they name one)."""
+    mode = (provenance or {}).get("train.ac_budget", {}).get("ac_mode")
+    overrides = {"train.compile": mode == "budget"} if mode and "train.compile" not in values else {}
+    cfg = config_lib.load(overrides=overrides, locked=path)
     wrong = {k: (cfg.get(k), v) for k, v in values.items() if cfg.get(k) != v}
     if wrong:
         raise RuntimeError(f"{path}: the trainer would not resolve the exported values: {wrong}")
@@ -268,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(plan.changes))
     write_export(plan, results, force=args.force)
     print(f"written: {plan.path} and {plan.path.with_suffix('.md')}")
+    mode = plan.provenance.get("train.ac_budget", {}).get("ac_mode")
+    if mode:
+        print(f"note: train.ac_budget={plan.values['train.ac_budget']} was measured with ac_mode={mode} "
+              f"(train.compile={'true' if mode == 'budget' else 'false'}); runs in the other mode keep their own.")
     print("the trainer now uses them: python -m lmtune.train"
           + ("" if plan.path.resolve() == PROJECT_LOCKED.resolve() else f" --locked {plan.path}"))
     return 0

@@ -39,7 +39,10 @@ def experiments(space_keys: Iterable[str], frontier: Any = None) -> list[str]:
     keys = set(space_keys)
     kinds = ["norm"] if keys & set(NORM_KEYS) else []
     return kinds + (["batch"] if keys & set(BATCH_KEYS) and not frontier else [])
-SUMMARY_METRICS = ("val_loss", "loss", "tokens_per_s", "peak_reserved_gib", "wall_clock_s")
+AC_MODES = {True: "budget", False: "blocks"}
+AC_MODE_TEXT = {"budget": "the compile partitioner's activation memory budget, per compiled block",
+                "blocks": "eager, round((1 − ac_budget)·n_layer) blocks checkpointed"}
+SUMMARY_METRICS = ("val_loss", "loss", "tokens", "tokens_per_s", "peak_reserved_gib", "wall_clock_s")
 
 
 def short(key: str) -> str:
@@ -112,6 +115,12 @@ class Results:
         if reported:
             return min(reported), "device memory reported by the trials"
         return None, ""
+
+    @property
+    def ac_mode(self) -> str:
+        """How the sweep's ``train.ac_budget`` was applied (lmtune.parallelize): ``budget`` with compile,
+        ``blocks`` without; the frontier refuses a sweep whose trials mix the two."""
+        return AC_MODES[bool((self.sweep.get("base") or {}).get("train.compile"))]
 
     def metrics(self, trial_id: str) -> list[dict[str, Any]]:
         """Every report of a trial (``trials/{id}/metrics.jsonl``); [] when there is none."""
@@ -228,10 +237,13 @@ class FrontierTable:
     largest_feasible: Any = None
     smallest_oom: Any = None
     prediction: dict[str, Any] = field(default_factory=dict)
+    ac_mode: str | None = None
+    """How the line's ac_budget was applied (``budget`` | ``blocks``), when the line has an AC budget."""
 
     @property
     def title(self) -> str:
-        return ", ".join(f"{short(k)}={v}" for k, v in self.line.items()) or "all trials"
+        title = ", ".join(f"{short(k)}={v}" for k, v in self.line.items()) or "all trials"
+        return f"{title} ({self.ac_mode})" if self.ac_mode else title
 
 
 @dataclass
@@ -246,6 +258,7 @@ class FrontierReport:
     recommended: dict[str, Any] | None
     statement: str
     counts: dict[str, int]
+    ac_mode: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,9 +282,18 @@ def analyze_frontier(
     headroom_gib: float,
     limit_source: str = "",
     grid_size: int | None = None,
+    ac_mode: str | None = None,
 ) -> FrontierReport:
-    """Frontier tables per line (the budget and other grid axes), the largest feasible x, and the recommendation."""
+    """Frontier tables per line (the budget and other grid axes), the largest feasible x, and the recommendation.
+
+    ``ac_mode``: how the budget axis was applied; a row whose own ``ac_mode`` differs (a trial run in the other
+    mode) makes the frontier meaningless and is refused (ConfigError)."""
     rows = [dict(r) for r in rows if r.get(x) is not None]
+    modes = {r["ac_mode"] for r in rows if r.get("ac_mode")} | ({ac_mode} if ac_mode else set())
+    if len(modes) > 1:
+        raise ConfigError(f"the frontier mixes AC modes ({', '.join(sorted(modes))}): the same ac_budget saves "
+                          f"different memory in each, so their lines cannot be compared; run one frontier per mode.")
+    ac_mode = next(iter(modes), None)
     ok = [r for r in rows if r.get("status") == "ok" and _number(r.get("tokens_per_s"))]
     best = max((_number(r["tokens_per_s"]) for r in ok), default=None)
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -301,9 +323,10 @@ def analyze_frontier(
         smallest_oom = min((r[x] for r in table_rows if r["status"].startswith("OOM")), default=None)
         feasible = [r[x] for r in table_rows if r["status"] in FEASIBLE
                     and (smallest_oom is None or r[x] < smallest_oom)]
+        line = dict(zip(line_keys, key))
         tables.append(FrontierTable(
-            dict(zip(line_keys, key)), table_rows, max(feasible, default=None), smallest_oom,
-            _prediction_summary(table_rows),
+            line, table_rows, max(feasible, default=None), smallest_oom, _prediction_summary(table_rows),
+            ac_mode if "train.ac_budget" in line else None,
         ))
     recommended = recommend(tables, x=x, limit_gib=limit_gib, headroom_gib=headroom_gib)
     counts = {
@@ -313,10 +336,11 @@ def analyze_frontier(
         "predicted": sum(1 for r in rows if r.get("source") == "predicted"),
         "grid": grid_size or len(rows),
     }
+    mode = ac_mode if "train.ac_budget" in line_keys else None
     return FrontierReport(
         x, list(line_keys), limit_gib, limit_source, headroom_gib, tables, best, recommended,
         recommendation_statement(recommended, x=x, limit_gib=limit_gib, headroom_gib=headroom_gib,
-                                 limit_source=limit_source), counts,
+                                 limit_source=limit_source, ac_mode=mode), counts, mode,
     )
 
 
@@ -341,7 +365,7 @@ def recommend(tables: Sequence[FrontierTable], *, x: str, limit_gib: float | Non
 
 
 def recommendation_statement(rec: Mapping[str, Any] | None, *, x: str, limit_gib: float | None,
-                             headroom_gib: float, limit_source: str = "") -> str:
+                             headroom_gib: float, limit_source: str = "", ac_mode: str | None = None) -> str:
     """The seed's sentence: "Recommended operating point: ac_budget=0.75, micro_batch_size=32. Gives ..."."""
     if limit_gib is None:
         return ("No recommended operating point: the memory limit is unknown (sweep.json has neither "
@@ -350,6 +374,8 @@ def recommendation_statement(rec: Mapping[str, Any] | None, *, x: str, limit_gib
         return (f"No recommended operating point: no ok trial leaves at least {headroom_gib:g} GiB free "
                 f"under the {limit_gib:g} GiB limit.")
     axes = ", ".join(f"{short(k)}={v}" for k, v in [*rec["line"].items(), (x, rec[x])])
+    if ac_mode:
+        axes += f" (ac_mode {ac_mode})"
     headroom = f"{rec['headroom_gib']:.1f}" if rec["headroom_gib"] >= 1 else gib(rec["headroom_gib"])
     return (f"Recommended operating point: {axes}. Gives the highest throughput with "
             f"{headroom} GiB headroom ({rec['tokens_per_s']:,.0f} tokens/s; limit "
@@ -379,7 +405,8 @@ def frontier_report(results: Results) -> FrontierReport | None:
     space = results.sweep.get("space") or {}
     grid = math.prod(len(space[k].get("values") or []) for k in [x, *line_keys] if k in space) or None
     return analyze_frontier(results.rows, x=x, line_keys=line_keys, limit_gib=limit,
-                            headroom_gib=float(spec.get("headroom_gib", 6.0)), limit_source=source, grid_size=grid)
+                            headroom_gib=float(spec.get("headroom_gib", 6.0)), limit_source=source, grid_size=grid,
+                            ac_mode=results.ac_mode)
 
 
 FRONTIER_COLUMNS = ("peak_reserved_gib", "tokens_per_s", "relative_throughput", "avg_step_time_ms",
@@ -392,6 +419,9 @@ def frontier_markdown(rep: FrontierReport, *, title: str = "") -> str:
              else "unknown (no memory_limit_gib or device_memory_gib in sweep.json)")
     lines += [f"Limit: {limit}. Headroom = limit − peak_reserved_gib. Relative throughput is against the best "
               f"ok trial of the sweep ({fmt(rep.best_tokens_per_s, 'tokens_per_s')} tokens/s).", ""]
+    if rep.ac_mode:
+        lines += [f"AC mode: {rep.ac_mode} ({AC_MODE_TEXT[rep.ac_mode]}); budgets of the other mode save different "
+                  f"memory and are not comparable with these.", ""]
     c = rep.counts
     if c["run"] < c["grid"]:
         unneeded = c["grid"] - c["rows"]
@@ -421,13 +451,13 @@ def write_frontier(rep: FrontierReport, out_dir: Path, *, title: str = "") -> li
     """``frontier.md``, ``frontier.csv`` (one row per table row, with the line's axes) and ``frontier.json``."""
     md, cs, js = out_dir / "frontier.md", out_dir / "frontier.csv", out_dir / "frontier.json"
     md.write_text(frontier_markdown(rep, title=title))
-    cols = [*rep.line_keys, rep.x, *FRONTIER_COLUMNS, "predicted_peak_gib", "trial_id", "source"]
+    cols = [*rep.line_keys, "ac_mode", rep.x, *FRONTIER_COLUMNS, "predicted_peak_gib", "trial_id", "source"]
     with open(cs, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for t in rep.tables:
             for r in t.rows:
-                w.writerow({**t.line, **{k: ("" if v is None else v) for k, v in r.items()}})
+                w.writerow({**t.line, "ac_mode": t.ac_mode or "", **{k: ("" if v is None else v) for k, v in r.items()}})
     js.write_text(json.dumps(rep.to_json(), indent=2, default=str))
     return [md, cs, js]
 
@@ -436,9 +466,13 @@ def write_frontier(rep: FrontierReport, out_dir: Path, *, title: str = "") -> li
 
 
 def sorted_by_metric(results: Results) -> list[dict[str, Any]]:
-    """Trials best first by the sweep's metric and mode; trials without the metric last."""
+    """Trials best first by the sweep's metric and mode, in three groups: finished (``ok``), then stopped early
+    (``pruned``: their value is from fewer tokens, so it does not rank against a finished one), then the rest;
+    trials without the metric last in each group."""
     metric, sign = results.metric, (1 if results.mode == "min" else -1)
-    return sorted(results.rows, key=lambda r: (_number(r.get(metric)) is None, sign * (_number(r.get(metric)) or 0.0)))
+    group = {"ok": 0, "pruned": 1}
+    return sorted(results.rows, key=lambda r: (group.get(r.get("status"), 2), _number(r.get(metric)) is None,
+                                               sign * (_number(r.get(metric)) or 0.0)))
 
 
 def best_trial(results: Results) -> dict[str, Any] | None:
@@ -513,7 +547,10 @@ def summary_markdown(results: Results) -> str:
     headers = ["trial_id", "status", *map(short, axes), *shown]
     body = [[r.get("trial_id"), status_label(r), *(fmt(r.get(k), k) for k in axes), *(fmt(r.get(m), m) for m in shown)]
             for r in sorted_by_metric(results)]
-    lines += ["## Trials", "", markdown_table(headers, body) if body else "No trials yet.", ""]
+    pruned = sum(1 for r in results.rows if r.get("status") == "pruned")
+    note = ([f"Finished trials first, by {metric}; then the {pruned} stopped early by the scheduler (their {metric} "
+             f"is from fewer tokens: see the tokens column), then the rest.", ""] if pruned else [])
+    lines += ["## Trials", "", *note, markdown_table(headers, body) if body else "No trials yet.", ""]
     kinds = experiments(axes, results.frontier_spec)
     if "norm" in kinds:
         headers = ["trial_id", *map(short, axes), "val_loss", "grad_norm_spread", "diverged"]

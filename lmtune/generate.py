@@ -17,7 +17,7 @@ from lmtune.cli import user_errors_exit_2
 from lmtune.config import ConfigError
 from lmtune.data import get_tokenizer
 from lmtune.model import GPT
-from lmtune.train import CHECKPOINT_FILE, resolve_device
+from lmtune.train import CHECKPOINT_FILE, read_checkpoint, resolve_device
 
 
 def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[GPT, config_lib.Config]:
@@ -28,7 +28,7 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[GPT, confi
                           "the trainer writes them to OUT/checkpoint).")
     cfg = config_lib.from_flat(json.loads((path / "config.json").read_text()))
     dev = resolve_device(device)
-    state = torch.load(path / CHECKPOINT_FILE, map_location=dev, weights_only=False)
+    state = read_checkpoint(path)
     model = GPT(cfg.model, state["vocab_size"]).to(dev)
     model.load_state_dict(state["model"])
     return model.eval(), cfg

@@ -1,16 +1,21 @@
 """The seed's measurements: per-layer gradient norms, gradient coherence and noise scale, memory, MFU.
 
 Everything here is cheap enough to run inside the training loop at the configured intervals, and
-none of it changes the training trajectory.
+none of it changes the training trajectory. Device-only logic (CUDA memory statistics, device syncs)
+goes through small seams (:class:`CudaMemory` takes the ``torch.cuda`` module, :class:`StepTimer` takes
+a ``sync`` and a ``clock``) so that the CPU test suite can drive it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,29 +28,33 @@ GIB = 1024**3
 
 
 def layer_grad_norms(blocks: nn.ModuleList) -> list[float]:
-    """L2 norm of the gradient of each transformer block (all its parameters together)."""
+    """L2 norm of the gradient of each transformer block (all its parameters together), with one
+    device-to-host copy for all blocks."""
     norms = []
     for block in blocks:
         grads = [p.grad for p in block.parameters() if p.grad is not None]
         if not grads:
-            norms.append(0.0)
+            norms.append(torch.zeros((), dtype=torch.float32))
             continue
-        per_param = torch._foreach_norm(grads)
-        norms.append(torch.linalg.vector_norm(torch.stack(per_param)).item())
-    return norms
+        norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
+    return torch.stack([n.to(norms[0].device) for n in norms]).tolist() if norms else []
 
 
-def grad_norm_spread(norms: list[float]) -> float:
-    """log10(max/min) over layers: the seed saw ~10 orders of magnitude for post-LN without warmup."""
+def grad_norm_spread(norms: Iterable[float]) -> float:
+    """log10(max/min) over layers: the seed saw ~10 orders of magnitude for post-LN without warmup.
+    Zero and non-finite norms are left out; fewer than two usable norms give 0."""
     positive = [n for n in norms if n > 0 and math.isfinite(n)]
     if len(positive) < 2:
         return 0.0
     return math.log10(max(positive) / min(positive))
 
 
+LAYER_PREFIX = "grad_norm/layer_"
+
+
 def layer_metrics(blocks: nn.ModuleList) -> dict[str, float]:
     norms = layer_grad_norms(blocks)
-    out = {f"grad_norm/layer_{i}": n for i, n in enumerate(norms)}
+    out = {f"{LAYER_PREFIX}{i}": n for i, n in enumerate(norms)}
     out["grad_norm_spread"] = grad_norm_spread(norms)
     return out
 
@@ -53,14 +62,38 @@ def layer_metrics(blocks: nn.ModuleList) -> dict[str, float]:
 # --- gradient coherence and noise scale -----------------------------------------------------------
 
 
+def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ|t|² over ``tensors`` as a 0-d float64 tensor on their device (no host sync)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(tensors)).double().pow(2).sum()
+
+
+def grad_coherence(sum_sq: float, n: int, big: float) -> float:
+    """Mean pairwise g_i·g_j over mean |g_i|², from Σ|g_i|² and |G|² = |mean g_i|² of n ≥ 2 samples:
+    Σ_{i≠j} g_i·g_j = n²|G|² − Σ|g_i|², over n(n−1) pairs, divided by Σ|g_i|²/n."""
+    return (n * n * big - sum_sq) / ((n - 1) * sum_sq) if sum_sq > 0 else 0.0
+
+
+def noise_estimates(sum_sq: float, n: int, big: float, b_small: float) -> tuple[float, float]:
+    """Unbiased (|G|², tr(Σ)) from n gradient samples of b_small sequences each (McCandlish et al. 2018,
+    App. A.1): |G_small|² is the mean of the samples' squared norms, |G_big|² that of their mean, with
+    E|G_B|² = |G|² + tr(Σ)/B."""
+    small = sum_sq / n
+    b_big = n * b_small
+    g2 = (b_big * big - b_small * small) / (b_big - b_small)
+    trace = (small - big) / (1 / b_small - 1 / b_big)
+    return g2, trace
+
+
 class GradientNoise:
     """Gradient coherence across micro-batches and the simple noise scale B_simple.
 
-    On a measurement step the trainer calls :meth:`begin`, then :meth:`observe` after every
-    micro-batch backward (gradients accumulate in ``p.grad`` as the sum of ``loss / k``), then
-    :meth:`finish` once all micro-batches are in (and, under DDP, averaged across ranks).
+    On a measurement step the trainer calls :meth:`begin`, then :meth:`observe` after every gradient
+    sample's backward (gradients accumulate in ``p.grad`` as the sum of ``w_i · loss_i``), then
+    :meth:`finish` once all samples are in (and, under DDP, averaged across ranks).
 
-    With n micro-batch gradients g_i of B_small sequences each and their mean G (B_big = n·B_small):
+    With n gradient samples g_i of B_small sequences each and their mean G (B_big = n·B_small):
 
     * ``grad_coherence`` = mean pairwise g_i·g_j / mean |g_i|² = (n²|G|² − Σ|g_i|²) / ((n−1) Σ|g_i|²):
       1 when all micro-batches agree, ~0 when their gradients are orthogonal (pure noise).
@@ -68,6 +101,8 @@ class GradientNoise:
       |G|² ≈ (B_big|G_big|² − B_small|G_small|²)/(B_big − B_small) and
       tr(Σ) ≈ (|G_small|² − |G_big|²)/(1/B_small − 1/B_big); ``noise_scale`` = B_simple = tr(Σ)/|G|²
       in sequences, with both estimates smoothed by an EMA before the ratio (as the paper recommends).
+
+    Sums stay on the device until :meth:`finish` (one host sync per measurement, not one per parameter).
     """
 
     def __init__(self, params: list[nn.Parameter], ema: float = 0.9):
@@ -76,40 +111,48 @@ class GradientNoise:
         self.g2_ema: float | None = None
         self.s_ema: float | None = None
         self._prev: list[torch.Tensor] | None = None
-        self._sum_sq = 0.0
+        self._sum_sq: torch.Tensor | None = None
         self._n = 0
 
     def begin(self) -> None:
         self._prev = [torch.zeros_like(p) for p in self.params]
-        self._sum_sq = 0.0
+        self._sum_sq = None
         self._n = 0
 
     @torch.no_grad()
-    def observe(self, k: int) -> None:
-        """Record the latest micro-batch's gradient (k = micro-batches in the step, so g_i = k·Δgrad)."""
+    def observe(self, weight: float) -> None:
+        """Record the latest sample's gradient; its loss entered ``p.grad`` scaled by ``weight``, so
+        g_i = Δgrad / weight (weight = 1/k for k equal micro-batches)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         delta = torch._foreach_sub(grads, self._prev)
-        self._sum_sq += (k**2) * sum(float(d.float().pow(2).sum()) for d in delta)
+        sq = _sq_norm(delta) / weight**2
+        self._sum_sq = sq if self._sum_sq is None else self._sum_sq + sq
         self._prev = [g.detach().clone() for g in grads]
         self._n += 1
 
     @torch.no_grad()
-    def finish(self, b_small: int, world_size: int = 1) -> dict[str, float]:
-        """Call after grads hold the global mean gradient; returns grad_coherence and noise_scale."""
+    def finish(self, b_small: float, world_size: int = 1) -> dict[str, float]:
+        """Call after grads hold the global mean gradient; returns grad_coherence and, when the signal is
+        measurable, noise_scale."""
         self._prev = None
-        sum_sq, n = self._sum_sq, self._n
-        if world_size > 1:
-            t = torch.tensor([sum_sq, float(n)], dtype=torch.float64)
-            dist.all_reduce(t)
-            sum_sq, n = float(t[0]), int(t[1])
+        device = self.params[0].device if self.params else torch.device("cpu")
+        sums = torch.stack([
+            (self._sum_sq if self._sum_sq is not None else torch.zeros((), dtype=torch.float64)).to(device),
+            torch.tensor(float(self._n), dtype=torch.float64, device=device),
+        ])
+        if world_size > 1:  # on the grads' device: NCCL reduces CUDA tensors only
+            dist.all_reduce(sums)
+        big_t = _sq_norm([p.grad for p in self.params if p.grad is not None]).to(device)
+        sum_sq, n, big = (float(v) for v in torch.stack([sums[0], sums[1], big_t]).tolist())
+        n = int(round(n))
         if n < 2:
             return {}
-        big = sum(float(p.grad.float().pow(2).sum()) for p in self.params if p.grad is not None)
-        small = sum_sq / n
-        coherence = (n * n * big - sum_sq) / ((n - 1) * sum_sq) if sum_sq > 0 else 0.0
-        b_big = n * b_small
-        g2 = (b_big * big - b_small * small) / (b_big - b_small)
-        s = (small - big) / (1 / b_small - 1 / b_big)
+        return self.estimate(sum_sq, n, big, b_small)
+
+    def estimate(self, sum_sq: float, n: int, big: float, b_small: float) -> dict[str, float]:
+        """Coherence and B_simple from Σ|g_i|² over n samples of b_small sequences and |G|² of their mean."""
+        coherence = grad_coherence(sum_sq, n, big)
+        g2, s = noise_estimates(sum_sq, n, big, b_small)
         self.g2_ema = g2 if self.g2_ema is None else self.ema * self.g2_ema + (1 - self.ema) * g2
         self.s_ema = s if self.s_ema is None else self.ema * self.s_ema + (1 - self.ema) * s
         out = {"grad_coherence": coherence}
@@ -130,105 +173,261 @@ class GradientNoise:
 
 
 class EmulatedOOM(MemoryError):
-    """The step crossed ``system.memory_limit_gib`` on CPU: treated exactly like a device OOM."""
+    """A probed step crossed ``system.memory_limit_gib`` on CPU: treated exactly like a device OOM."""
+
+
+# torch's own allocator failures that surface as a RuntimeError rather than torch.OutOfMemoryError: the CPU
+# allocator ("[enforce fail at alloc_cpu.cpp] ... DefaultCPUAllocator: can't allocate memory") and CUDA
+# errors raised from a kernel launch or cuBLAS workspace allocation. Matched against the exception's own
+# message only, never against paths or names elsewhere.
+_ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory",
+                       "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def is_oom(exc: BaseException) -> bool:
-    """CUDA OOM, CPU allocator failure, or the emulated limit."""
+    """CUDA OOM, CPU allocator failure, or the emulated limit (by exception type; torch's exact allocator
+    messages for the failures it raises as RuntimeError)."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and (
-        "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
-    )
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATOR_FAILURES)
 
 
 _STATUS = Path("/proc/self/status")
 
 
-def _status_kib(field_name: str) -> int | None:
+def _status_kib(field_name: str, status: Path = _STATUS) -> int | None:
     try:
-        m = re.search(rf"^{field_name}:\s+(\d+) kB", _STATUS.read_text(), re.M)
+        m = re.search(rf"^{field_name}:\s+(\d+) kB", status.read_text(), re.M)
     except OSError:
         return None
     return int(m.group(1)) if m else None
 
 
-@dataclass
-class MemoryMeter:
-    """Peak memory in a window that starts at :meth:`reset` (after compile warmup, as the seed learned).
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a tied weight counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() in seen:
+            continue
+        seen.add(s.data_ptr())
+        total += s.nbytes()
+    return total
 
-    CUDA: ``max_memory_reserved`` (the number to compare with the device: the caching allocator holds
-    it) and ``max_memory_allocated``, plus ``num_alloc_retries`` (cudaMalloc retries after freeing cached
-    blocks: a sign of fragmentation near the limit). CPU: the process's peak RSS (Linux: writing 5 to
-    /proc/self/clear_refs resets VmHWM), reported as both reserved and allocated.
+
+class TensorMemory:
+    """The CPU stand-in for a device allocator's statistics: the peak of live tensor-storage bytes.
+
+    ``torch.cuda.max_memory_allocated`` counts the bytes of live tensor storage on the device:
+    parameters, gradients, optimizer state, activations saved for backward and temporaries. The CPU has
+    no such counter, and the process RSS is the wrong stand-in (Python, torch's libraries and the
+    compiler's heap are most of it on a small model, and it barely moves with activation checkpointing).
+
+    Mechanism, chosen by measuring (docs in BENCHMARKS.md, "CPU memory model"): a *probe step* runs under
+    ``torch.autograd.profiler.profile(profile_memory=True)``, which records every allocation and free of
+    torch's CPU allocator, for eager ops and for the buffers of torch.compile's generated kernels alike (a
+    dispatch-mode tracker does not see the latter). The peak of the step is the live bytes at its start
+    (the storages of parameters, buffers, gradients and optimizer state, counted once each) plus the
+    highest running sum of the recorded allocations minus frees. Steady-state training steps allocate the
+    same way, so a probe of one step stands for all of them; probing every step would cost ~40% of the
+    step time on the smoke model, probing once per ``probe_interval`` steps costs <1% (benchmark).
+
+    Reserved memory: the CPU has no caching allocator, so ``peak_reserved_gib`` equals
+    ``peak_allocated_gib`` here (said in the summary as ``memory_model``). The process's own peak RSS
+    is reported under its own name, ``peak_rss_gib``.
     """
 
-    device: torch.device
-    limit_gib: float = 0.0
-    _can_reset_rss: bool = field(default=True, init=False)
+    name = "cpu-tensor-bytes"
 
-    def __post_init__(self) -> None:
-        if self.device.type == "cuda" and self.limit_gib > 0:
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.limit_gib * GIB / total), self.device)
+    def __init__(self, live: Callable[[], Iterable[torch.Tensor]], *, limit_gib: float = 0.0,
+                 probe_interval: int = 100, extra_bytes: int = 0, status: Path = _STATUS,
+                 clear_refs: Path = Path("/proc/self/clear_refs")):
+        """``live``: the tensors alive at a step's start (parameters, buffers, gradients, optimizer state);
+        ``extra_bytes``: storage held outside Python that the profiler cannot see being allocated (DDP's
+        gradient buckets, one gradient's worth of bytes)."""
+        # kineto prints a line on stderr at every profiler start and stop unless its level is raised.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        self.live = live
+        self.extra_bytes = extra_bytes
+        self.limit_gib = limit_gib
+        self.probe_interval = max(1, probe_interval)
+        self._status, self._clear_refs = status, clear_refs
+        self.peak_bytes = 0
+        self.probes = 0
+        self.rss_scope = "process"
+        """``window`` once /proc/self/clear_refs reset the RSS high-water mark, else ``process``."""
+        self._window_step: int | None = None
 
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
+    def begin_window(self, step: int) -> None:
+        """Warmup is over: the window of peaks starts now (at ``step`` of this process)."""
+        self._window_step = step
         try:
-            Path("/proc/self/clear_refs").write_text("5")
+            self._clear_refs.write_text("5")  # Linux: resets VmHWM to the current RSS
+            self.rss_scope = "window"
         except OSError:
-            self._can_reset_rss = False  # peak then covers the whole process life: still an upper bound
+            self.rss_scope = "process"  # said in the summary: the RSS peak then covers the whole process
 
-    def peak(self) -> dict[str, float]:
-        if self.device.type == "cuda":
-            stats = torch.cuda.memory_stats(self.device)
-            return {
-                "peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / GIB,
-                "peak_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / GIB,
-                "alloc_retries": float(stats.get("num_alloc_retries", 0)),
-            }
-        hwm = _status_kib("VmHWM")
-        gib = (hwm or 0) / 1024**2
-        return {"peak_reserved_gib": gib, "peak_allocated_gib": gib}
+    def probe_due(self, step: int) -> bool:
+        """Whether the step about to run (``step`` steps of this process done) is probed."""
+        return self._window_step is not None and (step - self._window_step) % self.probe_interval == 0
 
-    def device_info(self) -> dict[str, float | str]:
-        """The memory of the device trained on (the frontier's limit when no emulated limit is set)."""
-        if self.device.type == "cuda":
-            props = torch.cuda.get_device_properties(self.device)
-            return {"device_memory_gib": props.total_memory / GIB, "device_name": props.name}
-        total = 0
+    @contextlib.contextmanager
+    def probe(self) -> Iterator[None]:
+        from torch.autograd.profiler import profile
+
+        start = storage_bytes(self.live()) + self.extra_bytes
+        with profile(profile_memory=True, record_shapes=False, with_flops=False, use_kineto=True) as prof:
+            yield
+        running = highest = 0
+        # kineto_results: the raw event list (what torch.profiler's own memory profiler reads); building
+        # FunctionEvents with prof.events() would cost ~20x more for the same allocation records.
+        for event in prof.kineto_results.events():
+            if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+                running += event.nbytes()
+                highest = max(highest, running)
+        self.peak_bytes = max(self.peak_bytes, start + highest)
+        self.probes += 1
+
+    def peak(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.probes:
+            gib = self.peak_bytes / GIB
+            out.update(peak_allocated_gib=gib, peak_reserved_gib=gib)
+        hwm = _status_kib("VmHWM", self._status)
+        if hwm is not None:
+            out["peak_rss_gib"] = hwm / 1024**2
+        return out
+
+    def over_limit(self) -> bool:
+        return self.limit_gib > 0 and self.peak_bytes / GIB > self.limit_gib
+
+    def limit_message(self, peak_gib: float) -> str:
+        return f"peak allocated {peak_gib:.3f} GiB crossed system.memory_limit_gib={self.limit_gib:g}"
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """A step whose memory is not the steady state's (a gradient-noise measurement): never probed."""
+        yield
+
+    def summary(self) -> dict[str, Any]:
+        return {"memory_model": "cpu: peak live tensor bytes of probed steps (reserved = allocated)",
+                "peak_rss_scope": self.rss_scope}
+
+
+class CudaMemory:
+    """The CUDA caching allocator's own statistics, in a window that starts after warmup.
+
+    ``cuda`` is the ``torch.cuda`` module (a seam: the CPU tests pass a recording stand-in).
+
+    At the start of the window (:meth:`begin_window`): synchronize, collect Python garbage, give the
+    blocks cached during compile and warmup back to the driver (``empty_cache``: otherwise they stay in
+    ``reserved`` and the seed's "compile bleed" remains, since ``reset_peak_memory_stats`` only resets the
+    peaks to the current values), then reset the peaks. ``num_alloc_retries`` (cudaMalloc retried after
+    freeing cached blocks: fragmentation near the limit) is cumulative and not reset by it, so the window's
+    value is the difference from its start. Steps excluded from the window (gradient-noise measurements,
+    whose extra gradient copy is not the steady state) carry the peak so far, then free their cached
+    blocks and reset again.
+    """
+
+    name = "cuda-allocator"
+
+    def __init__(self, device: torch.device, *, limit_gib: float = 0.0, cuda: Any = None):
+        self.device = device
+        self.cuda = cuda if cuda is not None else torch.cuda
+        self.limit_gib = limit_gib
+        self._retries_at_start = 0
+        self._carried = {"peak_reserved_gib": 0.0, "peak_allocated_gib": 0.0}
+        self._window = False
+        if limit_gib > 0:
+            total = self.cuda.get_device_properties(device).total_memory
+            # The allocator then raises a real torch.OutOfMemoryError beyond the limit.
+            self.cuda.set_per_process_memory_fraction(min(1.0, limit_gib * GIB / total), device)
+
+    def _reset(self) -> None:
+        self.cuda.synchronize(self.device)
+        gc.collect()
+        self.cuda.empty_cache()
+        self.cuda.reset_peak_memory_stats(self.device)
+
+    def begin_window(self, step: int) -> None:
+        self._reset()
+        self._retries_at_start = self.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+        self._carried = {"peak_reserved_gib": 0.0, "peak_allocated_gib": 0.0}
+        self._window = True
+
+    def probe_due(self, step: int) -> bool:
+        return False  # the allocator counts every step
+
+    def probe(self):
+        return contextlib.nullcontext()
+
+    def _current(self) -> dict[str, float]:
+        stats = self.cuda.memory_stats(self.device)
+        return {
+            "peak_reserved_gib": max(self._carried["peak_reserved_gib"], stats.get("reserved_bytes.all.peak", 0) / GIB),
+            "peak_allocated_gib": max(self._carried["peak_allocated_gib"],
+                                      stats.get("allocated_bytes.all.peak", 0) / GIB),
+            "alloc_retries": float(stats.get("num_alloc_retries", 0) - self._retries_at_start),
+        }
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        if not self._window:
+            yield
+            return
+        current = self._current()
+        self._carried = {k: current[k] for k in self._carried}
         try:
-            total = int(re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1))
-        except (OSError, AttributeError):
-            pass
-        return {"device_memory_gib": total / 1024**2, "device_name": "cpu"}
+            yield
+        finally:
+            self._reset()
 
-    def check_limit(self) -> None:
-        """CPU emulation of a smaller device: end the step whose peak RSS crossed the limit."""
-        if self.limit_gib <= 0 or self.device.type == "cuda":
-            return  # on CUDA the allocator itself enforces the fraction and raises a real OOM
-        hwm = _status_kib("VmHWM")
-        if hwm is not None and hwm / 1024**2 > self.limit_gib:
-            raise EmulatedOOM(
-                f"peak RSS {hwm / 1024**2:.2f} GiB crossed system.memory_limit_gib={self.limit_gib:g}"
-            )
+    def peak(self) -> dict[str, Any]:
+        return self._current()
+
+    def over_limit(self) -> bool:
+        return False  # the allocator enforces the fraction itself (a real OOM)
+
+    def summary(self) -> dict[str, Any]:
+        return {"memory_model": "cuda: caching allocator peaks after the warmup reset"}
+
+
+def memory_meter(device: torch.device, live: Callable[[], Iterable[torch.Tensor]], *, limit_gib: float = 0.0,
+                 probe_interval: int = 100, extra_bytes: int = 0) -> TensorMemory | CudaMemory:
+    if device.type == "cuda":
+        return CudaMemory(device, limit_gib=limit_gib)
+    return TensorMemory(live, limit_gib=limit_gib, probe_interval=probe_interval, extra_bytes=extra_bytes)
+
+
+def device_info(device: torch.device) -> dict[str, float | str]:
+    """The memory of the device trained on (the frontier's limit when no emulated limit is set)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"device_memory_gib": props.total_memory / GIB, "device_name": props.name}
+    total = 0
+    try:
+        total = int(re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1))
+    except (OSError, AttributeError):
+        pass
+    return {"device_memory_gib": total / 1024**2, "device_name": "cpu"}
 
 
 # --- throughput and MFU ---------------------------------------------------------------------------
 
-# Dense bf16 tensor-core peak FLOP/s by device name (vendor datasheets; no sparsity).
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s with FP32 accumulate, by device name (vendor datasheets and
+# architecture whitepapers). GeForce parts run FP32 accumulate at half their FP16-accumulate rate: the RTX 3090's
+# 71 TFLOPS is its BF16/FP32-accumulate figure (GA102 whitepaper, App. A: 142 is FP16-accumulate), the 4090's 165.
 PEAK_BF16_FLOPS = {
-    "H100 SXM": 989e12,
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
-    "H100": 989e12,
+    "H100": 989e12,  # SXM
     "H200": 989e12,
     "A100": 312e12,
     "A10G": 70e12,
     "A10": 125e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
@@ -237,61 +436,80 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():  # ordered: more specific names first
-        if key in name:
+def peak_flops_for(name: str) -> float | None:
+    """The table's entry whose name appears in ``name`` as a whole word ("L4" is not inside "L40S");
+    entries are ordered more specific first."""
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return flops
     return None
 
 
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return peak_flops_for(torch.cuda.get_device_name(device))
+
+
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B)."""
+    """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B), N the
+    non-embedding parameters (the LM head's matmul counts; a lookup costs nothing)."""
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
 
 
 class StepTimer:
-    """Step times without a device sync per step: syncs only when a window is read.
+    """Step times without a device sync per step: syncs only when a window is read or a step is excluded.
 
-    ``avg_step_time_ms`` excludes the first ``warmup`` steps (compile/JIT, allocator warm-up), which the
-    seed found make step averages 2–4× off otherwise.
+    ``avg_step_time_ms`` leaves out the first ``warmup`` steps *of this process* (compile/JIT, allocator
+    warm-up; a resumed run compiles again), which the seed found make step averages 2–4× off otherwise,
+    and the steps run under :meth:`excluded` (gradient-noise measurements, memory probes).
+
+    ``sync`` waits for the device (``torch.cuda.synchronize`` on CUDA); ``clock`` is ``time.perf_counter``:
+    both are seams for tests.
     """
 
-    def __init__(self, device: torch.device, warmup: int):
-        self.device = device
+    def __init__(self, warmup: int, *, sync: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.warmup = warmup
-        self.start = time.perf_counter()
+        self._sync = sync
+        self.clock = clock
+        self.start = clock()
         self.window_start = self.start
         self.window_steps = 0
+        self.process_steps = 0
+        """Optimizer steps run by this process (the warmup counts these, not the run's global step)."""
         self.measured_s = 0.0
         self.measured_steps = 0
         self.paused_s = 0.0
+        self._skip = False
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    @property
+    def warm(self) -> bool:
+        return self.process_steps >= self.warmup
 
-    def step(self, step: int) -> bool:
-        """Count one optimizer step; returns True exactly when warmup has just ended."""
-        self.window_steps += 1
-        if step == self.warmup:
+    def step(self) -> bool:
+        """Count one optimizer step; returns True exactly when this process's warmup has just ended."""
+        self.process_steps += 1
+        if self._skip:
+            self._skip = False
+        else:
+            self.window_steps += 1
+        if self.process_steps == self.warmup:
             self._sync()
-            self.window_start = time.perf_counter()
+            self.window_start = self.clock()
             self.window_steps = 0
             return True
         return False
 
-    def read(self, step: int) -> dict[str, float]:
-        """Close the window: step_time_ms of this window, avg_step_time_ms since warmup."""
+    def read(self) -> dict[str, float]:
+        """Close the window: step_time_ms of this window, avg_step_time_ms over the warm steps so far."""
         self._sync()
-        now = time.perf_counter()
+        now = self.clock()
         out: dict[str, float] = {}
         if self.window_steps:
             window = now - self.window_start
             out["step_time_ms"] = 1000 * window / self.window_steps
-            if step > self.warmup:
+            if self.warm and self.process_steps > self.warmup:
                 self.measured_s += window
                 self.measured_steps += self.window_steps
         if self.measured_steps:
@@ -303,12 +521,22 @@ class StepTimer:
     def pause(self) -> float:
         """Start of non-training work (eval, checkpoint, sampling): excluded from step times."""
         self._sync()
-        return time.perf_counter()
+        return self.clock()
 
     def resume(self, paused_at: float) -> None:
-        delta = time.perf_counter() - paused_at
+        delta = self.clock() - paused_at
         self.window_start += delta
         self.paused_s += delta
 
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """One optimizer step that is not timed (the following :meth:`step` call does not count it)."""
+        paused = self.pause()
+        try:
+            yield
+        finally:
+            self.resume(paused)
+            self._skip = True
+
     def wall_clock_s(self) -> float:
-        return time.perf_counter() - self.start
+        return self.clock() - self.start

@@ -102,15 +102,21 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
             raise ConfigError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}.")
+        if cfg.vocab_size and cfg.vocab_size < vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.vocab_size} is below the tokenizer's {vocab_size} ids; "
+                              f"accepted: 0 (the tokenizer's) or at least {vocab_size}.")
+        # vocab_size: the tokenizer's ids; padded_vocab: rows of the embedding (nanoGPT pads GPT-2's 50257 to
+        # 50304, a multiple of 64, for faster matmuls). Padded rows are never targets and never sampled.
         self.cfg, self.vocab_size = cfg, vocab_size
+        self.padded_vocab = cfg.vocab_size or vocab_size
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, cfg.n_embd),
+            wte=nn.Embedding(self.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),  # learned positions (Radford et al. 2018)
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.final_norm else nn.Identity(),
         ))
-        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, self.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             # One matrix embeds tokens and scores them (Press & Wolf 2017); saves V*C parameters.
             self.transformer.wte.weight = self.lm_head.weight
@@ -139,6 +145,13 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)  # (B, T, C)
+        return self.logits_and_loss(x, targets)
+
+    def logits_and_loss(self, x: torch.Tensor, targets: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final norm, LM head and loss: x (B, T, C) -> logits (B, T, V) and the mean cross-entropy over the
+        targets (B, T) that are not -100 (F.cross_entropy's ignore_index: how the trainer leaves a sequence
+        out without changing the batch's shape)."""
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:  # autocast runs cross_entropy in fp32 on CPU and CUDA
@@ -176,10 +189,8 @@ class GPT(nn.Module):
         self.eval()
         try:
             for _ in range(max_new_tokens):
-                # self.forward, not self(...): the length changes every step, which would make a torch.compile
-                # applied from outside recompile; sampling is not the hot path.
                 logits, _ = self.forward(idx[:, -self.cfg.block_size:])
-                logits = logits[:, -1, :].float()  # (B, V)
+                logits = logits[:, -1, : self.vocab_size].float()  # (B, V), padded rows left out
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
                 else:

@@ -1,21 +1,23 @@
-"""Activation checkpointing and torch.compile, applied to a GPT from outside the model.
+"""Activation checkpointing, torch.compile and DDP, applied to a GPT from outside the model.
 
 The split and the order follow torchtitan (``parallelize_llama``: activation checkpointing, then
-compile): :mod:`lmtune.model` stays plain math, and everything here changes how the model runs, never
-what it computes or what its state_dict holds.
+compile, then data parallelism): :mod:`lmtune.model` stays plain math, and everything here changes how
+the model runs, never what it computes or what its state_dict holds.
 
-``train.ac_budget`` (1 = keep every activation) means one of two things:
+``train.ac_budget`` (1 = keep every activation) is applied in one of two modes, named by
+``TrainConfig.ac_mode`` and reported with every budget (summary.json, trials.csv, frontier tables,
+export provenance), because the same number saves different amounts of memory in each:
 
-* compile on: the min-cut partitioner's activation memory budget,
+* ``budget`` (compile on): the min-cut partitioner's activation memory budget,
   ``torch._functorch.config.activation_memory_budget`` (PyTorch PR #126320; blog post
-  "Current and New Activation Checkpointing Techniques in PyTorch", 2025). 1.0 is the default runtime-optimal saved
-  set, 0.0 recomputes everything recomputable, in between a knapsack picks the cheapest recomputation
+  "Current and New Activation Checkpointing Techniques in PyTorch", 2025), applied to each compiled
+  region (every block, and the final norm + LM head + loss). 1.0 is the default runtime-optimal saved
+  set, 0.0 saves only each region's inputs, in between a knapsack picks the cheapest recomputation
   (by FLOPs) that keeps the saved bytes under that fraction. This is what the seed's frontier swept.
-* compile off: round((1 - ac_budget) * n_layer) blocks, evenly spread, run under non-reentrant
+* ``blocks`` (compile off): round((1 - ac_budget) * n_layer) blocks, evenly spread, run under non-reentrant
   ``torch.utils.checkpoint`` (whole-block recomputation; Chen et al. 2016).
 
-Both keep the endpoints (1.0 recomputes nothing; 0.0 recomputes as much as the mechanism can), but the
-same value in between saves different amounts of memory: compare budgets within one mode.
+Both keep the endpoints (1.0 recomputes nothing; 0.0 recomputes as much as the mechanism can).
 """
 
 from __future__ import annotations
@@ -45,20 +47,25 @@ def checkpointed_blocks(n_layer: int, ac_budget: float) -> list[int]:
 
 
 def apply_ac(model: GPT, train: TrainConfig) -> None:
-    """Activation checkpointing for ``train.ac_budget``, in place (see the module docstring).
+    """Activation checkpointing for ``train.ac_budget`` in ``train.ac_mode``, in place (module docstring).
 
-    With compile it sets ``torch._functorch.config.activation_memory_budget``, which is process-global
-    and read when AOTAutograd partitions the joint forward/backward graph: at the first training forward
-    of the compiled model and at every recompile, not at ``torch.compile()``. So: one budget per process
-    (a trial), set before the first step and left alone. It is set even for 1.0, so that an earlier
-    model's budget cannot leak into this one. (The compiled-artifact caches key on this config.)
+    ``budget``: sets ``torch._functorch.config.activation_memory_budget``, which is process-global and read
+    when AOTAutograd partitions a joint forward/backward graph: at the first training forward of each
+    compiled region and at every recompile, not at ``torch.compile()``. So: one budget per process (a
+    trial), set before the first step and left alone. It is set even for 1.0, so that an earlier model's
+    budget cannot leak into this one; when it changes, dynamo's in-memory cache of compiled code is reset (the
+    on-disk compiled-artifact caches key on this config, dynamo's guards do not).
 
-    Without compile it wraps blocks in torch's ``checkpoint_wrapper`` (what torchtitan uses):
-    ``use_reentrant=False`` and ``preserve_rng_state=True``, so recomputed dropout draws the same masks.
-    The wrapper's state_dict hooks strip its ``_checkpoint_wrapped_module.`` prefix, so state_dict keys
-    (checkpoints) are the same with and without AC; ``named_parameters()`` names do carry the prefix.
+    ``blocks``: wraps blocks in torch's ``checkpoint_wrapper`` (what torchtitan uses): ``use_reentrant=False``
+    and ``preserve_rng_state=True``, so recomputed dropout draws the same masks. The wrapper's state_dict
+    hooks strip its ``_checkpoint_wrapped_module.`` prefix, so state_dict keys (checkpoints) are the same
+    with and without AC; ``named_parameters()`` names do carry the prefix.
     """
-    if train.compile:
+    if train.ac_mode == "budget":
+        if torch._functorch.config.activation_memory_budget != train.ac_budget:
+            # Code compiled under another budget stays in dynamo's in-memory cache, whose guards do not look at
+            # this config: a later model of the same class would run it with the old partition. Drop it.
+            torch._dynamo.reset()
         torch._functorch.config.activation_memory_budget = train.ac_budget
         return
     blocks = model.transformer.h
@@ -80,17 +87,21 @@ def has_cpp_compiler() -> bool:
         return False
 
 
-def apply_compile(model: GPT, train: TrainConfig) -> nn.Module:
-    """``torch.compile`` the whole model in place (``nn.Module.compile``) and return the same object.
+def apply_compile(model: GPT, train: TrainConfig) -> GPT:
+    """``torch.compile`` each block and the head (final norm, LM head, loss) in place; returns ``model``.
 
-    Whole model, not per block as torchtitan does: the seed's budgets were measured on one graph that
-    includes the LM head and the loss, whose (B, T, V) logits are the largest activation, and a single
-    graph lets the partitioner trade memory across all of it. Per-block compile would compile faster
-    (identical blocks share one graph) but leave the head out of the budget.
+    Per region, as torchtitan compiles per block, and not the whole model as one graph: measured on CPU
+    (4×128 GPT, mb 32; BENCHMARKS.md, "CPU memory model"), one whole-model graph at ac_budget 0.0 peaks as
+    high as at 1.0 (158 MiB both; 119 at 0.5), because the partitioner then saves only the graph's inputs
+    and the single backward graph recomputes the whole forward before it can start; per block, 0.0
+    recomputes one block at a time and the peak falls monotonically with the budget (158 → 96 → 62 MiB for
+    1.0 → 0.5 → 0.0). Identical blocks share one compiled graph, so compiling is faster too. The head is its
+    own region so that the largest activation, the (B, T, V) logits, stays under the budget as well.
 
-    In place, not ``torch.compile(model)``: there is no ``_orig_mod`` wrapper, so ``model.state_dict()``
-    keys, ``isinstance(model, GPT)`` and its methods are unchanged; ``model(...)`` runs compiled and
-    ``model.forward(...)`` runs eager (``generate`` uses it, so sampling never recompiles).
+    In place (``nn.Module.compile`` on each block, a compiled ``logits_and_loss`` on the instance): there
+    is no ``_orig_mod`` wrapper, so ``model.state_dict()`` keys, ``isinstance(model, GPT)`` and its methods
+    are unchanged. Code that runs the model at varying lengths (sampling) runs it under
+    ``torch.compiler.set_stance("force_eager")`` instead of recompiling.
     """
     if not train.compile:
         return model
@@ -98,11 +109,24 @@ def apply_compile(model: GPT, train: TrainConfig) -> nn.Module:
     if on_cpu and not has_cpp_compiler():
         raise ConfigError("train.compile=true needs a C++ compiler for torch.compile on CPU "
                           "(install g++ or set CXX), or set train.compile=false.")
-    model.compile(mode=train.compile_mode)
+    for block in model.transformer.h:
+        block.compile(mode=train.compile_mode)
+    model.logits_and_loss = torch.compile(model.logits_and_loss, mode=train.compile_mode)
     return model
 
 
-def parallelize(model: GPT, train: TrainConfig) -> nn.Module:
-    """Apply activation checkpointing, then compile (torchtitan's order). Returns ``model`` itself."""
+def apply_ddp(model: GPT, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the initialized process group (gloo on CPU, NCCL on CUDA)."""
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def parallelize(model: GPT, train: TrainConfig, *, device: torch.device | None = None,
+                world_size: int = 1) -> nn.Module:
+    """Activation checkpointing, then compile (torchtitan's order), then DDP when ``world_size > 1``.
+    Returns ``model`` itself on a single process, its DDP wrapper otherwise."""
     apply_ac(model, train)
-    return apply_compile(model, train)
+    apply_compile(model, train)
+    if world_size > 1:
+        return apply_ddp(model, device or next(model.parameters()).device)
+    return model

@@ -1,6 +1,6 @@
 """The trainer: a GPT trained autoregressively, with the seed's measurements, usable alone or in a trial.
 
-    python -m lmtune.train [FILE.toml ...] [section.key=value ...] [--out DIR] [--resume DIR]
+    python -m lmtune.train [FILE.toml ...] [section.key=value ...] [--out DIR] [--resume DIR/checkpoint]
 
 It reports through a plain callable ``report(metrics, checkpoint_dir)``; the sweep layer binds that
 to Ray. This module never imports ray (a test checks it), so it runs the same on a laptop, inside a
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,26 +33,31 @@ from torch import nn
 from lmtune import config as config_lib
 from lmtune.cli import user_errors_exit_2
 from lmtune.config import Config, ConfigError
-from lmtune.data import Batches, eval_batches, get_tokenizer, load_tokens
+from lmtune.data import IGNORE_INDEX, Batches, eval_batches, get_tokenizer, load_tokens
 from lmtune.measure import (
+    LAYER_PREFIX,
     EmulatedOOM,
     GradientNoise,
-    MemoryMeter,
     StepTimer,
+    device_info,
     flops_per_token,
     is_oom,
     layer_metrics,
+    memory_meter,
     peak_flops,
+    storage_bytes,
 )
 from lmtune.model import GPT
 from lmtune.parallelize import parallelize
+from lmtune.reports import keep_reports, order
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
 # The metrics every final summary carries (DESIGN.md names); trials.csv and the tables read these.
 FINAL_METRICS = (
     "loss", "lr", "grad_norm", "step_time_ms", "val_loss", "val_ppl", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s",
-    "peak_reserved_gib", "peak_allocated_gib", "grad_norm_spread", "grad_coherence", "noise_scale", "mfu",
+    "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread", "grad_coherence",
+    "noise_scale", "mfu",
 )
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_REPORT = "lmtune_checkpoint_report"
@@ -61,7 +69,16 @@ REPLAY_CHECKPOINTS = 2
 """How many checkpoint intervals of reports a checkpoint holds for that replay."""
 FAULT_OOM_ENV = "LMTUNE_FAULT_OOM_MICRO_BATCH"
 """Fault injection for tests of the OOM path through Ray (trial processes inherit the driver's environment):
-every step of a run whose micro_batch_size is at least this raises a real torch.OutOfMemoryError."""
+every step of a run whose micro_batch_size is at least this raises a real torch.OutOfMemoryError. Read once,
+when the trainer is set up."""
+RESUMABLE_KEYS = (
+    "train.steps", "train.epochs", "train.eval_interval", "train.eval_batches", "train.eval_sequences",
+    "train.log_interval", "train.measure_interval", "train.sample_interval", "train.checkpoint", "train.compile",
+    "train.compile_mode", "train.compile_warmup_steps", "train.ac_budget", "train.divergence_factor",
+    "system.device", "system.memory_limit_gib", "system.threads",
+)
+"""Keys ``--resume`` may change: how long and how the run goes on, never what its checkpoint holds (model,
+data order, optimizer and its schedule)."""
 
 
 class Diverged(Exception):
@@ -91,15 +108,17 @@ def effective_lr(cfg: Config, batch_tokens: int) -> float:
 
 
 def lr_at(step: int, peak: float, total: int, cfg: Config) -> float:
-    """Linear warmup to ``peak`` over warmup_steps, then constant or cosine down to min_lr_ratio·peak."""
+    """The lr of optimizer step ``step`` (0-based) of ``total``: linear warmup to ``peak`` over warmup_steps,
+    then constant, or cosine down to exactly min_lr_ratio·peak at the last step (total - 1)."""
     t = cfg.train
     if step < t.warmup_steps:
         return peak * (step + 1) / t.warmup_steps
-    if t.schedule == "constant" or total <= t.warmup_steps:
+    last = total - 1
+    if t.schedule == "constant" or last <= t.warmup_steps:
         return peak
-    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / (last - t.warmup_steps))
     floor = t.min_lr_ratio * peak
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: GPT, cfg: Config, lr: float) -> torch.optim.Optimizer:
@@ -120,11 +139,38 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore RNG states saved by :func:`_rng_state`. The setters take CPU ByteTensors only, whatever device
+    the model trains on (a checkpoint read with ``map_location=<cuda device>`` would hold CUDA ones)."""
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state, read onto the CPU (``load_state_dict`` then copies each tensor to where its
+    parameter lives); a file that cannot be read is one ConfigError naming it."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"no checkpoint at {path} (expected a directory holding {CHECKPOINT_FILE}, "
+                          f"e.g. OUT/checkpoint).")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot read checkpoint {file}: {reason} (a truncated or foreign file?)") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise ConfigError(f"{file} is not an lmtune checkpoint (no model/optimizer/step state).")
+    return state
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def wandb_mode() -> str:
@@ -140,7 +186,11 @@ def wandb_mode() -> str:
 
 
 class Trainer:
-    """Train one configuration; see docs/CONTRACTS.md for the report/checkpoint contract."""
+    """Train one configuration; see docs/CONTRACTS.md for the report/checkpoint contract.
+
+    ``device`` overrides ``system.device`` (the Ray Train worker passes the GPU Ray assigned it);
+    ``clock`` is the step timer's clock (a seam for tests).
+    """
 
     def __init__(
         self,
@@ -151,6 +201,8 @@ class Trainer:
         resume_from: str | Path | None = None,
         wandb: dict | None = None,
         progress: bool = False,
+        device: torch.device | str | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir else None
@@ -158,6 +210,8 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from else None
         self.wandb_kwargs = wandb
         self.progress = progress
+        self._device = device
+        self.clock = clock
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
@@ -169,7 +223,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        self.device = resolve_device(cfg.system.device)
+        self.device = torch.device(self._device) if self._device is not None else resolve_device(cfg.system.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL and the caching allocator work on the current device
         if cfg.system.threads:
@@ -177,6 +231,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         random.seed(t.seed)
+        self._fault_oom_at = int(os.environ.get(FAULT_OOM_ENV) or 0)
 
         # Rank 0 tokenizes (or finds the cache) first; the others then hit the cache.
         if self.is_main:
@@ -188,10 +243,7 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
 
         self.raw_model = GPT(cfg.model, self.tokens.vocab_size).to(self.device)
-        self.model: nn.Module = parallelize(self.raw_model, t)
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.model: nn.Module = parallelize(self.raw_model, t, device=self.device, world_size=self.world)
 
         self.batch_tokens = t.micro_batch_size * t.accumulation_steps * self.world * cfg.data.seq_len
         self.peak_lr = effective_lr(cfg, self.batch_tokens)
@@ -201,13 +253,18 @@ class Trainer:
         windows_per_step = t.micro_batch_size * t.accumulation_steps * self.world
         n_windows = (len(self.tokens.train) - 1) // cfg.data.seq_len
         self.total_steps = max(1, math.ceil(t.epochs * n_windows / windows_per_step)) if t.epochs else t.steps
+        self.eval_sequences = t.eval_sequences or t.eval_batches * t.micro_batch_size * self.world
 
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if t.dtype == "bfloat16"
             else contextlib.nullcontext()
         )
-        self.memory = MemoryMeter(self.device, cfg.system.memory_limit_gib)
-        self.noise = GradientNoise([p for p in self.raw_model.parameters() if p.requires_grad])
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        # DDP's gradient buckets are one gradient's worth of storage allocated outside Python.
+        ddp_buckets = storage_bytes(params) if self.world > 1 else 0
+        self.memory = memory_meter(self.device, self._live_tensors, limit_gib=cfg.system.memory_limit_gib,
+                                   probe_interval=t.eval_interval, extra_bytes=ddp_buckets)
+        self.noise = GradientNoise(params)
         m = cfg.model
         self.flops_per_token = flops_per_token(self.raw_model.num_params(), m.n_layer, m.n_head,
                                                m.n_embd // m.n_head, cfg.data.seq_len)
@@ -219,12 +276,30 @@ class Trainer:
         self._replay: list[dict[str, Any]] = []
         self._checkpoint_marks: list[int] = []
         """Indices in ``history`` of the reports that went with a checkpoint."""
+        self._probe_pending = False
+        self._refill_after_excluded = False
+        self._graphs_at_window: int | None = None
         if self.resume_from:
             self._load_checkpoint(self.resume_from)
         if self.is_main and self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_from and self._replay:  # a stream that went on past the checkpoint: from there on again
+                last = order(self._replay[-1])
+                keep_reports(self.out_dir / "metrics.jsonl", lambda at: at <= last)
         if self.is_main and self.wandb_kwargs is not None:
             self._init_wandb()
+
+    def _live_tensors(self):
+        """What is alive at a step's start: parameters, buffers, gradients and optimizer state."""
+        yield from self.raw_model.parameters()
+        yield from self.raw_model.buffers()
+        yield from (p.grad for p in self.raw_model.parameters() if p.grad is not None)
+        for state in self.optimizer.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _init_wandb(self) -> None:
         import wandb
@@ -259,6 +334,11 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 — classify, re-raise what is not an OOM
             if not is_oom(exc):
                 raise
+            if self.world > 1 and not isinstance(exc, EmulatedOOM):
+                # A real OOM strikes one rank mid-step, while the others wait in a collective it will never
+                # join: no agreement is possible here. Raising ends this worker, Ray Train ends the group, and
+                # the trial records the OOM from the worker's error (lmtune.sweep.trainable).
+                raise
             status = "oom"
             self.last["oom_reason"] = str(exc).splitlines()[0][:200]
             if self.device.type == "cuda":
@@ -275,9 +355,9 @@ class Trainer:
                 self._report({**report, CHECKPOINT_REPORT: True}, None)
         k = t.accumulation_steps
         self.model.train()
-        self.timer = StepTimer(self.device, t.compile_warmup_steps)
-        if self.step >= t.compile_warmup_steps:
-            self.memory.reset()
+        self.timer = StepTimer(t.compile_warmup_steps, sync=self._sync, clock=self.clock)
+        if t.compile_warmup_steps == 0:
+            self._begin_memory_window()
         bar = self._progress_bar()
         window_loss = torch.zeros((), device=self.device)
         window_n = 0
@@ -285,24 +365,29 @@ class Trainer:
             lr = lr_at(self.step, self.peak_lr, self.total_steps, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            measuring = t.measure_interval and (self.step + 1) % t.measure_interval == 0
-            loss = self._forward_backward(k, measuring)
-            grad_metrics = {}
-            if measuring:
-                grad_metrics = self.noise.finish(self._micro_sequences(k), self.world)
+            measuring = bool(t.measure_interval) and (self.step + 1) % t.measure_interval == 0
             log_now = (self.step + 1) % t.log_interval == 0 or self.step + 1 == self.total_steps
-            if log_now:  # per-layer norms before clipping, like the seed's W&B panels
-                grad_metrics.update(layer_metrics(self.raw_model.transformer.h))
-            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._probe_pending = self._probe_pending or self.memory.probe_due(self.timer.process_steps)
+            probing = self._probe_pending and not measuring
+            # Not the steady state, so not timed: measurements (two passes, a gradient copy), memory probes
+            # (profiled), and on CUDA the step that refills the cache emptied after a measurement.
+            timed = not (measuring or probing or self._refill_after_excluded)
+            memory_ctx = self.memory.probe() if probing else self.memory.excluded() if measuring else contextlib.nullcontext()
+            with self.timer.excluded() if not timed else contextlib.nullcontext(), memory_ctx:
+                loss, grad_metrics, grad_norm = self._optimizer_step(k, measuring, log_now)
+            self._refill_after_excluded = measuring and self.device.type == "cuda"
             self.step += 1
-            self.memory.check_limit()
+            if probing:
+                self._probe_pending = False
+                self._check_memory_limit()
             window_loss += loss
             window_n += 1
-            if self.timer.step(self.step):
-                self.memory.reset()
+            if self.timer.step():
+                paused = self.timer.pause()  # compiling the eval graphs is not a training step
+                self._begin_memory_window()
+                self.timer.resume(paused)
+            if measuring:  # a measurement that found no signal must not leave the previous one standing
+                self.measured.pop("noise_scale", None)
             self.measured.update(grad_metrics)
             if log_now:
                 metrics = self._train_metrics(window_loss / window_n, grad_norm, lr)
@@ -324,64 +409,118 @@ class Trainer:
                 paused = self.timer.pause()
                 self._sample()
                 self.timer.resume(paused)
+            # Nothing of this step stays alive into the next: a memory probe counts only what it sees allocated
+            # (and torch's CPU allocator warns about frees of blocks allocated before profiling).
+            del loss, grad_norm
         if bar is not None:
             bar.close()
+
+    def _begin_memory_window(self) -> None:
+        """Warmup is over: compile what is still uncompiled (the eval graphs), then open the memory window."""
+        if self.cfg.train.compile:
+            self._evaluate(limit=1)  # eval-mode graphs compile here, not in the first eval of the window
+            self._graphs_at_window = _compiled_graphs()
+        self.memory.begin_window(self.timer.process_steps)
+
+    def _check_memory_limit(self) -> None:
+        """After a probed step: end it as an OOM when it crossed the emulated limit, on every rank at once
+        (the ranks agree on the largest peak, so none is left waiting in a collective)."""
+        over = self.memory.over_limit()
+        peak = self.memory.peak().get("peak_allocated_gib", 0.0)
+        if self.world > 1:
+            flags = torch.tensor([float(over), peak], dtype=torch.float64, device=self._collective_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            over, peak = bool(flags[0]), float(flags[1])
+        if over:
+            raise EmulatedOOM(self.memory.limit_message(peak))
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _peaks(self) -> dict[str, float]:
+        """This rank's peak memory, or under DDP the largest over ranks (a frontier needs the worst rank)."""
+        peaks = self.memory.peak()
+        if self.world > 1 and peaks:
+            keys = sorted(peaks)
+            values = torch.tensor([peaks[k] for k in keys], dtype=torch.float64, device=self._collective_device())
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+            peaks = dict(zip(keys, values.tolist()))
+        return peaks
+
+    def _optimizer_step(self, k: int, measuring: bool, log_now: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """Forward/backward of k micro-batches, the step's measurements, clipping and the update."""
+        loss = self._forward_backward(k, measuring)
+        grad_metrics: dict[str, float] = {}
+        if measuring:
+            grad_metrics = self.noise.finish(self._sample_sequences(k), self.world)
+        if log_now:  # per-layer norms before clipping, like the seed's W&B panels
+            grad_metrics.update(layer_metrics(self.raw_model.transformer.h))
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_metrics, grad_norm
 
     def _split_for_measure(self, k: int) -> bool:
         """A lone micro-batch on a lone worker is measured as two halves (two gradient samples)."""
         return k == 1 and self.world == 1 and self.cfg.train.micro_batch_size >= 2
 
-    def _micro_sequences(self, k: int) -> int:
-        """Sequences per gradient sample on a measurement step."""
+    def _sample_sequences(self, k: int) -> float:
+        """Sequences per gradient sample on a measurement step (B_small)."""
         mb = self.cfg.train.micro_batch_size
-        return mb // 2 if self._split_for_measure(k) else mb
+        return mb / 2 if self._split_for_measure(k) else mb
 
     def _forward_backward(self, k: int, measuring: bool) -> torch.Tensor:
         """k micro-batches, gradients accumulated in p.grad; returns the step's mean loss (a tensor).
 
-        On a measurement step with a single micro-batch on a single worker, the micro-batch is run as two
-        halves so that there are two gradient samples (same mean gradient, same tokens). Under DDP, gradient sync is
-        skipped on all but the last micro-batch; on measurement steps every micro-batch runs without sync
-        and the gradients are averaged explicitly afterwards, so the per-micro-batch gradients are local.
+        On a measurement step with a single micro-batch on a single worker, the micro-batch is run twice
+        with half of its sequences' targets ignored each time (interleaved halves: what two data-parallel
+        ranks would each get). The shapes are the training step's, so a compiled model does not recompile,
+        and the two half-gradients, weighted by their share of the sequences, sum to the full one.
+
+        Under DDP, gradient sync is skipped on all but the last micro-batch; on measurement steps every
+        micro-batch runs without sync and the gradients are averaged explicitly afterwards, so the
+        per-micro-batch gradients are local.
         """
-        fault = int(os.environ.get(FAULT_OOM_ENV) or 0)
-        if fault and self.cfg.train.micro_batch_size >= fault:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {FAULT_OOM_ENV}={fault})")
+        if self._fault_oom_at and self.cfg.train.micro_batch_size >= self._fault_oom_at:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {FAULT_OOM_ENV}={self._fault_oom_at})")
         chunks = [self.batches.next() for _ in range(k)]
+        weights = [1.0 / k] * k
         if measuring and self._split_for_measure(k):
-            x, y = chunks[0]  # interleaved halves: exactly what two data-parallel ranks would each get
-            half = x.shape[0] // 2
-            chunks = [(x[0:2 * half:2], y[0:2 * half:2]), (x[1:2 * half:2], y[1:2 * half:2])]
+            x, y = chunks[0]
+            odd = torch.arange(x.shape[0]) % 2 == 1
+            halves = [y.masked_fill(odd[:, None], IGNORE_INDEX), y.masked_fill(~odd[:, None], IGNORE_INDEX)]
+            chunks = [(x, h) for h in halves]
+            weights = [float((~odd).sum()) / len(odd), float(odd.sum()) / len(odd)]
         if measuring:
             self.noise.begin()
         n = len(chunks)
         total = torch.zeros((), device=self.device)
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        for i, (x, y) in enumerate(chunks):
+        for i, ((x, y), w) in enumerate(zip(chunks, weights)):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = ddp and not measuring and i == n - 1
             ctx = self.model.no_sync() if ddp and not sync else contextlib.nullcontext()
             with ctx:
                 with self.autocast:
                     _, loss = self.model(x, y)
-                (loss / n).backward()
-            total += loss.detach()
+                (loss * w).backward()
+            total += loss.detach() * w
             if measuring:
-                self.noise.observe(n)
+                self.noise.observe(w)
         if measuring and ddp:
             for p in self.raw_model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
-        return total / n
+        return total
 
     def _train_metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict[str, Any]:
-        t = self.cfg.train
         if self.world > 1:
             loss = loss.clone()
             dist.all_reduce(loss)
             loss /= self.world
-        timing = self.timer.read(self.step)
+        timing = self.timer.read()
         metrics: dict[str, Any] = {
             **self.measured,  # the latest gradient measurements (coherence and noise only every measure_interval)
             "loss": float(loss),
@@ -394,8 +533,8 @@ class Trainer:
             metrics["tokens_per_s"] = self.batch_tokens / (step_ms / 1000)
             if self.peak_flops:
                 metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world)
-        if self.step >= t.compile_warmup_steps:
-            metrics.update(self.memory.peak())
+        if self.timer.warm:
+            metrics.update(self._peaks())
         return metrics
 
     def _check_divergence(self, loss: float) -> None:
@@ -406,21 +545,27 @@ class Trainer:
             raise Diverged
 
     @torch.no_grad()
-    def _evaluate(self) -> dict[str, float]:
-        """Mean loss over fixed validation windows: eval_batches micro-batches per rank, the ranks striding
-        over one global list, so N workers at micro-batch m see the same windows as one worker at N·m."""
+    def _evaluate(self, limit: int | None = None) -> dict[str, float]:
+        """Mean loss over the validation set: the first ``eval_sequences`` windows of the split, in
+        micro-batches that the ranks stride over, so N workers at micro-batch m and one worker at N·m (or
+        any micro-batch) are scored on the same text. ``limit``: only that many micro-batches (compiling)."""
         cfg = self.cfg
         self.model.eval()
-        batches = eval_batches(self.tokens.val, cfg.data.seq_len, cfg.train.micro_batch_size,
-                               cfg.train.eval_batches * self.world)
+        batches = eval_batches(self.tokens.val, cfg.data.seq_len, cfg.train.micro_batch_size, self.eval_sequences)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i, (x, y) in enumerate(batches):
-            if i % self.world != self.rank:
+        for i, (x, y, valid) in enumerate(batches):
+            if limit is not None:  # every rank compiles: no striding, no reduction
+                if i >= limit:
+                    break
+            elif i % self.world != self.rank:
                 continue
             with self.autocast:
                 _, loss = self.model(x.to(self.device), y.to(self.device))
-            total[0] += loss.double()
-            total[1] += 1
+            total[0] += loss.double() * valid  # the loss is the mean over the valid rows' tokens
+            total[1] += valid
+        if limit is not None:
+            self.model.train()
+            return {}
         if self.world > 1:
             dist.all_reduce(total)
         self.model.train()
@@ -442,6 +587,8 @@ class Trainer:
         """Record and report ``metrics``; with ``checkpoint``, a checkpoint holding this report is saved first
         and goes with it."""
         metrics = {**metrics, **self._common(status)}
+        if "loss" in metrics and "noise_scale" not in metrics:  # its latest measurement found no signal
+            self.last.pop("noise_scale", None)
         self.history.append(metrics)
         checkpoint_dir = None
         if checkpoint:
@@ -461,12 +608,15 @@ class Trainer:
 
     def _finish(self, status: str) -> dict[str, Any]:
         final = {k: self.last[k] for k in FINAL_METRICS if k in self.last}
-        final.update({k: v for k, v in self.last.items() if k.startswith("grad_norm/layer_")})
+        final.update({k: v for k, v in self.last.items() if k.startswith(LAYER_PREFIX)})
         if "oom_reason" in self.last:
             final["oom_reason"] = self.last["oom_reason"]
-        if status == "oom":  # the last measured memory, even if the OOM came before the warmup reset
-            final.update(self.memory.peak())
-        final.update(self.memory.device_info())
+        final.update(self._peaks())  # the last measured memory, also for a run that ended before a report
+        final.update(device_info(self.device))
+        final.update(self.memory.summary())
+        final["ac_mode"] = self.cfg.train.ac_mode
+        if self._graphs_at_window is not None:  # a compile after warmup lands in the timings and peaks
+            final["compiles_after_warmup"] = _compiled_graphs() - self._graphs_at_window
         self._emit(final, checkpoint=status == "ok", status=status)
         summary = {**self.last, "config": self.cfg.flat()}
         if self.is_main and self.out_dir:
@@ -488,7 +638,8 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         idx = torch.tensor([start], dtype=torch.long, device=self.device)
         self.raw_model.eval()
-        with self.autocast:
+        # The length grows every token: compiled regions would recompile for each; sampling is not the hot path.
+        with torch.compiler.set_stance("force_eager"), self.autocast:
             out = self.raw_model.generate(idx, max_new_tokens, temperature=1.0, top_k=50, generator=gen)
         self.raw_model.train()
         text = tok.decode(out[0, len(start):].tolist())
@@ -536,15 +687,16 @@ class Trainer:
         return str(final)
 
     def _load_checkpoint(self, path: Path) -> None:
-        file = path / CHECKPOINT_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"no checkpoint at {path} (expected a directory holding {CHECKPOINT_FILE}).")
-        state = torch.load(file, map_location=self.device, weights_only=False)
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = read_checkpoint(path)
+        try:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.batches.load_state_dict(state["data"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"checkpoint {path} does not fit this config ({str(e).splitlines()[0][:160]}); "
+                              f"resume with the config it was saved with (its config.json).") from None
         self.step = state["step"]
         self.first_loss = state["first_loss"]
-        self.batches.load_state_dict(state["data"])
         self.noise.load_state_dict(state["noise"])
         _set_rng_state(state["rng"])
         self._replay = list(state.get("reports") or [])
@@ -554,7 +706,10 @@ class Trainer:
     def _progress_bar(self):
         if not (self.progress and self.is_main):
             return None
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError:  # a machine with torch, numpy and tiktoken only (the GPU check): no bar
+            return None
 
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                     dynamic_ncols=True)
@@ -569,34 +724,77 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a GPT with lmtune's defaults (built-in < locked defaults < files < key=value).",
     )
     p.add_argument("args", nargs="*", metavar="FILE.toml | section.key=value")
-    p.add_argument("--out", help="output directory (default: runs/train-<timestamp>)")
-    p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint directory (e.g. OUT/checkpoint)")
+    p.add_argument("--out", help="output directory (default: runs/train-<timestamp>; with --resume, the run's own)")
+    p.add_argument("--resume", metavar="DIR/checkpoint",
+                   help="continue a run from its checkpoint, with the config saved next to it; only keys that "
+                        "do not change what the checkpoint holds may be given (steps, intervals, …)")
     p.add_argument("--locked", metavar="FILE", help="locked-defaults TOML to use (default: ./lmtune.locked.toml "
                    "if present, over the shipped phase-0 defaults)")
     p.add_argument("--no-wandb", action="store_true", help="do not log a W&B run")
-    p.add_argument("--describe", action="store_true", help="list every config key with its default and doc")
+    p.add_argument("--describe", action="store_true",
+                   help="list every config key with the value this command would use, where it comes from, and its doc")
     return p
+
+
+def resume_config(checkpoint: str | Path, overrides: list[str], files: list[str]) -> Config:
+    """The config a checkpoint was saved with (its config.json), with ``overrides`` of :data:`RESUMABLE_KEYS`
+    only; anything else would not fit what the checkpoint holds."""
+    path = Path(checkpoint)
+    if files:
+        raise ConfigError(f"--resume takes the config saved with the checkpoint; config files ({', '.join(files)}) "
+                          f"are not accepted. Give only keys such as train.steps=N.")
+    saved = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    read_checkpoint(path)  # a missing or unreadable checkpoint is named before its config
+    try:
+        flat = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"--resume {path}: no readable config.json next to the checkpoint "
+                          f"(the trainer writes both into OUT/checkpoint).") from None
+    changes = config_lib.parse_overrides(overrides)
+    refused = [k for k in changes if k not in RESUMABLE_KEYS]
+    if refused:
+        key = refused[0]
+        raise ConfigError(f"{key} cannot change on --resume: the checkpoint holds a run with {key}={flat.get(key)!r}. "
+                          f"Keys --resume accepts: {', '.join(RESUMABLE_KEYS)}.")
+    return config_lib.apply(config_lib.from_flat(flat), changes)
+
+
+def _wandb_id(out: Path) -> str:
+    """A run directory's W&B id, so that a resumed run continues its W&B run."""
+    return f"{out.name[:40]}-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10]}"
 
 
 @user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.describe:
-        print(config_lib.describe())
-        return 0
     files = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
-    cfg = config_lib.load(files, overrides, locked=args.locked)
-    out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "summary.json").exists() or (out / "checkpoint").exists():
-        if not args.resume:
-            raise ConfigError(f"--out {out} already holds a run; pass --resume {out / 'checkpoint'} "
-                              "to continue it, or choose a new --out.")
-    print(f"lmtune.train: locked defaults {', '.join(str(p) for p in config_lib.locked_files(args.locked))}",
-          file=sys.stderr)
+    if args.resume:
+        cfg = resume_config(args.resume, overrides, files)
+        config_lib.validate(cfg)
+        sources = None
+        checkpoint = Path(args.resume)
+        default_out = (checkpoint if checkpoint.is_dir() else checkpoint.parent).parent
+    else:
+        cfg, sources = config_lib.resolve(files, overrides, locked=args.locked)
+        default_out = Path(f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.describe:
+        print(config_lib.describe(cfg, sources or {k: "the checkpoint's config.json" for k in cfg.flat()}))
+        return 0
+    out = Path(args.out) if args.out else default_out
+    if not args.resume and ((out / "summary.json").exists() or (out / "checkpoint").exists()):
+        raise ConfigError(f"--out {out} already holds a run; pass --resume {out / 'checkpoint'} "
+                          "to continue it, or choose a new --out.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; expected a directory (it is created if missing).")
+    if not args.resume:
+        print(f"lmtune.train: locked defaults {', '.join(str(p) for p in config_lib.locked_files(args.locked))}")
+    else:
+        print(f"lmtune.train: resuming {args.resume} into {out}")
     trainer = Trainer(
         cfg, out_dir=out, resume_from=args.resume, progress=True,
-        wandb=None if args.no_wandb else {"project": "lmtune", "name": out.name, "dir": str(out)},
+        wandb=None if args.no_wandb else {"project": "lmtune", "name": out.name, "dir": str(out),
+                                          "id": _wandb_id(out), "resume": "allow"},
     )
     summary = trainer.fit()
     shown = {k: summary[k] for k in ("status", "step", "tokens", "loss", "val_loss", "val_ppl", "tokens_per_s",

@@ -2,13 +2,18 @@
 
 Seed (phase-0 readme, "Memory & Compute", A100 40GB, d_model=768, seq_len=1024, n_layers=12): without AC,
 mb 28 peaked at 38.1 GiB and mb 32 ran out of memory; with AC budget 0.75, mb 32 peaked at 34.2 GiB,
-the fastest point with 6 GiB headroom, which became the recommended operating point. Peak memory is
+the fastest point with "6 GiB headroom" of a nominal 40 GB, which became the recommended operating point.
+An A100-40GB reports 39.4 GiB to torch, so that point keeps 5.2 GiB free: the sweep keeps 5 GiB, the
+headroom with which it recommends what the seed did. Peak memory is
 monotone in the micro-batch at a fixed budget (a larger mb after an OOM is recorded as OOM without
 running) but not across budgets, so each budget is its own line. Timing excludes the compile warmup
 steps and peak memory is measured after them (the seed's fix for JIT bleed).
 
-The smoke variant emulates a small device on CPU (system.memory_limit_gib): the larger micro-batches
-cross it and end as OOM, so the frontier, the implied OOM rows and the recommendation all show up.
+Budgets here are the compile partitioner's (ac_mode "budget", per compiled block). The smoke variant runs
+eager on CPU, where a budget checkpoints whole blocks (ac_mode "blocks": 0.5 = 2 of 4 blocks), and
+emulates a small device (system.memory_limit_gib, enforced on the peak of live tensor bytes): the larger
+micro-batches cross it and end as OOM, so the frontier, the implied OOM rows and the recommendation all
+show up, and the lower budget peaks lower at every micro-batch.
 """
 
 from lmtune.sweep import TINY_CPU, Frontier, Smoke, Sweep, grid
@@ -27,16 +32,16 @@ sweep = Sweep(
         "train.ac_budget": grid([0.12, 0.38, 0.75, 1.0]),
     },
     searcher="frontier",
-    frontier=Frontier(x="train.micro_batch_size", budget="train.ac_budget", headroom_gib=6.0),
+    frontier=Frontier(x="train.micro_batch_size", budget="train.ac_budget", headroom_gib=5.0),
     metric="tokens_per_s", mode="max",
     export=["train.micro_batch_size", "train.ac_budget"],
     smoke=Smoke(
         base={
             **TINY_CPU, "model.n_layer": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 128,
             "data.seq_len": 128, "train.steps": 6, "train.eval_interval": 6, "train.compile_warmup_steps": 2,
-            "train.measure_interval": 0, "train.log_interval": 2, "system.memory_limit_gib": 0.78,
+            "train.measure_interval": 0, "train.log_interval": 2, "system.memory_limit_gib": 0.42,
         },
         space={"train.micro_batch_size": grid([8, 16, 32, 64, 96, 128]), "train.ac_budget": grid([0.5, 1.0])},
-        frontier=Frontier(x="train.micro_batch_size", budget="train.ac_budget", headroom_gib=0.15, margin_gib=0.05),
+        frontier=Frontier(x="train.micro_batch_size", budget="train.ac_budget", headroom_gib=0.1, margin_gib=0.02),
     ),
 )

@@ -44,13 +44,13 @@ def write_results_dir(root: Path, sweep: dict[str, Any], rows: list[dict[str, An
 
 
 def frontier_sweep_json(xs, budgets, *, limit: float | None = 20.0, device: float | None = None,
-                        headroom: float = 4.0, margin: float = 0.5, export=(X, B)) -> dict[str, Any]:
+                        headroom: float = 4.0, margin: float = 0.5, export=(X, B), smoke: bool = True) -> dict[str, Any]:
     return {
         "name": "memory-frontier", "group": "1-memory-frontier-20260101-000000-000000", "file": "sweeps/memory_frontier.py",
-        "smoke": True, "metric": "tokens_per_s", "mode": "max", "searcher": "frontier", "export": list(export),
+        "smoke": smoke, "metric": "tokens_per_s", "mode": "max", "searcher": "frontier", "export": list(export),
         "frontier": {"x": X, "budget": B, "headroom_gib": headroom, "margin_gib": margin},
         "memory_limit_gib": limit or 0.0, "device_memory_gib": device, "device_name": "simulated",
-        "base": {"model.n_layer": 2, "train.steps": 20},
+        "base": {"model.n_layer": 2, "train.steps": 20, "train.compile": True},
         "space": {X: {"type": "grid", "values": list(xs)}, B: {"type": "grid", "values": list(budgets)}},
         "created": "2026-01-01T00:00:00", "lmtune_version": "0.1.0",
     }
@@ -88,7 +88,8 @@ def frontier_results(root: Path, xs=tuple(range(1, 41)), budgets=(0.25, 0.5, 1.0
 
 
 def norm_results(root: Path) -> Path:
-    """A norm placement × warmup sweep: per-layer gradient norms in metrics.jsonl, one diverged trial."""
+    """A norm placement × warmup sweep: per-layer gradient norms in metrics.jsonl, one diverged trial whose last
+    val_loss (2.9, before it diverged) beats every ok trial's: a winner must be an ok trial."""
     sweep = {
         "name": "norm-warmup", "group": "2-norm-warmup-20260101-000000-000000", "metric": "val_loss", "mode": "min",
         "searcher": "grid", "export": ["model.norm_placement", "train.warmup_steps"], "frontier": None,
@@ -98,12 +99,13 @@ def norm_results(root: Path) -> Path:
     }
     rows, metrics = [], {}
     for i, (norm, warm, val, status) in enumerate([("pre", 0, 3.1, "ok"), ("pre", 100, 3.2, "ok"),
-                                                   ("post", 0, None, "diverged"), ("post", 100, 3.4, "ok")]):
+                                                   ("post", 0, 2.9, "diverged"), ("post", 100, 3.4, "ok")]):
         tid = f"t{i}"
         spread = 0.5 if norm == "pre" else 10.0
         layers = {f"grad_norm/layer_{j}": (10 ** (-spread * j / 3)) for j in range(4)}
         rows.append({"trial_id": tid, "status": status, "source": "run", "model.norm_placement": norm,
-                     "train.warmup_steps": warm, "val_loss": val, "loss": val or float("nan"), "grad_norm_spread": spread})
+                     "train.warmup_steps": warm, "val_loss": val, "loss": float("nan") if status == "diverged" else val,
+                     "grad_norm_spread": spread})
         metrics[tid] = [{"step": s, "tokens": s * 1024, "loss": 5 - s / 100, **layers, "status": "running"} for s in (100, 200)]
         metrics[tid].append({"step": 300, "tokens": 300 * 1024, "val_loss": val, **layers, "status": status,
                              "grad_norm_spread": spread})

@@ -448,12 +448,28 @@ def test_batches_resume_from_state_dict():
         Batches(tokens, 16, 5, seed=12).load_state_dict(state)
 
 
-def test_eval_batches_in_order_and_wrapping():
+def test_eval_batches_in_order_each_window_once():
     tokens = ramp(5 * 4 + 1)  # 5 windows of 4
-    starts = [x[:, 0].div(4).tolist() for x, _ in eval_batches(tokens, 4, 2, 4)]
-    assert starts == [[0, 1], [2, 3], [4, 0], [1, 2]]
-    first = [x for x, _ in eval_batches(tokens, 4, 2, 4)]
-    assert all(torch.equal(a, c) for a, c in zip(first, (x for x, _ in eval_batches(tokens, 4, 2, 4))))
+    batches = list(eval_batches(tokens, 4, 2, 8))  # asks for more than the split has: all 5, none twice
+    assert [x[:, 0].div(4).tolist() for x, _, _ in batches] == [[0, 1], [2, 3], [4, 0]]
+    assert [valid for _, _, valid in batches] == [2, 2, 1]
+    again = [x for x, _, _ in eval_batches(tokens, 4, 2, 8)]
+    assert all(torch.equal(a, c) for (a, _, _), c in zip(batches, again))
+
+
+def test_eval_batches_are_the_same_windows_at_any_micro_batch():
+    """The validation text depends on n_sequences only; the last micro-batch is padded with ignored targets."""
+    from lmtune.data import IGNORE_INDEX
+
+    tokens = ramp(9 * 4 + 1)  # 9 windows of 4
+    for mb in (1, 2, 3, 5, 8):
+        batches = list(eval_batches(tokens, 4, mb, 7))
+        assert all(x.shape == (mb, 4) for x, _, _ in batches)  # one shape: a compiled model never recompiles
+        rows = [(x[i], y[i]) for x, y, valid in batches for i in range(valid)]
+        assert [int(x[0]) // 4 for x, _ in rows] == list(range(7))
+        assert sum(valid for _, _, valid in batches) == 7
+        x, y, valid = batches[-1]
+        assert (y[valid:] == IGNORE_INDEX).all() and (y[:valid] != IGNORE_INDEX).all()
 
 
 # --- bad input -------------------------------------------------------------------------------------

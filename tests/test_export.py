@@ -48,7 +48,7 @@ def test_best_trial_export_skips_non_ok_trials(tmp_path):
 
 
 def test_default_target_is_the_projects_locked_file_the_trainer_picks_up(tmp_path, in_tmp):
-    d, _ = frontier_results(tmp_path / "r")
+    d, _ = frontier_results(tmp_path / "r", smoke=False, limit=None, device=20.0)  # a real device's frontier
     assert export.main([str(d)]) == 0
     assert (in_tmp / "lmtune.locked.toml").is_file() and (in_tmp / "lmtune.locked.md").is_file()
     winner = export.winner(load_results(d))
@@ -60,21 +60,34 @@ def test_default_target_is_the_projects_locked_file_the_trainer_picks_up(tmp_pat
 def test_overwrite_refused_without_force_and_file_unchanged(tmp_path, capsys):
     d, _ = frontier_results(tmp_path / "r")
     out = tmp_path / "locked.toml"
-    out.write_text('[train]\nmicro_batch_size = 7\ncompile = false\n\n[provenance."train.compile"]\nsource = "by hand"\n')
+    out.write_text('[train]\nmicro_batch_size = 7\nweight_decay = 0.1\n\n[provenance."train.weight_decay"]\nsource = "by hand"\n')
     before = out.read_bytes()
     assert export.main([str(d), "--to", str(out)]) == 2
     captured = capsys.readouterr()
     assert out.read_bytes() == before and not out.with_suffix(".md").exists()
     assert "train.micro_batch_size: 7 → " in captured.out  # what would change
-    assert "train.compile: False (kept)" in captured.out
+    assert "train.weight_decay: 0.1 (kept)" in captured.out
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {out} exists; nothing written")
     assert export.main([str(d), "--to", str(out), "--force"]) == 0
     doc = tomllib.loads(out.read_text())
-    assert doc["train"]["compile"] is False and doc["provenance"]["train.compile"]["source"] == "by hand"  # kept
+    assert doc["train"]["weight_decay"] == 0.1 and doc["provenance"]["train.weight_decay"]["source"] == "by hand"  # kept
     assert doc["train"]["micro_batch_size"] != 7
+    assert doc["provenance"]["train.ac_budget"]["ac_mode"] == "budget"  # the frontier ran compiled
     cfg = config_lib.load(locked=out)
-    assert cfg.train.compile is False and cfg.train.micro_batch_size == doc["train"]["micro_batch_size"]
+    assert cfg.train.weight_decay == 0.1 and cfg.train.micro_batch_size == doc["train"]["micro_batch_size"]
+
+
+def test_a_budget_is_not_exported_into_a_file_of_the_other_ac_mode(tmp_path, capsys):
+    """The frontier's budgets are compile-partitioner budgets; a file that turns compile off would never apply them."""
+    d, _ = frontier_results(tmp_path / "r")
+    out = tmp_path / "locked.toml"
+    out.write_text('[train]\ncompile = false\n')
+    before = out.read_bytes()
+    assert export.main([str(d), "--to", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "measured with ac_mode=budget" in err[0] and "train.compile=false" in err[0]
+    assert out.read_bytes() == before
 
 
 def test_export_command_refuses_second_export(tmp_path):
@@ -86,6 +99,21 @@ def test_export_command_refuses_second_export(tmp_path):
     second = run_module("lmtune.export", str(d), "--to", str(out))
     assert second.returncode == 2 and second.stderr.startswith("error: ") and "Traceback" not in second.stderr
     assert "(unchanged)" in second.stdout
+
+
+def test_a_smoke_or_emulated_limit_run_needs_force_to_become_the_projects_defaults(tmp_path, in_tmp, capsys):
+    """The demo's winner was measured on a CPU-sized model under an emulated limit: locking it into
+    ./lmtune.locked.toml would silently change every later run here."""
+    d, _ = frontier_results(tmp_path / "r")  # smoke, emulated 20 GiB limit
+    assert export.main([str(d)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a --smoke run (a CPU-sized model) and run under an emulated 20 GiB memory limit" in err[0]
+    assert "--to FILE" in err[0] and "--force" in err[0]
+    assert not (in_tmp / "lmtune.locked.toml").exists()
+    assert export.main([str(d), "--to", "smoke.toml"]) == 0  # elsewhere: written, and it says what it is
+    prov = config_lib.provenance(in_tmp / "smoke.toml")
+    assert prov[X]["measured_on"].startswith("a --smoke run") and "[a --smoke run" in prov[X]["source"]
+    assert export.main([str(d), "--force"]) == 0 and (in_tmp / "lmtune.locked.toml").is_file()
 
 
 def _all_oom(tmp_path):

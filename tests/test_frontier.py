@@ -9,7 +9,7 @@ import pytest
 
 from lmtune import report
 from lmtune.frontier import analyze_frontier, load_results, val_loss_at_equal_tokens
-from tests.conftest import run_module
+from tests.conftest import REPO, run_module
 from tests.frontier_fixtures import (
     B,
     SLOPES,
@@ -63,21 +63,29 @@ def test_recommended_point_is_the_fastest_with_headroom_stated_like_the_seed(tmp
     b, r = max(eligible, key=lambda br: br[1]["tokens_per_s"])
     assert data["recommended"]["trial_id"] == r["trial_id"]
     md = (d / "frontier.md").read_text()
-    assert (f"Recommended operating point: ac_budget={b}, micro_batch_size={r[X]}. Gives the highest throughput "
-            f"with {r['headroom_gib']:.1f} GiB headroom") in md
+    assert (f"Recommended operating point: ac_budget={b}, micro_batch_size={r[X]} (ac_mode budget). Gives the highest "
+            f"throughput with {r['headroom_gib']:.1f} GiB headroom") in md
+    assert "AC mode: budget (the compile partitioner's activation memory budget, per compiled block)" in md
+    assert f"## ac_budget={b} (budget)" in md
     assert "Limit: 20 GiB (system.memory_limit_gib)" in md
     assert "OOM (implied)" in md and "| micro_batch_size | peak_reserved_gib | tokens_per_s |" in md
 
 
 def test_the_seeds_a100_tables_give_the_seeds_recommendation():
-    """The phase-0 readme's numbers: budget 0.75 at mb 32 (34.2 GiB) wins; no-AC mb 28 is fast but has ~2 GiB."""
+    """The phase-0 readme's numbers: budget 0.75 at mb 32 (34.2 GiB) wins; no-AC mb 28 is fast but has ~1 GiB.
+    With the shipped sweep's headroom and the 39.4 GiB an A100-40GB reports, the shipped sweep recommends
+    what the seed did."""
+    from lmtune.sweep.load import load_sweep
+
+    sweep, _ = load_sweep(REPO / "sweeps" / "memory_frontier.py")
     seed = [(1.0, 16, 22.5, 90.0), (1.0, 28, 38.1, 99.0), (1.0, 30, 38.95, 98.0), (1.0, 32, None, None),
             (0.12, 32, 25.7, 80.0), (0.38, 32, 30.2, 88.0), (0.75, 32, 34.2, 100.0), (0.75, 40, None, None)]
     rows = [{"trial_id": f"s{i}", "source": "run", B: b, X: mb, "status": "ok" if peak else "oom",
              "peak_reserved_gib": peak, "tokens_per_s": tps} for i, (b, mb, peak, tps) in enumerate(seed)]
-    rep = analyze_frontier(rows, x=X, line_keys=[B], limit_gib=40.0, headroom_gib=5.5, limit_source="A100 40GB")
-    assert rep.statement.startswith("Recommended operating point: ac_budget=0.75, micro_batch_size=32. "
-                                    "Gives the highest throughput with 5.8 GiB headroom")
+    rep = analyze_frontier(rows, x=X, line_keys=[B], limit_gib=39.4, headroom_gib=sweep.frontier.headroom_gib,
+                           limit_source="A100 40GB", ac_mode="budget")
+    assert rep.statement.startswith("Recommended operating point: ac_budget=0.75, micro_batch_size=32 (ac_mode "
+                                    "budget). Gives the highest throughput with 5.2 GiB headroom")
     assert {t.line[B]: t.largest_feasible for t in rep.tables} == {0.12: 32, 0.38: 32, 0.75: 32, 1.0: 30}
     assert {t.line[B]: t.smallest_oom for t in rep.tables} == {0.12: None, 0.38: None, 0.75: 40, 1.0: 32}
 
@@ -121,9 +129,9 @@ def test_norm_and_batch_summary_tables(tmp_path):
     report.render(n)
     md = (n / "summary.md").read_text()
     assert "## Norm placement × warmup" in md
-    assert "| t2 | post | 0 | — | 10 | yes |" in md  # diverged: no val loss, spread 10, diverged yes
+    assert "| t2 | post | 0 | 2.9 | 10 | yes |" in md  # diverged: its last val loss, spread 10, diverged yes
     assert "| t0 | pre | 0 | 3.1 | 0.5 | no |" in md
-    assert "Best ok trial: t0" in md
+    assert "Best ok trial: t0" in md  # not t2, whose val_loss is lower but which diverged
     b = batch_results(tmp_path / "b")
     tokens, at = val_loss_at_equal_tokens(load_results(b))
     assert tokens == 1000 and at["a1"] == pytest.approx(3.0) and at["a4"] == pytest.approx(5.0 - 2.0 * 1000 / 2000)
@@ -197,3 +205,20 @@ def test_pareto_front_summary_and_plot(tmp_path):
     assert "| a |" in front_table and "| c |" in front_table and "| d |" not in front_table
     assert d / "plots" / "pareto.png" in written
     _assert_png(d / "plots" / "pareto.png")
+
+
+def test_summary_ranks_pruned_trials_after_finished_ones_with_their_tokens(tmp_path):
+    """A trial ASHA stopped at 5,120 tokens with a lower val_loss does not rank above one finished at 15,360."""
+    sweep = {"name": "optimizer", "group": "1-optimizer-20260101-000000-000000", "metric": "val_loss", "mode": "min",
+             "searcher": "tpe", "scheduler": "asha", "export": ["train.lr"], "frontier": None, "base": {},
+             "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+    rows = [{"trial_id": "a", "status": "pruned", "source": "run", "train.lr": 1e-3, "val_loss": 2.5, "tokens": 5120},
+            {"trial_id": "b", "status": "ok", "source": "run", "train.lr": 3e-3, "val_loss": 2.8, "tokens": 15360},
+            {"trial_id": "c", "status": "ok", "source": "run", "train.lr": 1e-4, "val_loss": 3.1, "tokens": 15360}]
+    d = write_results_dir(tmp_path / "asha", sweep, rows)
+    report.render(d)
+    md = (d / "summary.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and line[2] in "abc"]
+    assert [line[2] for line in table] == ["b", "c", "a"]
+    assert "| tokens |" in md.replace(" tokens | tokens_per_s", " tokens |") and "15,360" in md and "5,120" in md
+    assert "stopped early by the scheduler" in md

@@ -63,18 +63,30 @@ def test_memory_frontier_smoke_then_export_then_train(in_tmp):
     assert "Recommended operating point:" in md and "OOM (implied)" in md
     assert (results / "plots" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    export = run_module("lmtune.export", str(results), cwd=in_tmp)
+    # At every micro-batch both budgets ran at, the lower budget peaked lower (by at least 10%): on CPU the
+    # frontier shows what activation checkpointing saves, not only what it costs.
+    peaks = {(r["train.ac_budget"], r["train.micro_batch_size"]): float(r["peak_reserved_gib"])
+             for r in table.values() if r["source"] == "run" and r["status"] == "ok"}
+    both = [mb for (b, mb) in peaks if b == "0.5" and ("1.0", mb) in peaks]
+    assert both and all(peaks[("0.5", mb)] < 0.9 * peaks[("1.0", mb)] for mb in both), peaks
+    assert "AC mode: blocks" in md and "ac_budget=0.5 (blocks)" in md
+
+    refused = run_module("lmtune.export", str(results), cwd=in_tmp)  # a smoke run: not silently the defaults
+    assert refused.returncode == 2 and "a --smoke run" in refused.stderr
+    assert not (in_tmp / "lmtune.locked.toml").exists()
+    export = run_module("lmtune.export", str(results), "--force", cwd=in_tmp)
     assert export.returncode == 0, export.stderr
     locked = (in_tmp / "lmtune.locked.toml").read_text()
-    assert "[provenance.\"train.micro_batch_size\"]" in locked
-    train = run_module("lmtune.train", *[a for a in TINY if not a.startswith("train.micro_batch_size")],
+    assert "[provenance.\"train.micro_batch_size\"]" in locked and 'ac_mode = "blocks"' in locked
+    train = run_module("lmtune.train", *[a for a in TINY if not a.startswith(("train.micro_batch_size", "train.ac_budget"))],
                        "train.steps=2", "train.eval_interval=2", "--no-wandb", "--out", "after", cwd=in_tmp)
     assert train.returncode == 0, train.stderr
     used = json.loads((in_tmp / "after" / "summary.json").read_text())["config"]
     recommended = json.loads((results / "frontier.json").read_text())["recommended"]
     assert used["train.micro_batch_size"] == recommended["train.micro_batch_size"]
+    assert used["train.ac_budget"] == recommended["line"]["train.ac_budget"]  # an eager run: the blocks budget applies
     before = (in_tmp / "lmtune.locked.toml").read_text()
-    again = run_module("lmtune.export", str(results), cwd=in_tmp)
+    again = run_module("lmtune.export", str(results), "--to", "lmtune.locked.toml", cwd=in_tmp)
     assert again.returncode == 2 and "--force" in again.stderr
     assert (in_tmp / "lmtune.locked.toml").read_text() == before
 

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the latest interrupted run of this sweep in --storage")
     p.add_argument("--max-concurrent", type=int, metavar="N", help="trials in flight at most (default: what fits)")
+    p.add_argument("--gpus", metavar="N|auto", help="GPUs per worker of each trial (default: the sweep file's, "
+                   "'auto' = 1 when the cluster has GPUs and the trials do not train on the CPU)")
+    p.add_argument("--cpus", type=float, metavar="N", help="CPUs per worker of each trial (default: the sweep file's, 1)")
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs (they are offline without an API key)")
     p.add_argument("--no-report", action="store_true", help="skip the tables and plots of lmtune.report at the end")
     return p
@@ -43,6 +46,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not accepted: expected an integer >= 1.")
+    if args.gpus is not None and args.gpus != "auto":
+        try:
+            args.gpus = float(args.gpus)
+        except ValueError:
+            raise ConfigError(f"--gpus {args.gpus} is not accepted: expected 'auto' or a number >= 0.") from None
     return args
 
 
@@ -52,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmtune.sweep.load import check_address, load_sweep, resolve
 
     sweep, path = load_sweep(args.sweep_file)
-    rs = resolve(sweep, path, smoke=args.smoke, overrides=args.overrides)
+    rs = resolve(sweep, path, smoke=args.smoke, overrides=args.overrides, gpus=args.gpus, cpus=args.cpus)
     check_address(args.address)
 
     from lmtune.sweep.runner import run  # imports ray: only once the input is known to be good

@@ -18,9 +18,10 @@ from ray.tune import Callback
 
 from lmtune.sweep.oom import LEDGER
 from lmtune.sweep.results import (
-    FINAL_METRICS, _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv,
+    FINAL_METRICS, PLACEMENT, _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv,
 )
 from lmtune.sweep.trainable import OOM_KILLED_KEY, TIME_IN_TRAINER, trial_config
+from lmtune.reports import keep_reports, order
 from lmtune.train import CHECKPOINT_REPORT
 
 
@@ -135,16 +136,20 @@ class ResultsWriter(Callback):
         started = self.started.get(tid)
         self.ended[tid] = time.time()
         row["wall_time_s"] = round(time.time() - started, 3) if started else None
+        row.update({k: last.get(k) for k in PLACEMENT})
         message = ""
         if status in ("error", "oom") and tid in LEDGER.errors:
             message = LEDGER.errors[tid][1]
         elif status == "oom":
             message = str(last.get("oom_reason", ""))
+        elif status == "error":
+            message = str(last.get("error", ""))
         row["error"] = message if status in ("error", "oom") else ""
         self.rows[tid] = row
         tdir = self.results_dir / "trials" / tid
         tdir.mkdir(parents=True, exist_ok=True)
-        summary = {**last, "status": status, "trial_id": tid, "config": flat, "wall_time_s": row["wall_time_s"]}
+        summary = {**last, "status": status, "trial_id": tid, "config": flat, "wall_time_s": row["wall_time_s"],
+                   "started_at": started, "ended_at": self.ended[tid]}
         if status == "pruned":
             summary["pruned_at_tokens"] = LEDGER.pruned.get(tid)
         if row["error"]:
@@ -182,22 +187,11 @@ class ResultsWriter(Callback):
         print(f"[{self.done():>{width}}/{self.total} done] {event:<8} {tid}  {text}".rstrip(), file=self.out, flush=True)
 
 
-def _order(report: dict[str, Any]) -> tuple[int, int]:
-    """Where a report falls in a run: its step, and at an eval step the training report before the eval's."""
-    return int(report.get("step", -1)), int("val_loss" in report)
-
-
 def _drop_reports_from(path: Path, first: dict[str, Any]) -> None:
     """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from there: first the
     reports its checkpoint holds (``lmtune.train.CHECKPOINT_REPORT``: up to two checkpoint intervals ending
     with the checkpoint's own), then the steps after it. What the earlier attempt recorded from the first of
     them on is dropped, so that metrics.jsonl holds each report once, as one uninterrupted run would have
     written it (including reports that never reached the driver before the interruption)."""
-    if not isinstance(first.get("step"), int) or not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [ln for ln in lines if ln.strip() and _order(json.loads(ln)) < _order(first)]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
+    if isinstance(first.get("step"), int):
+        keep_reports(path, lambda at: at < order(first))

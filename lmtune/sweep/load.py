@@ -64,6 +64,10 @@ class ResolvedSweep:
     """The frontier axes in force (Smoke.frontier under --smoke, else Sweep.frontier)."""
     define_by_run_keys: list[str] = field(default_factory=list)
     """Config keys the define-by-run function sets (found by dry runs at validation)."""
+    gpus: float | str = "auto"
+    """GPUs per worker asked for ("auto" until the runner sees the cluster: :func:`resolve_gpus`)."""
+    cpus: float = 1
+    """CPUs per worker."""
 
     @property
     def name(self) -> str:
@@ -142,11 +146,14 @@ def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
 
 
 def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
-            overrides: list[str] | dict[str, Any] | None = None) -> ResolvedSweep:
-    """Apply --smoke and overrides to ``sweep`` and check everything; raises ConfigError."""
+            overrides: list[str] | dict[str, Any] | None = None, gpus: float | str | None = None,
+            cpus: float | None = None) -> ResolvedSweep:
+    """Apply --smoke, overrides and --gpus/--cpus to ``sweep`` and check everything; raises ConfigError."""
     file = Path(file)
     where = str(file)
     _check_fields(sweep, where)
+    if gpus is not None or cpus is not None:
+        check_resources(sweep.gpus if gpus is None else gpus, sweep.cpus if cpus is None else cpus, "command line")
 
     space: dict[str, Any] = dict(sweep.space)
     base_overrides: dict[str, Any] = dict(sweep.base)
@@ -183,6 +190,7 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     if not space and sweep.define_by_run is None:
         raise ConfigError(f"{where}: the search space is empty; give at least one axis, e.g. "
                           f"space={{'train.lr': loguniform(1e-4, 3e-3)}}.")
+    _same_validation_text(space, base_overrides, sweep.workers)
     try:
         base_cfg = config_lib.load(overrides=base_overrides)
     except ConfigError as e:
@@ -212,6 +220,10 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
             raise ConfigError(f"{where}: searcher='frontier' does not take define_by_run.")
     if frontier is not None:
         _check_frontier(frontier, space, where)
+        if "train.compile" in space:
+            raise ConfigError(f"{where}: a frontier compares AC budgets within one ac_mode, but train.compile is an "
+                              f"axis of its space (compile on: the partitioner's memory budget; off: checkpointed "
+                              f"blocks). Run one frontier per mode: set train.compile in base.")
     if sweep.scheduler not in ("asha", "none"):
         raise ConfigError(f"{where}: scheduler={sweep.scheduler!r} is not accepted: expected 'asha' or 'none'.")
     if sweep.scheduler == "asha" and len(metrics) > 1:
@@ -228,11 +240,28 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
 
     rs = ResolvedSweep(sweep=sweep, file=file, smoke=smoke, base=base, base_overrides=base_overrides,
                        space=space, metrics=metrics, modes=modes, searcher=searcher, num_samples=total,
-                       export=list(sweep.export), frontier=frontier)
+                       export=list(sweep.export), frontier=frontier,
+                       gpus=sweep.gpus if gpus is None else gpus, cpus=sweep.cpus if cpus is None else cpus)
+    if rs.gpus == 0 and base.get("system.device") == "cuda":
+        raise ConfigError(f"{where}: system.device='cuda' but the trials ask for gpus=0, so Ray gives them no GPU; "
+                          f"use gpus='auto' or a number >= 1 (or --gpus).")
     _check_points(rs, where)
     if sweep.define_by_run is not None:
         rs.define_by_run_keys = _dry_run_define_by_run(rs, where)
     return rs
+
+
+def _same_validation_text(space: dict[str, Domain], base_overrides: dict[str, Any], workers: int) -> None:
+    """A sweep over the micro-batch scores every trial on the same validation text: unless the sweep sets
+    train.eval_sequences, it becomes eval_batches × the largest micro-batch × workers (what the largest
+    trial would evaluate anyway)."""
+    d = space.get("train.micro_batch_size")
+    if d is None or base_overrides.get("train.eval_sequences"):
+        return
+    largest = max(d.values) if isinstance(d, (Grid, Choice)) else d.high
+    eval_batches = config_lib.coerce("train.eval_batches", base_overrides.get("train.eval_batches",
+                                                                               config_lib.TrainConfig.eval_batches))
+    base_overrides["train.eval_sequences"] = int(eval_batches) * int(largest) * workers
 
 
 def _check_fields(s: Sweep, where: str) -> None:
@@ -244,10 +273,7 @@ def _check_fields(s: Sweep, where: str) -> None:
     for name, (v, lo) in ints.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"{where}: {name}={v!r} is not accepted: expected an integer >= {lo}.")
-    for name, v, lo_ok in (("gpus", s.gpus, 0), ("cpus", s.cpus, None)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (v < 0 if lo_ok == 0 else v <= 0):
-            raise ConfigError(f"{where}: {name}={v!r} is not accepted: expected a number "
-                              f"{'>= 0' if lo_ok == 0 else '> 0'}.")
+    check_resources(s.gpus, s.cpus, where)
     if isinstance(s.reduction_factor, bool) or not isinstance(s.reduction_factor, (int, float)) or s.reduction_factor <= 1:
         raise ConfigError(f"{where}: reduction_factor={s.reduction_factor!r} is not accepted: expected a number > 1.")
     if not isinstance(s.space, dict):
@@ -263,6 +289,21 @@ def _check_fields(s: Sweep, where: str) -> None:
             config_lib._field(key)
         except ConfigError as e:
             raise ConfigError(f"{where}: export: {e}") from None
+
+
+def check_resources(gpus: Any, cpus: Any, where: str) -> None:
+    """``gpus``: "auto" or a number >= 0; ``cpus``: a number > 0 (per worker)."""
+    if gpus != "auto" and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus < math.inf):
+        raise ConfigError(f"{where}: gpus={gpus!r} is not accepted: expected 'auto' or a number >= 0 (GPUs per worker).")
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 < cpus < math.inf:
+        raise ConfigError(f"{where}: cpus={cpus!r} is not accepted: expected a number > 0 (CPUs per worker).")
+
+
+def resolve_gpus(gpus: float | str, base: dict[str, Any], cluster_gpus: float) -> float:
+    """GPUs per worker for ``gpus`` ("auto" or a number) on a cluster with ``cluster_gpus`` GPUs in all."""
+    if gpus != "auto":
+        return float(gpus)
+    return 1.0 if cluster_gpus >= 1 and base.get("system.device") != "cpu" else 0.0
 
 
 def _check_keys(d: dict, where: str) -> None:

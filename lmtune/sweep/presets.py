@@ -16,8 +16,10 @@ TINY_CPU = {
     "train.measure_interval": 10,
     "train.dtype": "float32",
     "train.compile": False,
+    "train.ac_budget": 1.0,
     "train.compile_warmup_steps": 2,
     "system.device": "cpu",
 }
 """A model and run small enough for a smoke sweep on 2 CPUs: byte tokens of the built-in corpus, float32,
-eager, 30 steps with a validation pass (and checkpoint) every 10."""
+eager, 30 steps with a validation pass (and checkpoint) every 10. No activation checkpointing unless the sweep
+sweeps ``train.ac_budget`` (in eager mode a budget checkpoints whole blocks: ac_mode "blocks")."""

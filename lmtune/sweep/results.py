@@ -23,14 +23,17 @@ from lmtune.sweep.trainable import TIME_IN_TRAINER
 
 FINAL_METRICS = (
     "val_loss", "val_ppl", "loss", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s",
-    "peak_reserved_gib", "peak_allocated_gib", "grad_norm_spread", "grad_coherence", "noise_scale", "mfu",
+    "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread",
+    "grad_coherence", "noise_scale", "mfu", "ac_mode",
 )
 """trials.csv's metric columns (docs/CONTRACTS.md)."""
+PLACEMENT = ("node_ip", "node_id", "gpu_ids", "cuda_visible_devices")
+"""trials.csv's columns for where a trial ran (its last attempt)."""
 
-# Keys Tune adds to every result; they are not the trainer's metrics.
+# Keys Tune adds to every result that are not the trainer's metrics (its node_ip is kept: where each report was made).
 _TUNE_KEYS = {
     "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id", "date",
-    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "time_since_restore",
     "iterations_since_restore", "config", "experiment_tag", "checkpoint_path", TIME_IN_TRAINER,
 }
 _GROUP = re.compile(r"^(\d+)-(.+)-(\d{8}-\d{6}-\d{6})$")
@@ -77,6 +80,8 @@ def sweep_json(rs: ResolvedSweep, results_dir: Path) -> dict[str, Any]:
         "scheduler": rs.sweep.scheduler,
         "num_trials": rs.num_samples,
         "workers": rs.sweep.workers,
+        "gpus": rs.gpus,
+        "cpus": rs.cpus,
         "export": list(rs.export),
         "frontier": None if f is None else {"x": f.x, "budget": f.budget, "headroom_gib": f.headroom_gib,
                                             "margin_gib": f.margin_gib},
@@ -95,7 +100,7 @@ def device_memory(rs: ResolvedSweep) -> dict[str, Any]:
     """``device_memory_gib``/``device_name`` when the driver knows them: CPU trials (no GPUs) run on this
     node's RAM (a joined cluster's worker nodes may differ: the trainer reports its own in summary.json);
     GPU trials leave it to the trainer's report of the GPU it ran on."""
-    if rs.sweep.gpus or rs.base.get("system.device") == "cuda":
+    if rs.gpus or rs.base.get("system.device") == "cuda":  # "auto" too: the trials may run on GPUs
         return {}
     import platform
 
@@ -115,7 +120,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def csv_columns(space_keys: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
-    return ["trial_id", "status", "source", *space_keys, *FINAL_METRICS, *extra, "wall_time_s", "error"]
+    return ["trial_id", "status", "source", *space_keys, *FINAL_METRICS, *extra, "wall_time_s", *PLACEMENT, "error"]
 
 
 def read_trials_csv(path: Path) -> list[dict[str, str]]:

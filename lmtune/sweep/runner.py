@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmtune.config import ConfigError
-from lmtune.sweep.load import ResolvedSweep
+from lmtune.sweep.load import ResolvedSweep, resolve_gpus
 
 TUNE_DIR = "tune"
 TRAIN_DIR = "train"
@@ -235,7 +235,6 @@ def run(
     else:
         local_root.mkdir(parents=True, exist_ok=True)
         results_dir = new_results_dir(local_root, rs.name)
-        write_json(results_dir / "sweep.json", sweep_json(rs, results_dir))
     group = results_dir.name
     base_uri = uri_join(remote, group) if remote else str(results_dir)
 
@@ -250,8 +249,15 @@ def run(
 
             shutil.rmtree(results_dir, ignore_errors=True)
         raise
+    import ray
+
+    asked = rs.gpus
+    rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
+    if not resume:
+        write_json(results_dir / "sweep.json", sweep_json(rs, results_dir))
     print(f"sweep {rs.name}{' (smoke)' if rs.smoke else ''}: {rs.num_samples} trial(s), searcher {rs.searcher}, "
           f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
+    print(f"trials: {_resources_text(rs, asked)}", file=out)
     try:
         return _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
                          wandb=wandb, ray_train=ray_train, render=render, remote=remote, reuse_actors=reuse_actors,
@@ -275,7 +281,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
 
     settings = TrialSettings(
         results_dir=str(results_dir), group=group, train_storage=uri_join(base_uri, TRAIN_DIR),
-        workers=rs.sweep.workers, cpus=rs.sweep.cpus, gpus=rs.sweep.gpus, wandb=wandb, ray_train=ray_train,
+        workers=rs.sweep.workers, cpus=rs.cpus, gpus=rs.gpus, wandb=wandb, ray_train=ray_train,
     )
     trainable = tune.with_resources(make_trainable(settings), trial_resources(settings))
     space_keys = _space_keys(rs)
@@ -355,6 +361,19 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         print(f"uploaded to {base_uri}", file=out)
     return Outcome(results_dir=results_dir, rows=rows, wall_s=wall, time_in_trainer_s=dict(writer.trainer_s), fit_start=fit_start,
                    trial_end=dict(writer.ended), best=best, interrupted=interrupted)
+
+
+def _resources_text(rs: ResolvedSweep, asked: float | str) -> str:
+    """What each trial asks Ray for, and why (the "auto" GPU rule)."""
+    per = f"{rs.cpus:g} CPU" + (f" + {rs.gpus:g} GPU" if rs.gpus else "")
+    workers = f"{rs.sweep.workers} workers × ({per})" if rs.sweep.workers > 1 else per
+    if asked == "auto":
+        why = ("gpus='auto': the cluster has GPUs" if rs.gpus else
+               "gpus='auto': the trials train on the CPU (system.device='cpu')" if rs.base.get("system.device") == "cpu"
+               else "gpus='auto': the cluster has no GPU")
+    else:
+        why = f"gpus={asked:g}"
+    return f"{workers} each ({why}; --gpus/--cpus change it)"
 
 
 def measures_memory(rs: ResolvedSweep) -> bool:

@@ -169,7 +169,12 @@ class StudySearch(OptunaSearch):
         value = result[self.metric]
         step = int(result.get("tokens", result.get("training_iteration", 0)))
         ot_trial = self._ot_trials[trial_id]
-        if result.get(CHECKPOINT_REPORT) and step in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
+        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if stored.state.is_finished():
+            # Told before an interruption: the restored Tune snapshot predates this trial's end, so Tune runs it
+            # again, and the trainable replays its recorded result (lmtune.sweep.trainable.REPLAYED).
+            return
+        if result.get(CHECKPOINT_REPORT) and step in stored.intermediate_values:
             return  # a resumed trial's checkpoint report, already heard before the interruption
         if isinstance(value, (int, float)) and math.isfinite(value):
             ot_trial.report(float(value), step)

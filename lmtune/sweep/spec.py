@@ -142,11 +142,14 @@ class Sweep:
     """ASHA: tokens every trial gets before it can be stopped (0 = a tenth of the budget)."""
     reduction_factor: int = 3
     workers: int = 1
-    """Data-parallel workers per trial (Ray Train, DDP)."""
-    gpus: float = 0
-    """GPUs per worker (0 on CPU machines)."""
+    """Data-parallel workers per trial (Ray Train, DDP); effective batch = micro_batch_size × accumulation_steps ×
+    workers sequences."""
+    gpus: float | Literal["auto"] = "auto"
+    """GPUs per worker: ``"auto"`` = 1 when the cluster has GPUs and the trials do not train on the CPU
+    (``system.device='cpu'``, as every smoke variant), else 0; a number asks for exactly that. The sweep says what
+    it resolved to when it starts; ``--gpus`` overrides it."""
     cpus: float = 1
-    """CPUs per worker."""
+    """CPUs per worker (``--cpus`` overrides it)."""
     max_failures: int = 1
     """Retries of a trial that fails with a genuine error (an OOM is a result and is never retried)."""
     frontier: Frontier | None = None

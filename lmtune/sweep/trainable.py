@@ -100,19 +100,57 @@ class _HoldLast:
     def flush(self, fallback: dict[str, Any] | None = None) -> None:
         metrics, ckpt = self.final if self.final else (dict(fallback or {}), None)
         metrics[TIME_IN_TRAINER] = time.perf_counter() - self.t0
+        metrics.update(placement())
         self.send(metrics, ckpt)
 
 
+def placement() -> dict[str, str]:
+    """Where this trial process runs: Ray node id and IP, the GPUs Ray assigned it and what CUDA sees
+    (``trials.csv`` records them per trial)."""
+    import os
+
+    import ray
+
+    try:
+        gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 — outside a Ray worker
+        gpu_ids = ""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "gpu_ids": gpu_ids, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def no_cuda_message(flat: dict[str, Any], gpus: float) -> str | None:
+    """Why a trial that asked Ray for GPUs cannot use them ('' when it can, or trains on the CPU on purpose)."""
+    if not gpus or flat.get("system.device") == "cpu":
+        return None
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (f"the trial asked for {gpus:g} GPU per worker and Ray assigned CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, but torch {torch.__version__} sees no CUDA device "
+            f"(a CPU-only torch build, or a node without a GPU driver); it does not train on the CPU instead. "
+            f"Install the CUDA build of torch on the GPU nodes, or run with --gpus 0 and system.device=cpu.")
+
+
 def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from: str | None,
-                 wandb: dict | None) -> None:
+                 wandb: dict | None, device: Any = None, gpus: float = 0) -> None:
     """Build and fit the Trainer; the final report (held back) goes out after fit returns."""
     from lmtune.config import from_flat
     from lmtune.measure import is_oom
     from lmtune.train import Trainer
 
     hold = _HoldLast(send)
+    refused = no_cuda_message(flat, gpus)
+    if refused:  # a result, not a retry: another attempt on the same node would fail the same way
+        hold.final = ({"status": "error", "error": refused}, None)
+        hold.flush()
+        return
     try:
-        Trainer(from_flat(flat), out_dir=out_dir, report=hold, resume_from=resume_from, wandb=wandb).fit()
+        Trainer(from_flat(flat), out_dir=out_dir, report=hold, resume_from=resume_from, wandb=wandb,
+                device=device).fit()
     except Exception as exc:  # noqa: BLE001 — an OOM outside the trainer's own handling is still an OOM
         if not is_oom(exc) or hold.final is not None:
             raise
@@ -158,7 +196,7 @@ def _run_in_trial(flat: dict[str, Any], settings: TrialSettings) -> None:
     out_dir = str(Path(ctx.get_trial_dir()) / "trainer")
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_from:
         _run_trainer(flat, _tune_send, out_dir=out_dir, resume_from=resume_from,
-                     wandb=settings.wandb_kwargs(ctx.get_trial_id()))
+                     wandb=settings.wandb_kwargs(ctx.get_trial_id()), gpus=settings.gpus)
 
 
 # --- workers > 1: a Ray Train run driven by the trial ----------------------------------------------
@@ -175,10 +213,18 @@ def _train_worker_loop(loop_config: dict[str, Any]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and rank == 0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    # The GPU Ray Train assigned this worker: workers of one node share CUDA_VISIBLE_DEVICES, so the local
+    # rank is not necessarily the right index.
+    device = None
+    if loop_config.get("use_gpu") and no_cuda_message(loop_config["config"], loop_config.get("gpus", 0)) is None:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_from:
         _run_trainer(loop_config["config"], send, out_dir=loop_config["out_dir"] if rank == 0 else None,
-                     resume_from=resume_from, wandb=loop_config["wandb"] if rank == 0 else None)
+                     resume_from=resume_from, wandb=loop_config["wandb"] if rank == 0 else None, device=device,
+                     gpus=loop_config.get("gpus", 0))
 
 
 def _run_with_ray_train(flat: dict[str, Any], settings: TrialSettings) -> None:
@@ -200,6 +246,8 @@ def _run_with_ray_train(flat: dict[str, Any], settings: TrialSettings) -> None:
             "config": flat,
             "out_dir": str(Path(ctx.get_trial_dir()) / "trainer"),
             "wandb": settings.wandb_kwargs(trial_id),
+            "use_gpu": gpu,
+            "gpus": settings.gpus,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=gpu,
                                                resources_per_worker=resources),

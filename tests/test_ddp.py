@@ -1,0 +1,80 @@
+"""The trainer under torch.distributed (gloo on CPU), two processes started here, without Ray.
+
+What a data-parallel group must agree on: an OOM on one rank ends every rank at once (none is left waiting in
+a collective), and the memory peaks a frontier reads are the worst rank's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, per_rank: dict) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from lmtune import config as config_lib
+    from lmtune.train import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        cfg = config_lib.load(overrides=[*TINY, "train.steps=12", *per_rank[rank]], locked=False)
+        summary = Trainer(cfg).fit()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(summary, default=str))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(tmp_path: Path, per_rank: dict[int, list[str]], timeout_s: float = 90) -> tuple[list[dict], float]:
+    ctx = mp.get_context("spawn")
+    t0 = time.monotonic()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "init"), str(tmp_path), per_rank))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s - (time.monotonic() - t0))
+    took = time.monotonic() - t0
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"a rank was still running after {timeout_s} s (left waiting in a collective?)"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)], took
+
+
+def test_one_rank_crossing_the_emulated_limit_ends_every_rank_as_oom(tmp_path):
+    """Rank 1 trains micro-batches of 16, rank 0 of 2; only rank 1's peak crosses the limit. Both end as oom at
+    the same step, promptly, and both report rank 1's peak (the maximum over ranks)."""
+    alone = {}
+    for mb in (2, 16):
+        from lmtune import config as config_lib
+        from lmtune.train import Trainer
+
+        cfg = config_lib.load(overrides=[*TINY, "train.steps=4", f"train.micro_batch_size={mb}"], locked=False)
+        alone[mb] = Trainer(cfg).fit()["peak_allocated_gib"]
+    limit = (alone[2] + alone[16]) / 2  # rank 0 alone fits, rank 1 alone does not
+    summaries, took = run_group(tmp_path, {0: ["train.micro_batch_size=2", f"system.memory_limit_gib={limit}"],
+                                           1: ["train.micro_batch_size=16", f"system.memory_limit_gib={limit}"]})
+    assert [s["status"] for s in summaries] == ["oom", "oom"]
+    assert summaries[0]["step"] == summaries[1]["step"] == 3  # the first step after warmup, on both
+    assert summaries[0]["peak_allocated_gib"] == summaries[1]["peak_allocated_gib"] > limit
+    assert took < 60
+
+
+def test_peaks_are_the_maximum_over_ranks(tmp_path):
+    summaries, _ = run_group(tmp_path, {0: ["train.micro_batch_size=2"], 1: ["train.micro_batch_size=8"]})
+    assert [s["status"] for s in summaries] == ["ok", "ok"]
+    assert summaries[0]["peak_allocated_gib"] == summaries[1]["peak_allocated_gib"]
+    assert summaries[0]["loss"] == summaries[1]["loss"]  # one all-reduced loss
