@@ -230,8 +230,11 @@ class TensorMemory:
     dispatch-mode tracker does not see the latter). The peak of the step is the live bytes at its start
     (the storages of parameters, buffers, gradients and optimizer state, counted once each) plus the
     highest running sum of the recorded allocations minus frees. Steady-state training steps allocate the
-    same way, so a probe of one step stands for all of them; probing every step would cost ~40% of the
-    step time on the smoke model, probing once per ``probe_interval`` steps costs <1% (benchmark).
+    same way, so a probe of one step stands for all of them: the first step after warmup, then one every
+    ``probe_interval`` (the trainer's eval_interval). The profiler's cost is per op, so it depends on the
+    model: probing every step left the smoke frontier's model (4×128, few large ops) at 1.015× its
+    wall-clock tokens/s but cut the test suite's 2×32 model (many small ops) to 0.26×; probing once per
+    interval is 1.005× and ~1.0× (benchmarks/memory_model.py, BENCHMARKS.md).
 
     Reserved memory: the CPU has no caching allocator, so ``peak_reserved_gib`` equals
     ``peak_allocated_gib`` here (said in the summary as ``memory_model``). The process's own peak RSS

@@ -189,7 +189,9 @@ class Trainer:
     """Train one configuration; see docs/CONTRACTS.md for the report/checkpoint contract.
 
     ``device`` overrides ``system.device`` (the Ray Train worker passes the GPU Ray assigned it);
-    ``clock`` is the step timer's clock (a seam for tests).
+    ``clock`` is the step timer's clock (a seam for tests); ``stage_checkpoints`` writes checkpoints to a private
+    temporary directory instead of ``out_dir/checkpoint`` (a trial hands each one to Ray, which copies it to the
+    sweep's storage, and ``out_dir`` lies in Tune's trial directory, which Tune uploads while the trainer writes).
     """
 
     def __init__(
@@ -203,9 +205,11 @@ class Trainer:
         progress: bool = False,
         device: torch.device | str | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        stage_checkpoints: bool = False,
     ):
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir else None
+        self.stage_checkpoints = stage_checkpoints
         self._report = report
         self.resume_from = Path(resume_from) if resume_from else None
         self.wandb_kwargs = wandb
@@ -623,9 +627,16 @@ class Trainer:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if self._wandb_run is not None:
             self._wandb_run.summary.update({k: v for k, v in self.last.items() if isinstance(v, (int, float, str))})
+        if not self.stage_checkpoints:  # staged: the last one goes out with the held-back final report
+            self.cleanup()
+        return summary
+
+    def cleanup(self) -> None:
+        """Remove the temporary checkpoint directory (see ``stage_checkpoints``), once its last checkpoint is
+        no longer needed."""
         if self._tmp_ckpt:
             shutil.rmtree(self._tmp_ckpt, ignore_errors=True)
-        return summary
+            self._tmp_ckpt = None
 
     # --- samples ----------------------------------------------------------------------------------
 
@@ -659,7 +670,7 @@ class Trainer:
         :data:`CHECKPOINT_REPORT`), written atomically; returns its directory."""
         if not (self.is_main and self.cfg.train.checkpoint):
             return None
-        if self.out_dir:
+        if self.out_dir and not self.stage_checkpoints:
             final = self.out_dir / "checkpoint"
         else:
             self._tmp_ckpt = self._tmp_ckpt or tempfile.mkdtemp(prefix="lmtune-ckpt-")

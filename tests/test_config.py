@@ -73,3 +73,26 @@ def test_flat_round_trip_and_describe():
     for key in c.all_keys():
         assert key in text
     assert "Activation-memory budget" in text  # the docstring under the field is shown
+
+
+def test_lmtune_locked_names_a_locked_file_like_locked(in_tmp, monkeypatch):
+    (in_tmp / "env.toml").write_text('[train]\nmicro_batch_size = 12\n')
+    monkeypatch.setenv(c.LOCKED_ENV, str(in_tmp / "env.toml"))
+    cfg, sources = c.resolve()
+    assert cfg.train.micro_batch_size == 12 and sources["train.micro_batch_size"] == "locked env.toml"
+    monkeypatch.setenv(c.LOCKED_ENV, str(in_tmp / "missing.toml"))
+    with pytest.raises(c.ConfigError, match="locked-defaults file not found"):
+        c.load()
+
+
+def test_a_locked_budget_applies_only_in_the_ac_mode_it_was_measured_in(in_tmp):
+    """The shipped 0.75 is the compile partitioner's budget: eager runs keep 1.0 (no block checkpointed);
+    a project file's blocks-mode budget applies to eager runs and not to compiled ones."""
+    assert c.load().train.ac_budget == 0.75 and c.load().train.ac_mode == "budget"
+    eager, sources = c.resolve(overrides=["train.compile=false"])
+    assert eager.train.ac_budget == 1.0 and "measured with ac_mode=budget" in sources["train.ac_budget"]
+    (in_tmp / "lmtune.locked.toml").write_text('[train]\nac_budget = 0.5\n\n[provenance."train.ac_budget"]\n'
+                                               'source = "smoke frontier"\nac_mode = "blocks"\n')
+    assert c.load(overrides=["train.compile=false"]).train.ac_budget == 0.5
+    assert c.load().train.ac_budget == 0.75  # compiled: the blocks value is skipped, the shipped budget applies
+    assert c.load(overrides=["train.compile=false", "train.ac_budget=0.25"]).train.ac_budget == 0.25  # the CLI wins

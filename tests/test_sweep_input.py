@@ -40,8 +40,10 @@ def write(tmp_path: Path, text: str, name: str = "s.py") -> Path:
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """Fail the test if anything imports ray."""
-    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    """Fail the test if anything imports ray or one of its submodules (what an earlier test imported is taken out
+    of sys.modules for the test; a fresh process checks the same without that caveat, see below)."""
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
 
     class Guard:
         def find_spec(self, name, path=None, target=None):
@@ -102,6 +104,19 @@ CASES = {
     "bad address": (GOOD, ["--address", "nohostport"], "--address nohostport"),
     "resume with nothing to resume": (GOOD, ["--resume", "--storage", "{dir}/empty"], "no earlier run"),
     "unknown option": (GOOD, ["--bogus"], "unrecognized arguments"),
+    "bad key in Frontier": (GOOD.replace('num_samples=2,', 'num_samples=2, searcher="frontier", frontier=Frontier('
+                                         'x="train.micro_batch_sz"),').replace("import TINY_CPU,", "import TINY_CPU, Frontier,"),
+                            [], "frontier.x: unknown config key 'train.micro_batch_sz'"),
+    "negative headroom in Frontier": (GOOD.replace('num_samples=2,', 'num_samples=2, frontier=Frontier(x="train.lr", '
+                                                   'headroom_gib=-1),').replace("import TINY_CPU,", "import TINY_CPU, Frontier,"),
+                                      [], "frontier.headroom_gib=-1 is not accepted: expected a number >= 0"),
+    "nan on the command line": (GOOD, ["train.weight_decay=nan"], "expected a finite number (>= 0.0)"),
+    "bad --gpus": (GOOD, ["--gpus", "many"], "--gpus many is not accepted: expected 'auto' or a number >= 0"),
+    "negative --cpus": (GOOD, ["--cpus", "-1"], "cpus=-1.0 is not accepted: expected a number > 0"),
+    "gpus=0 with device cuda": (GOOD.replace("base={**TINY_CPU}", "base={**TINY_CPU, 'system.device': 'cuda'}, gpus=0"),
+                                [], "system.device='cuda' but the trials ask for gpus=0"),
+    "storage below a file": (GOOD, ["--storage", "{dir}/s.py/results"], "is a file, so no directory can be made"),
+    "storage is a file": (GOOD, ["--storage", "{dir}/s.py"], "is a file; expected a directory"),
 }
 
 
@@ -114,6 +129,42 @@ def test_bad_input_is_one_line_exit_2_without_ray(case, tmp_path, capsys, no_ray
         argv = argv[1:]
     line = refused(argv, capsys)
     assert expected in line, line
+
+
+FRESH_PROCESS = """
+import contextlib, io, json, socket, sys
+sys.path.insert(0, {repo!r})
+from lmtune.sweep.__main__ import main
+results = {{}}
+for case, argv in json.loads({cases!r}).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    results[case] = [code, err.getvalue()]
+print(json.dumps({{"results": results, "ray": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))}}))
+"""
+
+
+def test_no_bad_input_imports_any_ray_module_in_a_fresh_process(tmp_path):
+    """Every case above, in one new interpreter: none of them imports ray or any of its submodules (a guard in
+    this test process would miss what earlier tests imported)."""
+    import json
+    import subprocess
+
+    cases = {}
+    for case, (text, extra, expected) in CASES.items():
+        case_dir = tmp_path / f"case{len(cases)}"
+        case_dir.mkdir()
+        path = write(case_dir, text) if text is not None else case_dir / "nope.py"
+        argv = [str(path)] + [a.format(dir=case_dir, port=closed_port()) for a in extra]
+        cases[case] = argv[1:] if case == "missing file" else argv
+    code = FRESH_PROCESS.format(repo=str(REPO), cases=json.dumps(cases))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["ray"] == []
+    for case, (code, err) in report["results"].items():
+        assert code == 2, (case, err)
+        assert len(err.strip().splitlines()) == 1 and CASES[case][2] in err, (case, err)
 
 
 def test_bad_input_as_a_real_command(tmp_path):

@@ -134,6 +134,7 @@ def test_restored_searcher_requeues_a_point_asked_after_the_snapshot(tmp_path):
 
     restored = make_searcher(rs, tmp_path)
     restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.requeue_orphans({"t1"})  # what Tune restored: t1 (lmtune.sweep.resume, before the first suggestion)
     study = optuna.load_study(study_name="orphan", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = [(t.state, t.user_attrs.get("status")) for t in study.trials]
     assert states[:2] == [(optuna.trial.TrialState.COMPLETE, "ok"), (optuna.trial.TrialState.FAIL, "interrupted")]
@@ -166,3 +167,78 @@ def test_restarted_trial_reports_replace_the_steps_it_repeats(tmp_path):
     write(reports)
     _drop_reports_from(path, {"step": 5, "loss": 4.1})  # restarted from scratch
     assert path.read_text() == ""
+
+
+def _suggestions(rs, results_dir, n=6):
+    """n suggestions of a fresh searcher, each told a value that depends only on the point (as a real run's)."""
+    results_dir.mkdir()
+    searcher = make_searcher(rs, results_dir)
+    out = []
+    for i in range(n):
+        point = searcher.suggest(f"t{i}")
+        out.append(point)
+        searcher.on_trial_complete(f"t{i}", {"val_loss": 1.0 + abs(point["train.lr"] - 3e-3) * 100, "status": "ok"})
+    return out
+
+
+def test_seeded_search_repeats_its_suggestions(tmp_path):
+    """Same sweep, same seed: the same trials in the same order; another seed: other trials."""
+    s = Sweep(name="s", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, num_samples=6, seed=3)
+    first = _suggestions(resolve(s, "s.py"), tmp_path / "a")
+    again = _suggestions(resolve(s, "s.py"), tmp_path / "b")
+    other = _suggestions(resolve(Sweep(**{**s.__dict__, "seed": 4}), "s.py"), tmp_path / "c")
+    assert first == again
+    assert first[0] == other[0] == {"train.lr": 6e-4}  # the locked default goes first either way
+    assert first[1:] != other[1:]
+
+
+class _Trial:
+    """A restored Tune trial as the reconciler sees it."""
+
+    def __init__(self, trial_id, config, finished):
+        self.trial_id, self.config, self._finished = trial_id, config, finished
+
+    def is_finished(self):
+        return self._finished
+
+
+def test_resume_reconciles_the_limiter_and_the_study_with_what_tune_restored(tmp_path):
+    """A snapshot whose searcher state disagrees with Tune's restored trials (the driver died between the two
+    writes): the concurrency limiter's live set is rebuilt from the restored unfinished trials (a stale entry
+    would block --max-concurrent 1 forever), a restored trial missing from the searcher's map gets its study
+    trial back by its trial_id attribute, and a study trial asked after the snapshot is requeued."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from lmtune.sweep.resume import Reconciler
+
+    s = Sweep(name="rec", base=dict(TINY_CPU), space={"train.lr": grid([1e-3, 2e-3, 3e-3, 4e-3])})
+    rs = resolve(s, "rec.py")
+    searcher = make_searcher(rs, tmp_path)
+    a = searcher.suggest("ra")
+    searcher.on_trial_complete("ra", {"val_loss": 3.0, "status": "ok"})
+    b = searcher.suggest("rb")  # running at the kill
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.suggest("rc")  # asked after the snapshot: an orphan
+    restored = make_searcher(rs, tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    del restored._ot_trials["rb"]  # the saved map lacks b (saved before b was asked, say)
+    limiter = ConcurrencyLimiter(restored, max_concurrent=1)
+    limiter.live_trials = {"rghost"}  # a trial the restored experiment does not have
+
+    class Controller:
+        _search_alg = limiter
+
+    rec = Reconciler()
+    rec.on_restored_trial(Controller, _Trial("ra", a, finished=True))
+    rec.on_restored_trial(Controller, _Trial("rb", b, finished=False))
+    rec.after_restore()
+    assert limiter.live_trials == {"rb"}
+    assert restored._ot_trials["rb"].params == b
+    limiter.on_trial_complete("rb", {"val_loss": 2.0, "status": "ok"})
+    assert limiter.live_trials == set()
+    nxt = limiter.suggest("rd")  # the orphan's point (c's) runs next, then the rest of the grid
+    assert nxt is not None and nxt["train.lr"] not in (a["train.lr"], b["train.lr"])
+    study = optuna.load_study(study_name="rec", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    by_id = {t.user_attrs.get("trial_id"): t for t in study.trials if t.user_attrs.get("trial_id")}
+    assert by_id["rb"].state == optuna.trial.TrialState.COMPLETE and by_id["rb"].value == 2.0
+    assert by_id["rc"].state == optuna.trial.TrialState.FAIL and by_id["rc"].user_attrs["status"] == "interrupted"

@@ -57,10 +57,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 @user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from lmtune.sweep.load import check_address, load_sweep, resolve
+    from lmtune.sweep.load import check_address, check_storage, load_sweep, resolve
 
     sweep, path = load_sweep(args.sweep_file)
     rs = resolve(sweep, path, smoke=args.smoke, overrides=args.overrides, gpus=args.gpus, cpus=args.cpus)
+    check_storage(args.storage)
     check_address(args.address)
 
     from lmtune.sweep.runner import run  # imports ray: only once the input is known to be good

@@ -75,6 +75,10 @@ class ResultsWriter(Callback):
             self.rows[row["trial_id"]] = dict(row)
             self.finished_before.add(row["trial_id"])
 
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if LEDGER.reconciler is not None:  # every restored trial is in: before the first new suggestion
+            LEDGER.reconciler.after_restore()
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         tid = trial.trial_id
         if tid in self.finished_before:  # restarted by a resume only to replay its recorded result

@@ -502,6 +502,25 @@ def domain_json(d: Domain) -> dict[str, Any]:
     return {"type": "int", "low": d.low, "high": d.high, "log": d.log}
 
 
+# --- paths ------------------------------------------------------------------------------------------
+
+
+def check_storage(storage: str) -> None:
+    """``--storage``: a URI (checked by its filesystem when the sweep starts), or a directory that exists or can be
+    created: no file in its place or above it, and writable where it would be created."""
+    if "://" in storage:
+        return
+    path = Path(storage).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--storage {storage}: {path} is a file; expected a directory (it is created if missing).")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--storage {storage}: {existing} is a file, so no directory can be made below it; "
+                          f"expected a directory (it is created if missing).")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--storage {storage}: {existing} is not writable; expected a directory lmtune can write to.")
+
+
 # --- the cluster address ----------------------------------------------------------------------------
 
 
@@ -533,4 +552,5 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
                           f"for an embedded local Ray.") from None
 
 
-__all__ = ["ResolvedSweep", "load_sweep", "resolve", "check_address", "REPORTED_METRICS", "domain_json"]
+__all__ = ["ResolvedSweep", "load_sweep", "resolve", "check_address", "check_storage", "REPORTED_METRICS",
+           "domain_json"]

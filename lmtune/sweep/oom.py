@@ -121,6 +121,8 @@ class Ledger:
     """Seconds each of those snapshots took (the runner logs their count and total)."""
     next_snapshot: float = 0.0
     """``time.monotonic()`` before which a due snapshot waits (keeps snapshots under 5% of the driver's time)."""
+    reconciler: Any = None
+    """On ``--resume``: the :class:`lmtune.sweep.resume.Reconciler` of what Tune restores (None otherwise)."""
 
     def status_of(self, trial_id: str, result: dict | None, error: bool = False) -> str:
         """The trial's final status from everything known in the driver."""

@@ -295,6 +295,10 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     if resume:
         if not tune.Tuner.can_restore(tune_path):
             raise ConfigError(f"--resume: {tune_path} holds no Tune experiment to continue.")
+        from lmtune.sweep.oom import LEDGER
+        from lmtune.sweep.resume import Reconciler
+
+        LEDGER.reconciler = Reconciler()
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
         searcher = writer = None

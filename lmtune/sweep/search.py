@@ -139,21 +139,52 @@ class StudySearch(OptunaSearch):
         with open(checkpoint_path, "wb") as f:
             ray.cloudpickle.dump(self.__dict__.copy(), f)
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self._requeue_orphans()
+    def suggest(self, trial_id: str):
+        suggestion = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            # The Tune trial's id in the study, so that a resume can map restored trials to theirs (lmtune.sweep.resume).
+            self._ot_trials[trial_id].set_user_attr("trial_id", trial_id)
+        return suggestion
 
-    def _requeue_orphans(self) -> None:
-        """Trials asked of the study after the Tune snapshot being restored was taken.
+    def space_keys(self) -> list[str]:
+        return list(self._space) if isinstance(self._space, dict) else []
 
-        The snapshot is taken soon after a trial is added (see :class:`_RecordsDecisions`), but a driver
-        killed in between leaves a trial RUNNING in optuna.db that the restored sweep knows nothing of.
-        It is closed as FAIL (``status=interrupted``) and its point enqueued, so the resumed sweep runs that
-        point next instead of losing it (a grid would count it as taken) or leaving it RUNNING forever.
-        """
-        storage, known = self._ot_study._storage, {t._trial_id for t in self._ot_trials.values()}
-        for t in storage.get_all_trials(self._ot_study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            if t._trial_id in known:
+    def _stored(self, states=None) -> list:
+        # OptunaSearch._ot_study is its optuna.Study; Study._storage/_study_id: its storage (no public accessor).
+        return self._ot_study._storage.get_all_trials(self._ot_study._study_id, deepcopy=False, states=states)
+
+    def map_restored(self, trial_id: str, point: dict[str, Any], *, finished: bool) -> None:
+        """A trial Tune restored: map it to its Optuna trial (by the ``trial_id`` user attribute) if the restored
+        searcher state lacks it; an unfinished one without any gets a new RUNNING Optuna trial at its point."""
+        from lmtune.sweep.resume import optuna_trial
+
+        if trial_id in self._ot_trials:
+            return
+        mine = [t for t in self._stored() if t.user_attrs.get("trial_id") == trial_id]
+        if mine:
+            self._ot_trials[trial_id] = optuna_trial(self._ot_study, max(mine, key=lambda t: t.number))
+            return
+        if finished:
+            return
+        distributions = {k: d for k, d in (self._space if isinstance(self._space, dict) else {}).items() if k in point}
+        frozen = optuna.trial.create_trial(state=TrialState.RUNNING, params={k: point[k] for k in distributions},
+                                           distributions=distributions, user_attrs={"trial_id": trial_id,
+                                                                                    "restored": True})
+        self._ot_study.add_trial(frozen)
+        added = max((t for t in self._stored() if t.user_attrs.get("trial_id") == trial_id), key=lambda t: t.number)
+        self._ot_trials[trial_id] = optuna_trial(self._ot_study, added)
+        logger.info("optuna: restored trial %s had no study trial; added one at its point", trial_id)
+
+    def requeue_orphans(self, restored: set[str]) -> None:
+        """Optuna trials asked after the Tune snapshot being restored was taken: still RUNNING in optuna.db and
+        belonging to no restored trial. Each is closed as FAIL (``status=interrupted``) and its point enqueued,
+        so the resumed sweep runs that point next instead of losing it (a grid would count it as taken) or
+        leaving it RUNNING forever."""
+        mapped = {t._trial_id for t in self._ot_trials.values()}  # optuna.Trial._trial_id: its storage id
+        storage = self._ot_study._storage
+        for t in self._stored(states=(TrialState.RUNNING,)):
+            owner = t.user_attrs.get("trial_id")
+            if (owner in restored) if owner else (t._trial_id in mapped):
                 continue
             storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -263,6 +294,8 @@ class _RecordsDecisions:
 
     def on_trial_add(self, tune_controller, trial) -> None:
         LEDGER.snapshot_due = True
+        if LEDGER.reconciler is not None:  # a resume: Tune adds every trial it restored through here first
+            LEDGER.reconciler.on_restored_trial(getattr(tune_controller, "_tune_controller", tune_controller), trial)
         super().on_trial_add(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):

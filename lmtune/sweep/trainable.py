@@ -148,14 +148,19 @@ def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from
         hold.final = ({"status": "error", "error": refused}, None)
         hold.flush()
         return
+    trainer = Trainer(from_flat(flat), out_dir=out_dir, report=hold, resume_from=resume_from, wandb=wandb,
+                      device=device, stage_checkpoints=True)
     try:
-        Trainer(from_flat(flat), out_dir=out_dir, report=hold, resume_from=resume_from, wandb=wandb,
-                device=device).fit()
+        trainer.fit()
     except Exception as exc:  # noqa: BLE001 — an OOM outside the trainer's own handling is still an OOM
         if not is_oom(exc) or hold.final is not None:
+            trainer.cleanup()
             raise
         hold.final = ({"status": "oom", "oom_reason": str(exc).splitlines()[0][:200]}, None)
-    hold.flush()
+    try:
+        hold.flush()  # the final checkpoint (staged) is copied to storage here
+    finally:
+        trainer.cleanup()
 
 
 # --- workers == 1: the trainer in the trial process ------------------------------------------------
@@ -268,6 +273,22 @@ def _run_with_ray_train(flat: dict[str, Any], settings: TrialSettings) -> None:
         if not is_oom_error(exc):
             raise
         tune.report({"status": "oom", "oom_reason": first_line(exc)})
+    finally:
+        _wait_for_forwarded_reports()
+
+
+def _wait_for_forwarded_reports(timeout_s: float = 30.0) -> None:
+    """Ray Train's TuneReportCallback hands each rank-0 report to this trial through a one-item queue that Tune's
+    function runner drains while this function runs; the last report (the trial's final one, with its status)
+    can still sit in it when ``fit()`` returns, and returning then loses it (seen: a 2-worker trial recorded as
+    ``error`` at its step-55 report, its step-60 ``ok`` report never read). Wait until it has been read.
+    ``_inter_actor_queue`` is the Tune session's private handle on that queue (no public API exposes it)."""
+    from ray.train._internal.session import get_session
+
+    queue = getattr(get_session(), "_inter_actor_queue", None)
+    deadline = time.monotonic() + timeout_s
+    while queue is not None and time.monotonic() < deadline and not queue.empty():
+        time.sleep(0.02)
 
 
 # --- the Tune function trainable --------------------------------------------------------------------
