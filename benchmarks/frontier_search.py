@@ -7,11 +7,11 @@ finds the same frontier as the full grid (same largest feasible micro-batch per 
 recommended operating point) with at most 50% of the grid's trials. Both sides go through the same
 tables code (lmtune.frontier.analyze_frontier); the baseline is the full grid measured in the same run.
 
-The memory model is calibrated to the seed's A100 40GB measurements (phase-0 readme, GPT-2 small,
+The memory model is calibrated to the phase-0 study's A100 40GB measurements (docs/phase0.md, GPT-2 small,
 seq_len 1024): no AC 22.5 GiB at mb 16, 38.1 at 28, 38.95 at 30, OOM at 32; budget 0.75 34.2 at 32,
 OOM at 40; 0.38 30.2 at 32; 0.12 25.7 at 32. Activation memory is linear in the micro-batch, so the
 caching allocator's demand is ``r0 + slope·mb``; near the device's capacity the allocator frees cached
-blocks and retries instead of growing, so ``peak_reserved`` plateaus (the seed's 38.1 → 38.95 from mb 28
+blocks and retries instead of growing, so ``peak_reserved`` plateaus (the phase-0 study's 38.1 → 38.95 from mb 28
 to 30) and the OOM comes only when the demand exceeds it by the freed cache (here 41.5 GiB of demand).
 That plateau is what makes a linear prediction pessimistic near the limit; the margin must cover it.
 Throughput: ``P·eff(budget)·mb/(mb+16)`` (utilisation saturating in the micro-batch, recomputation
@@ -40,10 +40,10 @@ from lmtune.sweep.spec import Frontier, Grid  # noqa: E402
 
 X, BUDGET = "train.micro_batch_size", "train.ac_budget"
 DEVICE_GIB = 40.0  # A100 40GB
-PLATEAU_GIB = 38.95  # the highest peak_reserved the seed saw (no AC, mb 30)
+PLATEAU_GIB = 38.95  # the highest peak_reserved the phase-0 study saw (no AC, mb 30)
 OOM_DEMAND_GIB = 41.5
-HEADROOM_GIB = 5.5  # the seed's "6 GiB headroom" was 40 − 34.2 = 5.8 rounded; 5.5 keeps its point eligible
-# (r0, slope) of the allocator's demand per budget, through the seed's points
+HEADROOM_GIB = 5.5  # the phase-0 study's "6 GiB headroom" was 40 − 34.2 = 5.8 rounded; 5.5 keeps its point eligible
+# (r0, slope) of the allocator's demand per budget, through the phase-0 study's points
 DEMAND = {1.0: (1.7, 1.3), 0.75: (2.0, (34.2 - 2.0) / 32), 0.38: (2.0, (30.2 - 2.0) / 32), 0.12: (2.0, (25.7 - 2.0) / 32)}
 PEAK_TOKENS_PER_S = 150_000.0
 SEQ_LEN = 1024
@@ -158,7 +158,7 @@ def run_case(name: str, grid: dict[str, list], lines: list[str], checks: list[bo
     if misses:
         lines += ["Runs that missed the full grid's answer: " + "; ".join(misses) + ". A point skipped by "
                   "prediction was feasible: near the device's capacity the caching allocator's peak_reserved "
-                  "plateaus (the seed's no-AC 38.1 → 38.95 GiB from mb 28 to 30), so a line through the lower "
+                  "plateaus (the phase-0 study's no-AC 38.1 → 38.95 GiB from mb 28 to 30), so a line through the lower "
                   "points over-predicts by up to ~1.8 GiB there; margin_gib has to cover that (≈5% of a GPU).", ""]
 
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}). Date: {datetime.date.today().isoformat()}. Commit: {commit or 'unknown'} "
         f"(plus the uncommitted working tree).", "",
         "Command: `python benchmarks/frontier_search.py`. Memory and throughput are simulated (see the module "
-        "docstring): calibrated to the seed's A100 numbers, limit = 40 GiB device memory, headroom 5.5 GiB. "
+        "docstring): calibrated to the phase-0 study's A100 numbers, limit = 40 GiB device memory, headroom 5.5 GiB. "
         "Baseline: every grid point run, through the same table code. Acceptance: same largest feasible "
         "micro-batch per budget and same recommended point with ≤ 50% of the grid's trials (first row group).", "",
     ]
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.insert(0, ("smoke grid of sweeps/memory_frontier.py", smoke))
         lines += [f"Smoke grid: {note}.", ""]
     else:
-        lines += [f"Smoke grid: not run ({note}); the seed's A100 grid stands in for it.", ""]
+        lines += [f"Smoke grid: not run ({note}); the phase-0 study's A100 grid stands in for it.", ""]
     for name, grid in cases:
         run_case(name, grid, lines, checks)
     verdict = "PASS" if all(checks) else "FAIL"

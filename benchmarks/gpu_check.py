@@ -48,7 +48,7 @@ BYTES = ["data.dataset=builtin", "data.tokenizer=byte"]
 
 
 class Sizes:
-    """Model and run sizes per mode: the seed's on a GPU, tiny on the CPU rehearsal."""
+    """Model and run sizes per mode: the phase-0 study's on a GPU, tiny on the CPU rehearsal."""
 
     def __init__(self, cpu: bool):
         self.cpu = cpu
@@ -94,7 +94,7 @@ def common(sizes: Sizes) -> list[str]:
             "train.eval_sequences=8"]
 
 
-# --- (a) the seed's model -------------------------------------------------------------------------
+# --- (a) the phase-0 study's model -------------------------------------------------------------------------
 
 
 def check_seed_model(sizes: Sizes, work: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Resolution order (later wins)::
 
     built-in dataclass defaults
-      < shipped locked defaults (lmtune/locked_defaults.toml, the seed's phase-0 values)
+      < shipped locked defaults (lmtune/locked_defaults.toml, the phase-0 study's values)
       < the project's locked defaults (./lmtune.locked.toml, written by `python -m lmtune.export`)
       < an explicit --locked FILE
       < config files given on the command line (in order)
@@ -85,7 +85,7 @@ class DataConfig:
     seq_len: int = field(default=1024, metadata=_range(ge=1))
     """Tokens per training sequence; at most model.block_size."""
     fraction: float = field(default=1.0, metadata=_range(gt=0.0, le=1.0))
-    """Use only the first fraction of the corpus (the seed's data_fraction)."""
+    """Use only the first fraction of the corpus (the phase-0 study's data_fraction)."""
     val_fraction: float = field(default=0.1, metadata=_range(gt=0.0, le=0.5))
     """Share of the text held out for validation when no validation split exists."""
     cache_dir: str = ""

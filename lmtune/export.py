@@ -10,7 +10,7 @@ Writes the keys the sweep file locks (``Sweep.export``, recorded in sweep.json) 
 Two files: the TOML the trainer reads (default ``./lmtune.locked.toml``, the project's locked defaults;
 any path works with ``--locked PATH`` or ``$LMTUNE_LOCKED``), with a ``[provenance."section.key"]`` record
 per key (source, sweep, group, metric, value, trial_id, date), and next to it (same stem, ``.md``) the
-seed-style ``Parameter | Value | Source`` table.
+phase-0-style ``Parameter | Value | Source`` table.
 
 An existing TOML is never overwritten without ``--force``; either way the command shows what would
 change (old → new per key). With ``--force`` the keys this export does not touch are kept, with their
@@ -48,7 +48,7 @@ class Winner:
     metric: str
     metric_value: float | None
     source: str
-    """Seed-style text for the Source column."""
+    """Phase-0-style text for the Source column."""
 
 
 @dataclass
@@ -267,7 +267,7 @@ def to_toml(values: dict[str, Any], provenance: dict[str, dict[str, Any]], resul
 
 
 def to_markdown(values: dict[str, Any], provenance: dict[str, dict[str, Any]], toml_path: Path) -> str:
-    """The seed's "Conclusions & Locked Configs" tables: one per config section."""
+    """The phase-0 study's "Conclusions & Locked Configs" tables: one per config section."""
     lines = ["# Locked defaults", "",
              f"The values in `{toml_path.name}` (written by `python -m lmtune.export`); the trainer uses them as "
              f"its defaults. Carry them forward unless explicitly ablating them.", ""]

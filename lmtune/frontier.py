@@ -4,10 +4,10 @@ Input (docs/CONTRACTS.md, "Results directory"): ``sweep.json``, ``trials.csv`` a
 ``trials/{trial_id}/metrics.jsonl|summary.json``. A running sweep works too: trials that are not in
 ``trials.csv`` yet are read from their ``summary.json`` or, failing that, their last metrics line.
 
-The frontier table is the seed's (phase-0 readme, "Memory & Compute"): per budget, rows of
+The frontier table is the phase-0 study's (docs/phase0.md, "Memory & Compute"): per budget, rows of
 micro-batch, ``peak_reserved_gib``, ``tokens_per_s``, throughput relative to the best trial of the sweep,
 ``avg_step_time_ms``, ``wall_clock_s``, headroom (limit − peak) and status, then a recommended operating
-point: the highest throughput with at least ``headroom_gib`` free, stated as the seed states it.
+point: the highest throughput with at least ``headroom_gib`` free, stated as the phase-0 study states it.
 
 :func:`analyze_frontier` works on plain rows (dicts with trials.csv's columns), so the benchmark applies
 the same rules to a simulated full grid and to the planner's trials.
@@ -29,12 +29,12 @@ FEASIBLE = ("ok", "diverged", "pruned")
 NORM_KEYS = ("model.norm_placement", "model.final_norm", "train.warmup_steps")
 BATCH_KEYS = ("train.micro_batch_size", "train.accumulation_steps", "train.lr_scaling", "train.base_batch_tokens")
 STUDIED = {"norm": ("grad_norm_spread",), "batch": ("grad_coherence", "noise_scale")}
-"""What the seed's experiments look at besides the metric: the spread of per-layer gradient norms for norm
+"""What the phase-0 study's experiments look at besides the metric: the spread of per-layer gradient norms for norm
 placement × warmup, gradient coherence and the noise scale for effective batch × LR scaling."""
 
 
 def experiments(space_keys: Iterable[str], frontier: Any = None) -> list[str]:
-    """Which of the seed's experiments a sweep over ``space_keys`` is (keys of :data:`STUDIED`); a memory
+    """Which of the phase-0 study's experiments a sweep over ``space_keys`` is (keys of :data:`STUDIED`); a memory
     frontier over micro-batch sizes is not a batch-size experiment."""
     keys = set(space_keys)
     kinds = ["norm"] if keys & set(NORM_KEYS) else []
@@ -366,7 +366,7 @@ def recommend(tables: Sequence[FrontierTable], *, x: str, limit_gib: float | Non
 
 def recommendation_statement(rec: Mapping[str, Any] | None, *, x: str, limit_gib: float | None,
                              headroom_gib: float, limit_source: str = "", ac_mode: str | None = None) -> str:
-    """The seed's sentence: "Recommended operating point: ac_budget=0.75, micro_batch_size=32. Gives ..."."""
+    """The phase-0 study's sentence: "Recommended operating point: ac_budget=0.75, micro_batch_size=32. Gives ..."."""
     if limit_gib is None:
         return ("No recommended operating point: the memory limit is unknown (sweep.json has neither "
                 "memory_limit_gib nor device_memory_gib), so headroom cannot be computed.")

@@ -1,4 +1,4 @@
-"""The seed's measurements: per-layer gradient norms, gradient coherence and noise scale, memory, MFU.
+"""The phase-0 study's measurements: per-layer gradient norms, gradient coherence and noise scale, memory, MFU.
 
 Everything here is cheap enough to run inside the training loop at the configured intervals, and
 none of it changes the training trajectory. Device-only logic (CUDA memory statistics, device syncs)
@@ -41,7 +41,7 @@ def layer_grad_norms(blocks: nn.ModuleList) -> list[float]:
 
 
 def grad_norm_spread(norms: Iterable[float]) -> float:
-    """log10(max/min) over layers: the seed saw ~10 orders of magnitude for post-LN without warmup.
+    """log10(max/min) over layers: the phase-0 study saw ~10 orders of magnitude for post-LN without warmup.
     Zero and non-finite norms are left out; fewer than two usable norms give 0."""
     positive = [n for n in norms if n > 0 and math.isfinite(n)]
     if len(positive) < 2:
@@ -325,7 +325,7 @@ class CudaMemory:
 
     At the start of the window (:meth:`begin_window`): synchronize, collect Python garbage, give the
     blocks cached during compile and warmup back to the driver (``empty_cache``: otherwise they stay in
-    ``reserved`` and the seed's "compile bleed" remains, since ``reset_peak_memory_stats`` only resets the
+    ``reserved`` and the phase-0 study's "compile bleed" remains, since ``reset_peak_memory_stats`` only resets the
     peaks to the current values), then reset the peaks. ``num_alloc_retries`` (cudaMalloc retried after
     freeing cached blocks: fragmentation near the limit) is cumulative and not reset by it, so the window's
     value is the difference from its start. Steps excluded from the window (gradient-noise measurements,
@@ -464,7 +464,7 @@ class StepTimer:
     """Step times without a device sync per step: syncs only when a window is read or a step is excluded.
 
     ``avg_step_time_ms`` leaves out the first ``warmup`` steps *of this process* (compile/JIT, allocator
-    warm-up; a resumed run compiles again), which the seed found make step averages 2–4× off otherwise,
+    warm-up; a resumed run compiles again), which the phase-0 study found make step averages 2–4× off otherwise,
     and the steps run under :meth:`excluded` (gradient-noise measurements, memory probes).
 
     ``sync`` waits for the device (``torch.cuda.synchronize`` on CUDA); ``clock`` is ``time.perf_counter``:

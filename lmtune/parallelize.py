@@ -13,7 +13,7 @@ export provenance), because the same number saves different amounts of memory in
   "Current and New Activation Checkpointing Techniques in PyTorch", 2025), applied to each compiled
   region (every block, and the final norm + LM head + loss). 1.0 is the default runtime-optimal saved
   set, 0.0 saves only each region's inputs, in between a knapsack picks the cheapest recomputation
-  (by FLOPs) that keeps the saved bytes under that fraction. This is what the seed's frontier swept.
+  (by FLOPs) that keeps the saved bytes under that fraction. This is what the phase-0 study's frontier swept.
 * ``blocks`` (compile off): round((1 - ac_budget) * n_layer) blocks, evenly spread, run under non-reentrant
   ``torch.utils.checkpoint`` (whole-block recomputation; Chen et al. 2016).
 

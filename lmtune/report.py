@@ -10,7 +10,7 @@ the results directory::
     plots/pareto.png            sweeps with several metrics: the first two, every ok trial, the Pareto front
     plots/grad_norm_layers.png  final per-layer gradient norm (log10) per trial, for norm sweeps
     plots/grad_norm_over_time.png  per-layer gradient norm (log10) against step, one panel per trial, for
-                                norm sweeps: where the seed saw post-LN's ~10 orders of magnitude open up
+                                norm sweeps: where the phase-0 study saw post-LN's ~10 orders of magnitude open up
 
 The sweep runner calls :func:`render` when a sweep ends; the command line prints the tables and the files.
 """

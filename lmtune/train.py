@@ -1,4 +1,4 @@
-"""The trainer: a GPT trained autoregressively, with the seed's measurements, usable alone or in a trial.
+"""The trainer: a GPT trained autoregressively, with the phase-0 study's measurements, usable alone or in a trial.
 
     python -m lmtune.train [FILE.toml ...] [section.key=value ...] [--out DIR] [--resume DIR/checkpoint]
 
@@ -457,7 +457,7 @@ class Trainer:
         grad_metrics: dict[str, float] = {}
         if measuring:
             grad_metrics = self.noise.finish(self._sample_sequences(k), self.world)
-        if log_now:  # per-layer norms before clipping, like the seed's W&B panels
+        if log_now:  # per-layer norms before clipping, like the phase-0 study's W&B panels
             grad_metrics.update(layer_metrics(self.raw_model.transformer.h))
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)

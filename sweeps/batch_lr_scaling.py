@@ -1,6 +1,6 @@
 """Effective batch via gradient accumulation × the LR scaling rule, at a fixed token budget.
 
-Seed (phase-0 readme, "Gradient accumulation"; group 4-effective-batch-fixed-lr-20260316-151845-575080):
+The phase-0 study (docs/phase0.md, "Gradient accumulation"; group 4-effective-batch-fixed-lr-20260316-151845-575080):
 on wikitext-2, gradient coherence stayed > 0.999 at every effective batch and the critical batch
 (McCandlish et al. 2018, B_simple = noise_scale) was below mb=28, so accumulation bought no quality.
 Loss-vs-tokens comparisons across batch sizes are only fair with the LR co-scaled: none (fixed LR),

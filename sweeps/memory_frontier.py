@@ -1,13 +1,13 @@
-"""Memory frontier: micro-batch × activation-checkpointing budget, compiled, at the seed's model size.
+"""Memory frontier: micro-batch × activation-checkpointing budget, compiled, at the phase-0 study's model size.
 
-Seed (phase-0 readme, "Memory & Compute", A100 40GB, d_model=768, seq_len=1024, n_layers=12): without AC,
+The phase-0 study (docs/phase0.md, "Memory & Compute", A100 40GB, d_model=768, seq_len=1024, n_layers=12): without AC,
 mb 28 peaked at 38.1 GiB and mb 32 ran out of memory; with AC budget 0.75, mb 32 peaked at 34.2 GiB,
 the fastest point with "6 GiB headroom" of a nominal 40 GB, which became the recommended operating point.
 An A100-40GB reports 39.4 GiB to torch, so that point keeps 5.2 GiB free: the sweep keeps 5 GiB, the
-headroom with which it recommends what the seed did. Peak memory is
+headroom with which it recommends what the phase-0 study did. Peak memory is
 monotone in the micro-batch at a fixed budget (a larger mb after an OOM is recorded as OOM without
 running) but not across budgets, so each budget is its own line. Timing excludes the compile warmup
-steps and peak memory is measured after them (the seed's fix for JIT bleed).
+steps and peak memory is measured after them (the phase-0 study's fix for JIT bleed).
 
 Budgets here are the compile partitioner's (ac_mode "budget", per compiled block). The smoke variant runs
 eager on CPU, where a budget checkpoints whole blocks (ac_mode "blocks": 0.5 = 2 of 4 blocks), and

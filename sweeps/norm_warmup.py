@@ -1,6 +1,6 @@
 """Pre-LN vs post-LN, with and without LR warmup, on a deep model.
 
-Seed (phase-0 readme, "Norm placement"): post-LN needs warmup and shows ~10 orders of magnitude between
+The phase-0 study (docs/phase0.md, "Norm placement"): post-LN needs warmup and shows ~10 orders of magnitude between
 per-layer gradient norms on deep models without it; pre-LN with a final LayerNorm converges without
 warmup, its layer norms O(1) apart from a spike at layer 0. Compare val_loss and grad_norm_spread
 (log10 max/min of the per-layer gradient norms) across the grid; plots/grad_norm_layers.png shows them.

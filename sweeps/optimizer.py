@@ -1,6 +1,6 @@
 """Which optimizer, each at its own best learning rate.
 
-Seed (phase-0 readme, "Training Recipe"): AdamW won the optimizer sweep. Adam applies weight decay as an
+The phase-0 study (docs/phase0.md, "Training Recipe"): AdamW won the optimizer sweep. Adam applies weight decay as an
 L2 term in the gradient, AdamW decouples it (Loshchilov & Hutter 2019), SGD uses momentum 0.9. Each
 optimizer gets num_samples learning rates from TPE; ASHA (on tokens) stops the clearly worse ones early.
 """

@@ -1,6 +1,6 @@
 """Weight decay on the matrices (embeddings and Linear weights; biases and norms never decayed).
 
-Seed (phase-0 readme, "Training Recipe"): weight_decay = 0 at phase-0 scale, to be revisited at phase-1
+The phase-0 study (docs/phase0.md, "Training Recipe"): weight_decay = 0 at phase-0 scale, to be revisited at phase-1
 scale. Two seeds per value, so a difference smaller than the seed-to-seed spread reads as none.
 """
 

@@ -74,7 +74,7 @@ def test_recommended_point_is_the_fastest_with_headroom_stated_like_the_seed(tmp
 def test_the_seeds_a100_tables_give_the_seeds_recommendation():
     """The phase-0 readme's numbers: budget 0.75 at mb 32 (34.2 GiB) wins; no-AC mb 28 is fast but has ~1 GiB.
     With the shipped sweep's headroom and the 39.4 GiB an A100-40GB reports, the shipped sweep recommends
-    what the seed did."""
+    what the phase-0 study did."""
     from lmtune.sweep.load import load_sweep
 
     sweep, _ = load_sweep(REPO / "sweeps" / "memory_frontier.py")

@@ -90,7 +90,7 @@ def test_asha_budget_and_results_dir_names(tmp_path):
     assert max_tokens(rs) == 30 * 16 * 64
     asha = make_scheduler(rs)
     assert asha._time_attr == "tokens" and not asha._stop_last_trials
-    assert re.fullmatch(r"1-x-\d{8}-\d{6}-\d{6}", group_name(1, "x"))  # like the seed's W&B groups
+    assert re.fullmatch(r"1-x-\d{8}-\d{6}-\d{6}", group_name(1, "x"))  # like the phase-0 study's W&B groups
     (tmp_path / "2-a-20260101-000000-000001").mkdir()
     (tmp_path / "10-a-20260102-000000-000001").mkdir()
     (tmp_path / "3-ab-20260101-000000-000001").mkdir()

@@ -42,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
     # argparse's own errors exit 2 with usage; keep them to one line like every other bad input.
-    parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))  # type: ignore[method-assign]
+    options = ", ".join(a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help")
+
+    def error(message: str):
+        raise ConfigError(f"{message}; accepted: SWEEP.py, section.key=value overrides and the options {options} "
+                          f"(python -m lmtune.sweep --help).")
+
+    parser.error = error  # type: ignore[method-assign]
     args = parser.parse_intermixed_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not accepted: expected an integer >= 1.")

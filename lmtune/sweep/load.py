@@ -109,11 +109,23 @@ class ResolvedSweep:
 # --- loading the file -------------------------------------------------------------------------------
 
 
+def _accepted_fields(exc: Exception) -> str:
+    """For a misspelt argument of Sweep, Smoke or Frontier: the arguments it takes."""
+    import dataclasses
+
+    m = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument", str(exc))
+    cls = {"Sweep": Sweep, "Smoke": Smoke, "Frontier": Frontier}.get(m.group(1)) if m else None
+    if cls is None:
+        return ""
+    return f". {cls.__name__} accepts: {', '.join(f.name for f in dataclasses.fields(cls))}."
+
+
 def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
     """Execute a sweep file and return its one Sweep object."""
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"sweep file not found: {p}")
+        raise ConfigError(f"sweep file not found: {p}; expected a Python file that defines a Sweep, "
+                          f"e.g. sweeps/norm_warmup.py.")
     if not p.is_file():
         raise ConfigError(f"{p} is not a file (expected a sweep file such as sweeps/norm_warmup.py).")
     try:
@@ -133,7 +145,7 @@ def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
     except Exception as e:  # noqa: BLE001 — any failure of the user's file is bad input
         frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(p)]
         where = f":{frames[-1].lineno}" if frames else ""
-        raise ConfigError(f"{p}{where}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{p}{where}: {type(e).__name__}: {e}{_accepted_fields(e)}") from None
     found = {k: v for k, v in vars(module).items() if isinstance(v, Sweep)}
     if not found:
         raise ConfigError(f"{p} defines no Sweep object; declare one, e.g. `sweep = Sweep(name=..., space=...)`.")

@@ -116,7 +116,7 @@ class FrontierPlan:
             headroom_gib: memory the recommended operating point keeps free.
             margin_gib: how far above the limit a prediction must be before the point is skipped;
                 None = 5% of the limit (near capacity the reserved memory levels off, so a straight-line
-                fit overshoots by a few percent: 1.8 GiB of 40 on the seed's A100).
+                fit overshoots by a few percent: 1.8 GiB of 40 on the phase-0 study's A100).
             predict: use the linear fit (to guide probes and skip points); False = plain bisection.
             confirm_throughput: measure both grid neighbours of the fastest point with headroom.
         """
@@ -190,7 +190,7 @@ class FrontierPlan:
         """Least-squares ``peak ≈ intercept + slope·x`` through the line's feasible points (needs two x).
 
         Near the limit, reserved memory stops growing linearly: the caching allocator frees cached blocks
-        and retries instead of reserving more (the seed's no-AC run: 38.1 GiB at mb 28, 38.95 at 30, OOM at
+        and retries instead of reserving more (the phase-0 study's no-AC run: 38.1 GiB at mb 28, 38.95 at 30, OOM at
         32). Points within ``margin_gib`` of the limit are therefore left out (no fit without two others).
         """
         if not self.predict:

@@ -98,7 +98,7 @@ class Frontier:
     x: str = "train.micro_batch_size"
     budget: str = "train.ac_budget"
     headroom_gib: float = 6.0
-    """The recommended operating point keeps at least this much memory free (the seed kept 6 GiB on 40)."""
+    """The recommended operating point keeps at least this much memory free (the phase-0 study kept 6 GiB on 40)."""
     margin_gib: float | None = None
     """Points predicted above the limit by more than this are skipped (recorded as predicted OOM);
     None = 5% of the limit (near capacity reserved memory levels off, so a linear fit overshoots)."""
