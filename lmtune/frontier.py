@@ -239,6 +239,8 @@ class FrontierTable:
     prediction: dict[str, Any] = field(default_factory=dict)
     ac_mode: str | None = None
     """How the line's ac_budget was applied (``budget`` | ``blocks``), when the line has an AC budget."""
+    oom_evidence: str = ""
+    """What says the smallest OOM point is infeasible: ``ran``, ``implied by x=…`` or ``predicted …``."""
 
     @property
     def title(self) -> str:
@@ -283,6 +285,7 @@ def analyze_frontier(
     limit_source: str = "",
     grid_size: int | None = None,
     ac_mode: str | None = None,
+    margin_gib: float | None = None,
 ) -> FrontierReport:
     """Frontier tables per line (the budget and other grid axes), the largest feasible x, and the recommendation.
 
@@ -327,6 +330,7 @@ def analyze_frontier(
         tables.append(FrontierTable(
             line, table_rows, max(feasible, default=None), smallest_oom, _prediction_summary(table_rows),
             ac_mode if "train.ac_budget" in line else None,
+            _oom_evidence(table_rows, x, smallest_oom, limit_gib, margin_gib),
         ))
     recommended = recommend(tables, x=x, limit_gib=limit_gib, headroom_gib=headroom_gib)
     counts = {
@@ -342,6 +346,24 @@ def analyze_frontier(
         recommendation_statement(recommended, x=x, limit_gib=limit_gib, headroom_gib=headroom_gib,
                                  limit_source=limit_source, ac_mode=mode), counts, mode,
     )
+
+
+def _oom_evidence(rows: Sequence[Mapping[str, Any]], x: str, smallest_oom: Any, limit_gib: float | None,
+                  margin_gib: float | None) -> str:
+    """Which evidence makes the smallest OOM point of a line infeasible."""
+    row = next((r for r in rows if r[x] == smallest_oom and r["status"].startswith("OOM")), None)
+    if row is None:
+        return ""
+    if row["source"] == "run":
+        return "ran"
+    if row["source"] == "implied":
+        ran = min((r[x] for r in rows if r["status"] == "OOM" and r[x] < row[x]), default=None)
+        return f"implied by the OOM at {ran}" if ran is not None else "implied"
+    margin = margin_gib if margin_gib is not None else (0.05 * limit_gib if limit_gib else None)
+    fit = row.get("predicted_peak_gib")
+    return ("predicted, never run: the fit puts it at " + (gib(fit) if fit is not None else "?") + " GiB, above the "
+            + (f"{limit_gib:g} GiB limit by more than the {gib(margin)} GiB margin" if limit_gib and margin is not None
+               else "limit"))
 
 
 def recommend(tables: Sequence[FrontierTable], *, x: str, limit_gib: float | None,
@@ -406,7 +428,7 @@ def frontier_report(results: Results) -> FrontierReport | None:
     grid = math.prod(len(space[k].get("values") or []) for k in [x, *line_keys] if k in space) or None
     return analyze_frontier(results.rows, x=x, line_keys=line_keys, limit_gib=limit,
                             headroom_gib=float(spec.get("headroom_gib", 6.0)), limit_source=source, grid_size=grid,
-                            ac_mode=results.ac_mode)
+                            ac_mode=results.ac_mode, margin_gib=_number(spec.get("margin_gib")))
 
 
 FRONTIER_COLUMNS = ("peak_reserved_gib", "tokens_per_s", "relative_throughput", "avg_step_time_ms",
@@ -436,7 +458,8 @@ def frontier_markdown(rep: FrontierReport, *, title: str = "") -> str:
         body = [[fmt(r.get(h) if h != short(rep.x) else r[rep.x], h) for h in headers] for r in t.rows]
         lines += [markdown_table(headers, body), ""]
         lines.append(f"Largest feasible {short(rep.x)}: {t.largest_feasible if t.largest_feasible is not None else 'none'}"
-                     + (f"; smallest OOM: {t.smallest_oom}." if t.smallest_oom is not None else "; no OOM in the grid."))
+                     + (f"; smallest OOM: {t.smallest_oom} ({t.oom_evidence})." if t.smallest_oom is not None
+                        else "; no OOM in the grid."))
         if t.prediction:
             p = t.prediction
             lines.append(f"Peak predicted before launch (linear fit in {short(rep.x)}): mean |error| "

@@ -69,14 +69,18 @@ def simulated_trial(cfg: dict[str, Any], limit: float = 20.0) -> dict[str, Any]:
             "wall_clock_s": 5.0 + mb / 10, "tokens": 20 * mb * 32}
 
 
-def frontier_results(root: Path, xs=tuple(range(1, 41)), budgets=(0.25, 0.5, 1.0), **sweep_kw) -> tuple[Path, FrontierPlan]:
-    """A frontier sweep run by the real planner on simulated memory: rows of every source."""
+def frontier_results(root: Path, xs=tuple(range(1, 41)), budgets=(0.25, 0.5, 1.0), *, measure=None,
+                     verify_predicted: bool = True, **sweep_kw) -> tuple[Path, FrontierPlan]:
+    """A frontier sweep run by the real planner on simulated memory (``measure``, default
+    :func:`simulated_trial`): rows of every source."""
     sweep = frontier_sweep_json(xs, budgets, **sweep_kw)
     spec = sweep["frontier"]
+    spec["verify_predicted"] = verify_predicted
     plan = FrontierPlan.from_space({X: Grid(tuple(xs)), B: Grid(tuple(budgets))},
-                                   Frontier(headroom_gib=spec["headroom_gib"], margin_gib=spec["margin_gib"]),
+                                   Frontier(headroom_gib=spec["headroom_gib"], margin_gib=spec["margin_gib"],
+                                            verify_predicted=verify_predicted),
                                    limit_gib=sweep["memory_limit_gib"] or sweep["device_memory_gib"])
-    launched = simulate(plan, simulated_trial)
+    launched = simulate(plan, measure or simulated_trial)
     predicted = plan.launch_predictions()
     rows = [{"trial_id": t["trial_id"], "source": "run", **t["config"], **t["result"],
              "predicted_peak_gib": predicted[t["trial_id"]]} for t in launched]

@@ -222,3 +222,35 @@ def test_summary_ranks_pruned_trials_after_finished_ones_with_their_tokens(tmp_p
     assert [line[2] for line in table] == ["b", "c", "a"]
     assert "| tokens |" in md.replace(" tokens | tokens_per_s", " tokens |") and "15,360" in md and "5,120" in md
     assert "stopped early by the scheduler" in md
+
+
+def convex_trial(cfg, limit: float = 20.0):
+    """Memory that grows faster than linearly: a line through the small points under-predicts the large ones."""
+    mb, b = cfg[X], cfg[B]
+    peak = 1.0 + SLOPES[b] * mb + 0.004 * mb * mb
+    if peak > limit:
+        return {"status": "oom", "peak_reserved_gib": limit}
+    tps = 1000.0 * mb / (mb + 8)
+    return {"status": "ok", "peak_reserved_gib": peak, "tokens_per_s": tps, "avg_step_time_ms": 1000 * mb * 32 / tps,
+            "wall_clock_s": 5.0, "tokens": 20 * mb * 32}
+
+
+def test_every_infeasible_point_says_its_evidence_and_the_prediction_error_is_reported(tmp_path):
+    """With verification off, a boundary can rest on a prediction: the row says OOM (predicted), the sentence under
+    its table says so and by how much margin, and the fit's error against the points that ran is reported. With it
+    on (the default), that point runs and the sentence says so."""
+    d, _ = frontier_results(tmp_path / "p", measure=convex_trial, verify_predicted=False, margin=0.1)
+    report.render(d)
+    md = (d / "frontier.md").read_text()
+    assert "| OOM (predicted) |" in md
+    assert ("(predicted, never run: the fit puts it at" in md and "above the 20 GiB limit by more than the 0.100 GiB "
+            "margin)" in md)
+    assert "(implied by the OOM at" in md or "(ran)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("Peak predicted before launch"))
+    mean = float(line.split("mean |error| ")[1].split(" GiB")[0])
+    assert mean > 0  # convex memory: the linear fit is off, and the table says by how much
+    d2, _ = frontier_results(tmp_path / "v", measure=convex_trial, margin=0.1)
+    report.render(d2)
+    md2 = (d2 / "frontier.md").read_text()
+    assert "| OOM (predicted) |" not in md2 and "predicted, never run" not in md2
+    assert "(ran)." in md2

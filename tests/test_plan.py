@@ -85,14 +85,41 @@ def test_headroom_boundary_and_throughput_neighbours_are_measured():
 # --- prediction ----------------------------------------------------------------------------------------
 
 
-def test_prediction_skips_points_above_limit_plus_margin_and_reports_errors():
+def test_a_boundary_resting_on_a_prediction_is_verified_by_one_trial():
+    """39 is predicted at 20.5 > 20 + 0.25 GiB: by default that one point runs before the boundary is closed."""
     xs = list(range(1, 65))
     plan = FrontierPlan(xs, [{B: 1.0}], limit_gib=20.0, headroom_gib=4.0, margin_gib=0.25)
     launched, ran = run(plan, linear_memory({1.0: 0.5}))  # peak = 1 + x/2 exactly: x ≤ 38 fits
     assert plan.frontier()[((B, 1.0),)] == {"largest_feasible": 38, "smallest_oom": 39}
+    assert (1.0, 39) in ran and not [r for r in plan.implied_rows() if r["source"] == "predicted"]
+    verified = [p for p in plan.lines[0].points if p.purpose == "verify"]
+    assert [p.x for p in verified] == [39] and verified[0].state == "oom"
+
+
+def test_a_prediction_that_was_wrong_is_corrected_by_its_verification():
+    """A fit that over-predicts (memory levels off near the limit, as a caching allocator's does): the point
+    predicted OOM fits when it runs, and the search goes on above it to the true boundary."""
+    xs = list(range(1, 41))
+    plan = FrontierPlan(xs, [{}], limit_gib=20.0, headroom_gib=0.0, margin_gib=0.1, confirm_throughput=False)
+
+    def leveling(cfg):  # linear up to 16 GiB, then a quarter of the slope
+        x = cfg[X]
+        peak = 0.5 * x if 0.5 * x <= 16 else 16 + 0.125 * (x - 32)
+        return {"status": "oom", "peak_reserved_gib": 20.0} if peak > 20 else {"status": "ok", "peak_reserved_gib": peak}
+
+    simulate(plan, leveling)
+    assert plan.frontier()[()]["largest_feasible"] == 40  # 16 + 1 at x=40: every point fits
+    assert not [r for r in plan.implied_rows() if r["source"] == "predicted"]
+
+
+def test_prediction_skips_points_above_limit_plus_margin_and_reports_errors():
+    xs = list(range(1, 65))
+    plan = FrontierPlan(xs, [{B: 1.0}], limit_gib=20.0, headroom_gib=4.0, margin_gib=0.25, verify_predicted=False)
+    launched, ran = run(plan, linear_memory({1.0: 0.5}))  # peak = 1 + x/2 exactly: x ≤ 38 fits
+    assert plan.frontier()[((B, 1.0),)] == {"largest_feasible": 38, "smallest_oom": 39}
     rows = plan.implied_rows()
     # Bisection measured 48 and 40 OOM before the fit existed; 39 is predicted at 20.5 > 20.25 GiB and
-    # never launched; everything above 40 is implied by the measured OOMs.
+    # never launched (verification off); everything above 40 is implied by the measured OOMs.
     predicted = [r for r in rows if r["source"] == "predicted"]
     assert [r[X] for r in predicted] == [39]
     assert [r[X] for r in rows if r["source"] == "implied"] == [*range(41, 48), *range(49, 65)]

@@ -127,13 +127,11 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out waiting for the sweep")
 
 
-@pytest.fixture(params=["local", "s3"])
-def sweep_storage(request, tmp_path, monkeypatch):
-    """``--storage`` for a sweep run from ``tmp_path``: a directory, or an S3 URI (a local S3 server);
-    either way the driver's own files are under ``tmp_path/results``. Yields (argument, S3 client or None)."""
-    if request.param == "local":
-        yield str(tmp_path / "results"), None
-        return
+@pytest.fixture
+def sweep_storage(tmp_path, monkeypatch):
+    """``--storage`` for a sweep run from ``tmp_path``: an S3 URI (a local S3 server), the driver's own files under
+    ``tmp_path/results``. Yields (argument, S3 client). (A local directory is the storage of every other e2e test,
+    killed and resumed at many more points in test_resume_anywhere.py.)"""
     import boto3
 
     from tests.s3 import CREDENTIALS, local_s3
@@ -257,22 +255,37 @@ def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tm
 
 
 def test_trial_killed_by_rays_memory_monitor_is_oom_and_not_trained_again(tmp_path):
-    """Fault injection: a memory-usage threshold of 1% makes Ray's memory monitor kill the trial process.
-    The trial ends as oom (not error), and its retry (max_failures=1) does not train: it is recorded as oom."""
+    """Fault injection: a memory-usage threshold of 1% makes Ray's memory monitor kill trial processes. Two trials
+    at once: the first kill lands while the other trial runs on the node, which says nothing about that trial's
+    config (the monitor kills the newest task): it is host_oom, retried, and concurrency drops to one. A kill of a
+    trial alone on its node is oom, and its retry does not train."""
     f = sweep_file(tmp_path, """
-        sweep = Sweep(name="mm-e2e", base={**TINY_CPU, "train.steps": 400}, space={"train.lr": grid([1e-3])},
+        sweep = Sweep(name="mm-e2e", base={**TINY_CPU, "train.steps": 400}, space={"train.lr": grid([1e-3, 2e-3])},
                       max_failures=1, export=["train.lr"])
     """)
     storage = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_memory_usage_threshold": "0.01",
            "RAY_memory_monitor_refresh_ms": "100"}
     proc = subprocess.run([sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--no-wandb",
-                           "--no-report"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           "--no-report", "--max-concurrent", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = only_run(storage)
-    (row,) = rows(results).values()
-    assert row["status"] == "oom" and "memory" in row["error"], row
-    assert "OOM-killed by Ray's memory monitor: recorded as oom" in proc.stdout
-    assert not row["tokens"]  # no step of training was recorded as a result
+    table = rows(results)
+    statuses = sorted(r["status"] for r in table.values())
+    assert len(table) == 2 and set(statuses) <= {"oom", "host_oom"} and "oom" in statuses, table
+    assert all("low on memory" in r["error"] for r in table.values()), table
+    host = [line for line in proc.stdout.splitlines() if "host memory: Ray's memory monitor killed it while" in line]
+    assert host and "not evidence about its config; at most 1 trial(s) at once from now on" in host[0]
+    assert "retrying from its last checkpoint" in host[0]
+    assert all(not r["tokens"] for r in table.values())  # no step of training was recorded as a result
+    counts = f"2 trial(s): {statuses.count('host_oom')} host_oom, " if "host_oom" in statuses else "2 trial(s): 2 oom"
+    assert counts in proc.stdout
+    import optuna  # a host-memory kill is no evidence about the config: never told to the study as infeasible
+
+    study = optuna.load_study(study_name="mm-e2e", storage=f"sqlite:///{results / 'optuna.db'}")
+    for t in study.trials:
+        if t.user_attrs.get("status") == "host_oom":
+            assert t.state.name == "FAIL" and not t.constraints
     assert "Traceback" not in proc.stdout + proc.stderr  # Ray's error dumps went to logs/
     assert "OutOfMemoryError" in (results / "logs" / "driver.log").read_text()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import optuna
+import pytest
 from ray.exceptions import OutOfMemoryError, RayTaskError
 
-from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform
+from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform, randint
 from lmtune.sweep.load import resolve
 from lmtune.sweep.oom import LEDGER, classify, first_line
 from lmtune.sweep.results import group_name, runs_of
@@ -242,3 +243,32 @@ def test_resume_reconciles_the_limiter_and_the_study_with_what_tune_restored(tmp
     by_id = {t.user_attrs.get("trial_id"): t for t in study.trials if t.user_attrs.get("trial_id")}
     assert by_id["rb"].state == optuna.trial.TrialState.COMPLETE and by_id["rb"].value == 2.0
     assert by_id["rc"].state == optuna.trial.TrialState.FAIL and by_id["rc"].user_attrs["status"] == "interrupted"
+
+
+def test_memory_is_a_constraint_the_study_records_and_an_oom_is_infeasible_not_failed(tmp_path):
+    """ok and OOM trials both become COMPLETE with memory_gib = peak − (limit − headroom): the samplers model
+    feasibility (Optuna's samplers leave FAIL trials out). An OOM's objective is neutral (the worst feasible value
+    so far), marked as such; a diverged trial stays FAIL."""
+    s = Sweep(name="mem", base={**TINY_CPU, "system.memory_limit_gib": 2.0},
+              space={"train.micro_batch_size": randint(1, 64)}, num_samples=4)
+    rs = resolve(s, "mem.py")
+    searcher = make_searcher(rs, tmp_path, limit_gib=2.0)
+    for tid in ("m1", "m2", "m3", "m4"):
+        searcher.suggest(tid)
+    searcher.on_trial_complete("m1", {"val_loss": 3.0, "status": "ok", "peak_reserved_gib": 1.5})
+    searcher.on_trial_complete("m2", {"val_loss": 2.5, "status": "ok", "peak_reserved_gib": 1.0})
+    searcher.on_trial_complete("m3", {"status": "oom", "peak_reserved_gib": 2.1})
+    searcher.on_trial_complete("m4", {"val_loss": float("nan"), "status": "diverged", "peak_reserved_gib": 1.2})
+    study = optuna.load_study(study_name="mem", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    got = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert got["m1"].state.name == "COMPLETE" and got["m1"].constraints == {"memory_gib": pytest.approx(-0.5)}
+    assert got["m2"].constraints == {"memory_gib": pytest.approx(-1.0)}
+    oom = got["m3"]
+    assert oom.state.name == "COMPLETE" and oom.user_attrs["status"] == "oom"
+    assert oom.constraints["memory_gib"] > 0 and oom.value == 3.0  # neutral: the worst feasible value so far
+    assert oom.user_attrs["objective"].startswith("neutral")
+    assert got["m4"].state.name == "FAIL" and not got["m4"].constraints
+    # The sampler sees the OOM as infeasible, not as a good value.
+    from optuna.samplers._tpe.sampler import _get_infeasible_trial_score
+
+    assert _get_infeasible_trial_score(oom) > 0 and _get_infeasible_trial_score(got["m2"]) == 0

@@ -122,8 +122,12 @@ class ResultsWriter(Callback):
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self.restarted.add(trial.trial_id)
         kind, message = LEDGER.errors.get(trial.trial_id, ("error", ""))
-        what = "OOM-killed by Ray's memory monitor: recorded as oom" if kind == "oom" else "retrying from its last checkpoint"
-        self._line("failed", trial.trial_id, f"{what} ({message})")
+        if kind == "oom":
+            self._line("failed", trial.trial_id, f"OOM-killed by Ray's memory monitor: recorded as oom ({message})")
+        elif kind == "host_oom":
+            self._line("failed", trial.trial_id, f"{message}; retrying from its last checkpoint")
+        else:
+            self._line("failed", trial.trial_id, f"retrying from its last checkpoint ({message})")
 
     # --- rows ---
 
@@ -142,13 +146,13 @@ class ResultsWriter(Callback):
         row["wall_time_s"] = round(time.time() - started, 3) if started else None
         row.update({k: last.get(k) for k in PLACEMENT})
         message = ""
-        if status in ("error", "oom") and tid in LEDGER.errors:
+        if status in ("error", "oom", "host_oom") and tid in LEDGER.errors:
             message = LEDGER.errors[tid][1]
         elif status == "oom":
             message = str(last.get("oom_reason", ""))
         elif status == "error":
             message = str(last.get("error", ""))
-        row["error"] = message if status in ("error", "oom") else ""
+        row["error"] = message if status in ("error", "oom", "host_oom") else ""
         self.rows[tid] = row
         tdir = self.results_dir / "trials" / tid
         tdir.mkdir(parents=True, exist_ok=True)

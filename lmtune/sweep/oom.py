@@ -2,9 +2,11 @@
 
 The trainer turns CUDA OOM, CPU allocator failures and the emulated ``system.memory_limit_gib`` into a
 clean final report with ``status="oom"``. What the trainer cannot see is Ray's memory monitor killing
-the process that runs it (``ray.exceptions.OutOfMemoryError``, or an actor that died "due to memory
-pressure") or an OOM raised inside a Ray Train worker and wrapped by Train. :func:`classify` reads
-any such exception chain; the trainable and the driver use it to record ``oom`` instead of ``error``.
+the process that runs it (``ray.exceptions.OutOfMemoryError``, or an actor death in the monitor's words)
+or an OOM raised inside a Ray Train worker and wrapped by Train. :func:`classify` reads any such exception
+chain by evidence (exception types, torch's allocator messages, Ray's memory monitor's exact words; never
+words that happen to be in a path or a trial's name); the trainable and the driver use it to record ``oom``.
+A memory-monitor kill while other trials ran on the node is ``host_oom`` (see :data:`STATUSES`).
 
 The :class:`Ledger` is the driver's record of what Tune's scheduler and error paths decided about each
 trial (stopped by ASHA → ``pruned``; failed with an OOM → ``oom``). The scheduler, the searcher and the
@@ -18,24 +20,35 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("ok", "oom", "diverged", "pruned", "error")
+STATUSES = ("ok", "oom", "host_oom", "diverged", "pruned", "error")
+"""Trial statuses. ``host_oom``: Ray's memory monitor killed the trial while other trials ran on its node: the
+node's memory ran out, not necessarily because of this config (the monitor kills the newest task), so it is
+retried, with fewer trials at once, and not told to the searcher as infeasible."""
 
-# Text Ray puts in the errors of a worker killed by its memory monitor (raylet's OOM killer), and the
-# trainer's own OOM messages (lmtune.measure.is_oom) once they have crossed a process boundary as text.
-_OOM_TEXT = re.compile(
-    r"OutOfMemoryError|running low on memory|memory monitor|killed due to memory|memory pressure|"
-    r"out of memory|can't allocate memory|MemoryError|\bOOM\b|emulated memory limit",
-    re.IGNORECASE,
-)
+RAY_MEMORY_MONITOR = "killed due to the node running low on memory"
+"""The words of Ray's memory monitor (raylet) in the error of every worker it kills; matched as Ray writes them,
+since a memory-monitor kill can reach the driver as an actor-death error whose type says nothing."""
+
+# What a traceback's last line says when the exception was an OOM, for errors that reach the driver only as text
+# (Tune's error file): the exception's type at the start of a line, never words found in paths or names.
+_OOM_TYPE_LINE = re.compile(
+    r"^(?:[\w.]*\.)?(?:OutOfMemoryError|MemoryError|EmulatedOOM)(?::|$)", re.MULTILINE)
 
 # Ray's message for *any* worker that exited unexpectedly (SIGKILL, segfault, `ray stop --force`) lists
-# "killed by the OOM killer" among possible causes: that list says nothing about this failure, so it is
-# not read as an OOM (a memory-monitor kill has its own error type and text, matched above).
+# "killed by the OOM killer" among possible causes: that list says nothing about this failure.
 _POSSIBLE_CAUSES = re.compile(r"(Some common causes include|There are some potential root causes)\b.*", re.DOTALL)
 
 
+def memory_monitor_kill(text: str) -> bool:
+    return RAY_MEMORY_MONITOR in _POSSIBLE_CAUSES.sub("", text)
+
+
 def _oom_text(text: str) -> bool:
-    return bool(_OOM_TEXT.search(_POSSIBLE_CAUSES.sub("", text)))
+    """An error known only as text: an OOM exception's type line, torch's allocator message, or Ray's monitor."""
+    from lmtune.measure import _ALLOCATOR_FAILURES
+
+    text = _POSSIBLE_CAUSES.sub("", text)
+    return bool(_OOM_TYPE_LINE.search(text)) or memory_monitor_kill(text) or any(m in text for m in _ALLOCATOR_FAILURES)
 
 
 def _chain(exc: BaseException, limit: int = 32):
@@ -61,23 +74,19 @@ def _chain(exc: BaseException, limit: int = 32):
 
 
 def is_oom_error(exc: BaseException | None) -> bool:
-    """True when ``exc`` (or anything it wraps) is an out-of-memory failure."""
+    """True when ``exc`` (or anything it wraps) is an out-of-memory failure, by evidence: its type
+    (torch.OutOfMemoryError, MemoryError and the trainer's emulated limit, ray.exceptions.OutOfMemoryError),
+    torch's own allocator messages, or Ray's memory monitor's words; never words in a path or a name."""
     if exc is None:
         return False
+    from lmtune.measure import is_oom
+
     try:
         from ray.exceptions import OutOfMemoryError as RayOOM
     except ImportError:  # pragma: no cover - ray is a dependency
         RayOOM = ()  # type: ignore[assignment]
-    try:
-        import torch
-
-        torch_oom: tuple = (torch.OutOfMemoryError,)
-    except (ImportError, AttributeError):  # pragma: no cover
-        torch_oom = ()
     for e in _chain(exc):
-        if isinstance(e, (MemoryError, *torch_oom)) or (RayOOM and isinstance(e, RayOOM)):
-            return True
-        if _oom_text(str(e)) or _OOM_TEXT.search(type(e).__name__):
+        if is_oom(e) or (RayOOM and isinstance(e, RayOOM)) or memory_monitor_kill(str(e)):
             return True
     return False
 
@@ -94,12 +103,13 @@ def first_line(exc: BaseException | str | None, limit: int = 300) -> str:
     """A one-line description of an error for trials.csv and the console.
 
     Ray wraps a trial's exception in a traceback dump; the line naming the error (``SomeError: …``) is
-    picked, the first OOM line if there is one (a memory-monitor kill explains itself there)."""
+    picked, the memory monitor's line if there is one (a memory-monitor kill explains itself there)."""
     if exc is None:
         return ""
     text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.startswith("Failure #")]
-    pick = next((ln for ln in lines if _oom_text(ln)), None)
+    text = _POSSIBLE_CAUSES.sub("", str(text))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Failure #")]
+    pick = next((ln for ln in lines if RAY_MEMORY_MONITOR in ln), None)
     if pick is None:
         named = [ln for ln in lines if _ERROR_LINE.match(ln)]
         pick = named[-1] if named else (lines[0] if lines else "")
@@ -123,6 +133,12 @@ class Ledger:
     """``time.monotonic()`` before which a due snapshot waits (keeps snapshots under 5% of the driver's time)."""
     reconciler: Any = None
     """On ``--resume``: the :class:`lmtune.sweep.resume.Reconciler` of what Tune restores (None otherwise)."""
+    scheduler: Any = None
+    """The ASHA scheduler in use (it saves its rungs with the searcher's snapshot)."""
+    max_running: int | None = None
+    """Trials at once, lowered after a host-memory kill (None: what resources and --max-concurrent allow)."""
+    scheduler_state: Any = None
+    """ASHA's rungs read from a restored snapshot, until the live scheduler takes them."""
 
     def status_of(self, trial_id: str, result: dict | None, error: bool = False) -> str:
         """The trial's final status from everything known in the driver."""
@@ -133,7 +149,7 @@ class Ledger:
         status = (result or {}).get("status")
         if error:
             return "oom" if status == "oom" else "error"
-        if status in ("ok", "oom", "diverged", "pruned"):  # pruned: replayed from an earlier session
+        if status in ("ok", "oom", "host_oom", "diverged", "pruned"):  # pruned: replayed from an earlier session
             return status
         return "error"  # ended without the trainer's final report
 
@@ -169,3 +185,15 @@ def classify_trial_error(trial: Any) -> tuple[str, str]:
         return classify(exc), first_line(exc)
     text = exc or ""
     return ("oom" if _oom_text(text) else "error"), first_line(text)
+
+
+def was_memory_monitor_kill(trial: Any) -> bool:
+    """Whether Ray's memory monitor killed the trial (host memory), as opposed to an OOM its own process raised."""
+    exc = read_trial_error(trial)
+    if isinstance(exc, BaseException):
+        try:
+            from ray.exceptions import OutOfMemoryError as RayOOM
+        except ImportError:  # pragma: no cover
+            return False
+        return any(isinstance(e, RayOOM) or memory_monitor_kill(str(e)) for e in _chain(exc))
+    return memory_monitor_kill(exc or "")

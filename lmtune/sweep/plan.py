@@ -106,6 +106,7 @@ class FrontierPlan:
         margin_gib: float | None = None,
         predict: bool = True,
         confirm_throughput: bool = True,
+        verify_predicted: bool = True,
     ):
         """
         Args:
@@ -119,6 +120,8 @@ class FrontierPlan:
                 fit overshoots by a few percent: 1.8 GiB of 40 on the phase-0 study's A100).
             predict: use the linear fit (to guide probes and skip points); False = plain bisection.
             confirm_throughput: measure both grid neighbours of the fastest point with headroom.
+            verify_predicted: run the smallest point of a line's OOM boundary once when only a prediction put
+                it there (False: leave it ``OOM (predicted)``, saying so and by how much margin).
         """
         xs = sorted(set(xs))
         if not xs:
@@ -132,6 +135,7 @@ class FrontierPlan:
         self._margin_gib = margin_gib
         self.predict = predict and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         self.confirm_throughput = confirm_throughput
+        self.verify_predicted = verify_predicted
         self.lines = [_Line(tuple(line.items()), [_Point(x) for x in xs]) for line in lines]
         keys = {line.key for line in self.lines}
         if len(keys) != len(self.lines):
@@ -171,7 +175,8 @@ class FrontierPlan:
         lines = [dict(zip(others, combo)) for combo in itertools.product(*(axes[k] for k in others))]
         return cls(
             axes[frontier.x], lines, x_key=frontier.x, limit_gib=limit_gib,
-            headroom_gib=frontier.headroom_gib, margin_gib=frontier.margin_gib, **options,
+            headroom_gib=frontier.headroom_gib, margin_gib=frontier.margin_gib,
+            verify_predicted=frontier.verify_predicted, **options,
         )
 
     @property
@@ -260,7 +265,11 @@ class FrontierPlan:
         return min(unknown, key=lambda i: (abs(i - mid), i)), False
 
     def _line_probe(self, line: _Line) -> tuple[int, str, bool] | None:
-        """The next probe of one line for its OOM or headroom boundary, or None."""
+        """The next probe of one line for its OOM or headroom boundary, or None.
+
+        Once the OOM boundary is bracketed, a boundary that rests on a prediction (its smallest OOM point never
+        ran) is verified: that point runs once (``verify_predicted``), so that no frontier calls a point
+        infeasible on a fit alone when one trial could say; if it fits after all, the search goes on above it."""
         k = self._knowledge(line)
         pending = [i for i, p in enumerate(line.points) if p.state == "pending"]
         for lo, hi, purpose in ((k.lo_f, k.hi_f, "oom"), (k.lo_a, k.hi_a, "headroom")):
@@ -270,6 +279,10 @@ class FrontierPlan:
             # Never launch a point that a pending smaller x could make OOM by implication.
             if probe is not None and not any(j < probe[0] for j in pending):
                 return probe[0], purpose, probe[1]
+        n = len(line.points)
+        if (self.verify_predicted and k.hi_f < n and line.points[k.hi_f].state == "unknown" and not pending
+                and all(p.state != "unknown" for p in line.points[k.lo_f + 1:k.hi_f])):
+            return k.hi_f, "verify", False
         return None
 
     def _throughput_probe(self) -> tuple[_Line, int] | None:

@@ -84,7 +84,7 @@ def sweep_json(rs: ResolvedSweep, results_dir: Path) -> dict[str, Any]:
         "cpus": rs.cpus,
         "export": list(rs.export),
         "frontier": None if f is None else {"x": f.x, "budget": f.budget, "headroom_gib": f.headroom_gib,
-                                            "margin_gib": f.margin_gib},
+                                            "margin_gib": f.margin_gib, "verify_predicted": f.verify_predicted},
         "memory_limit_gib": rs.base.get("system.memory_limit_gib") or None,
         **device_memory(rs),
         "base": rs.base,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -28,11 +29,13 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search.optuna import OptunaSearch
 
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.oom import LEDGER, classify_trial_error
+from lmtune.sweep.oom import LEDGER, classify_trial_error, was_memory_monitor_kill
 from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
 from lmtune.train import CHECKPOINT_REPORT
 
 STUDY_FILE = "optuna.db"
+MEMORY_CONSTRAINT = "memory_gib"
+"""The constraint every trial records in the study: peak memory above what the limit leaves (positive = infeasible)."""
 SNAPSHOT_SHARE = 0.05
 """At most this share of the driver's time goes to the experiment snapshots taken for --resume."""
 logger = logging.getLogger("lmtune.sweep")
@@ -119,11 +122,43 @@ class _GridSampler(optuna.samplers.GridSampler):
 
 
 class StudySearch(OptunaSearch):
-    """OptunaSearch that records lmtune's trial statuses in the study (see the module docstring)."""
+    """OptunaSearch that records lmtune's trial statuses in the study (see the module docstring).
 
-    def __init__(self, *args, enqueue: list[dict] | None = None, **kwargs):
+    Memory is a constraint the samplers learn (Optuna 5 ``Trial.set_constraint``; TPE, NSGA-II and GP read the
+    trials' constraints without further set-up): every trial that ran (ok, pruned) or ran out of memory records
+    ``memory_gib`` = its peak_reserved_gib − (the limit in force − ``headroom_gib``), positive = infeasible. The
+    limit is the trial's ``system.memory_limit_gib``, else the device memory it reported, else ``limit_gib``.
+    """
+
+    def __init__(self, *args, enqueue: list[dict] | None = None, limit_gib: float | None = None,
+                 headroom_gib: float = 0.0, **kwargs):
         self._enqueue = list(enqueue or [])
+        self._limit_gib = limit_gib
+        self._headroom_gib = headroom_gib
+        self._feasible: list[list[float]] = []
         super().__init__(*args, **kwargs)
+
+    def memory_constraint(self, result: dict, status: str) -> float | None:
+        """peak − (limit − headroom) in GiB for a trial that ran; for an OOM, at least 5% of the limit above
+        zero (its true peak is beyond what it could measure). None when no limit or peak is known."""
+        config = result.get("config") if isinstance(result.get("config"), dict) else {}
+        limit = (config.get("system.memory_limit_gib") or result.get("config/system.memory_limit_gib")
+                 or result.get("device_memory_gib") or self._limit_gib)
+        if not limit:
+            return None
+        room = float(limit) - self._headroom_gib
+        peak = result.get("peak_reserved_gib")
+        peak = float(peak) if isinstance(peak, (int, float)) and math.isfinite(peak) else None
+        if status == "oom":
+            return max(peak or 0.0, float(limit)) * 1.05 - room
+        return None if peak is None else peak - room
+
+    def _neutral_values(self, n: int) -> list[float]:
+        if not self._feasible:
+            return [0.0] * n
+        modes = self.mode if isinstance(self.mode, list) else [self.mode] * n
+        return [max(v[i] for v in self._feasible) if m == "min" else min(v[i] for v in self._feasible)
+                for i, m in enumerate(modes)]
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
@@ -136,8 +171,15 @@ class StudySearch(OptunaSearch):
         # function (a closure, from a module that is not importable), which only cloudpickle can write.
         import ray.cloudpickle
 
+        state = self.__dict__.copy()
+        if LEDGER.scheduler is not None:  # ASHA's rungs, saved with this snapshot (see ASHA)
+            state["_lmtune_scheduler_state"] = LEDGER.scheduler.snapshot_state()
         with open(checkpoint_path, "wb") as f:
-            ray.cloudpickle.dump(self.__dict__.copy(), f)
+            ray.cloudpickle.dump(state, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        LEDGER.scheduler_state = self.__dict__.pop("_lmtune_scheduler_state", None)
 
     def suggest(self, trial_id: str):
         suggestion = super().suggest(trial_id)
@@ -224,12 +266,22 @@ class StudySearch(OptunaSearch):
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
         ot_trial.set_user_attr("status", status)
         ot_trial.set_user_attr("trial_id", trial_id)
+        constraint = self.memory_constraint(result or {}, status)
         if status == "ok" and finite:
             state, told = TrialState.COMPLETE, [float(v) for v in values]
+            self._feasible.append(told)
+        elif status == "oom" and constraint is not None:
+            # Infeasible, and known to be: COMPLETE with the constraint violated, so that the samplers model the
+            # region (Optuna's TPE, NSGA-II and GP leave FAIL trials out). The objective value is neutral, the
+            # worst feasible one so far: constrained samplers rank infeasible trials by their violation alone.
+            state, told = TrialState.COMPLETE, self._neutral_values(len(metrics))
+            ot_trial.set_user_attr("objective", "neutral: the trial ran out of memory")
         elif status == "pruned":
             state, told = TrialState.PRUNED, None
-        else:  # oom, diverged, error, or ok without a usable metric value: infeasible
+        else:  # diverged, error, host_oom, or ok without a usable metric value
             state, told = TrialState.FAIL, None
+        if constraint is not None and state != TrialState.FAIL:
+            ot_trial.set_constraint(MEMORY_CONSTRAINT, constraint)
         self._completed_trials.add(trial_id)
         try:
             self._ot_study.tell(ot_trial, told if told is None or len(told) > 1 else told[0], state=state)
@@ -260,7 +312,8 @@ def make_searcher(rs: ResolvedSweep, results_dir: Path, *, limit_gib: float | No
     enqueue = [] if rs.searcher == "grid" else enqueued_points(rs)
     return StudySearch(
         space=space, metric=rs.metric, mode=rs.mode, sampler=sampler, study_name=rs.name,
-        storage=study_storage(results_dir), enqueue=enqueue,
+        storage=study_storage(results_dir), enqueue=enqueue, limit_gib=limit_gib,
+        headroom_gib=rs.frontier.headroom_gib if rs.frontier is not None else 0.0,
     )
 
 
@@ -308,10 +361,25 @@ class _RecordsDecisions:
             took = time.monotonic() - t0
             LEDGER.snapshots.append(took)
             LEDGER.next_snapshot = t0 + took * (1 / SNAPSHOT_SHARE)
+        if LEDGER.max_running is not None:  # lowered after a host-memory kill: retried trials wait their turn too
+            controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            if len(_started(controller)) >= LEDGER.max_running:
+                return None
         return super().choose_trial_to_run(tune_controller)
 
     def on_trial_error(self, tune_controller, trial) -> None:
         kind, message = classify_trial_error(trial)
+        controller = getattr(tune_controller, "_tune_controller", tune_controller)
+        if kind == "oom" and was_memory_monitor_kill(trial):
+            sharing = _trials_sharing_its_node(controller, trial)
+            if sharing:
+                # Host memory ran out while other trials ran on this node, and Ray's monitor kills the newest task:
+                # no evidence about this config. Retry it (not marked as OOM-killed), with fewer trials at once.
+                kind = "host_oom"
+                lowered = _lower_concurrency(controller, running=len(sharing) + 1)
+                message = (f"host memory: Ray's memory monitor killed it while {len(sharing)} other trial(s) ran on "
+                           f"its node ({message}); not evidence about its config"
+                           + (f"; at most {lowered} trial(s) at once from now on" if lowered else ""))
         LEDGER.errors[trial.trial_id] = (kind, message)
         LEDGER.snapshot_due = True
         if kind == "oom":
@@ -335,8 +403,80 @@ class _RecordsDecisions:
         return decision
 
 
+def _node(trial) -> str | None:
+    return (getattr(trial, "last_result", None) or {}).get("node_ip")
+
+
+def _started(controller) -> list:
+    """Trials whose process exists: running, or pending with an actor being started (Tune marks a trial RUNNING
+    only once its actor is up). TuneController._trial_to_actor: trial → its actor (no public accessor)."""
+    return [t for t in getattr(controller, "_trial_to_actor", {}) if not t.is_finished()]
+
+
+def _trials_sharing_its_node(controller, trial) -> list:
+    """Other trials with a process on the killed trial's node (a trial whose node is not known yet counts)."""
+    node = _node(trial)
+    others = [t for t in _started(controller) if t is not trial]
+    return [t for t in others if node is None or _node(t) in (None, node)]
+
+
+def _lower_concurrency(controller, running: int) -> int | None:
+    """One trial fewer at once than the ``running`` ones (the killed trial included), at least one, for new and
+    retried trials alike; the new limit, or None when it was one already."""
+    from lmtune.sweep.resume import _limiter
+
+    current = min(LEDGER.max_running or running, running)
+    if current <= 1:
+        return None
+    LEDGER.max_running = current - 1
+    limiter = _limiter(controller)
+    if limiter is not None:
+        limiter.max_concurrent = min(limiter.max_concurrent, LEDGER.max_running)
+    return LEDGER.max_running
+
+
 class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
-    pass
+    """ASHA whose rungs survive ``--resume``: Tune saves no scheduler state with its experiment (ray#30838), so
+    :class:`StudySearch` carries it in its own snapshot (:meth:`snapshot_state`) and the live scheduler takes it
+    back at its first call after a restore (:data:`LEDGER` ``.scheduler_state``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        LEDGER.scheduler = self
+
+    def __setstate__(self, state):  # the instance a restored tuner runs with
+        self.__dict__.update(state)
+        LEDGER.scheduler = self
+
+    def snapshot_state(self) -> dict:
+        brackets = list(self._brackets)
+        return {"brackets": copy.deepcopy(brackets), "counter": self._counter, "num_stopped": self._num_stopped,
+                "trial_info": {tid: brackets.index(b) for tid, b in self._trial_info.items() if b in brackets}}
+
+    def _take_restored_state(self) -> None:
+        state, LEDGER.scheduler_state = LEDGER.scheduler_state, None
+        if not state:
+            return
+        # AsyncHyperBandScheduler's own attributes: its brackets (rungs with each trial's recorded value),
+        # the trial → bracket map and its counters (no public API to set them).
+        self._brackets = state["brackets"]
+        self._trial_info = {tid: self._brackets[i] for tid, i in state["trial_info"].items()}
+        self._counter, self._num_stopped = state["counter"], state["num_stopped"]
+        logger.info("asha: rungs restored (%d trial(s) recorded)", len(self._trial_info))
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._take_restored_state()
+        if trial.trial_id in self._trial_info:  # restored with its bracket: keep its place, as uninterrupted
+            LEDGER.snapshot_due = True
+            if LEDGER.reconciler is not None:
+                LEDGER.reconciler.on_restored_trial(getattr(tune_controller, "_tune_controller", tune_controller),
+                                                    trial)
+            return
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._take_restored_state()
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 class FIFO(_RecordsDecisions, FIFOScheduler):

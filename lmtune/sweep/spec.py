@@ -102,6 +102,9 @@ class Frontier:
     margin_gib: float | None = None
     """Points predicted above the limit by more than this are skipped (recorded as predicted OOM);
     None = 5% of the limit (near capacity reserved memory levels off, so a linear fit overshoots)."""
+    verify_predicted: bool = True
+    """Run the smallest point of a budget's OOM boundary once when only a prediction put it there (False: it
+    stays ``OOM (predicted)``, and the frontier says so and by how much margin)."""
 
 
 @dataclass
