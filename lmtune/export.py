@@ -1,4 +1,5 @@
-"""Export a sweep's winner as locked defaults: ``python -m lmtune.export RESULTS_DIR [--to PATH] [--force]``.
+"""Export a sweep's winner as locked defaults: ``python -m lmtune.export RESULTS_DIR [--to PATH] [--force]
+[--validate N]``.
 
 Writes the keys the sweep file locks (``Sweep.export``, recorded in sweep.json) with the winner's values:
 
@@ -15,6 +16,9 @@ phase-0-style ``Parameter | Value | Source`` table.
 An existing TOML is never overwritten without ``--force``; either way the command shows what would
 change (old → new per key). With ``--force`` the keys this export does not touch are kept, with their
 provenance, so the locked defaults of several sweeps accumulate in one file.
+
+``--validate N`` first runs N fresh steps at the winner's config on this machine and compares tokens/s, peak
+memory and headroom with what the sweep measured; nothing is written when they disagree (exit 1).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune import config as config_lib
-from lmtune.cli import user_errors_exit_2
+from lmtune.cli import check_output_file, user_errors_exit_2
 from lmtune.config import PROJECT_LOCKED, ConfigError
 from lmtune.frontier import (
     AC_MODES,
@@ -203,7 +208,102 @@ def rehearsal(results: Results) -> str:
     return " and ".join(why)
 
 
+# --- validation: a fresh timing run of the winner before it is locked ---------------------------------------
+
+VALIDATE_TOLERANCE = 0.2
+"""Default largest relative drift of tokens/s between the sweep's measurement and the validation run."""
+
+
+@dataclass
+class Validation:
+    lines: list[str]
+    """The side-by-side table and the verdict, for the console."""
+    passed: bool
+
+
+def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float = VALIDATE_TOLERANCE,
+             trainer_factory=None) -> Validation:
+    """A fresh ``steps``-step run at the winner's full config on this machine (no checkpoints, no W&B, one
+    validation pass at the end), against what the sweep measured for it: tokens/s, peak memory and the headroom
+    left under the limit. It fails when tokens/s drift by more than ``tolerance`` or the headroom the sweep kept
+    is gone (the phase-0 study's "validate with a fresh 200-step timing run before committing a long job")."""
+    import tempfile
+
+    from lmtune.train import Trainer
+
+    row = plan.winner.row
+    cfg = results.config_of(row)
+    warmup = int(cfg.get("train.compile_warmup_steps") or 0)
+    if steps <= warmup + 1:
+        raise ConfigError(f"--validate {steps}: expected more steps than train.compile_warmup_steps + 1 "
+                          f"({warmup + 1}): the first {warmup} are not timed.")
+    flat = {**cfg, "train.steps": steps, "train.eval_interval": steps, "train.checkpoint": False,
+            "train.sample_interval": 0}
+    flat = {k: v for k, v in flat.items() if k in config_lib.all_keys()}
+    with tempfile.TemporaryDirectory(prefix="lmtune-validate-") as tmp:
+        summary = (trainer_factory or Trainer)(config_lib.from_flat(flat), out_dir=tmp).fit()
+    limit, where = results.limit()
+    rep = frontier_report(results)
+    keep = rep.headroom_gib if rep is not None else 0.0
+    swept_tps, fresh_tps = _num(row.get("tokens_per_s")), _num(summary.get("tokens_per_s"))
+    swept_peak, fresh_peak = _num(row.get("peak_reserved_gib")), _num(summary.get("peak_reserved_gib"))
+
+    def headroom(peak):
+        return None if limit is None or peak is None else limit - peak
+
+    drift = (fresh_tps / swept_tps - 1) if swept_tps and fresh_tps is not None else None
+    table = [["tokens_per_s", fmt(swept_tps, "tokens_per_s"), fmt(fresh_tps, "tokens_per_s"),
+              f"{drift:+.1%}" if drift is not None else "—"],
+             ["peak_reserved_gib", fmt(swept_peak, "peak_reserved_gib"), fmt(fresh_peak, "peak_reserved_gib"),
+              f"{fresh_peak - swept_peak:+.3f}" if swept_peak is not None and fresh_peak is not None else "—"],
+             ["headroom_gib", fmt(headroom(swept_peak), "headroom_gib"), fmt(headroom(fresh_peak), "headroom_gib"),
+              f"limit {limit:g} GiB ({where})" if limit else "no limit known"]]
+    problems = []
+    if summary.get("status") != "ok":
+        problems.append(f"the validation run ended {summary.get('status')}"
+                        + (f" ({summary.get('oom_reason')})" if summary.get("oom_reason") else ""))
+    if drift is None:
+        problems.append("tokens/s could not be compared (missing on one side)")
+    elif abs(drift) > tolerance:
+        problems.append(f"tokens/s drifted {drift:+.1%} (tolerance ±{tolerance:.0%})")
+    room = headroom(fresh_peak)
+    if room is not None and room < keep:
+        problems.append(f"{room:.3f} GiB headroom left, the sweep keeps {keep:g} GiB")
+    lines = [f"validation: {steps} fresh steps of trial {row.get('trial_id')} on this machine "
+             f"(tokens/s and peaks after the first {warmup} steps)", "",
+             markdown_table(["", "sweep", "validation", "difference"], table), ""]
+    lines.append("validation passed" if not problems else "validation FAILED: " + "; ".join(problems))
+    return Validation(lines, not problems)
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def write_export(plan: ExportPlan, results: Results, *, force: bool = False) -> ExportPlan:
+    """Write the TOML and its markdown table, after :func:`check_export`; the TOML replaces the old file only
+    once the trainer resolves it to the exported values (an invalid combination writes nothing)."""
+    check_export(plan, results, force=force)
+    plan.path.parent.mkdir(parents=True, exist_ok=True)
+    staged = plan.path.with_name(f".{plan.path.name}.new")
+    staged.write_text(to_toml(plan.values, plan.provenance, results))
+    try:
+        check_round_trip(staged, plan.values, plan.provenance)
+    except ConfigError as e:
+        staged.unlink()
+        raise ConfigError(f"{plan.path}: the exported values do not make a valid config with the defaults they "
+                          f"would join: {e} Nothing written; export the keys they depend on too (the sweep file's "
+                          f"export=[...]).") from None
+    except BaseException:
+        staged.unlink()
+        raise
+    os.replace(staged, plan.path)
+    plan.path.with_suffix(".md").write_text(to_markdown(plan.values, plan.provenance, plan.path))
+    return plan
+
+
+def check_export(plan: ExportPlan, results: Results, *, force: bool = False) -> None:
+    """Everything that refuses an export before anything runs or is written (ConfigError)."""
     _check_ac_mode(plan)
     why = rehearsal(results)
     if why and plan.path.resolve() == PROJECT_LOCKED.resolve() and not force:
@@ -213,11 +313,6 @@ def write_export(plan: ExportPlan, results: Results, *, force: bool = False) -> 
     if plan.path.exists() and not force:
         raise ConfigError(f"{plan.path} exists; nothing written. Rerun with --force to apply the changes above "
                           f"(keys not exported here are kept).")
-    plan.path.parent.mkdir(parents=True, exist_ok=True)
-    plan.path.write_text(to_toml(plan.values, plan.provenance, results))
-    plan.path.with_suffix(".md").write_text(to_markdown(plan.values, plan.provenance, plan.path))
-    check_round_trip(plan.path, plan.values, plan.provenance)
-    return plan
 
 
 def check_round_trip(path: Path, values: dict[str, Any], provenance: dict[str, dict[str, Any]] | None = None) -> None:
@@ -297,15 +392,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--to", metavar="PATH", default=None,
                     help=f"where to write the TOML (default: {PROJECT_LOCKED}, the project's locked defaults)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing file (its other keys are kept)")
+    ap.add_argument("--validate", type=int, metavar="N", help="first run N fresh steps at the winner's config on "
+                    "this machine and compare tokens/s, peak memory and headroom with the sweep's; write only if it "
+                    "holds (exit 1 otherwise)")
+    ap.add_argument("--tolerance", type=float, default=VALIDATE_TOLERANCE, metavar="R",
+                    help=f"--validate: largest relative drift of tokens/s (default {VALIDATE_TOLERANCE}: ±20%%)")
     ap.add_argument("--trial", metavar="ID", help="export this ok trial instead of the winner (required for a sweep "
                                                    "with several metrics: a point of its Pareto front)")
     args = ap.parse_args(argv)
+    if args.to is not None:
+        check_output_file(args.to, "--to")
+    if args.validate is not None and args.validate < 1:
+        raise ConfigError(f"--validate {args.validate}: expected a number of steps (an integer >= 1, e.g. 200).")
+    if not 0 < args.tolerance < 10:
+        raise ConfigError(f"--tolerance {args.tolerance}: expected a relative drift between 0 and 10 (0.2 = ±20%).")
     results = load_results(args.results_dir)
     plan = plan_export(results, args.to, trial=args.trial)
     print(f"{plan.path}: {'would change' if plan.path.exists() and not args.force else 'writing'} "
           f"({'chosen' if args.trial else 'winner'}: trial {plan.winner.row.get('trial_id')} of {results.group}, {plan.winner.metric} = "
           f"{fmt(plan.winner.metric_value, plan.winner.metric)})")
     print("\n".join(plan.changes))
+    if args.validate is not None:
+        check_export(plan, results, force=args.force)  # refused anyway: say so before the run
+        check = validate(results, plan, args.validate, tolerance=args.tolerance)
+        print("\n".join(check.lines))
+        if not check.passed:
+            print(f"nothing written: {plan.path} keeps what it had.")
+            return 1
     write_export(plan, results, force=args.force)
     print(f"written: {plan.path} and {plan.path.with_suffix('.md')}")
     mode = plan.provenance.get("train.ac_budget", {}).get("ac_mode")

@@ -42,7 +42,7 @@ def experiments(space_keys: Iterable[str], frontier: Any = None) -> list[str]:
 AC_MODES = {True: "budget", False: "blocks"}
 AC_MODE_TEXT = {"budget": "the compile partitioner's activation memory budget, per compiled block",
                 "blocks": "eager, round((1 − ac_budget)·n_layer) blocks checkpointed"}
-SUMMARY_METRICS = ("val_loss", "loss", "tokens", "tokens_per_s", "peak_reserved_gib", "wall_clock_s")
+SUMMARY_METRICS = ("val_loss", "loss", "tokens", "tokens_per_s", "peak_reserved_gib", "wall_clock_s", "device_hours")
 
 
 def short(key: str) -> str:
@@ -574,6 +574,9 @@ def summary_markdown(results: Results) -> str:
     note = ([f"Finished trials first, by {metric}; then the {pruned} stopped early by the scheduler (their {metric} "
              f"is from fewer tokens: see the tokens column), then the rest.", ""] if pruned else [])
     lines += ["## Trials", "", *note, markdown_table(headers, body) if body else "No trials yet.", ""]
+    spent = cost_text(results)
+    if spent:
+        lines += [spent, ""]
     kinds = experiments(axes, results.frontier_spec)
     if "norm" in kinds:
         headers = ["trial_id", *map(short, axes), "val_loss", "grad_norm_spread", "diverged"]
@@ -595,6 +598,20 @@ def summary_markdown(results: Results) -> str:
                   f"Validation loss at {at_text}; gradient coherence and the noise scale (McCandlish et al. 2018, "
                   f"B_simple) at the end.", "", markdown_table(headers, body), ""]
     return "\n".join(lines)
+
+
+def cost(results: Results) -> tuple[float, str, int]:
+    """(device-hours of the trials that ran, ``GPU-hours`` | ``CPU-hours``, how many reported it): each trial's
+    ``device_hours`` is its wall-clock × the GPUs (or, on a CPU, the threads) its ranks used."""
+    hours = [_number(r.get("device_hours")) for r in results.rows if r.get("source", "run") == "run"]
+    hours = [h for h in hours if h is not None]
+    gpus = _number(results.sweep.get("gpus")) or 0
+    return sum(hours), "GPU-hours" if gpus > 0 else "CPU-hours", len(hours)
+
+
+def cost_text(results: Results) -> str | None:
+    total, unit, n = cost(results)
+    return f"Cost: {total:.3g} {unit} over the {n} trial(s) that ran (each trial's device_hours)." if n else None
 
 
 # --- formatting ------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ the results directory::
     plots/grad_norm_layers.png  final per-layer gradient norm (log10) per trial, for norm sweeps
     plots/grad_norm_over_time.png  per-layer gradient norm (log10) against step, one panel per trial, for
                                 norm sweeps: where the phase-0 study saw post-LN's ~10 orders of magnitude open up
+    report.html                 all of the above on one self-contained page, with per-trial curves, each
+                                trial's evidence, the cost in device-hours and the export's table
 
 The sweep runner calls :func:`render` when a sweep ends; the command line prints the tables and the files.
 """
@@ -53,6 +55,9 @@ def render(results_dir: str | Path) -> list[Path]:
     summary.write_text(summary_markdown(results))
     written.append(summary)
     written += render_plots(results, rep)
+    from lmtune.html_report import write_html
+
+    written.append(write_html(results, written, results.dir / "report.html"))
     return written
 
 

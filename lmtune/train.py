@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmtune import config as config_lib
-from lmtune.cli import user_errors_exit_2
+from lmtune.cli import check_output_dir, user_errors_exit_2
 from lmtune.config import Config, ConfigError
 from lmtune.data import IGNORE_INDEX, Batches, eval_batches, get_tokenizer, load_tokens
 from lmtune.measure import (
@@ -55,7 +55,7 @@ Report = Callable[[dict[str, Any], "str | None"], None]
 
 # The metrics every final summary carries (DESIGN.md names); trials.csv and the tables read these.
 FINAL_METRICS = (
-    "loss", "lr", "grad_norm", "step_time_ms", "val_loss", "val_ppl", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s",
+    "loss", "lr", "grad_norm", "step_time_ms", "val_loss", "val_ppl", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s", "device_hours",
     "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread", "grad_coherence",
     "noise_scale", "mfu",
 )
@@ -579,13 +579,20 @@ class Trainer:
     # --- reporting --------------------------------------------------------------------------------
 
     def _common(self, status: str) -> dict[str, Any]:
+        wall = self.timer.wall_clock_s() if hasattr(self, "timer") else 0.0
         return {
             "step": self.step,
             "tokens": self.step * self.batch_tokens,
             "epoch": self.batches.epoch,
-            "wall_clock_s": self.timer.wall_clock_s() if hasattr(self, "timer") else 0.0,
+            "wall_clock_s": wall,
+            "device_hours": wall * self._devices() / 3600,
             "status": status,
         }
+
+    def _devices(self) -> int:
+        """What this run occupies, for ``device_hours``: a GPU per rank on CUDA, else each rank's CPU threads."""
+        device = getattr(self, "device", None)
+        return getattr(self, "world", 1) * (1 if device is not None and device.type == "cuda" else torch.get_num_threads())
 
     def _emit(self, metrics: dict[str, Any], *, checkpoint: bool = False, status: str = "running") -> None:
         """Record and report ``metrics``; with ``checkpoint``, a checkpoint holding this report is saved first
@@ -796,8 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume and ((out / "summary.json").exists() or (out / "checkpoint").exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume {out / 'checkpoint'} "
                           "to continue it, or choose a new --out.")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; expected a directory (it is created if missing).")
+    check_output_dir(out, "--out")
     if not args.resume:
         print(f"lmtune.train: locked defaults {', '.join(str(p) for p in config_lib.locked_files(args.locked))}")
     else:

@@ -16,7 +16,7 @@ from lmtune.sweep.spec import Frontier, Grid
 
 X, B = "train.micro_batch_size", "train.ac_budget"
 METRIC_COLUMNS = ["val_loss", "val_ppl", "loss", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s",
-                  "peak_reserved_gib", "peak_allocated_gib", "grad_norm_spread", "grad_coherence", "noise_scale", "mfu"]
+                  "device_hours", "peak_reserved_gib", "peak_allocated_gib", "grad_norm_spread", "grad_coherence", "noise_scale", "mfu"]
 
 
 def write_results_dir(root: Path, sweep: dict[str, Any], rows: list[dict[str, Any]],
@@ -66,7 +66,7 @@ def simulated_trial(cfg: dict[str, Any], limit: float = 20.0) -> dict[str, Any]:
         return {"status": "oom", "peak_reserved_gib": limit}
     tps = 1000.0 * (1 - 0.3 * (1 - b)) * mb / (mb + 8)
     return {"status": "ok", "peak_reserved_gib": peak, "tokens_per_s": tps, "avg_step_time_ms": 1000 * mb * 32 / tps,
-            "wall_clock_s": 5.0 + mb / 10, "tokens": 20 * mb * 32}
+            "wall_clock_s": 5.0 + mb / 10, "device_hours": (5.0 + mb / 10) / 3600, "tokens": 20 * mb * 32}
 
 
 def frontier_results(root: Path, xs=tuple(range(1, 41)), budgets=(0.25, 0.5, 1.0), *, measure=None,

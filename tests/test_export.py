@@ -166,3 +166,14 @@ def test_a_pareto_sweep_is_exported_by_choosing_a_trial_of_its_front(tmp_path, c
     assert export.main([str(d), "--to", str(out), "--trial", "b"]) == 0
     assert config_lib.load(locked=out).train.lr == pytest.approx(2e-3)
     assert "trial b chosen (on the Pareto front)" in config_lib.provenance(out)["train.lr"]["source"]
+
+
+@pytest.mark.parametrize("to, message", [
+    ("{tmp}", "is a directory; expected a file path"),
+    ("{tmp}/afile/locked.toml", "afile is a file, so no directory can be made below it"),
+])
+def test_a_to_path_that_cannot_be_a_file_is_refused_before_anything_is_read(tmp_path, capsys, to, message):
+    (tmp_path / "afile").write_text("x")
+    assert export.main([str(tmp_path / "missing"), "--to", to.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --to ") and message in err[0], err

@@ -1,7 +1,8 @@
 """Real sweeps on a local Ray (2 CPUs) with the real trainer at tiny sizes.
 
 * a grid sweep through Optuna with ASHA: one trials.csv row per trial with ok / pruned / oom, the best
-  trial printed is the table's best, the ASHA-stopped trial is PRUNED in optuna.db, OOM is FAIL there,
+  trial printed is the table's best, the ASHA-stopped trial is PRUNED in optuna.db, an OOM is COMPLETE there
+  with its memory constraint violated, the printed TensorBoard and optuna-dashboard commands open the sweep,
   W&B offline runs are written under the sweep's group;
 * a driver killed with SIGKILL mid-sweep and resumed: finished trials are not run again, the interrupted
   trial continues from its checkpoint;
@@ -86,7 +87,8 @@ def test_asha_sweep_statuses_optuna_and_wandb(tmp_path):
         json.loads((results / "trials" / tid / "summary.json").read_text()) for tid in table))
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
 
-    # Optuna: COMPLETE with the value, PRUNED for the ASHA stop (not COMPLETE with a truncated value), FAIL for OOM.
+    # Optuna: COMPLETE with the value, PRUNED for the ASHA stop (not COMPLETE with a truncated value), and an OOM
+    # COMPLETE with its memory constraint violated (a neutral value: the worst feasible one), so TPE models it.
     import optuna
 
     study = optuna.load_study(study_name="asha-e2e", storage=f"sqlite:///{results / 'optuna.db'}")
@@ -96,9 +98,11 @@ def test_asha_sweep_statuses_optuna_and_wandb(tmp_path):
     assert state[best_id].value == pytest.approx(float(table[best_id]["val_loss"]))
     pruned_id = by_point[(1e-5, 8)]["trial_id"]
     assert state[pruned_id].state == optuna.trial.TrialState.PRUNED and state[pruned_id].value is None
+    assert state[best_id].constraints["memory_gib"] < 0  # it fit under the 0.75 GiB limit
     for point in ((3e-3, 1024), (1e-5, 1024)):
         t = state[by_point[point]["trial_id"]]
-        assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["status"] == "oom"
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["status"] == "oom"
+        assert t.constraints["memory_gib"] > 0 and t.value == state[best_id].value
 
     # W&B: offline (no key in the test env), one run per trial, in the sweep's group. A run that ended
     # (ok, oom) is complete; the ASHA-stopped one was cut off with its trial process (Tune kills it).
@@ -111,9 +115,39 @@ def test_asha_sweep_statuses_optuna_and_wandb(tmp_path):
     complete = [run for run in runs if results.name.encode() in b"".join(p.read_bytes() for p in run.glob("*.wandb"))]
     assert len(complete) >= 3
 
-    # Tune's TensorBoard logs are in the results directory too.
+    # Tune's TensorBoard logs are in the results directory too, and the viewers the sweep names open them.
     assert list((results / "tune").rglob("events.out.tfevents.*"))
+    viewers = next(line for line in proc.stdout.splitlines() if "TensorBoard: " in line)
+    dashboard = viewers.split("optuna.db: ", 1)[1].split(";", 1)[0].split()
+    tensorboard = viewers.split("TensorBoard: ", 1)[1].split()
+    inspect = subprocess.run([*tensorboard, "--inspect"], capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 0 and "val_loss" in inspect.stdout, inspect.stdout[-2000:] + inspect.stderr[-2000:]
+    assert_dashboard_serves(dashboard, "asha-e2e", tmp_path)
     assert (results / "sweep.json").is_file() and json.loads((results / "sweep.json").read_text())["group"] == results.name
+
+
+def assert_dashboard_serves(command: list[str], study: str, cwd: Path) -> None:
+    """Start the optuna-dashboard command the sweep printed and read the study's name from its API."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([*command, "--port", str(port), "--host", "127.0.0.1"], cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        end, body = time.time() + 60, ""
+        while time.time() < end and server.poll() is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert study in body, (server.poll(), body[:500])
+    finally:
+        server.kill()
+        server.wait()
 
 
 def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
@@ -197,7 +231,8 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path, sw
     assert again.returncode == 0, again.stdout + again.stderr
     assert only_run(storage) == results  # the same results directory, continued
     table = rows(results)
-    assert len(table) == 3 and all(r["status"] == "ok" for r in table.values()), table
+    assert len(table) == 3 and all(r["status"] == "ok" for r in table.values()), (
+        {t: (r["status"], r.get("error")) for t, r in table.items()}, again.stdout[-4000:])
     # The finished trial did not run again; the interrupted one continued under its own id (no new trial
     # for its point) from a checkpoint, not from scratch.
     assert (results / "trials" / first_id / "metrics.jsonl").read_text().splitlines() == first_lines

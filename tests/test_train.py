@@ -359,7 +359,9 @@ def test_out_that_is_a_file_and_corrupt_checkpoint_are_one_line(in_tmp, capsys):
 
     (in_tmp / "afile").write_text("x")
     assert main([*TINY, "--no-wandb", "--out", "afile"]) == 2
-    assert "--out afile is a file" in one_error_line(capsys.readouterr().err)
+    assert "--out afile: afile is a file; expected a directory" in one_error_line(capsys.readouterr().err)
+    assert main([*TINY, "--no-wandb", "--out", "afile/run"]) == 2  # no directory can be made below a file
+    assert "afile is a file, so no directory can be made below it" in one_error_line(capsys.readouterr().err)
     ckpt = in_tmp / "run" / "checkpoint"
     ckpt.mkdir(parents=True)
     (ckpt / "checkpoint.pt").write_bytes(b"\x80\x04 this is not a checkpoint")

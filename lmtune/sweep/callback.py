@@ -17,6 +17,7 @@ from typing import Any, Iterable, TextIO
 from ray.tune import Callback
 
 from lmtune.sweep.oom import LEDGER
+from lmtune.sweep.progress import Progress
 from lmtune.sweep.results import (
     FINAL_METRICS, PLACEMENT, _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv,
 )
@@ -52,6 +53,7 @@ class ResultsWriter(Callback):
         self.finished_before: set[str] = set()
         self.restarted: set[str] = set()
         """Trials (re)started in this driver whose next report may repeat steps already in metrics.jsonl."""
+        self._progress: Progress | None = None
 
     # Pickled into Tune's tuner.pkl: keep only what rebuilds the writer.
     def __getstate__(self) -> dict[str, Any]:
@@ -67,6 +69,14 @@ class ResultsWriter(Callback):
     def out(self) -> TextIO:
         return self._out or sys.stdout
 
+    @property
+    def progress(self) -> Progress:
+        """The live block under the event lines (see lmtune.sweep.progress)."""
+        if self._progress is None:
+            self._progress = Progress(self.out, self.total)
+            self._progress.done = len(self.rows)
+        return self._progress
+
     # --- Tune hooks ---
 
     def setup(self, **info) -> None:
@@ -79,6 +89,12 @@ class ResultsWriter(Callback):
         if LEDGER.reconciler is not None:  # every restored trial is in: before the first new suggestion
             LEDGER.reconciler.after_restore()
 
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self.progress.tick()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.progress.close()
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         tid = trial.trial_id
         if tid in self.finished_before:  # restarted by a resume only to replay its recorded result
@@ -89,6 +105,7 @@ class ResultsWriter(Callback):
         self.last.setdefault(tid, {})
         if trial.config.get(OOM_KILLED_KEY):
             return
+        self.progress.start(tid, trial_config(trial.config).get("train.steps"))
         point = "  ".join(f"{k}={fmt(trial.config.get(k))}" for k in self.space_keys if k in trial.config)
         self._line("start", tid, point)
 
@@ -102,6 +119,7 @@ class ResultsWriter(Callback):
             self.trainer_s[tid] = float(result[TIME_IN_TRAINER])
         self.last.setdefault(tid, {}).update(metrics)
         self.reported[tid] = self.reported.get(tid, 0) + 1
+        self.progress.report(tid, metrics)
         tdir = self.results_dir / "trials" / tid
         tdir.mkdir(parents=True, exist_ok=True)
         if tid in self.restarted:
@@ -111,7 +129,7 @@ class ResultsWriter(Callback):
             f.write(json.dumps(metrics, default=str) + "\n")
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        LEDGER.snapshot_due = True  # see lmtune.sweep.search._RecordsDecisions
+        LEDGER.snapshot_due = LEDGER.checkpoint_due = True  # see lmtune.sweep.search._RecordsDecisions
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, error=False)
@@ -164,6 +182,7 @@ class ResultsWriter(Callback):
             summary["error"] = row["error"]
         write_json(tdir / "summary.json", summary)
         self.write_csv()
+        self.progress.end(tid)
         self._line(status, tid, self._describe(status, row, last))
 
     def _describe(self, status: str, row: dict[str, Any], last: dict[str, Any]) -> str:
@@ -192,7 +211,7 @@ class ResultsWriter(Callback):
 
     def _line(self, event: str, tid: str, text: str) -> None:
         width = len(str(self.total).lstrip("≤"))
-        print(f"[{self.done():>{width}}/{self.total} done] {event:<8} {tid}  {text}".rstrip(), file=self.out, flush=True)
+        self.progress.line(f"[{self.done():>{width}}/{self.total} done] {event:<8} {tid}  {text}".rstrip())
 
 
 def _drop_reports_from(path: Path, first: dict[str, Any]) -> None:

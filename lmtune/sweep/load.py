@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune import config as config_lib
+from lmtune.cli import check_output_dir
 from lmtune.config import ConfigError
 from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUniform, Smoke, Sweep, Uniform
 
@@ -31,7 +32,7 @@ from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUnifo
 # final report. ``grad_norm/layer_{i}`` is accepted for i < model.n_layer.
 REPORTED_METRICS = (
     "val_loss", "val_ppl", "loss", "grad_norm", "grad_norm_spread", "grad_coherence", "noise_scale",
-    "step_time_ms", "avg_step_time_ms", "wall_clock_s", "tokens_per_s", "mfu", "peak_reserved_gib",
+    "step_time_ms", "avg_step_time_ms", "wall_clock_s", "device_hours", "tokens_per_s", "mfu", "peak_reserved_gib",
     "peak_allocated_gib", "tokens", "step", "epoch", "lr",
 )
 _LAYER_METRIC = re.compile(r"^grad_norm/layer_(\d+)$")
@@ -520,17 +521,8 @@ def domain_json(d: Domain) -> dict[str, Any]:
 def check_storage(storage: str) -> None:
     """``--storage``: a URI (checked by its filesystem when the sweep starts), or a directory that exists or can be
     created: no file in its place or above it, and writable where it would be created."""
-    if "://" in storage:
-        return
-    path = Path(storage).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--storage {storage}: {path} is a file; expected a directory (it is created if missing).")
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"--storage {storage}: {existing} is a file, so no directory can be made below it; "
-                          f"expected a directory (it is created if missing).")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--storage {storage}: {existing} is not writable; expected a directory lmtune can write to.")
+    if "://" not in storage:
+        check_output_dir(storage, "--storage")
 
 
 # --- the cluster address ----------------------------------------------------------------------------

@@ -127,6 +127,10 @@ class Ledger:
     snapshot_due: bool = False
     """A trial was added, checkpointed or ended since Tune's last experiment snapshot (what ``--resume``
     restores): the scheduler takes one before anything else happens (see ``lmtune.sweep.search``)."""
+    checkpoint_due: bool = False
+    """A checkpoint was registered since the last snapshot: the next snapshot does not wait for
+    ``next_snapshot``. Tune keeps a trial's two latest checkpoints, so the checkpoint a snapshot names is deleted
+    when the second one after it registers; a snapshot after every registration keeps it restorable."""
     snapshots: list[float] = field(default_factory=list)
     """Seconds each of those snapshots took (the runner logs their count and total)."""
     next_snapshot: float = 0.0

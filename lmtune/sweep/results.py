@@ -22,7 +22,7 @@ from lmtune.sweep.load import ResolvedSweep
 from lmtune.sweep.trainable import TIME_IN_TRAINER
 
 FINAL_METRICS = (
-    "val_loss", "val_ppl", "loss", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s",
+    "val_loss", "val_ppl", "loss", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s", "device_hours",
     "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread",
     "grad_coherence", "noise_scale", "mfu", "ac_mode",
 )
@@ -176,3 +176,20 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
+
+
+def oom_by_half(rows: list[dict[str, Any]]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((OOMs, trials) of the first half, (OOMs, trials) of the second) of the trials that ran, in the order of
+    ``rows`` (trials.csv: the order they finished in): whether the searcher learned where memory runs out."""
+    ran = [r for r in rows if r.get("source", "run") == "run"]
+    first, second = ran[: len(ran) // 2], ran[len(ran) // 2:]
+    return tuple((sum(r.get("status") == "oom" for r in half), len(half)) for half in (first, second))
+
+
+def oom_by_half_text(rows: list[dict[str, Any]]) -> str | None:
+    """The console's sentence for :func:`oom_by_half`; None without an OOM."""
+    (a, n), (b, m) = oom_by_half(rows)
+    if not a + b:
+        return None
+    return (f"out of memory: {a} of the first {n} trials to finish, {b} of the last {m} (an OOM is a memory "
+            "constraint the searcher learns, optuna.db: constraints)")

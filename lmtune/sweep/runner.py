@@ -77,6 +77,8 @@ def _prepare_env(*, embedded: bool) -> dict[str, str]:
         # The scheduler snapshots the experiment after every trial start, checkpoint and end (what --resume
         # restores, see lmtune.sweep.search); Tune would warn about "excessive" snapshots each time.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+        # Multi-worker trials (Ray Train runs named train-{trial_id}) on the dashboard's Train page.
+        "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "1"),
         "WANDB_SILENT": "true",
         "WANDB_CONSOLE": "off",
     }
@@ -140,9 +142,18 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
                     "~/.ray/auth_token as on the head)") if "auth" in reason.lower() else ""
             raise ConfigError(f"--address {address}: could not join the Ray cluster: {reason}{hint}") from None
     else:
-        ctx = ray.init(include_dashboard=True, **kwargs)
+        # "local": a new instance of our own, always. Without it ray.init() joins whatever cluster RAY_ADDRESS or
+        # the last `ray start` on this machine names (and hangs retrying a dead one's address).
+        others = _other_clusters()
+        os.environ.pop("RAY_ADDRESS", None)
+        ctx = ray.init(address="local", include_dashboard=True, **kwargs)
     url = getattr(ctx, "dashboard_url", None)
-    where = "joined the cluster at " + (ctx.address_info.get("gcs_address") or address) if address else "embedded local Ray"
+    if address:
+        where = "joined the cluster at " + (ctx.address_info.get("gcs_address") or address)
+    else:
+        where = "embedded local Ray (a new instance" + (
+            f"; the Ray cluster at {', '.join(others)} on this machine is not used: --address auto joins it)"
+            if others else ")")
     token = " (it asks for the token that `ray get-auth-token` prints)" if url and os.environ.get(
         "RAY_AUTH_MODE", "").lower() == "token" else ""
     print(f"ray: {where}; dashboard {'http://' + url if url else 'not running'}{token}", file=out)
@@ -152,6 +163,19 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         if not link.exists():
             link.symlink_to(session / "logs", target_is_directory=True)
     return not address
+
+
+def _other_clusters() -> list[str]:
+    """What an embedded Ray would otherwise have joined: RAY_ADDRESS, and the GCS of every Ray cluster running
+    on this machine (live processes only: an address file left by a killed cluster does not count)."""
+    from ray._private import services  # no public API lists the clusters on a machine
+
+    found = [os.environ["RAY_ADDRESS"] + " (RAY_ADDRESS)"] if os.environ.get("RAY_ADDRESS") else []
+    try:
+        found += sorted(set(services.find_gcs_addresses()))
+    except Exception:  # noqa: BLE001 — a best-effort remark on the console, never a reason not to start
+        pass
+    return found
 
 
 # --- results directory --------------------------------------------------------------------------------
@@ -276,9 +300,11 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     from ray import tune
 
     from lmtune.sweep.callback import ResultsWriter
+    from lmtune.sweep.oom import LEDGER
     from lmtune.sweep.search import make_scheduler, make_searcher
     from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
 
+    LEDGER.__init__()  # this run's decisions only (a process may run several sweeps)
     settings = TrialSettings(
         results_dir=str(results_dir), group=group, train_storage=uri_join(base_uri, TRAIN_DIR),
         workers=rs.sweep.workers, cpus=rs.cpus, gpus=rs.gpus, wandb=wandb, ray_train=ray_train,
@@ -295,7 +321,6 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     if resume:
         if not tune.Tuner.can_restore(tune_path):
             raise ConfigError(f"--resume: {tune_path} holds no Tune experiment to continue.")
-        from lmtune.sweep.oom import LEDGER
         from lmtune.sweep.resume import Reconciler
 
         LEDGER.reconciler = Reconciler()
@@ -309,7 +334,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         searcher = make_searcher(rs, results_dir, limit_gib=limit or None)
         extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
         total = f"≤{rs.num_samples}" if rs.searcher == "frontier" else rs.num_samples  # the planner skips points
-        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, extra_columns=extra)
+        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, extra_columns=extra, out=out)
         concurrency = max_concurrent or _default_concurrency(settings)
         tuner = tune.Tuner(
             trainable,
@@ -332,8 +357,6 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     t0 = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
-    from lmtune.sweep.oom import LEDGER
-
     if LEDGER.snapshots:
         logging.getLogger("lmtune").info(
             "experiment snapshots (trial added / checkpointed / ended): %d, %.2f s in all, longest %.3f s",
@@ -446,7 +469,7 @@ def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
 def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
                    tune_dir: str):
     from lmtune.frontier import STUDIED, best_trial, experiments, frontier_report, load_results, pareto_front
-    from lmtune.sweep.results import fmt, table
+    from lmtune.sweep.results import fmt, oom_by_half_text, table
 
     counts: dict[str, int] = {}
     for r in rows:
@@ -489,10 +512,26 @@ def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, An
             print(f"best: {best['trial_id']}  {metric}={fmt(best.get(metric))}  ({point})", file=out)
         else:
             print(f"best: none (no trial finished ok with {metric})", file=out)
+    learned = oom_by_half_text(rows) if rs.searcher in ("tpe", "nsga2") else None
+    if learned:
+        print(learned, file=out)
     print(f"results: {results_dir}", file=out)
-    print(f"  trials.csv, trials/<id>/, optuna.db (optuna-dashboard sqlite:///{results_dir / 'optuna.db'}), "
-          f"TensorBoard: tensorboard --logdir {tune_dir}", file=out)
+    viewers = [f"TensorBoard: {_command('tensorboard')} --logdir {tune_dir}"]
+    if rs.searcher != "frontier":  # the frontier planner keeps no Optuna study
+        viewers.insert(0, f"optuna.db: {_command('optuna-dashboard')} sqlite:///{results_dir / 'optuna.db'}")
+    print("  trials.csv, trials/<id>/; " + "; ".join(viewers), file=out)
     return best
+
+
+def _command(script: str) -> str:
+    """How to run one of lmtune's viewers from here: its name when it is on PATH, else its path next to this
+    Python (a virtual environment that is not activated)."""
+    import shutil
+
+    if shutil.which(script):
+        return script
+    beside = Path(sys.executable).parent / script
+    return str(beside) if beside.exists() else script
 
 
 def _render(results_dir: Path, out: TextIO) -> None:

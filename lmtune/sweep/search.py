@@ -130,6 +130,10 @@ class StudySearch(OptunaSearch):
     limit is the trial's ``system.memory_limit_gib``, else the device memory it reported, else ``limit_gib``.
     """
 
+    learns_memory: bool = True
+    """False: no constraints, an OOM told as FAIL (what Optuna's samplers leave out of their model). Only the
+    baseline of ``benchmarks/oom_aware_search.py`` sets it."""
+
     def __init__(self, *args, enqueue: list[dict] | None = None, limit_gib: float | None = None,
                  headroom_gib: float = 0.0, **kwargs):
         self._enqueue = list(enqueue or [])
@@ -141,6 +145,8 @@ class StudySearch(OptunaSearch):
     def memory_constraint(self, result: dict, status: str) -> float | None:
         """peak − (limit − headroom) in GiB for a trial that ran; for an OOM, at least 5% of the limit above
         zero (its true peak is beyond what it could measure). None when no limit or peak is known."""
+        if not self.learns_memory:
+            return None
         config = result.get("config") if isinstance(result.get("config"), dict) else {}
         limit = (config.get("system.memory_limit_gib") or result.get("config/system.memory_limit_gib")
                  or result.get("device_memory_gib") or self._limit_gib)
@@ -342,7 +348,10 @@ class _RecordsDecisions:
     the driver's time that Tune's own "auto" period allows). In a sweep of a few dozen trials that is a
     fraction of a second; at 100 trials ~2 s. What a driver killed in that window loses is the work
     since the trials' previous snapshotted checkpoints; a trial started in it is run again from the
-    start (its study trial is requeued, see :meth:`StudySearch.restore`).
+    start (its study trial is requeued, see :meth:`StudySearch.restore`). A registered checkpoint does not
+    wait (``LEDGER.checkpoint_due``): Tune keeps two checkpoints per trial, and a snapshot that fell two
+    checkpoints behind would name one already deleted, which no resume can restore (a snapshot costs less
+    than the checkpoint that triggers it).
     """
 
     def on_trial_add(self, tune_controller, trial) -> None:
@@ -352,8 +361,8 @@ class _RecordsDecisions:
         super().on_trial_add(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):
-        if LEDGER.snapshot_due and time.monotonic() >= LEDGER.next_snapshot:
-            LEDGER.snapshot_due = False
+        if LEDGER.snapshot_due and (LEDGER.checkpoint_due or time.monotonic() >= LEDGER.next_snapshot):
+            LEDGER.snapshot_due = LEDGER.checkpoint_due = False
             # Schedulers get a wrapper that logs a warning for attributes outside its whitelist.
             controller = getattr(tune_controller, "_tune_controller", tune_controller)
             t0 = time.monotonic()

@@ -316,7 +316,22 @@ def make_trainable(settings: TrialSettings) -> Callable[[dict], None]:
         else:
             _run_in_trial(flat, settings)
 
+    lmtune_trial.__mixins__ = (NamedTrial,)  # Tune's hook for the base classes of a function trainable
     return lmtune_trial
+
+
+class NamedTrial:
+    """The Ray dashboard shows an actor by its ``repr``, which Tune's function trainables (``ImplicitFunc``) take
+    from a name shared by every trial; this one is ``lmtune trial {trial_id}``, so a person can tell them apart."""
+
+    def setup(self, config, *args, **kwargs):
+        self._name = f"lmtune trial {self.trial_id}"  # ImplicitFunc.__repr__ returns self._name
+        return super().setup(config, *args, **kwargs)
+
+    def reset(self, new_config, *args, **kwargs):
+        out = super().reset(new_config, *args, **kwargs)
+        self._name = f"lmtune trial {self.trial_id}"
+        return out
 
 
 def _finished_before(settings: TrialSettings, trial_id: str) -> dict[str, Any] | None:
