@@ -8,14 +8,16 @@ runner (embedded Ray, Tune, Optuna TPE, the trainer and its memory model), one t
 arms see the same sequence of events, once per arm and searcher seed (the same seeds for both arms):
 
   constraints   lmtune: every trial's peak against the limit recorded with ``Trial.set_constraint``, an OOM
-                COMPLETE with a violated constraint and a neutral value
-  FAIL          the baseline, Optuna's default treatment before: an OOM told as FAIL, no constraints
-                (``StudySearch.learns_memory = False``); TPE leaves FAIL trials out of its model
+                COMPLETE with a violated constraint and a neutral value; TPE with γ = 1/4 (search.tpe_gamma)
+  FAIL          the same TPE, an OOM told as FAIL, no constraints (``StudySearch.learns_memory = False``):
+                what the constraints alone change
+  before        the baseline, lmtune before (today's behaviour in the issue): Optuna's default TPE (γ = 1/10),
+                an OOM told as FAIL; TPE leaves FAIL trials out of its model
 
 For each run: the share of trials after the first 8 (TPE's first 10 are random either way) that ran out of
-memory, and the best val_loss among the trials that fit. Target: the constraints arm's OOM share ≤ 1/3 of the
-FAIL arm's (pooled over the seeds), its best value no worse (mean over the seeds). The constraints arm's
-optuna.db must hold a ``memory_gib`` constraint for every trial that ran.
+memory, and the best val_loss among the trials that fit. Target (issue 10): the constraints arm's OOM share
+≤ 1/3 of the baseline's (pooled over the seeds), its best value no worse (mean over the seeds). The
+constraints arm's optuna.db must hold a ``memory_gib`` constraint for every trial that ran.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "sweeps" / "width_batch.py"
-ARMS = ("constraints", "FAIL")
+ARMS = ("constraints", "FAIL", "before")
+BASELINE = "before"
 AFTER = 8
 TARGET_RATIO = 1 / 3
 
@@ -45,9 +48,12 @@ def measure(arm: str, seed: int) -> dict:
 
     from lmtune.sweep.load import load_sweep, resolve
     from lmtune.sweep.runner import run
+    from lmtune.sweep import search
     from lmtune.sweep.search import MEMORY_CONSTRAINT, StudySearch, study_storage
 
     StudySearch.learns_memory = arm == "constraints"
+    if arm == "before":
+        search.TPE_OPTIONS = {}
     sweep, path = load_sweep(SWEEP_FILE)
     rs = resolve(dataclasses.replace(sweep, seed=seed), path, smoke=True)
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
@@ -98,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
               for arm in ARMS}
     share = {arm: k / n for arm, (k, n) in pooled.items()}
     best = {arm: statistics.fmean(r["best"] for r in runs if r["arm"] == arm) for arm in ARMS}
-    ratio = share["constraints"] / share["FAIL"] if share["FAIL"] else float("inf")
+    ratio = share["constraints"] / share[BASELINE] if share[BASELINE] else float("inf")
     every_trial_constrained = all(r["constrained"] == len(r["statuses"]) for r in runs if r["arm"] == "constraints")
-    passed = ratio <= TARGET_RATIO and best["constraints"] <= best["FAIL"] and every_trial_constrained
+    passed = ratio <= TARGET_RATIO and best["constraints"] <= best[BASELINE] and every_trial_constrained
     verdict = "PASS" if passed else "FAIL"
-    print(f"OOM share after the first {AFTER}: constraints {share['constraints']:.2f}, FAIL {share['FAIL']:.2f} "
-          f"(ratio {ratio:.2f}, target ≤ {TARGET_RATIO:.2f}); mean best val_loss {best['constraints']:.4f} vs "
-          f"{best['FAIL']:.4f}; every trial constrained in optuna.db: {every_trial_constrained} -> {verdict}")
+    print(f"OOM share after the first {AFTER}: " + ", ".join(f"{a} {share[a]:.2f}" for a in ARMS)
+          + f" (constraints/{BASELINE} {ratio:.2f}, target ≤ {TARGET_RATIO:.2f}); mean best val_loss "
+          + ", ".join(f"{a} {best[a]:.4f}" for a in ARMS)
+          + f"; every trial constrained in optuna.db: {every_trial_constrained} -> {verdict}")
     write(Path(args.out), runs, pooled, share, best, ratio, every_trial_constrained, verdict, args.seeds)
     print(f"written {args.out}")
     return 0 if passed else 1
@@ -139,12 +146,13 @@ def write(path: Path, runs, pooled, share, best, ratio, constrained, verdict, se
         table.append([r["seed"], r["arm"], f"{k}/{n}", f"{r['best']:.4f}", f"`{ooms}`", f"{r['wall_s']:.0f}"])
     lines += [markdown_table(["seed", "arm", f"OOM after {AFTER}", "best val_loss", "trials in order (x = OOM)",
                               "sweep s"], table), ""]
-    lines += [f"Pooled OOM share after the first {AFTER}: constraints **{share['constraints']:.2f}** "
-              f"({pooled['constraints'][0]}/{pooled['constraints'][1]}), FAIL **{share['FAIL']:.2f}** "
-              f"({pooled['FAIL'][0]}/{pooled['FAIL'][1]}): ratio **{ratio:.2f}** (target ≤ 0.33). Mean best "
-              f"val_loss: constraints {best['constraints']:.4f}, FAIL {best['FAIL']:.4f} (target: no worse). "
-              f"Every trial of the constraints arm has its `memory_gib` constraint in optuna.db: {constrained}.", "",
-              f"Verdict: **{verdict}**.", ""]
+    lines += [f"Pooled OOM share after the first {AFTER}: " + ", ".join(
+                  f"{a} **{share[a]:.2f}** ({pooled[a][0]}/{pooled[a][1]})" for a in ARMS)
+              + f". constraints / {BASELINE}: **{ratio:.2f}** (target ≤ 0.33); constraints / FAIL (the constraints "
+              f"alone, same sampler): {share['constraints'] / share['FAIL'] if share['FAIL'] else float('inf'):.2f}. "
+              "Mean best val_loss: " + ", ".join(f"{a} {best[a]:.4f}" for a in ARMS)
+              + f" (target: constraints no worse than {BASELINE}). Every trial of the constraints arm has its "
+              f"`memory_gib` constraint in optuna.db: {constrained}.", "", f"Verdict: **{verdict}**.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

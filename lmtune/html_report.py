@@ -108,6 +108,8 @@ def evidence(row: dict[str, Any]) -> str:
     for key in ("val_loss", "tokens_per_s", "peak_reserved_gib", "device_hours"):
         if row.get(key) is not None:
             extra.append(f"{key} {fmt(row[key], key)}")
+    if row.get("node_id"):
+        extra.append(f"ran on node {row.get('node_ip') or ''} {str(row['node_id'])[:8]}".replace("  ", " "))
     return "; ".join(extra)
 
 

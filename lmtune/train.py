@@ -285,6 +285,7 @@ class Trainer:
         self._graphs_at_window: int | None = None
         if self.resume_from:
             self._load_checkpoint(self.resume_from)
+        self._resumed_from_step = self.step  # 0 for a fresh start
         if self.is_main and self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.resume_from and self._replay:  # a stream that went on past the checkpoint: from there on again
@@ -626,6 +627,7 @@ class Trainer:
         final.update(device_info(self.device))
         final.update(self.memory.summary())
         final["ac_mode"] = self.cfg.train.ac_mode
+        final["resumed_from_step"] = getattr(self, "_resumed_from_step", 0)  # this process's start: a checkpoint's step
         if self._graphs_at_window is not None:  # a compile after warmup lands in the timings and peaks
             final["compiles_after_warmup"] = _compiled_graphs() - self._graphs_at_window
         self._emit(final, checkpoint=status == "ok", status=status)

@@ -130,6 +130,7 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
 
     if ray.is_initialized():
         return False
+    _cluster_messages_to_log()
     kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
     if address:
         try:
@@ -152,8 +153,8 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         where = "joined the cluster at " + (ctx.address_info.get("gcs_address") or address)
     else:
         where = "embedded local Ray (a new instance" + (
-            f"; the Ray cluster at {', '.join(others)} on this machine is not used: --address auto joins it)"
-            if others else ")")
+            f"; not the Ray cluster{'s' if len(others) > 1 else ''} already running on this machine at "
+            f"{', '.join(others)}: --address joins one)" if others else ")")
     token = " (it asks for the token that `ray get-auth-token` prints)" if url and os.environ.get(
         "RAY_AUTH_MODE", "").lower() == "token" else ""
     print(f"ray: {where}; dashboard {'http://' + url if url else 'not running'}{token}", file=out)
@@ -163,6 +164,24 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         if not link.exists():
             link.symlink_to(session / "logs", target_is_directory=True)
     return not address
+
+
+def _cluster_messages_to_log() -> None:
+    """The cluster's error messages (a node marked dead, a worker killed, …) go to logs/driver.log, not the
+    console. ``log_to_driver=False`` keeps the workers' output away, but every driver also gets a thread that
+    prints the GCS's error messages to stdout as ``(raylet) …`` lines (``ray._private.worker
+    .listen_error_messages`` through the module's ``print_to_stdstream``, looked up at each call); the sweep
+    reports what they mean to it per trial."""
+    from ray._private import worker
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        log = logging.getLogger("ray")
+        if not log.handlers:  # the sweep's log is closed (a message that comes as Ray shuts down): not the console
+            return
+        for line in data.get("lines") or []:
+            log.warning("(%s) %s", data.get("pid"), line)
+
+    worker.print_to_stdstream = to_log
 
 
 def _other_clusters() -> list[str]:

@@ -90,12 +90,17 @@ class _HoldLast:
         self.send = send
         self.final: tuple[dict, str | None] | None = None
         self.t0 = time.perf_counter()
+        self.placed = False
 
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if metrics.get("status", "running") != "running":
             self.final = (dict(metrics), checkpoint_dir)
-        else:
-            self.send(dict(metrics), checkpoint_dir)
+            return
+        metrics = dict(metrics)
+        if not self.placed:  # where this attempt runs, in its first report (a retry may run elsewhere)
+            metrics.update(placement())
+            self.placed = True
+        self.send(metrics, checkpoint_dir)
 
     def flush(self, fallback: dict[str, Any] | None = None) -> None:
         metrics, ckpt = self.final if self.final else (dict(fallback or {}), None)
