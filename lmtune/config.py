@@ -173,8 +173,8 @@ class SystemConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks CUDA when available."""
     memory_limit_gib: float = field(default=0.0, metadata=_range(ge=0.0))
-    """Emulate a smaller device (0 = off): CUDA via per-process memory fraction, CPU by ending the step whose
-    peak RSS crosses it as an OOM."""
+    """Emulate a smaller device (0 = off): CUDA via per-process memory fraction, CPU by ending the probed step whose
+    peak of live tensor bytes crosses it as an OOM."""
     threads: int = field(default=0, metadata=_range(ge=0))
     """torch intra-op threads on CPU; 0 leaves torch's default."""
 

@@ -239,6 +239,9 @@ def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float
                           f"({warmup + 1}): the first {warmup} are not timed.")
     flat = {**cfg, "train.steps": steps, "train.eval_interval": steps, "train.checkpoint": False,
             "train.sample_interval": 0}
+    if not flat.get("system.threads") and flat.get("system.device") == "cpu":
+        # as the trial ran: Ray gives a trial's process as many threads as CPUs it asked for (OMP_NUM_THREADS)
+        flat["system.threads"] = max(1, int(_num(results.sweep.get("cpus")) or 1))
     flat = {k: v for k, v in flat.items() if k in config_lib.all_keys()}
     with tempfile.TemporaryDirectory(prefix="lmtune-validate-") as tmp:
         summary = (trainer_factory or Trainer)(config_lib.from_flat(flat), out_dir=tmp).fit()
@@ -269,11 +272,44 @@ def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float
     room = headroom(fresh_peak)
     if room is not None and room < keep:
         problems.append(f"{room:.3f} GiB headroom left, the sweep keeps {keep:g} GiB")
+    threads = f", {flat['system.threads']} CPU thread(s) as in the sweep" if flat.get("system.threads") else ""
     lines = [f"validation: {steps} fresh steps of trial {row.get('trial_id')} on this machine "
-             f"(tokens/s and peaks after the first {warmup} steps)", "",
+             f"(tokens/s and peaks after the first {warmup} steps{threads})", "",
              markdown_table(["", "sweep", "validation", "difference"], table), ""]
     lines.append("validation passed" if not problems else "validation FAILED: " + "; ".join(problems))
+    sharing = _overlapping(results, row)
+    if sharing and drift is not None:
+        lines.append(f"note: the sweep measured trial {row.get('trial_id')} while {sharing} other trial(s) ran on its "
+                     f"node, which share its CPUs/memory bandwidth; for timings to lock, run the sweep with "
+                     f"--max-concurrent 1 (or one trial per GPU).")
     return Validation(lines, not problems)
+
+
+def _overlapping(results: Results, row: dict[str, Any]) -> int:
+    """How many other trials ran on the same node while ``row``'s trial did (trials/*/summary.json times)."""
+    def span(r):
+        s = _read_summary(results, r)
+        return s.get("started_at"), s.get("ended_at"), r.get("node_id") or s.get("node_id")
+
+    start, end, node = span(row)
+    if not isinstance(start, (int, float)) or not isinstance(end, (int, float)):
+        return 0
+    n = 0
+    for other in results.rows:
+        if other is row or other.get("trial_id") == row.get("trial_id") or other.get("source", "run") != "run":
+            continue
+        s, e, where = span(other)
+        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s < end and e > start and where == node:
+            n += 1
+    return n
+
+
+def _read_summary(results: Results, row: dict[str, Any]) -> dict[str, Any]:
+    path = results.dir / "trials" / str(row.get("trial_id")) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _num(v: Any) -> float | None:

@@ -177,3 +177,42 @@ def test_a_to_path_that_cannot_be_a_file_is_refused_before_anything_is_read(tmp_
     assert export.main([str(tmp_path / "missing"), "--to", to.format(tmp=tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --to ") and message in err[0], err
+
+
+def _tiny_sweep(root, *, tokens_per_s: float, peak: float, limit: float = 0.0):
+    """A finished one-trial sweep whose winner is a tiny real config (the validation run trains it)."""
+    from tests.conftest import TINY
+
+    base = {k: config_lib.coerce(k, v) for k, v in (a.split("=", 1) for a in TINY)}
+    base.update({"train.checkpoint": False, "system.memory_limit_gib": limit})
+    sweep = {"name": "tiny", "group": "1-tiny-20260101-000000-000000", "metric": "val_loss", "mode": "min",
+             "searcher": "grid", "export": ["train.lr"], "frontier": None, "memory_limit_gib": limit, "base": base,
+             "space": {"train.lr": {"type": "grid", "values": [3e-3]}}}
+    row = {"trial_id": "t0", "status": "ok", "source": "run", "train.lr": 3e-3, "val_loss": 3.0,
+           "tokens_per_s": tokens_per_s, "peak_reserved_gib": peak}
+    return write_results_dir(root, sweep, [row])
+
+
+def test_validate_runs_the_winner_fresh_and_writes_only_when_it_agrees(tmp_path, capsys):
+    out = tmp_path / "v.toml"
+    # the sweep "measured" an impossible throughput: the fresh run drifts, nothing is written, exit 1
+    d = _tiny_sweep(tmp_path / "fast", tokens_per_s=1e12, peak=0.001)
+    assert export.main([str(d), "--to", str(out), "--validate", "12"]) == 1
+    text = capsys.readouterr().out
+    assert "| tokens_per_s | 1,000,000,000,000 |" in text and "validation FAILED: tokens/s drifted -100.0%" in text
+    assert not out.exists()
+    # with a tolerance that admits the drift: the same comparison, then the file is written
+    assert export.main([str(d), "--to", str(out), "--validate", "12", "--tolerance", "9.99"]) == 0
+    text = capsys.readouterr().out
+    assert "validation passed" in text and text.index("validation passed") < text.index("written: ")
+    assert tomllib.loads(out.read_text())["train"]["lr"] == 3e-3
+
+
+def test_validate_fails_when_the_headroom_is_gone_and_refuses_bad_steps(tmp_path, capsys):
+    d = _tiny_sweep(tmp_path / "tight", tokens_per_s=1.0, peak=0.001, limit=1e-4)  # the fresh run cannot fit
+    assert export.main([str(d), "--to", str(tmp_path / "v.toml"), "--validate", "12", "--tolerance", "9.99"]) == 1
+    assert "validation FAILED: the validation run ended oom" in capsys.readouterr().out
+    assert not (tmp_path / "v.toml").exists()
+    assert export.main([str(d), "--to", str(tmp_path / "v.toml"), "--validate", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--validate 2: expected more steps than train.compile_warmup_steps + 1" in err[0]
