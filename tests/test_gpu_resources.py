@@ -51,7 +51,7 @@ def test_trials_request_their_gpus_run_two_at_a_time_and_see_their_own_device(tm
     """)
     sweep, p = load_sweep(path)
     rs = resolve(sweep, p)
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = io.StringIO()
         outcome = run(rs, storage=str(tmp_path / "results"), wandb=False, render=False, out=out)

@@ -118,14 +118,23 @@ class Cluster:
                 pass
 
 
+ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records the latest cluster's address
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    before = ADDRESS_FILE.read_text() if ADDRESS_FILE.is_file() else None
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
         c.start()
         yield c
     finally:
         c.kill_all()
+        # leave the machine's Ray address as it was (a plain ray.init() elsewhere would try the dead cluster)
+        if before is None:
+            ADDRESS_FILE.unlink(missing_ok=True)
+        else:
+            ADDRESS_FILE.write_text(before)
 
 
 def _sweep(tmp: Path, body: str) -> Path:
@@ -202,8 +211,9 @@ def test_a_node_lost_mid_trial_its_trial_continues_on_the_other_from_its_checkpo
             time.sleep(0.2)
             for m in storage.glob("*/trials/*/metrics.jsonl"):
                 reports = [json.loads(line) for line in m.read_text().splitlines() if line.strip()]
-                # an attempt's first report says where it runs
-                if reports and reports[0].get("node_id") == cluster.worker_id and reports[-1].get("step", 0) >= 200:
+                attempts = m.parent / "attempts.jsonl"  # where each attempt runs, from its first report
+                where = [json.loads(line) for line in attempts.read_text().splitlines()] if attempts.is_file() else []
+                if where and where[-1]["node_id"] == cluster.worker_id and reports[-1].get("step", 0) >= 200:
                     victim = m.parent.name
         assert victim is not None, "no trial reached step 200 on the worker node"
         assert not (storage.glob("*/trials/" + victim + "/summary.json") and list(
@@ -218,6 +228,8 @@ def test_a_node_lost_mid_trial_its_trial_continues_on_the_other_from_its_checkpo
     results, table = _rows(storage)
     assert len(table) == 2 and {r["status"] for r in table.values()} == {"ok"}, table
     assert table[victim]["node_id"] == cluster.head_id  # it finished on the node that was left
+    attempts = [json.loads(line) for line in (results / "trials" / victim / "attempts.jsonl").read_text().splitlines()]
+    assert [a["node_id"] for a in attempts] == [cluster.worker_id, cluster.head_id], attempts
     other = next(t for t in table if t != victim)
     summary = json.loads((results / "trials" / victim / "summary.json").read_text())
     assert summary["step"] == 1500 and summary["resumed_from_step"] >= 100  # from a checkpoint, not from step 0

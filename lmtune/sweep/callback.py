@@ -122,6 +122,12 @@ class ResultsWriter(Callback):
         self.progress.report(tid, metrics)
         tdir = self.results_dir / "trials" / tid
         tdir.mkdir(parents=True, exist_ok=True)
+        if metrics.get("status", "running") == "running" and any(k in metrics for k in PLACEMENT):
+            # An attempt's first new report says where it runs: one line per attempt in attempts.jsonl, kept out
+            # of metrics.jsonl (whose reports a resumed attempt sends again as they were).
+            where = {k: metrics.pop(k) for k in PLACEMENT if k in metrics}
+            with open(tdir / "attempts.jsonl", "a") as f:
+                f.write(json.dumps({"step": metrics.get("step"), "at": time.time(), **where}) + "\n")
         if tid in self.restarted:
             self.restarted.discard(tid)
             _drop_reports_from(tdir / "metrics.jsonl", metrics)

@@ -487,7 +487,9 @@ def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
 
 def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
                    tune_dir: str):
-    from lmtune.frontier import STUDIED, best_trial, experiments, frontier_report, load_results, pareto_front
+    from lmtune.frontier import (
+        STUDIED, best_trial, cost_text, experiments, frontier_report, load_results, pareto_front,
+    )
     from lmtune.sweep.results import fmt, oom_by_half_text, table
 
     counts: dict[str, int] = {}
@@ -534,6 +536,9 @@ def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, An
     learned = oom_by_half_text(rows) if rs.searcher in ("tpe", "nsga2") else None
     if learned:
         print(learned, file=out)
+    spent = cost_text(load_results(results_dir))
+    if spent:
+        print(spent, file=out)
     print(f"results: {results_dir}", file=out)
     viewers = [f"TensorBoard: {_command('tensorboard')} --logdir {tune_dir}"]
     if rs.searcher != "frontier":  # the frontier planner keeps no Optuna study

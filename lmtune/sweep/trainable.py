@@ -96,8 +96,12 @@ class _HoldLast:
         if metrics.get("status", "running") != "running":
             self.final = (dict(metrics), checkpoint_dir)
             return
+        from lmtune.train import CHECKPOINT_REPORT
+
         metrics = dict(metrics)
-        if not self.placed:  # where this attempt runs, in its first report (a retry may run elsewhere)
+        if not self.placed and not metrics.get(CHECKPOINT_REPORT):
+            # where this attempt runs, in its first new report (a retry may run elsewhere; the reports a resumed
+            # trainer sends again first are the earlier attempt's, unchanged)
             metrics.update(placement())
             self.placed = True
         self.send(metrics, checkpoint_dir)
