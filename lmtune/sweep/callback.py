@@ -122,7 +122,7 @@ class ResultsWriter(Callback):
         self.progress.report(tid, metrics)
         tdir = self.results_dir / "trials" / tid
         tdir.mkdir(parents=True, exist_ok=True)
-        if metrics.get("status", "running") == "running" and any(k in metrics for k in PLACEMENT):
+        if metrics.get("status", "running") == "running" and "node_id" in metrics:  # Tune adds node_ip to every result
             # An attempt's first new report says where it runs: one line per attempt in attempts.jsonl, kept out
             # of metrics.jsonl (whose reports a resumed attempt sends again as they were).
             where = {k: metrics.pop(k) for k in PLACEMENT if k in metrics}
