@@ -283,8 +283,11 @@ def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tm
     assert proc.returncode == 130, out
     assert "interrupted:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
     assert "Traceback" not in out and "ResourceWarning" not in out, out
+    # A driver killed while Tune rewrote tuner.pkl leaves it empty: the resume puts back lmtune's copy of it.
+    (only_run(storage) / "tune" / "tuner.pkl").write_bytes(b"")
     again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "resume: tuner.pkl was cut short by the interruption (EOFError" in again.stdout, again.stdout
     table = rows(only_run(storage))
     assert len(table) == 2 and all(r["status"] == "ok" for r in table.values()), table
 

@@ -125,7 +125,10 @@ class ResultsWriter(Callback):
         if metrics.get("status", "running") == "running" and "node_id" in metrics:  # Tune adds node_ip to every result
             # An attempt's first new report says where it runs: one line per attempt in attempts.jsonl, kept out
             # of metrics.jsonl (whose reports a resumed attempt sends again as they were).
-            where = {k: metrics.pop(k) for k in PLACEMENT if k in metrics}
+            where = {k: metrics.get(k) for k in PLACEMENT if k in metrics}
+            for k in PLACEMENT:
+                if k != "node_ip":  # node_ip is Tune's own, in every result
+                    metrics.pop(k, None)
             with open(tdir / "attempts.jsonl", "a") as f:
                 f.write(json.dumps({"step": metrics.get("step"), "at": time.time(), **where}) + "\n")
         if tid in self.restarted:

@@ -166,6 +166,45 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
     return not address
 
 
+TUNER_FILE, TUNER_COPY = "tuner.pkl", "tuner.pkl.lmtune-copy"
+"""Tune writes ``tuner.pkl`` (the experiment's trainable, space and run config) when a Tuner is made or restored,
+truncating it first: a driver killed at that moment leaves it empty, and no later ``--resume`` can load it. lmtune
+keeps a copy of the last complete one (its content does not change over a sweep) and puts it back."""
+
+
+def _keep_tuner_file(tune_path: str) -> None:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(tune_path) if "://" in tune_path else (
+        pyarrow.fs.LocalFileSystem(), str(Path(tune_path).resolve()))
+    try:
+        fs.copy_file(f"{path}/{TUNER_FILE}", f"{path}/{TUNER_COPY}.tmp")
+        fs.move(f"{path}/{TUNER_COPY}.tmp", f"{path}/{TUNER_COPY}")
+    except (OSError, pyarrow.lib.ArrowException) as e:  # a missing copy only matters to a later resume: say so there
+        logging.getLogger("lmtune").warning("could not keep a copy of %s: %s", TUNER_FILE, e)
+
+
+def _repair_tuner_file(tune_path: str, out: TextIO) -> None:
+    """Before a resume: a ``tuner.pkl`` that does not load is replaced by the copy lmtune kept (see TUNER_COPY)."""
+    import pyarrow.fs
+    import ray.cloudpickle
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(tune_path) if "://" in tune_path else (
+        pyarrow.fs.LocalFileSystem(), str(Path(tune_path).resolve()))
+    try:
+        with fs.open_input_file(f"{path}/{TUNER_FILE}") as f:
+            ray.cloudpickle.loads(f.readall())
+        return
+    except Exception as e:  # noqa: BLE001 — any reason it does not load
+        broken = f"{type(e).__name__}: {e}"
+    try:
+        fs.copy_file(f"{path}/{TUNER_COPY}", f"{path}/{TUNER_FILE}")
+    except (OSError, pyarrow.lib.ArrowException):
+        raise ConfigError(f"--resume: {tune_path}/{TUNER_FILE} cannot be read ({broken}) and lmtune kept no copy "
+                          f"of it; the sweep cannot be resumed (its trials so far are in the results directory).")
+    print(f"resume: {TUNER_FILE} was cut short by the interruption ({broken}); put back lmtune's copy", file=out)
+
+
 def _cluster_messages_to_log() -> None:
     """The cluster's error messages (a node marked dead, a worker killed, …) go to logs/driver.log, not the
     console. ``log_to_driver=False`` keeps the workers' output away, but every driver also gets a thread that
@@ -343,6 +382,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         from lmtune.sweep.resume import Reconciler
 
         LEDGER.reconciler = Reconciler()
+        _repair_tuner_file(tune_path, out)
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
         searcher = writer = None
@@ -369,6 +409,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
+    _keep_tuner_file(tune_path)
     if resume and max_concurrent:
         print("note: --max-concurrent is fixed when a sweep starts; the resumed run keeps its value.", file=out)
 
