@@ -38,7 +38,8 @@ from lmtune.cli import check_output_file, user_errors_exit_2
 from lmtune.config import PROJECT_LOCKED, ConfigError
 from lmtune.frontier import (
     AC_MODES,
-    Results, best_trial, fmt, frontier_report, gib, load_results, markdown_table, pareto_front, short,
+    Results, _number, _read_json, best_trial, fmt, frontier_report, gib, load_results, markdown_table, pareto_front,
+    short,
 )
 
 SECTION_TITLES = {"model": "Architecture", "data": "Data", "train": "Training recipe", "system": "System"}
@@ -241,15 +242,15 @@ def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float
             "train.sample_interval": 0}
     if not flat.get("system.threads") and flat.get("system.device") == "cpu":
         # as the trial ran: Ray gives a trial's process as many threads as CPUs it asked for (OMP_NUM_THREADS)
-        flat["system.threads"] = max(1, int(_num(results.sweep.get("cpus")) or 1))
+        flat["system.threads"] = max(1, int(_number(results.sweep.get("cpus")) or 1))
     flat = {k: v for k, v in flat.items() if k in config_lib.all_keys()}
     with tempfile.TemporaryDirectory(prefix="lmtune-validate-") as tmp:
         summary = (trainer_factory or Trainer)(config_lib.from_flat(flat), out_dir=tmp).fit()
     limit, where = results.limit()
     rep = frontier_report(results)
     keep = rep.headroom_gib if rep is not None else 0.0
-    swept_tps, fresh_tps = _num(row.get("tokens_per_s")), _num(summary.get("tokens_per_s"))
-    swept_peak, fresh_peak = _num(row.get("peak_reserved_gib")), _num(summary.get("peak_reserved_gib"))
+    swept_tps, fresh_tps = _number(row.get("tokens_per_s")), _number(summary.get("tokens_per_s"))
+    swept_peak, fresh_peak = _number(row.get("peak_reserved_gib")), _number(summary.get("peak_reserved_gib"))
 
     def headroom(peak):
         return None if limit is None or peak is None else limit - peak
@@ -288,32 +289,16 @@ def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float
 def _overlapping(results: Results, row: dict[str, Any]) -> int:
     """How many other trials ran on the same node while ``row``'s trial did (trials/*/summary.json times)."""
     def span(r):
-        s = _read_summary(results, r)
-        return s.get("started_at"), s.get("ended_at"), r.get("node_id") or s.get("node_id")
+        s = _read_json(results.dir / "trials" / str(r.get("trial_id")) / "summary.json") or {}
+        return _number(s.get("started_at")), _number(s.get("ended_at")), r.get("node_id") or s.get("node_id")
 
     start, end, node = span(row)
-    if not isinstance(start, (int, float)) or not isinstance(end, (int, float)):
+    if start is None or end is None:
         return 0
-    n = 0
-    for other in results.rows:
-        if other is row or other.get("trial_id") == row.get("trial_id") or other.get("source", "run") != "run":
-            continue
-        s, e, where = span(other)
-        if isinstance(s, (int, float)) and isinstance(e, (int, float)) and s < end and e > start and where == node:
-            n += 1
-    return n
-
-
-def _read_summary(results: Results, row: dict[str, Any]) -> dict[str, Any]:
-    path = results.dir / "trials" / str(row.get("trial_id")) / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    others = [span(r) for r in results.rows
+              if r.get("trial_id") != row.get("trial_id") and r.get("source", "run") == "run"]
+    return sum(1 for s, e, where in others if s is not None and e is not None and s < end and e > start
+               and where == node)
 
 
 def write_export(plan: ExportPlan, results: Results, *, force: bool = False) -> ExportPlan:

@@ -172,11 +172,19 @@ truncating it first: a driver killed at that moment leaves it empty, and no late
 keeps a copy of the last complete one (its content does not change over a sweep) and puts it back."""
 
 
+def _filesystem(uri_or_path: str):
+    """(pyarrow filesystem, path in it) of a storage URI or a local path."""
+    import pyarrow.fs
+
+    if "://" in uri_or_path:
+        return pyarrow.fs.FileSystem.from_uri(uri_or_path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(uri_or_path).resolve())
+
+
 def _keep_tuner_file(tune_path: str) -> None:
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(tune_path) if "://" in tune_path else (
-        pyarrow.fs.LocalFileSystem(), str(Path(tune_path).resolve()))
+    fs, path = _filesystem(tune_path)
     try:
         fs.copy_file(f"{path}/{TUNER_FILE}", f"{path}/{TUNER_COPY}.tmp")
         fs.move(f"{path}/{TUNER_COPY}.tmp", f"{path}/{TUNER_COPY}")
@@ -189,8 +197,7 @@ def _repair_tuner_file(tune_path: str, out: TextIO) -> None:
     import pyarrow.fs
     import ray.cloudpickle
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(tune_path) if "://" in tune_path else (
-        pyarrow.fs.LocalFileSystem(), str(Path(tune_path).resolve()))
+    fs, path = _filesystem(tune_path)
     try:
         with fs.open_input_file(f"{path}/{TUNER_FILE}") as f:
             ray.cloudpickle.loads(f.readall())
