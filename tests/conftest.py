@@ -44,3 +44,24 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float 
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files with end-to-end (``slow``) tests first. ``make test`` spreads the suite over two processes a
+    whole file at a time (pytest-xdist ``--dist loadfile``), in this order: the long files start at once and the
+    quick ones fill in around them, instead of one long file starting last."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's own order is kept
+
+
+def train_like(summary_json: Path, **changes) -> dict:
+    """The final metrics of a trial's config (its ``summary.json``) trained again here, in one process, with
+    ``changes`` (flat keys, ``__`` for ``.``): the uninterrupted reference for a sweep's trial, without a sweep."""
+    import json
+
+    from lmtune.config import from_flat
+    from lmtune.train import Trainer
+
+    flat = dict(json.loads(summary_json.read_text())["config"])
+    flat.update({k.replace("__", "."): v for k, v in changes.items()})
+    return Trainer(from_flat(flat)).fit()

@@ -3,7 +3,8 @@ token authentication as ``ray up`` sets it), sweeps through ``--address``, a nod
 embedded Ray next to a running cluster and after a killed one.
 
 One cluster for the module (``ray start`` costs ~10 s a node), in this order: the first two tests leave it as
-they found it, the node-loss test takes its worker away, the last one kills the rest.
+they found it, the multi-worker node-loss test adds a node and takes that one away, the single-worker node-loss
+test takes the worker away, the last one kills the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, train_like
 
 pytestmark = pytest.mark.slow
 
@@ -87,9 +88,18 @@ class Cluster:
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    def kill_worker_node(self) -> None:
-        """The worker node's host going away: its raylet and every process of it, SIGKILLed."""
-        raylet = [pid for pid, cmd in _cmdlines().items() if "raylet/raylet" in cmd and self.worker_id in cmd]
+    def add_node(self, cpus: int) -> str:
+        """One more worker node (``ray start --address``); its node id."""
+        before = set(self._node_ids())
+        self._ray("start", f"--address={self.address}", f"--num-cpus={cpus}", "--disable-usage-stats")
+        (new,) = set(self._node_ids()) - before
+        return new
+
+    def kill_worker_node(self, node_id: str | None = None) -> None:
+        """A worker node's host going away (the fixture's worker unless told another): its raylet and every
+        process of it, SIGKILLed."""
+        node_id = node_id or self.worker_id
+        raylet = [pid for pid, cmd in _cmdlines().items() if "raylet/raylet" in cmd and node_id in cmd]
         assert len(raylet) == 1, raylet
         node = psutil.Process(raylet[0])
         for p in [node, *node.children(recursive=True)]:
@@ -194,60 +204,102 @@ def test_a_sweep_through_address_runs_trials_on_both_nodes_into_shared_storage(c
     _no_ray_lines(proc.stdout + proc.stderr)
 
 
-def test_a_node_lost_mid_trial_its_trial_continues_on_the_other_from_its_checkpoint(cluster, tmp_path):
-    """Takes the worker node away. Both trials train the same model (log_interval differs only in
-    how often it reports), so the interrupted one must end with the uninterrupted one's exact val_loss."""
-    f = _sweep(tmp_path, """
-        sweep = Sweep(name="node-loss", base={**TINY_CPU, "train.steps": 1500, "train.eval_interval": 100},
-                      space={"train.log_interval": grid([5, 10])}, metric="val_loss", export=["train.lr"])
-    """)
+def _reports(results: Path, tid: str) -> list[dict]:
+    return [json.loads(line) for line in (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()]
+
+
+def _attempts(trial_dir: Path) -> list[dict]:
+    """Where each attempt of a trial ran (rank 0's node for a multi-worker trial), from its first report."""
+    path = trial_dir / "attempts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _sweep_losing_a_node(cluster: Cluster, tmp_path: Path, body: str, node_id: str, ready,
+                         trials: int = 2) -> tuple[Path, dict, str]:
+    """Run ``body`` through ``--address``; once a trial whose latest attempt runs on ``node_id`` is ``ready``
+    (its reports so far), that node is killed. The sweep must complete, say that it retried the trial, and keep
+    Ray's log lines off its console. Returns (results directory, trials.csv rows, the trial that lost its node)."""
+    f = _sweep(tmp_path, body)
     storage = tmp_path / "shared"
     proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), "--address", cluster.address, "--storage",
                              str(storage), "--max-concurrent", "2", "--no-wandb", "--no-report"], cwd=tmp_path,
                             env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        victim, end = None, time.time() + 240
+        victim, end = None, time.time() + 300
         while victim is None and time.time() < end and proc.poll() is None:
             time.sleep(0.2)
             for m in storage.glob("*/trials/*/metrics.jsonl"):
+                where = _attempts(m.parent)
                 reports = [json.loads(line) for line in m.read_text().splitlines() if line.strip()]
-                attempts = m.parent / "attempts.jsonl"  # where each attempt runs, from its first report
-                where = [json.loads(line) for line in attempts.read_text().splitlines()] if attempts.is_file() else []
-                if where and where[-1]["node_id"] == cluster.worker_id and reports[-1].get("step", 0) >= 200:
+                if where and where[-1]["node_id"] == node_id and ready(reports):
                     victim = m.parent.name
-        assert victim is not None, "no trial reached step 200 on the worker node"
-        assert not (storage.glob("*/trials/" + victim + "/summary.json") and list(
-            storage.glob("*/trials/" + victim + "/summary.json"))), "the trial ended before its node was killed"
-        cluster.kill_worker_node()
+        assert victim is not None, "no trial got far enough on the node to be killed"
+        assert not list(storage.glob(f"*/trials/{victim}/summary.json")), "the trial ended before its node was killed"
+        cluster.kill_worker_node(node_id)
         out, err = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert f"failed   {victim}  retrying from its last checkpoint" in out, out[-3000:]
+    _no_ray_lines(out + err)
     results, table = _rows(storage)
-    assert len(table) == 2 and {r["status"] for r in table.values()} == {"ok"}, table
+    assert len(table) == trials and {r["status"] for r in table.values()} == {"ok"}, table
+    return results, table, victim
+
+
+def test_a_node_lost_under_a_two_worker_trial_its_train_run_continues_on_two_other_nodes(cluster, tmp_path):
+    """A third node with 2 CPUs joins; a 2-worker trial packs both its Train workers onto it. The node is killed
+    under the trial after a checkpoint: the Train run ends, the sweep retries the trial, and its Train run
+    continues from its last checkpoint as a DDP group over the two nodes left (one CPU each), ending where
+    the same config trained in one process at twice the micro-batch ends (the same global batch and data)."""
+    extra = cluster.add_node(cpus=2)
+    results, table, victim = _sweep_losing_a_node(cluster, tmp_path, """
+        sweep = Sweep(name="ddp-node-loss", workers=2,
+                      base={**TINY_CPU, "train.steps": 200, "train.eval_interval": 50, "train.micro_batch_size": 4},
+                      space={"train.lr": grid([1e-3])}, metric="val_loss", export=["train.lr"])
+    """, extra, ready=lambda reports: any("val_loss" in r for r in reports), trials=1)
+    attempts = _attempts(results / "trials" / victim)
+    assert attempts[0]["node_id"] == extra and attempts[-1]["node_id"] in (cluster.head_id, cluster.worker_id), attempts
+    summary = json.loads((results / "trials" / victim / "summary.json").read_text())
+    assert summary["step"] == 200 and summary["resumed_from_step"] >= 50  # from a Train checkpoint, not step 0
+    pairs = [(r["step"], "val_loss" in r) for r in _reports(results, victim)]
+    assert pairs == sorted(set(pairs)) and pairs[-1][0] == 200
+    alone = train_like(results / "trials" / victim / "summary.json", train__micro_batch_size=8)
+    assert alone["tokens"] == summary["tokens"]
+    assert summary["val_loss"] == pytest.approx(alone["val_loss"], rel=0, abs=2e-5)
+
+
+def test_a_node_lost_mid_trial_its_trial_continues_on_the_other_from_its_checkpoint(cluster, tmp_path):
+    """Takes the worker node away. Both trials train the same model (log_interval differs only in
+    how often it reports), so the interrupted one must end with the uninterrupted one's exact val_loss."""
+    results, table, victim = _sweep_losing_a_node(cluster, tmp_path, """
+        sweep = Sweep(name="node-loss", base={**TINY_CPU, "train.steps": 1500, "train.eval_interval": 100},
+                      space={"train.log_interval": grid([5, 10])}, metric="val_loss", export=["train.lr"])
+    """, cluster.worker_id, ready=lambda reports: reports[-1].get("step", 0) >= 200)
     assert table[victim]["node_id"] == cluster.head_id  # it finished on the node that was left
-    attempts = [json.loads(line) for line in (results / "trials" / victim / "attempts.jsonl").read_text().splitlines()]
+    attempts = _attempts(results / "trials" / victim)
     assert [a["node_id"] for a in attempts] == [cluster.worker_id, cluster.head_id], attempts
     other = next(t for t in table if t != victim)
     summary = json.loads((results / "trials" / victim / "summary.json").read_text())
     assert summary["step"] == 1500 and summary["resumed_from_step"] >= 100  # from a checkpoint, not from step 0
     assert float(table[victim]["val_loss"]) == float(table[other]["val_loss"])
     # one uninterrupted stream of reports: each (step, kind) once, in order, no step missing around the loss
-    reports = [json.loads(line) for line in (results / "trials" / victim / "metrics.jsonl").read_text().splitlines()]
+    reports = _reports(results, victim)
     pairs = [(r["step"], "val_loss" in r) for r in reports]
     assert pairs == sorted(set(pairs)) and pairs[-1][0] == 1500
     every = int(table[victim]["train.log_interval"])
     assert {r["step"] for r in reports if "loss" in r and r["step"] < 1500} == set(range(every, 1500, every))
-    _no_ray_lines(out + err)
 
 
 def test_a_killed_clusters_leftover_address_does_not_stall_an_embedded_sweep(cluster, tmp_path):
-    """After the cluster's processes are SIGKILLed (no `ray stop`), its address file is still there."""
+    """After the cluster's processes are SIGKILLed (no `ray stop`), its address file is still there. Neither
+    the embedded Ray nor Ray's state API inside it (which Ray Train's placement-group cleaner asks at the end
+    of every multi-worker trial, and which would wait 40 s on the dead address) is led to it."""
     cluster.kill_all()
     time.sleep(1)
     assert not cluster.processes()
+    assert ADDRESS_FILE.read_text().strip().endswith(f":{cluster.port}")
     f = _sweep(tmp_path, """
         sweep = Sweep(name="after-crash", base={**TINY_CPU, "train.steps": 10, "train.eval_interval": 10},
                       space={"train.lr": grid([1e-3])}, metric="val_loss", export=["train.lr"])
@@ -259,3 +311,20 @@ def test_a_killed_clusters_leftover_address_does_not_stall_an_embedded_sweep(clu
     first = proc.stdout.splitlines()[0]
     assert first.startswith("ray: embedded local Ray (a new instance") and f":{cluster.port}" not in first
     assert time.time() - t0 < 120
+    # A task on the sweep's embedded Ray asks the state API what Ray Train's cleaner asks (lmtune's own start)
+    code = textwrap.dedent("""
+        import io, pathlib, sys, ray
+        from lmtune.sweep.runner import _prepare_env, _start_ray
+        pathlib.Path(sys.argv[1]).mkdir()
+        _start_ray(None, _prepare_env(embedded=True), pathlib.Path(sys.argv[1]), io.StringIO())
+
+        @ray.remote(num_cpus=0)
+        def ask():
+            from ray.util.state import list_nodes
+            return len(list_nodes(timeout=20))
+
+        print("nodes:", ray.get(ask.remote()))
+    """)
+    asked = subprocess.run([sys.executable, "-c", code, str(tmp_path / "logs")], env=_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert asked.returncode == 0 and "nodes: 1" in asked.stdout, asked.stdout[-2000:] + asked.stderr[-2000:]

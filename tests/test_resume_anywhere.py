@@ -27,10 +27,7 @@ import pytest
 from tests.conftest import REPO
 from tests.test_sweep_e2e import sweep_file
 
-# Known to fail in about one run in four (a resumed driver that dies in Tune's search step with an AssertionError,
-# or ends "interrupted" with exit 130 after a kill): issue 10 stays open for it, and `make test` leaves it out
-# until it is fixed. Run it with `pytest -m known_flaky tests/test_resume_anywhere.py`.
-pytestmark = [pytest.mark.slow, pytest.mark.known_flaky]
+pytestmark = pytest.mark.slow
 
 SWEEP = """
     sweep = Sweep(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -283,8 +284,21 @@ def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tm
     assert proc.returncode == 130, out
     assert "interrupted:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
     assert "Traceback" not in out and "ResourceWarning" not in out, out
+    tune_dir = only_run(storage) / "tune"
+    # A snapshot Tune cannot restore (here a whole pickle of the wrong thing in place of the searcher's state):
+    # Tune would log it and start the sweep over; the resume stops instead, says so in one line, changes nothing.
+    (searcher,) = tune_dir.glob("searcher-state-*.pkl")
+    saved, before = searcher.read_bytes(), sorted(p.name for p in tune_dir.iterdir())
+    searcher.write_bytes(pickle.dumps("not a searcher's state"))
+    refused = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "Tune could not restore the sweep's saved state" in line and "without --resume" in line, line
+    assert sorted(p.name for p in tune_dir.iterdir() if not p.name.endswith(".lmtune-failed-resume")) == before
+    assert "start " not in refused.stdout, refused.stdout  # no trial ran
+    searcher.write_bytes(saved)
     # A driver killed while Tune rewrote tuner.pkl leaves it empty: the resume puts back lmtune's copy of it.
-    (only_run(storage) / "tune" / "tuner.pkl").write_bytes(b"")
+    (tune_dir / "tuner.pkl").write_bytes(b"")
     again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resume: tuner.pkl was cut short by the interruption (EOFError" in again.stdout, again.stdout

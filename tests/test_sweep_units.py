@@ -207,8 +207,10 @@ def test_resume_reconciles_the_limiter_and_the_study_with_what_tune_restored(tmp
     """A snapshot whose searcher state disagrees with Tune's restored trials (the driver died between the two
     writes): the concurrency limiter's live set is rebuilt from the restored unfinished trials (a stale entry
     would block --max-concurrent 1 forever), a restored trial missing from the searcher's map gets its study
-    trial back by its trial_id attribute, and a study trial asked after the snapshot is requeued."""
-    from ray.tune.search import ConcurrencyLimiter
+    trial back by its trial_id attribute, a study trial asked after the snapshot is requeued, and the search
+    generator's count of trials made is the restored experiment's (a saved count of 4, the sweep's num_samples,
+    would end the sweep with two of its points never run)."""
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
     from lmtune.sweep.resume import Reconciler
 
@@ -225,14 +227,17 @@ def test_resume_reconciles_the_limiter_and_the_study_with_what_tune_restored(tmp
     del restored._ot_trials["rb"]  # the saved map lacks b (saved before b was asked, say)
     limiter = ConcurrencyLimiter(restored, max_concurrent=1)
     limiter.live_trials = {"rghost"}  # a trial the restored experiment does not have
+    generator = SearchGenerator(limiter)
+    generator._total_samples = generator._counter = 4  # searcher state saved after the experiment state restored
 
     class Controller:
-        _search_alg = limiter
+        _search_alg = generator
 
     rec = Reconciler()
     rec.on_restored_trial(Controller, _Trial("ra", a, finished=True))
     rec.on_restored_trial(Controller, _Trial("rb", b, finished=False))
     rec.after_restore()
+    assert generator._counter == 2 and not generator.is_finished()
     assert limiter.live_trials == {"rb"}
     assert restored._ot_trials["rb"].params == b
     limiter.on_trial_complete("rb", {"val_loss": 2.0, "status": "ok"})
@@ -243,6 +248,52 @@ def test_resume_reconciles_the_limiter_and_the_study_with_what_tune_restored(tmp
     by_id = {t.user_attrs.get("trial_id"): t for t in study.trials if t.user_attrs.get("trial_id")}
     assert by_id["rb"].state == optuna.trial.TrialState.COMPLETE and by_id["rb"].value == 2.0
     assert by_id["rc"].state == optuna.trial.TrialState.FAIL and by_id["rc"].user_attrs["status"] == "interrupted"
+
+
+def test_resume_sets_aside_a_snapshot_the_interruption_cut_short(tmp_path):
+    """Tune copies its snapshot into the storage file by file: a driver killed during the copy leaves the newest
+    session's files cut short or missing. The newest session with a whole experiment state is resumed; newer
+    files and cut-short ones are set aside, nothing is deleted, and the console says so in one line."""
+    import io
+    import pickle
+
+    from lmtune.sweep.runner import CUT_SHORT, _repair_snapshot
+
+    whole_json, whole_pkl = b'{"trial_data": []}', pickle.dumps({"counter": 2, "state": "x" * 5000})
+
+    def write(files: dict[str, bytes]) -> None:
+        for f in tmp_path.iterdir():
+            f.unlink()
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+
+    def repaired() -> tuple[list[str], str]:
+        out = io.StringIO()
+        _repair_snapshot(str(tmp_path), out)
+        return sorted(p.name for p in tmp_path.iterdir()), out.getvalue()
+
+    s1, s2 = "2026-12-01_10-00-00", "2026-12-01_10-05-00"
+    # the experiment state of the newest session cut short, its search state whole: both set aside
+    write({f"experiment_state-{s1}.json": whole_json, f"search_gen_state-{s1}.json": whole_pkl,
+           f"experiment_state-{s2}.json": whole_json[:7], f"search_gen_state-{s2}.json": whole_pkl,
+           "tuner.pkl": whole_pkl})
+    names, said = repaired()
+    assert names == sorted([f"experiment_state-{s1}.json", f"search_gen_state-{s1}.json", "tuner.pkl",
+                            f"experiment_state-{s2}.json{CUT_SHORT}", f"search_gen_state-{s2}.json{CUT_SHORT}"])
+    assert len(said.splitlines()) == 1 and f"resuming from the whole one of session {s1}" in said
+    # a whole newest experiment state with its searcher state cut at 4096 bytes (seen) and an older one emptied
+    # by the same interrupted copy: the newest whole searcher state is the one left for Tune
+    s0 = "2026-12-01_09-55-00"
+    write({f"experiment_state-{s1}.json": whole_json, f"searcher-state-{s0}.pkl": whole_pkl,
+           f"searcher-state-{s1}.pkl": b"", f"experiment_state-{s2}.json": whole_json,
+           f"searcher-state-{s2}.pkl": whole_pkl[:4096], f"callback-states-{s2}.pkl": whole_pkl})
+    names, said = repaired()
+    assert {f"searcher-state-{s2}.pkl{CUT_SHORT}", f"searcher-state-{s1}.pkl{CUT_SHORT}", f"searcher-state-{s0}.pkl",
+            f"callback-states-{s2}.pkl", f"experiment_state-{s2}.json"} == set(names) - {f"experiment_state-{s1}.json"}
+    assert len(said.splitlines()) == 1
+    # a whole snapshot: nothing moves, nothing is said
+    write({f"experiment_state-{s2}.json": whole_json, f"search_gen_state-{s2}.json": whole_pkl})
+    assert repaired() == (sorted([f"experiment_state-{s2}.json", f"search_gen_state-{s2}.json"]), "")
 
 
 def test_memory_is_a_constraint_the_study_records_and_an_oom_is_infeasible_not_failed(tmp_path):

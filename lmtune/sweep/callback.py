@@ -87,6 +87,7 @@ class ResultsWriter(Callback):
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if LEDGER.reconciler is not None:  # every restored trial is in: before the first new suggestion
+            LEDGER.reconciler.check_tune_restored()
             LEDGER.reconciler.after_restore()
 
     def on_step_end(self, iteration, trials, **info) -> None:

@@ -14,6 +14,8 @@ trial of a trial it restores (whose results would go nowhere, or into a trial al
 trials asked after the snapshot and never told. Tune restores its part; here the rest is made to agree with it:
 
 1. :func:`on_restored_trial` (from the scheduler's ``on_trial_add``, once per trial Tune restores): the
+   search generator's count of the trials it made is set to the trials restored (a saved count ahead of the
+   restored experiment ends the sweep before its last points, one behind makes a trial too many); the
    limiter's live set is rebuilt from the restored unfinished trials (the saved one is dropped), and each
    restored trial is mapped to its Optuna trial through the ``trial_id`` user attribute every asked trial
    carries (:func:`lmtune.sweep.search.StudySearch.suggest`); an unfinished trial without one gets a new Optuna
@@ -21,6 +23,11 @@ trials asked after the snapshot and never told. Tune restores its part; here the
 2. :func:`after_restore` (from the results callback's first ``on_step_begin``, before the first new
    suggestion): Optuna trials still RUNNING that belong to no restored trial were asked after the snapshot:
    they are closed as FAIL (``status=interrupted``) and their point enqueued, so that the sweep runs it next.
+
+Tune's own restore, when it fails (a snapshot file it cannot read), logs the error and starts the sweep over
+from nothing, which would rerun every trial, or, with the searcher not restored either, end at once and
+write an empty snapshot over the sweep's: :meth:`Reconciler.watch_tune_restore` turns that into an error that
+stops the run before anything is written (the runner then says so in one line).
 
 The scheduler's own state (ASHA's rungs) is restored by :mod:`lmtune.sweep.search` with the snapshot.
 Tune's objects are reached through their private attributes here and in :mod:`lmtune.sweep.search`, each
@@ -46,6 +53,12 @@ def _chain(search_alg: Any):
         alg = getattr(alg, "searcher", None)
 
 
+def _generator(controller: Any):
+    from ray.tune.search import SearchGenerator
+
+    return next((a for a in _chain(getattr(controller, "_search_alg", None)) if isinstance(a, SearchGenerator)), None)
+
+
 def _limiter(controller: Any):
     from ray.tune.search import ConcurrencyLimiter
 
@@ -59,13 +72,47 @@ def _study_search(controller: Any):
     return next((a for a in _chain(getattr(controller, "_search_alg", None)) if isinstance(a, StudySearch)), None)
 
 
+class RestoreFailed(RuntimeError):
+    """Tune could not restore the sweep's snapshot (raised at its first step, before anything runs)."""
+
+
 class Reconciler:
     """The state of one resume (created by the runner for ``--resume``)."""
+
+    TUNE_LOGGER = "ray.tune.execution.tune_controller"
+    TUNE_RESTORE_FAILED = "Failed to restore the run state."
+    """What TuneController.__init__ logs (with the exception) before it starts the experiment over."""
 
     def __init__(self):
         self.controller: Any = None
         self.restored: list[Any] = []
         self.done = False
+        self.restore_failed: str | None = None
+        self._filter: logging.Filter | None = None
+
+    def watch_tune_restore(self) -> None:
+        """Note Tune's restore failure from its log record (no other signal leaves TuneController.__init__)."""
+        reconciler = self
+
+        class Watch(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                if record.getMessage() == Reconciler.TUNE_RESTORE_FAILED and reconciler.restore_failed is None:
+                    exc = record.exc_info[1] if record.exc_info else None
+                    reconciler.restore_failed = (f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                                                 if exc else "see logs/driver.log")
+                return True
+
+        self._filter = Watch()
+        logging.getLogger(self.TUNE_LOGGER).addFilter(self._filter)
+
+    def stop_watching(self) -> None:
+        if self._filter is not None:
+            logging.getLogger(self.TUNE_LOGGER).removeFilter(self._filter)
+            self._filter = None
+
+    def check_tune_restored(self) -> None:
+        if self.restore_failed:
+            raise RestoreFailed(self.restore_failed)
 
     def on_restored_trial(self, controller: Any, trial: Any) -> None:
         if self.done:
@@ -73,6 +120,12 @@ class Reconciler:
         first = self.controller is None
         self.controller = controller
         self.restored.append(trial)
+        generator = _generator(controller)
+        if generator is not None:
+            # SearchGenerator._counter: the trials it has made, saved with the searcher's state, which a driver
+            # killed while Tune copied its snapshot can leave newer or older than the experiment it restores;
+            # at 'num_samples' Tune ends the sweep (no public setter).
+            generator._counter = len(self.restored)
         limiter = _limiter(controller)
         if limiter is not None:
             if first:  # the saved live set may name trials the restored experiment does not have
@@ -112,4 +165,4 @@ def optuna_trial(study: Any, frozen: Any) -> OptunaTrial:
     return OptunaTrial(study, frozen._trial_id)  # FrozenTrial._trial_id: the storage's id (no public accessor)
 
 
-__all__ = ["Reconciler", "optuna_trial", "TrialState"]
+__all__ = ["Reconciler", "RestoreFailed", "optuna_trial", "TrialState"]

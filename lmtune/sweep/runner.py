@@ -124,6 +124,20 @@ def _close_log(handler: logging.Handler) -> None:
     handler.close()
 
 
+def _dashboard_port(preferred: int) -> int:
+    """``preferred`` when it is free (0: none), else a free port the OS picks."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port for the Ray dashboard")
+
+
 def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: TextIO) -> bool:
     """Start (or join) Ray; returns True when this process started the cluster."""
     import ray
@@ -147,7 +161,19 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         # the last `ray start` on this machine names (and hangs retrying a dead one's address).
         others = _other_clusters()
         os.environ.pop("RAY_ADDRESS", None)
-        ctx = ray.init(address="local", include_dashboard=True, **kwargs)
+        # Ray's state API finds its cluster the same way (Ray Train's placement-group cleaner asks it, at the end
+        # of every multi-worker trial, whether the run's controller is alive): pointed at a dead cluster's
+        # address it waits 40 s, and the trial's teardown 12 s. This instance's dashboard answers it at once,
+        # so its address is chosen here, before the instance's processes start and inherit the variable.
+        for attempt in range(5):
+            port = _dashboard_port(8265 if attempt == 0 else 0)
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                ctx = ray.init(address="local", include_dashboard=True, dashboard_port=port, **kwargs)
+                break
+            except ValueError as e:  # taken since it was found free (another Ray starting): another port
+                if "already occupied" not in str(e) or attempt == 4:
+                    raise
     url = getattr(ctx, "dashboard_url", None)
     if address:
         where = "joined the cluster at " + (ctx.address_info.get("gcs_address") or address)
@@ -210,6 +236,89 @@ def _repair_tuner_file(tune_path: str, out: TextIO) -> None:
         raise ConfigError(f"--resume: {tune_path}/{TUNER_FILE} cannot be read ({broken}) and lmtune kept no copy "
                           f"of it; the sweep cannot be resumed (its trials so far are in the results directory).")
     print(f"resume: {TUNER_FILE} was cut short by the interruption ({broken}); put back lmtune's copy", file=out)
+
+
+def _snapshot_families() -> list[tuple[str, str, str]]:
+    """Tune's snapshot of a sweep, one file of each family per driver session (``<prefix><session><suffix>``,
+    the session a start timestamp): the trials (JSON), the search algorithm's wrappers, the searcher, the
+    callbacks (pickles, whatever their suffix). (prefix, suffix, format) from Tune's own templates."""
+    from ray.tune.callback import CallbackList
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search import SearchGenerator, Searcher
+
+    out = [(TuneController.CKPT_FILE_TMPL, "json")]
+    out += [(c.CKPT_FILE_TMPL, "pickle") for c in (SearchGenerator, Searcher, CallbackList)]
+    return [(t.split("{}")[0], t.split("{}")[1], fmt) for t, fmt in out]
+
+
+CUT_SHORT = ".lmtune-cut-short"
+
+
+def _whole(data: bytes, fmt: str) -> bool:
+    """Whether a snapshot file is complete: JSON that parses, or a pickle whose opcodes run to its STOP at the
+    very end (read with pickletools, which builds no object)."""
+    if fmt == "json":
+        import json
+
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+    import pickletools
+
+    try:
+        last = None
+        for last in pickletools.genops(data):
+            pass
+    except Exception:  # noqa: BLE001 — any malformed or truncated stream
+        return False
+    return last is not None and last[0].name == "STOP" and last[2] == len(data) - 1
+
+
+def _snapshot_files(tune_path: str) -> set[str]:
+    import pyarrow.fs
+
+    fs, path = _filesystem(tune_path)
+    families = _snapshot_families()
+    return {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path)) if i.type == pyarrow.fs.FileType.File
+            and any(i.base_name.startswith(p) and i.base_name.endswith(x) for p, x, _ in families)}
+
+
+def _repair_snapshot(tune_path: str, out: TextIO) -> None:
+    """Before a resume: Tune writes each snapshot into a staging directory and copies the whole directory into
+    the storage, every session's files again, several at once (pyarrow ``copy_files``). A driver killed
+    during that copy leaves files cut short (seen: a searcher state of 4096 bytes, on which Tune's restore
+    fails and it silently starts the sweep over) or only some of the newest session's copied. The newest
+    session whose experiment state is whole is the one resumed: the files of newer sessions, and any newest
+    file of a family that is cut short, are set aside (renamed ``*.lmtune-cut-short``), so that Tune takes each
+    family's newest whole file."""
+    fs, path = _filesystem(tune_path)
+    names = sorted(_snapshot_files(tune_path), reverse=True)
+    families = _snapshot_families()
+
+    def of(prefix: str, suffix: str) -> list[str]:
+        return [n for n in names if n.startswith(prefix) and n.endswith(suffix)]
+
+    def whole(name: str, fmt: str) -> bool:
+        with fs.open_input_file(f"{path}/{name}") as f:
+            return _whole(f.readall(), fmt)
+
+    (prefix, suffix, fmt), *_ = families
+    kept = next((n[len(prefix):-len(suffix)] for n in of(prefix, suffix) if whole(n, fmt)), None)
+    if kept is None:
+        return  # nothing to choose from: Tune says what it cannot restore
+    aside = []
+    for prefix, suffix, fmt in families:
+        for n in of(prefix, suffix):  # newest first
+            if n[len(prefix):-len(suffix)] <= kept and whole(n, fmt):
+                break
+            aside.append(n)
+    for n in aside:
+        fs.move(f"{path}/{n}", f"{path}/{n}{CUT_SHORT}")
+    if aside:
+        print(f"resume: the interruption cut Tune's snapshot short; resuming from the whole one of session {kept} "
+              f"(set aside as *{CUT_SHORT}: {', '.join(aside)})", file=out)
 
 
 def _cluster_messages_to_log() -> None:
@@ -390,6 +499,9 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
 
         LEDGER.reconciler = Reconciler()
         _repair_tuner_file(tune_path, out)
+        _repair_snapshot(tune_path, out)
+        snapshot_before = _snapshot_files(tune_path)
+        LEDGER.reconciler.watch_tune_restore()
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
         searcher = writer = None
@@ -422,7 +534,25 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
 
     fit_start = time.time()
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception:
+        if not (resume and LEDGER.reconciler.restore_failed):
+            raise
+    finally:
+        if resume:
+            LEDGER.reconciler.stop_watching()
+    if resume and LEDGER.reconciler.restore_failed:
+        # Tune started the sweep over instead: stopped at its first step, or (nothing left to suggest) ended with
+        # an empty snapshot of its own, which is set aside so that the sweep's own stays the newest.
+        new = sorted(_snapshot_files(tune_path) - snapshot_before)
+        fs, path = _filesystem(tune_path)
+        for n in new:
+            fs.move(f"{path}/{n}", f"{path}/{n}.lmtune-failed-resume")
+        raise ConfigError(f"--resume: Tune could not restore the sweep's saved state ({LEDGER.reconciler.restore_failed}"
+                          f"; the traceback is in {results_dir / LOG_DIR / 'driver.log'}); nothing ran and the saved "
+                          f"state is as it was. Start the sweep again without --resume to run it anew (its finished "
+                          f"trials stay in {results_dir.name}/trials.csv).")
     wall = time.perf_counter() - t0
     if LEDGER.snapshots:
         logging.getLogger("lmtune").info(
