@@ -24,8 +24,11 @@ install: $(STAMP)  ## the project environment in .venv (once; again when pyproje
 demo: install  ## the main job: the memory-frontier sweep, smoke size, on an embedded local Ray (CPU, built-in corpus)
 	$(PY) -m lmtune.sweep sweeps/memory_frontier.py --smoke
 
-test: install  ## the whole test suite, real runs at tiny sizes (a few minutes on 2 cores)
-	$(PY) -m pytest -q
+# The suite runs in TEST_PROCS processes, a test file each at a time: its end-to-end tests mostly wait (on Ray
+# starting, on processes being killed and resumed), so two share two cores well.
+TEST_PROCS ?= 2
+test: install  ## the whole test suite, real runs at tiny sizes (under 10 minutes on 2 cores)
+	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile
 
 bench: install  ## the benchmarks recorded in BENCHMARKS.md (one at a time: they time the machine)
 	for b in trainer_vs_bare token_cache trial_overhead frontier_search memory_model oom_aware_search; do \

@@ -5,12 +5,11 @@
 * it writes one W&B run (offline, in the sweep's group) and one checkpoint stream (rank 0's, in the
   Train run's storage);
 * a Train worker process SIGKILLed mid-run (after the first checkpoint): the trial is retried, the Train
-  run resumes from its last checkpoint (no step before it is reported again) and ends with exactly the
-  uninterrupted run's final metrics;
-* the sweep's driver SIGKILLed during a 2-worker trial: ``--resume`` continues the trial's Train run from its
-  checkpoint, with the uninterrupted run's reports and final metrics.
+  run resumes from its last checkpoint (no step before it is reported again);
+* then the sweep's driver SIGKILLed during the retried trial: ``--resume`` continues the trial's Train run from
+  its latest checkpoint, and the trial ends with the uninterrupted run's reports and exact final metrics.
 
-The three sweeps run once per module (fixtures) and the tests read their results directories.
+The sweeps run once per module (fixtures; the two kills are one sweep) and the tests read their results.
 """
 
 from __future__ import annotations
@@ -25,13 +24,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_module, train_like
 from tests.test_sweep_e2e import _wait_for, only_run, rows, sweep_file
 
 pytestmark = pytest.mark.slow
 
-STEPS = 60  # the kills land after the first (worker) or second (driver) checkpoint: ~10 s before the end on 2 CPUs
-EVAL = 10
+STEPS = 100  # kills: a worker after the first checkpoint, the driver after the retry's first one
+EVAL = 20
 MB = 8  # per rank on 2 workers; the 1-worker reference runs 2·MB
 FINAL_KEYS = ("loss", "val_loss", "val_ppl", "tokens", "step")
 
@@ -69,8 +68,10 @@ def two_workers(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_worker(tmp_path_factory) -> Path:
-    return _run_sweep(tmp_path_factory.mktemp("ddp1"), "ddp1", 1, 2 * MB, "--no-wandb")
+def one_worker(two_workers) -> dict:
+    """The 2-worker trial's config on one process at twice the micro-batch (the same global batch and data)."""
+    (row,) = rows(two_workers).values()
+    return train_like(two_workers / "trials" / row["trial_id"] / "summary.json", train__micro_batch_size=2 * MB)
 
 
 def _train_workers(root: psutil.Process) -> list[psutil.Process]:
@@ -85,59 +86,78 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
     return found
 
 
+def _reports(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line the driver is still writing
+            break
+    return out
+
+
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """A 2-worker sweep whose Train worker is SIGKILLed after the trial's first checkpoint."""
+    """A 2-worker sweep through two failures, one after the other: a Train worker SIGKILLed after the trial's
+    first checkpoint (the trial is retried and its Train run continues from that checkpoint), then, once the
+    retry has made a checkpoint of its own, the sweep's driver and the Ray it started SIGKILLed; ``--resume``
+    then continues the same Train run again. Returns what each test reads."""
+    import threading
+
     tmp = tmp_path_factory.mktemp("kill")
     f = sweep_file(tmp, _sweep_body("ddp-kill", 2, MB, max_failures=1))
     storage = tmp / "results"
-    args = [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--no-wandb", "--no-report"]
+    args = ["--storage", str(storage), "--no-wandb", "--no-report"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    seen: list[dict] = []
-    try:
-        def checkpointed() -> bool:
-            for m in storage.glob("*/trials/*/metrics.jsonl"):
-                lines = []
-                for line in m.read_text().splitlines():
-                    try:
-                        lines.append(json.loads(line))
-                    except ValueError:  # a line the driver is still writing
-                        break
-                if any("val_loss" in r and r.get("status") == "running" for r in lines):
-                    seen[:] = lines
-                    return True
-            return False
+    proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
 
-        _wait_for(checkpointed, 300, proc)
+    def trial_dir() -> Path | None:
+        return next(iter(storage.glob("*/trials/*")), None)
+
+    try:
+        _wait_for(lambda: trial_dir() is not None and any(
+            "val_loss" in r for r in _reports(trial_dir() / "metrics.jsonl")), 300, proc)
+        before_worker_kill = _reports(trial_dir() / "metrics.jsonl")
         workers = _train_workers(psutil.Process(proc.pid))
         assert len(workers) == 2, [p.cmdline() for p in workers]
         workers[-1].send_signal(signal.SIGKILL)  # one worker of the group (which rank is not pinned down)
-        out, _ = proc.communicate(timeout=400)
+
+        def retry_checkpointed() -> bool:
+            attempts = _reports(trial_dir() / "attempts.jsonl")  # the retry's first new report adds a line
+            return len(attempts) >= 2 and any("val_loss" in r and r["step"] >= attempts[1]["step"]
+                                              for r in _reports(trial_dir() / "metrics.jsonl"))
+
+        _wait_for(retry_checkpointed, 300, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, out
-    return only_run(storage), seen, out
+    before_driver_kill = (trial_dir() / "metrics.jsonl").read_text().splitlines()
+    again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    return {"results": only_run(storage), "before_worker_kill": before_worker_kill, "out": "".join(lines),
+            "before_driver_kill": before_driver_kill, "resumed": again.stdout}
 
 
 def test_two_workers_match_one_worker_at_twice_the_micro_batch(two_workers, one_worker):
     row2, last2 = _final(two_workers)
-    row1, last1 = _final(one_worker)
-    assert row2["status"] == row1["status"] == "ok"
-    assert last2["step"] == last1["step"] == STEPS
-    assert int(row2["tokens"]) == int(row1["tokens"]) == STEPS * 2 * MB * 64  # same global batch, same data
+    assert row2["status"] == one_worker["status"] == "ok"
+    assert last2["step"] == one_worker["step"] == STEPS
+    assert int(row2["tokens"]) == int(one_worker["tokens"]) == STEPS * 2 * MB * 64  # same global batch, same data
     for key in ("loss", "val_loss"):
-        assert float(row2[key]) == pytest.approx(float(row1[key]), rel=0, abs=2e-5), key
-    # Every eval along the way agrees too, not just the last one.
-    evals = [{r["step"]: r["val_loss"] for r in map(json.loads, (res / "trials" / row["trial_id"] / "metrics.jsonl")
-                                                    .read_text().splitlines()) if "val_loss" in r}
-             for res, row in ((two_workers, row2), (one_worker, row1))]
-    assert sorted(evals[0]) == sorted(evals[1]) == list(range(EVAL, STEPS + 1, EVAL))
-    for step in evals[0]:
-        assert evals[0][step] == pytest.approx(evals[1][step], rel=0, abs=2e-5), step
+        assert float(row2[key]) == pytest.approx(float(one_worker[key]), rel=0, abs=2e-5), key
+    # Every eval along the way agrees too, not just the last one (the one-process run's own metrics.jsonl).
+    evals2 = {r["step"]: r["val_loss"] for r in _reports(two_workers / "trials" / row2["trial_id"] / "metrics.jsonl")
+              if "val_loss" in r}
+    assert sorted(evals2) == list(range(EVAL, STEPS + 1, EVAL))
+    assert evals2[STEPS] == pytest.approx(one_worker["val_loss"], rel=0, abs=2e-5)
 
 
 def test_multi_worker_trial_writes_one_wandb_run_and_one_checkpoint_stream(two_workers):
@@ -175,28 +195,28 @@ def test_multi_worker_trial_writes_one_wandb_run_and_one_checkpoint_stream(two_w
         assert heads and len(heads) == len(set(heads)), heads
 
 
+def _kinds(path: Path) -> list[tuple[int, bool]]:
+    return [(r["step"], "val_loss" in r) for r in _reports(path)]
+
+
 def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_metrics(killed, two_workers):
-    results, before_kill, out = killed
+    results, out = killed["results"], killed["out"]
     row, last = _final(results)
     assert row["status"] == "ok", (row, out)
-    ckpt_step = max(r["step"] for r in before_kill if "val_loss" in r)
+    ckpt_step = max(r["step"] for r in killed["before_worker_kill"] if "val_loss" in r)
     assert ckpt_step >= EVAL
-    reports = [json.loads(line) for line in (results / "trials" / row["trial_id"] / "metrics.jsonl")
-               .read_text().splitlines()]
-    steps = [r["step"] for r in reports]
+    tdir = results / "trials" / row["trial_id"]
+    steps = [r["step"] for r in _reports(tdir / "metrics.jsonl")]
     # The trial failed and was retried (Tune level: the Train run itself has max_failures=0)...
     assert f"failed   {row['trial_id']}  retrying from its last checkpoint" in out, out
     # ...from its checkpoint, not from scratch: no step up to the checkpoint it had is reported twice
     # (a restart from step 0 would report steps 5 and 10 again), and it reached the end.
-    ref = [json.loads(line)["step"] for line in (two_workers / "trials" / _final(two_workers)[0]["trial_id"]
-                                                   / "metrics.jsonl").read_text().splitlines()]
+    ref_file = two_workers / "trials" / _final(two_workers)[0]["trial_id"] / "metrics.jsonl"
+    ref = [s for s, _ in _kinds(ref_file)]
     assert [s for s in steps if s <= ckpt_step] == [s for s in ref if s <= ckpt_step], (steps, ref)
-    # The reports the first attempt made after its checkpoint were replaced by the retry's: the file reads
+    # The reports the attempts made after their checkpoints were replaced by the next attempt's: the file reads
     # as the uninterrupted run's, report for report.
-    kinds = [(r["step"], "val_loss" in r) for r in reports]
-    ref_kinds = [(r["step"], "val_loss" in r) for r in map(json.loads, (two_workers / "trials" / _final(two_workers)[0]
-                                                                          ["trial_id"] / "metrics.jsonl").read_text().splitlines())]
-    assert kinds == ref_kinds, (kinds, ref_kinds)
+    assert _kinds(tdir / "metrics.jsonl") == _kinds(ref_file)
     assert steps[-1] == STEPS
     # The same final metrics as the uninterrupted run (exact on CPU).
     ref_row, ref_last = _final(two_workers)
@@ -205,44 +225,23 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_metrics(killed
         assert last[key] == ref_last[key], (key, last[key], ref_last[key])
 
 
-def test_killed_driver_resumes_the_train_run_from_its_checkpoint(tmp_path, two_workers):
-    """The sweep's driver (and the Ray it started) SIGKILLed during a 2-worker trial: --resume restarts the
-    trial under its id, its Train run continues from the latest Train checkpoint, and the trial ends exactly
-    as the uninterrupted run did, its metrics.jsonl report for report the same."""
-    f = sweep_file(tmp_path, _sweep_body("ddp-driver-kill", 2, MB))
-    storage = tmp_path / "results"
-    args = ["--storage", str(storage), "--no-wandb", "--no-report"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        def past_two_checkpoints() -> bool:
-            for m in storage.glob("*/trials/*/metrics.jsonl"):
-                try:
-                    return any(json.loads(line).get("step", 0) >= 2 * EVAL for line in m.read_text().splitlines())
-                except ValueError:  # a line the driver is still writing
-                    return False
-            return False
-
-        _wait_for(past_two_checkpoints, 300, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    results = only_run(storage)
-    (tid,) = [p.name for p in (results / "trials").iterdir()]
-    before = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
-    again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    row, last = _final(results)
-    assert row["trial_id"] == tid and row["status"] == "ok", (row, again.stdout)
+def test_killed_driver_resumes_the_train_run_from_its_checkpoint(killed):
+    """After the retry's own checkpoint the driver (and the Ray it started) was SIGKILLed: --resume restarted the
+    trial under its id and its Train run continued from the latest Train checkpoint (not from step 0: the
+    reports before the kill are still the first ones)."""
+    results = killed["results"]
+    row, _ = _final(results)
+    tid = row["trial_id"]
+    assert row["status"] == "ok", (row, killed["resumed"])
+    assert f"(resumed)" in killed["resumed"] and tid in killed["resumed"]
     after = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
+    before = killed["before_driver_kill"]
     assert after[:2] == before[:2]  # continued, not restarted: the first reports are the first attempt's
-    ref = (two_workers / "trials" / _final(two_workers)[0]["trial_id"] / "metrics.jsonl").read_text().splitlines()
-    kinds = [(json.loads(line)["step"], "val_loss" in json.loads(line)) for line in after]
-    assert kinds == [(json.loads(line)["step"], "val_loss" in json.loads(line)) for line in ref]
-    ref_row, ref_last = _final(two_workers)
-    for key in ("loss", "val_loss", "tokens"):
-        assert last[key] == ref_last[key], (key, last[key], ref_last[key])
+    attempts = _reports(results / "trials" / tid / "attempts.jsonl")
+    assert len(attempts) == 3, attempts  # the first attempt, the retry, the resumed sweep's attempt
+    assert 0 < attempts[1]["step"] < attempts[2]["step"] <= STEPS, attempts
+    summary = json.loads((results / "trials" / tid / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= attempts[1]["step"], summary["resumed_from_step"]
 
 
 def test_a_worker_that_died_unexpectedly_is_an_error_not_an_oom():
