@@ -257,7 +257,7 @@ def test_resume_sets_aside_a_snapshot_the_interruption_cut_short(tmp_path):
     import io
     import pickle
 
-    from lmtune.sweep.runner import CUT_SHORT, _repair_snapshot
+    from lmtune.sweep.snapshot import CUT_SHORT, repair_snapshot
 
     whole_json, whole_pkl = b'{"trial_data": []}', pickle.dumps({"counter": 2, "state": "x" * 5000})
 
@@ -269,7 +269,7 @@ def test_resume_sets_aside_a_snapshot_the_interruption_cut_short(tmp_path):
 
     def repaired() -> tuple[list[str], str]:
         out = io.StringIO()
-        _repair_snapshot(str(tmp_path), out)
+        repair_snapshot(str(tmp_path), out)
         return sorted(p.name for p in tmp_path.iterdir()), out.getvalue()
 
     s1, s2 = "2026-12-01_10-00-00", "2026-12-01_10-05-00"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmtune.config import ConfigError
+from lmtune.sweep import snapshot
 from lmtune.sweep.load import ResolvedSweep, resolve_gpus
 
 TUNE_DIR = "tune"
@@ -124,18 +125,13 @@ def _close_log(handler: logging.Handler) -> None:
     handler.close()
 
 
-def _dashboard_port(preferred: int) -> int:
-    """``preferred`` when it is free (0: none), else a free port the OS picks."""
+def _free_port() -> int:
+    """A port the OS hands out as free (on 127.0.0.1)."""
     import socket
 
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise OSError("no free port for the Ray dashboard")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: TextIO) -> bool:
@@ -164,9 +160,11 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         # Ray's state API finds its cluster the same way (Ray Train's placement-group cleaner asks it, at the end
         # of every multi-worker trial, whether the run's controller is alive): pointed at a dead cluster's
         # address it waits 40 s, and the trial's teardown 12 s. This instance's dashboard answers it at once,
-        # so its address is chosen here, before the instance's processes start and inherit the variable.
+        # so its address is chosen here, before the instance's processes start and inherit the variable. The port
+        # is one the OS hands out: Ray's usual 8265 would race another Ray starting at the same moment (two sweeps,
+        # parallel tests), and a dashboard given a port does not try the next one.
         for attempt in range(5):
-            port = _dashboard_port(8265 if attempt == 0 else 0)
+            port = _free_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             try:
                 ctx = ray.init(address="local", include_dashboard=True, dashboard_port=port, **kwargs)
@@ -190,135 +188,6 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         if not link.exists():
             link.symlink_to(session / "logs", target_is_directory=True)
     return not address
-
-
-TUNER_FILE, TUNER_COPY = "tuner.pkl", "tuner.pkl.lmtune-copy"
-"""Tune writes ``tuner.pkl`` (the experiment's trainable, space and run config) when a Tuner is made or restored,
-truncating it first: a driver killed at that moment leaves it empty, and no later ``--resume`` can load it. lmtune
-keeps a copy of the last complete one (its content does not change over a sweep) and puts it back."""
-
-
-def _filesystem(uri_or_path: str):
-    """(pyarrow filesystem, path in it) of a storage URI or a local path."""
-    import pyarrow.fs
-
-    if "://" in uri_or_path:
-        return pyarrow.fs.FileSystem.from_uri(uri_or_path)
-    return pyarrow.fs.LocalFileSystem(), str(Path(uri_or_path).resolve())
-
-
-def _keep_tuner_file(tune_path: str) -> None:
-    import pyarrow.fs
-
-    fs, path = _filesystem(tune_path)
-    try:
-        fs.copy_file(f"{path}/{TUNER_FILE}", f"{path}/{TUNER_COPY}.tmp")
-        fs.move(f"{path}/{TUNER_COPY}.tmp", f"{path}/{TUNER_COPY}")
-    except (OSError, pyarrow.lib.ArrowException) as e:  # a missing copy only matters to a later resume: say so there
-        logging.getLogger("lmtune").warning("could not keep a copy of %s: %s", TUNER_FILE, e)
-
-
-def _repair_tuner_file(tune_path: str, out: TextIO) -> None:
-    """Before a resume: a ``tuner.pkl`` that does not load is replaced by the copy lmtune kept (see TUNER_COPY)."""
-    import pyarrow.fs
-    import ray.cloudpickle
-
-    fs, path = _filesystem(tune_path)
-    try:
-        with fs.open_input_file(f"{path}/{TUNER_FILE}") as f:
-            ray.cloudpickle.loads(f.readall())
-        return
-    except Exception as e:  # noqa: BLE001 — any reason it does not load
-        broken = f"{type(e).__name__}: {e}"
-    try:
-        fs.copy_file(f"{path}/{TUNER_COPY}", f"{path}/{TUNER_FILE}")
-    except (OSError, pyarrow.lib.ArrowException):
-        raise ConfigError(f"--resume: {tune_path}/{TUNER_FILE} cannot be read ({broken}) and lmtune kept no copy "
-                          f"of it; the sweep cannot be resumed (its trials so far are in the results directory).")
-    print(f"resume: {TUNER_FILE} was cut short by the interruption ({broken}); put back lmtune's copy", file=out)
-
-
-def _snapshot_families() -> list[tuple[str, str, str]]:
-    """Tune's snapshot of a sweep, one file of each family per driver session (``<prefix><session><suffix>``,
-    the session a start timestamp): the trials (JSON), the search algorithm's wrappers, the searcher, the
-    callbacks (pickles, whatever their suffix). (prefix, suffix, format) from Tune's own templates."""
-    from ray.tune.callback import CallbackList
-    from ray.tune.execution.tune_controller import TuneController
-    from ray.tune.search import SearchGenerator, Searcher
-
-    out = [(TuneController.CKPT_FILE_TMPL, "json")]
-    out += [(c.CKPT_FILE_TMPL, "pickle") for c in (SearchGenerator, Searcher, CallbackList)]
-    return [(t.split("{}")[0], t.split("{}")[1], fmt) for t, fmt in out]
-
-
-CUT_SHORT = ".lmtune-cut-short"
-
-
-def _whole(data: bytes, fmt: str) -> bool:
-    """Whether a snapshot file is complete: JSON that parses, or a pickle whose opcodes run to its STOP at the
-    very end (read with pickletools, which builds no object)."""
-    if fmt == "json":
-        import json
-
-        try:
-            json.loads(data)
-            return True
-        except ValueError:
-            return False
-    import pickletools
-
-    try:
-        last = None
-        for last in pickletools.genops(data):
-            pass
-    except Exception:  # noqa: BLE001 — any malformed or truncated stream
-        return False
-    return last is not None and last[0].name == "STOP" and last[2] == len(data) - 1
-
-
-def _snapshot_files(tune_path: str) -> set[str]:
-    import pyarrow.fs
-
-    fs, path = _filesystem(tune_path)
-    families = _snapshot_families()
-    return {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path)) if i.type == pyarrow.fs.FileType.File
-            and any(i.base_name.startswith(p) and i.base_name.endswith(x) for p, x, _ in families)}
-
-
-def _repair_snapshot(tune_path: str, out: TextIO) -> None:
-    """Before a resume: Tune writes each snapshot into a staging directory and copies the whole directory into
-    the storage, every session's files again, several at once (pyarrow ``copy_files``). A driver killed
-    during that copy leaves files cut short (seen: a searcher state of 4096 bytes, on which Tune's restore
-    fails and it silently starts the sweep over) or only some of the newest session's copied. The newest
-    session whose experiment state is whole is the one resumed: the files of newer sessions, and any newest
-    file of a family that is cut short, are set aside (renamed ``*.lmtune-cut-short``), so that Tune takes each
-    family's newest whole file."""
-    fs, path = _filesystem(tune_path)
-    names = sorted(_snapshot_files(tune_path), reverse=True)
-    families = _snapshot_families()
-
-    def of(prefix: str, suffix: str) -> list[str]:
-        return [n for n in names if n.startswith(prefix) and n.endswith(suffix)]
-
-    def whole(name: str, fmt: str) -> bool:
-        with fs.open_input_file(f"{path}/{name}") as f:
-            return _whole(f.readall(), fmt)
-
-    (prefix, suffix, fmt), *_ = families
-    kept = next((n[len(prefix):-len(suffix)] for n in of(prefix, suffix) if whole(n, fmt)), None)
-    if kept is None:
-        return  # nothing to choose from: Tune says what it cannot restore
-    aside = []
-    for prefix, suffix, fmt in families:
-        for n in of(prefix, suffix):  # newest first
-            if n[len(prefix):-len(suffix)] <= kept and whole(n, fmt):
-                break
-            aside.append(n)
-    for n in aside:
-        fs.move(f"{path}/{n}", f"{path}/{n}{CUT_SHORT}")
-    if aside:
-        print(f"resume: the interruption cut Tune's snapshot short; resuming from the whole one of session {kept} "
-              f"(set aside as *{CUT_SHORT}: {', '.join(aside)})", file=out)
 
 
 def _cluster_messages_to_log() -> None:
@@ -498,9 +367,9 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         from lmtune.sweep.resume import Reconciler
 
         LEDGER.reconciler = Reconciler()
-        _repair_tuner_file(tune_path, out)
-        _repair_snapshot(tune_path, out)
-        snapshot_before = _snapshot_files(tune_path)
+        snapshot.repair_tuner_file(tune_path, out)
+        snapshot.repair_snapshot(tune_path, out)
+        snapshot_before = snapshot.files(tune_path)
         LEDGER.reconciler.watch_tune_restore()
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -528,7 +397,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-    _keep_tuner_file(tune_path)
+    snapshot.keep_tuner_file(tune_path)
     if resume and max_concurrent:
         print("note: --max-concurrent is fixed when a sweep starts; the resumed run keeps its value.", file=out)
 
@@ -545,10 +414,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     if resume and LEDGER.reconciler.restore_failed:
         # Tune started the sweep over instead: stopped at its first step, or (nothing left to suggest) ended with
         # an empty snapshot of its own, which is set aside so that the sweep's own stays the newest.
-        new = sorted(_snapshot_files(tune_path) - snapshot_before)
-        fs, path = _filesystem(tune_path)
-        for n in new:
-            fs.move(f"{path}/{n}", f"{path}/{n}.lmtune-failed-resume")
+        snapshot.set_aside(tune_path, snapshot.files(tune_path) - snapshot_before, snapshot.FAILED_RESUME)
         raise ConfigError(f"--resume: Tune could not restore the sweep's saved state ({LEDGER.reconciler.restore_failed}"
                           f"; the traceback is in {results_dir / LOG_DIR / 'driver.log'}); nothing ran and the saved "
                           f"state is as it was. Start the sweep again without --resume to run it anew (its finished "
