@@ -144,6 +144,38 @@ def test_restored_searcher_requeues_a_point_asked_after_the_snapshot(tmp_path):
     assert {first["train.lr"], orphan["train.lr"], last["train.lr"]} == {1e-3, 2e-3, 3e-3}  # then the rest of the grid
 
 
+def test_a_driver_killed_inside_optunas_ask_leaves_a_point_the_resume_requeues_whole(tmp_path):
+    """Killed after Study.ask created its trial but before it wrote the params (seen in CI: the resumed grid
+    sweep then died with GridSampler's "All parameters must be specified …"): the requeued point is the grid
+    point the trial was given; for a requeued trial killed the same way, the point it was enqueued with."""
+    s = Sweep(name="ask", base=dict(TINY_CPU), space={"train.lr": grid([1e-3, 2e-3, 3e-3, 4e-3])})
+    rs = resolve(s, "ask.py")
+    searcher = make_searcher(rs, tmp_path)
+    searcher.suggest("t1")
+    searcher.on_trial_complete("t1", {"val_loss": 3.0, "status": "ok"})
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the snapshot every resume below restores
+
+    def killed_inside_ask(search) -> None:
+        study = search._ot_study
+        waiting = study._pop_waiting_trial_id()  # what Study.ask does first: an enqueued trial, else a new one,
+        trial = waiting if waiting is not None else study._storage.create_new_trial(study._study_id)
+        study.sampler.before_trial(study, study._storage.get_trial(trial))  # then the sampler's set-up; killed
+        assert study._storage.get_trial(trial).params == {}
+
+    def resumed():
+        search = make_searcher(rs, tmp_path)
+        search.restore(str(tmp_path / "searcher.pkl"))
+        search.requeue_orphans({"t1"})
+        return search
+
+    killed_inside_ask(searcher)  # a new trial, given grid point 1
+    killed_inside_ask(resumed())  # the resume's first ask takes the requeued point 1; killed again
+    last = resumed()
+    again = [last.suggest(f"r{i}")["train.lr"] for i in range(3)]
+    assert again[0] == 2e-3  # the interrupted point, whole,
+    assert sorted(again[1:]) == [3e-3, 4e-3]  # then the rest of the grid
+
+
 def test_restarted_trial_reports_replace_the_steps_it_repeats(tmp_path):
     import json
 

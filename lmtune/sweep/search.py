@@ -237,9 +237,22 @@ class StudySearch(OptunaSearch):
                 continue
             storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self._ot_study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+            self._ot_study.enqueue_trial(self._point_of(t), user_attrs={"requeued_from": t.number})
             logger.info("optuna: trial %d was asked after the restored snapshot; closed as interrupted, "
                         "its point enqueued again", t.number)
+
+    def _point_of(self, t) -> dict[str, Any]:
+        """The point an asked trial was given. A driver killed inside ``Study.ask`` leaves a RUNNING trial whose
+        params are not all written yet: its point is then the one it was enqueued with (system attribute
+        ``fixed_params``) or its grid point (``grid_id``, which GridSampler sets before any param), the params
+        written so far on top. A grid trial enqueued with fewer params than the grid's is refused by Optuna."""
+        point = dict(t.system_attrs.get("fixed_params") or {})
+        sampler = self._ot_study.sampler
+        if isinstance(sampler, optuna.samplers.GridSampler) and "grid_id" in t.system_attrs:
+            # GridSampler's own grid and its (sorted) names: no public accessor.
+            point.update(zip(sampler._param_names, sampler._all_grids[t.system_attrs["grid_id"]]))
+        point.update(t.params)
+        return point
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Intermediate values for optuna-dashboard's curves, at the tokens seen so far (metric reports only:
