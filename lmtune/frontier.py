@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from lmtune.config import ConfigError, all_keys, coerce
+from lmtune.contract import FEASIBLE
 
-FEASIBLE = ("ok", "diverged", "pruned")
-"""Statuses of trials that ran without running out of memory (as in lmtune.sweep.plan)."""
 NORM_KEYS = ("model.norm_placement", "model.final_norm", "train.warmup_steps")
 BATCH_KEYS = ("train.micro_batch_size", "train.accumulation_steps", "train.lr_scaling", "train.base_batch_tokens")
 STUDIED = {"norm": ("grad_norm_spread",), "batch": ("grad_coherence", "noise_scale")}

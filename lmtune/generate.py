@@ -16,17 +16,18 @@ from lmtune import config as config_lib
 from lmtune.cli import user_errors_exit_2
 from lmtune.config import ConfigError
 from lmtune.data import get_tokenizer
+from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_FILE
 from lmtune.model import GPT
-from lmtune.train import CHECKPOINT_FILE, read_checkpoint, resolve_device
+from lmtune.train import read_checkpoint, resolve_device
 
 
 def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[GPT, config_lib.Config]:
     """The model of a checkpoint directory written by the trainer, in eval mode."""
     path = Path(checkpoint)
-    if not (path / CHECKPOINT_FILE).is_file() or not (path / "config.json").is_file():
-        raise ConfigError(f"{path} is not a checkpoint directory (expected {CHECKPOINT_FILE} and config.json; "
+    if not (path / CHECKPOINT_FILE).is_file() or not (path / CHECKPOINT_CONFIG).is_file():
+        raise ConfigError(f"{path} is not a checkpoint directory (expected {CHECKPOINT_FILE} and {CHECKPOINT_CONFIG}; "
                           "the trainer writes them to OUT/checkpoint).")
-    cfg = config_lib.from_flat(json.loads((path / "config.json").read_text()))
+    cfg = config_lib.from_flat(json.loads((path / CHECKPOINT_CONFIG).read_text()))
     dev = resolve_device(device)
     state = read_checkpoint(path)
     model = GPT(cfg.model, state["vocab_size"]).to(dev)

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from lmtune.config import ConfigError
 from lmtune.frontier import Results, cost_text, fmt, short, status_label
-from lmtune.report import LAYER_PREFIX, _finite
+from lmtune.contract import layer_keys
+from lmtune.report import _finite
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -158,10 +159,10 @@ def curves_svg(metrics: list[dict[str, Any]], width: int = 340, height: int = 15
 
 def layer_norms_svg(metrics: list[dict[str, Any]], width: int = 340, height: int = 70) -> str | None:
     """The last reported per-layer gradient norms, log10, one bar per layer."""
-    last = next((m for m in reversed(metrics) if any(k.startswith(LAYER_PREFIX) for k in m)), None)
+    last = next((m for m in reversed(metrics) if layer_keys(m)), None)
     if last is None:
         return None
-    keys = sorted((k for k in last if k.startswith(LAYER_PREFIX)), key=lambda k: int(k[len(LAYER_PREFIX):]))
+    keys = layer_keys(last)
     logs = [math.log10(last[k]) if _finite(last[k]) and last[k] > 0 else None for k in keys]
     shown = [v for v in logs if v is not None]
     if not shown:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmtune.contract import layer_metric
+
 GIB = 1024**3
 
 
@@ -49,12 +51,9 @@ def grad_norm_spread(norms: Iterable[float]) -> float:
     return math.log10(max(positive) / min(positive))
 
 
-LAYER_PREFIX = "grad_norm/layer_"
-
-
 def layer_metrics(blocks: nn.ModuleList) -> dict[str, float]:
     norms = layer_grad_norms(blocks)
-    out = {f"{LAYER_PREFIX}{i}": n for i, n in enumerate(norms)}
+    out = {layer_metric(i): n for i, n in enumerate(norms)}
     out["grad_norm_spread"] = grad_norm_spread(norms)
     return out
 

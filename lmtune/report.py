@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.cli import user_errors_exit_2
+from lmtune.contract import layer_keys
 from lmtune.frontier import (
     FrontierReport,
     Results,
@@ -37,9 +38,6 @@ from lmtune.frontier import (
     summary_markdown,
     write_frontier,
 )
-
-LAYER_PREFIX = "grad_norm/layer_"
-
 
 def render(results_dir: str | Path) -> list[Path]:
     """Write the tables and plots of a results directory; returns the files written.
@@ -168,10 +166,9 @@ def layer_norms(results: Results, row: dict[str, Any]) -> list[float]:
     """The trial's final ``grad_norm/layer_{i}`` values (summary.json, else its last report that has them)."""
     last: dict[str, Any] = {}
     for m in results.metrics(row["trial_id"]):
-        if any(k.startswith(LAYER_PREFIX) for k in m):
+        if layer_keys(m):
             last = m
-    keys = sorted((k for k in last if k.startswith(LAYER_PREFIX)), key=lambda k: int(k[len(LAYER_PREFIX):]))
-    return [float(last[k]) for k in keys]
+    return [float(last[k]) for k in layer_keys(last)]
 
 
 def plot_grad_norm_layers(results: Results, path: Path) -> Path | None:
@@ -214,7 +211,7 @@ def layer_norm_history(results: Results, row: dict[str, Any]) -> tuple[list[int]
     """(steps, norms[layer][i]) from every report of the trial that has per-layer gradient norms."""
     steps, columns = [], []
     for m in results.metrics(row["trial_id"]):
-        layers = sorted((k for k in m if k.startswith(LAYER_PREFIX)), key=lambda k: int(k[len(LAYER_PREFIX):]))
+        layers = layer_keys(m)
         if layers and _finite(m.get("step")):
             steps.append(int(m["step"]))
             columns.append([float(m[k]) if _finite(m[k]) else float("nan") for k in layers])

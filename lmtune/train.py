@@ -33,9 +33,12 @@ from torch import nn
 from lmtune import config as config_lib
 from lmtune.cli import check_output_dir, user_errors_exit_2
 from lmtune.config import Config, ConfigError
+from lmtune.contract import (
+    CHECKPOINT_CONFIG, CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_REPORT, METRICS_JSONL, SAMPLES_TXT, SUMMARY_JSON,
+    SUMMARY_METRICS, layer_keys,
+)
 from lmtune.data import IGNORE_INDEX, Batches, eval_batches, get_tokenizer, load_tokens
 from lmtune.measure import (
-    LAYER_PREFIX,
     EmulatedOOM,
     GradientNoise,
     StepTimer,
@@ -53,20 +56,8 @@ from lmtune.reports import keep_reports, order
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
-# The metrics every final summary carries (DESIGN.md names); trials.csv and the tables read these.
-FINAL_METRICS = (
-    "loss", "lr", "grad_norm", "step_time_ms", "val_loss", "val_ppl", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s", "device_hours",
-    "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread", "grad_coherence",
-    "noise_scale", "mfu",
-)
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_REPORT = "lmtune_checkpoint_report"
-"""Set on the reports a resumed trainer sends again first: those made since the checkpoint before the
-previous one, up to the checkpoint it resumes from (saved in the checkpoint). Whoever collects reports (the
-sweep driver) may have lost the last of them when the run was interrupted (on Ray Train the checkpoint can
-be persisted before its reports reach Tune); from the first of them on, they replace what it recorded."""
 REPLAY_CHECKPOINTS = 2
-"""How many checkpoint intervals of reports a checkpoint holds for that replay."""
+"""How many checkpoint intervals of reports a checkpoint holds, sent again on resume (:data:`CHECKPOINT_REPORT`)."""
 FAULT_OOM_ENV = "LMTUNE_FAULT_OOM_MICRO_BATCH"
 """Fault injection for tests of the OOM path through Ray (trial processes inherit the driver's environment):
 every step of a run whose micro_batch_size is at least this raises a real torch.OutOfMemoryError. Read once,
@@ -290,7 +281,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.resume_from and self._replay:  # a stream that went on past the checkpoint: from there on again
                 last = order(self._replay[-1])
-                keep_reports(self.out_dir / "metrics.jsonl", lambda at: at <= last)
+                keep_reports(self.out_dir / METRICS_JSONL, lambda at: at <= last)
         if self.is_main and self.wandb_kwargs is not None:
             self._init_wandb()
 
@@ -611,7 +602,7 @@ class Trainer:
         self.last.update(metrics)
         if self.is_main:
             if self.out_dir:
-                with open(self.out_dir / "metrics.jsonl", "a") as f:
+                with open(self.out_dir / METRICS_JSONL, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if self._wandb_run is not None:
                 self._wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
@@ -619,8 +610,8 @@ class Trainer:
             self._report(metrics, checkpoint_dir if self.is_main else None)
 
     def _finish(self, status: str) -> dict[str, Any]:
-        final = {k: self.last[k] for k in FINAL_METRICS if k in self.last}
-        final.update({k: v for k, v in self.last.items() if k.startswith(LAYER_PREFIX)})
+        final = {k: self.last[k] for k in SUMMARY_METRICS if k in self.last}
+        final.update({k: self.last[k] for k in layer_keys(self.last)})
         if "oom_reason" in self.last:
             final["oom_reason"] = self.last["oom_reason"]
         final.update(self._peaks())  # the last measured memory, also for a run that ended before a report
@@ -633,7 +624,7 @@ class Trainer:
         self._emit(final, checkpoint=status == "ok", status=status)
         summary = {**self.last, "config": self.cfg.flat()}
         if self.is_main and self.out_dir:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            (self.out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
         if self._wandb_run is not None:
             self._wandb_run.summary.update({k: v for k, v in self.last.items() if isinstance(v, (int, float, str))})
         if not self.stage_checkpoints:  # staged: the last one goes out with the held-back final report
@@ -664,7 +655,7 @@ class Trainer:
         self.raw_model.train()
         text = tok.decode(out[0, len(start):].tolist())
         if self.out_dir:
-            with open(self.out_dir / "samples.txt", "a") as f:
+            with open(self.out_dir / SAMPLES_TXT, "a") as f:
                 f.write(f"--- step {self.step} ---\n{text}\n")
         if self._wandb_run is not None:
             import wandb
@@ -680,10 +671,10 @@ class Trainer:
         if not (self.is_main and self.cfg.train.checkpoint):
             return None
         if self.out_dir and not self.stage_checkpoints:
-            final = self.out_dir / "checkpoint"
+            final = self.out_dir / CHECKPOINT_DIR
         else:
             self._tmp_ckpt = self._tmp_ckpt or tempfile.mkdtemp(prefix="lmtune-ckpt-")
-            final = Path(self._tmp_ckpt) / "checkpoint"
+            final = Path(self._tmp_ckpt) / CHECKPOINT_DIR
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -701,7 +692,7 @@ class Trainer:
             },
             tmp / CHECKPOINT_FILE,
         )
-        (tmp / "config.json").write_text(json.dumps(self.cfg.flat(), indent=2))
+        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(self.cfg.flat(), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return str(final)
@@ -763,7 +754,7 @@ def resume_config(checkpoint: str | Path, overrides: list[str], files: list[str]
     if files:
         raise ConfigError(f"--resume takes the config saved with the checkpoint; config files ({', '.join(files)}) "
                           f"are not accepted. Give only keys such as train.steps=N.")
-    saved = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    saved = path / CHECKPOINT_CONFIG if path.is_dir() else path.parent / CHECKPOINT_CONFIG
     read_checkpoint(path)  # a missing or unreadable checkpoint is named before its config
     try:
         flat = json.loads(saved.read_text())
@@ -802,8 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         print(config_lib.describe(cfg, sources or {k: "the checkpoint's config.json" for k in cfg.flat()}))
         return 0
     out = Path(args.out) if args.out else default_out
-    if not args.resume and ((out / "summary.json").exists() or (out / "checkpoint").exists()):
-        raise ConfigError(f"--out {out} already holds a run; pass --resume {out / 'checkpoint'} "
+    if not args.resume and ((out / SUMMARY_JSON).exists() or (out / CHECKPOINT_DIR).exists()):
+        raise ConfigError(f"--out {out} already holds a run; pass --resume {out / CHECKPOINT_DIR} "
                           "to continue it, or choose a new --out.")
     check_output_dir(out, "--out")
     if not args.resume:
@@ -819,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = {k: summary[k] for k in ("status", "step", "tokens", "loss", "val_loss", "val_ppl", "tokens_per_s",
                                      "peak_reserved_gib") if k in summary}
     print(json.dumps(shown, indent=2))
-    print(f"results: {out / 'summary.json'}")
+    print(f"results: {out / SUMMARY_JSON}")
     return 0 if summary["status"] == "ok" else 1
 
 

@@ -84,7 +84,7 @@ def test_resume_reproduces_uninterrupted_trajectory(tmp_path):
 def test_resumed_trainer_first_sends_the_reports_its_checkpoint_was_saved_with(tmp_path):
     """What a sweep driver needs to keep metrics.jsonl whole when the interruption came between a
     checkpoint and its reports reaching the driver."""
-    from lmtune.train import CHECKPOINT_REPORT
+    from lmtune.contract import CHECKPOINT_REPORT
 
     class Interrupted(Exception):
         pass
@@ -405,7 +405,7 @@ def test_describe_shows_the_value_a_run_uses_and_its_layer(in_tmp, capsys):
 def test_checkpoint_replay_window_spans_two_checkpoint_intervals(tmp_path):
     import torch
 
-    from lmtune.train import CHECKPOINT_FILE
+    from lmtune.contract import CHECKPOINT_FILE
 
     Trainer(tiny("train.steps=30", "train.eval_interval=10", "train.log_interval=5"), out_dir=tmp_path).fit()
     state = torch.load(tmp_path / "checkpoint" / CHECKPOINT_FILE, weights_only=False)

@@ -16,14 +16,12 @@ from typing import Any, Iterable, TextIO
 
 from ray.tune import Callback
 
+from lmtune.contract import CHECKPOINT_REPORT, FAILED, PLACEMENT, TIME_IN_TRAINER, TRIAL_METRICS
 from lmtune.sweep.oom import LEDGER
 from lmtune.sweep.progress import Progress
-from lmtune.sweep.results import (
-    FINAL_METRICS, PLACEMENT, _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv,
-)
-from lmtune.sweep.trainable import OOM_KILLED_KEY, TIME_IN_TRAINER, trial_config
+from lmtune.sweep.results import _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv
+from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
 from lmtune.reports import keep_reports, order
-from lmtune.train import CHECKPOINT_REPORT
 
 
 class ResultsWriter(Callback):
@@ -168,19 +166,19 @@ class ResultsWriter(Callback):
         flat = trial_config(trial.config)
         row: dict[str, Any] = {"trial_id": tid, "status": status, "source": "run"}
         row.update({k: flat.get(k) for k in self.space_keys})
-        row.update({k: last.get(k) for k in FINAL_METRICS})
+        row.update({k: last.get(k) for k in TRIAL_METRICS})
         started = self.started.get(tid)
         self.ended[tid] = time.time()
         row["wall_time_s"] = round(time.time() - started, 3) if started else None
         row.update({k: last.get(k) for k in PLACEMENT})
         message = ""
-        if status in ("error", "oom", "host_oom") and tid in LEDGER.errors:
+        if status in FAILED and tid in LEDGER.errors:
             message = LEDGER.errors[tid][1]
         elif status == "oom":
             message = str(last.get("oom_reason", ""))
         elif status == "error":
             message = str(last.get("error", ""))
-        row["error"] = message if status in ("error", "oom", "host_oom") else ""
+        row["error"] = message if status in FAILED else ""
         self.rows[tid] = row
         tdir = self.results_dir / "trials" / tid
         tdir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +224,7 @@ class ResultsWriter(Callback):
 
 def _drop_reports_from(path: Path, first: dict[str, Any]) -> None:
     """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from there: first the
-    reports its checkpoint holds (``lmtune.train.CHECKPOINT_REPORT``: up to two checkpoint intervals ending
+    reports its checkpoint holds (``lmtune.contract.CHECKPOINT_REPORT``: up to two checkpoint intervals ending
     with the checkpoint's own), then the steps after it. What the earlier attempt recorded from the first of
     them on is dropped, so that metrics.jsonl holds each report once, as one uninterrupted run would have
     written it (including reports that never reached the driver before the interruption)."""

@@ -26,17 +26,9 @@ from typing import Any
 from lmtune import config as config_lib
 from lmtune.cli import check_output_dir
 from lmtune.config import ConfigError
+from lmtune.contract import LAYER_PREFIX, MEASURED_EVERY, REPORTED_METRICS, layer_index
 from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUniform, Smoke, Sweep, Uniform
 
-# Metrics the trainer reports (DESIGN.md, "Metric names") that a sweep can optimize: numbers in the
-# final report. ``grad_norm/layer_{i}`` is accepted for i < model.n_layer.
-REPORTED_METRICS = (
-    "val_loss", "val_ppl", "loss", "grad_norm", "grad_norm_spread", "grad_coherence", "noise_scale",
-    "step_time_ms", "avg_step_time_ms", "wall_clock_s", "device_hours", "tokens_per_s", "mfu", "peak_reserved_gib",
-    "peak_allocated_gib", "tokens", "step", "epoch", "lr",
-)
-_LAYER_METRIC = re.compile(r"^grad_norm/layer_(\d+)$")
-_MEASURED_EVERY = ("grad_coherence", "noise_scale")  # need train.measure_interval > 0
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 MAX_CHECKED_POINTS = 4096
 """Grid points resolved one by one at validation; beyond this many, a random-free sample of corners."""
@@ -385,9 +377,9 @@ def _check_metrics(metrics: list[str], modes: list[str], base: dict[str, Any], w
     if len(set(metrics)) != len(metrics):
         raise ConfigError(f"{where}: metric names a metric twice: {metrics}.")
     for m in metrics:
-        layer = _LAYER_METRIC.match(m) if isinstance(m, str) else None
-        if layer:
-            if int(layer.group(1)) >= base["model.n_layer"]:
+        layer = layer_index(m) if isinstance(m, str) else None
+        if layer is not None:
+            if layer >= base["model.n_layer"]:
                 raise ConfigError(f"{where}: metric {m!r} names a layer the model does not have "
                                   f"(model.n_layer={base['model.n_layer']}).")
             continue
@@ -397,8 +389,8 @@ def _check_metrics(metrics: list[str], modes: list[str], base: dict[str, Any], w
             close = difflib.get_close_matches(str(m), REPORTED_METRICS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: metric {m!r} is never reported by the trainer.{hint} "
-                              f"Reported: {', '.join(REPORTED_METRICS)}, grad_norm/layer_{{i}}.")
-        if m in _MEASURED_EVERY and base["train.measure_interval"] == 0:
+                              f"Reported: {', '.join(REPORTED_METRICS)}, {LAYER_PREFIX}{{i}}.")
+        if m in MEASURED_EVERY and base["train.measure_interval"] == 0:
             raise ConfigError(f"{where}: metric {m!r} needs train.measure_interval > 0 (it is 0 in the base config).")
         if m == "mfu" and base["system.device"] == "cpu":
             raise ConfigError(f"{where}: metric 'mfu' is reported on GPU only (system.device='cpu').")
@@ -556,5 +548,4 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
                           f"for an embedded local Ray.") from None
 
 
-__all__ = ["ResolvedSweep", "load_sweep", "resolve", "check_address", "check_storage", "REPORTED_METRICS",
-           "domain_json"]
+__all__ = ["ResolvedSweep", "load_sweep", "resolve", "check_address", "check_storage", "domain_json"]

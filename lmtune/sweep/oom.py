@@ -6,7 +6,8 @@ the process that runs it (``ray.exceptions.OutOfMemoryError``, or an actor death
 or an OOM raised inside a Ray Train worker and wrapped by Train. :func:`classify` reads any such exception
 chain by evidence (exception types, torch's allocator messages, Ray's memory monitor's exact words; never
 words that happen to be in a path or a trial's name); the trainable and the driver use it to record ``oom``.
-A memory-monitor kill while other trials ran on the node is ``host_oom`` (see :data:`STATUSES`).
+A memory-monitor kill while other trials ran on the node is ``host_oom`` (:data:`lmtune.contract.STATUSES`):
+retried, with fewer trials at once, and not told to the searcher as infeasible.
 
 The :class:`Ledger` is the driver's record of what Tune's scheduler and error paths decided about each
 trial (stopped by ASHA → ``pruned``; failed with an OOM → ``oom``). The scheduler, the searcher and the
@@ -20,10 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("ok", "oom", "host_oom", "diverged", "pruned", "error")
-"""Trial statuses. ``host_oom``: Ray's memory monitor killed the trial while other trials ran on its node: the
-node's memory ran out, not necessarily because of this config (the monitor kills the newest task), so it is
-retried, with fewer trials at once, and not told to the searcher as infeasible."""
+from lmtune.contract import SETTLED
+
 
 RAY_MEMORY_MONITOR = "killed due to the node running low on memory"
 """The words of Ray's memory monitor (raylet) in the error of every worker it kills; matched as Ray writes them,
@@ -153,7 +152,7 @@ class Ledger:
         status = (result or {}).get("status")
         if error:
             return "oom" if status == "oom" else "error"
-        if status in ("ok", "oom", "host_oom", "diverged", "pruned"):  # pruned: replayed from an earlier session
+        if status in SETTLED:  # pruned: replayed from an earlier session
             return status
         return "error"  # ended without the trainer's final report
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lmtune.config import ConfigError
+from lmtune.contract import FEASIBLE
 from lmtune.sweep.spec import Choice, Frontier, Grid
 
 FINISHED = "FINISHED"
@@ -48,8 +49,6 @@ FINISHED = "FINISHED"
 
 PEAK_KEY = "peak_reserved_gib"
 THROUGHPUT_KEY = "tokens_per_s"
-FEASIBLE = ("ok", "diverged", "pruned")
-"""Trial statuses that ran without running out of memory (their peak counts for the fit)."""
 
 LineKey = tuple[tuple[str, Any], ...]
 

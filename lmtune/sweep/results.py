@@ -18,17 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmtune import __version__
+from lmtune.contract import PLACEMENT, TIME_IN_TRAINER, TRIAL_METRICS
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.trainable import TIME_IN_TRAINER
-
-FINAL_METRICS = (
-    "val_loss", "val_ppl", "loss", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s", "device_hours",
-    "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread",
-    "grad_coherence", "noise_scale", "mfu", "ac_mode",
-)
-"""trials.csv's metric columns (docs/CONTRACTS.md)."""
-PLACEMENT = ("node_ip", "node_id", "gpu_ids", "cuda_visible_devices")
-"""trials.csv's columns for where a trial ran (its last attempt)."""
 
 # Keys Tune adds to every result that are not the trainer's metrics (its node_ip is kept: where each report was made).
 _TUNE_KEYS = {
@@ -120,7 +111,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def csv_columns(space_keys: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
-    return ["trial_id", "status", "source", *space_keys, *FINAL_METRICS, *extra, "wall_time_s", *PLACEMENT, "error"]
+    return ["trial_id", "status", "source", *space_keys, *TRIAL_METRICS, *extra, "wall_time_s", *PLACEMENT, "error"]
 
 
 def read_trials_csv(path: Path) -> list[dict[str, str]]:

@@ -29,10 +29,10 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from lmtune.contract import CHECKPOINT_REPORT
 from lmtune.sweep.load import ResolvedSweep
 from lmtune.sweep.oom import LEDGER, classify_trial_error, was_memory_monitor_kill
 from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
-from lmtune.train import CHECKPOINT_REPORT
 
 STUDY_FILE = "optuna.db"
 MEMORY_CONSTRAINT = "memory_gib"
@@ -265,7 +265,7 @@ class StudySearch(OptunaSearch):
         stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
         if stored.state.is_finished():
             # Told before an interruption: the restored Tune snapshot predates this trial's end, so Tune runs it
-            # again, and the trainable replays its recorded result (lmtune.sweep.trainable.REPLAYED).
+            # again, and the trainable replays its recorded result (lmtune.contract.REPLAYED).
             return
         if result.get(CHECKPOINT_REPORT) and step in stored.intermediate_values:
             return  # a resumed trial's checkpoint report, already heard before the interruption

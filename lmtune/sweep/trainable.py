@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-REPLAYED = "lmtune_replayed"
-"""Marks the result of a trial that had already finished when a resumed sweep started it again."""
+from lmtune.contract import CHECKPOINT_REPORT, REPLAYED, STATUSES, SUMMARY_JSON, TIME_IN_TRAINER, TRIALS_DIR
+
 OOM_KILLED_KEY = "__lmtune_oom_killed__"
 """Set in a trial's config by the driver when Ray's memory monitor killed it: the restart reports oom."""
-TIME_IN_TRAINER = "time_in_trainer_s"
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,6 @@ class _HoldLast:
         if metrics.get("status", "running") != "running":
             self.final = (dict(metrics), checkpoint_dir)
             return
-        from lmtune.train import CHECKPOINT_REPORT
 
         metrics = dict(metrics)
         if not self.placed and not metrics.get(CHECKPOINT_REPORT):
@@ -348,12 +346,12 @@ def _finished_before(settings: TrialSettings, trial_id: str) -> dict[str, Any] |
     the results directory is not visible from this node)."""
     import json
 
-    path = Path(settings.results_dir) / "trials" / trial_id / "summary.json"
+    path = Path(settings.results_dir) / TRIALS_DIR / trial_id / SUMMARY_JSON
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if summary.get("status") not in ("ok", "oom", "diverged", "pruned", "error"):
+    if summary.get("status") not in STATUSES or summary["status"] == "host_oom":  # host_oom: retried, not ended
         return None
     return {k: v for k, v in summary.items() if k != "config" and isinstance(v, (int, float, str, bool))}
 
