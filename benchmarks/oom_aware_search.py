@@ -122,7 +122,7 @@ def write(path: Path, runs, pooled, share, best, ratio, constrained, verdict, se
     import ray
     import torch
 
-    from lmtune.frontier import markdown_table
+    from lmtune.results.format import markdown_table
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()

@@ -1,7 +1,7 @@
 """Results directories in the layout of docs/CONTRACTS.md, for the report and export tests.
 
 The sweep runner writes the real ones; these are built from simulated trials (through the real planner
-for the frontier) so that tests of lmtune.frontier/report/export run in milliseconds.
+for the frontier) so that tests of lmtune.results (tables, report, export) run in milliseconds.
 """
 
 from __future__ import annotations

@@ -8,15 +8,16 @@ import tomllib
 import pytest
 
 from lmtune import config as config_lib
-from lmtune import export
-from lmtune.frontier import load_results
+from lmtune import export as export_command
+from lmtune.results import export
+from lmtune.results.read import load_results
 from tests.conftest import run_module
 from tests.frontier_fixtures import B, X, frontier_results, frontier_sweep_json, norm_results, write_results_dir
 
 
 def test_frontier_export_round_trip(tmp_path):
     d, _ = frontier_results(tmp_path / "r")
-    rec = json.loads(__import__("lmtune.report", fromlist=["render"]).render(d) and (d / "frontier.json").read_text())[
+    rec = json.loads(__import__("lmtune.results.report", fromlist=["render"]).render(d) and (d / "frontier.json").read_text())[
         "recommended"]
     out = tmp_path / "locked" / "frontier.toml"
     plan = export.export(d, out)
@@ -49,7 +50,7 @@ def test_best_trial_export_skips_non_ok_trials(tmp_path):
 
 def test_default_target_is_the_projects_locked_file_the_trainer_picks_up(tmp_path, in_tmp):
     d, _ = frontier_results(tmp_path / "r", smoke=False, limit=None, device=20.0)  # a real device's frontier
-    assert export.main([str(d)]) == 0
+    assert export_command.main([str(d)]) == 0
     assert (in_tmp / "lmtune.locked.toml").is_file() and (in_tmp / "lmtune.locked.md").is_file()
     winner = export.winner(load_results(d))
     assert config_lib.PROJECT_LOCKED.resolve() in config_lib.locked_files()
@@ -62,14 +63,14 @@ def test_overwrite_refused_without_force_and_file_unchanged(tmp_path, capsys):
     out = tmp_path / "locked.toml"
     out.write_text('[train]\nmicro_batch_size = 7\nweight_decay = 0.1\n\n[provenance."train.weight_decay"]\nsource = "by hand"\n')
     before = out.read_bytes()
-    assert export.main([str(d), "--to", str(out)]) == 2
+    assert export_command.main([str(d), "--to", str(out)]) == 2
     captured = capsys.readouterr()
     assert out.read_bytes() == before and not out.with_suffix(".md").exists()
     assert "train.micro_batch_size: 7 → " in captured.out  # what would change
     assert "train.weight_decay: 0.1 (kept)" in captured.out
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {out} exists; nothing written")
-    assert export.main([str(d), "--to", str(out), "--force"]) == 0
+    assert export_command.main([str(d), "--to", str(out), "--force"]) == 0
     doc = tomllib.loads(out.read_text())
     assert doc["train"]["weight_decay"] == 0.1 and doc["provenance"]["train.weight_decay"]["source"] == "by hand"  # kept
     assert doc["train"]["micro_batch_size"] != 7
@@ -84,7 +85,7 @@ def test_a_budget_is_not_exported_into_a_file_of_the_other_ac_mode(tmp_path, cap
     out = tmp_path / "locked.toml"
     out.write_text('[train]\ncompile = false\n')
     before = out.read_bytes()
-    assert export.main([str(d), "--to", str(out), "--force"]) == 2
+    assert export_command.main([str(d), "--to", str(out), "--force"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "measured with ac_mode=budget" in err[0] and "train.compile=false" in err[0]
     assert out.read_bytes() == before
@@ -105,15 +106,15 @@ def test_a_smoke_or_emulated_limit_run_needs_force_to_become_the_projects_defaul
     """The demo's winner was measured on a CPU-sized model under an emulated limit: locking it into
     ./lmtune.locked.toml would silently change every later run here."""
     d, _ = frontier_results(tmp_path / "r")  # smoke, emulated 20 GiB limit
-    assert export.main([str(d)]) == 2
+    assert export_command.main([str(d)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a --smoke run (a CPU-sized model) and run under an emulated 20 GiB memory limit" in err[0]
     assert "--to FILE" in err[0] and "--force" in err[0]
     assert not (in_tmp / "lmtune.locked.toml").exists()
-    assert export.main([str(d), "--to", "smoke.toml"]) == 0  # elsewhere: written, and it says what it is
+    assert export_command.main([str(d), "--to", "smoke.toml"]) == 0  # elsewhere: written, and it says what it is
     prov = config_lib.provenance(in_tmp / "smoke.toml")
     assert prov[X]["measured_on"].startswith("a --smoke run") and "[a --smoke run" in prov[X]["source"]
-    assert export.main([str(d), "--force"]) == 0 and (in_tmp / "lmtune.locked.toml").is_file()
+    assert export_command.main([str(d), "--force"]) == 0 and (in_tmp / "lmtune.locked.toml").is_file()
 
 
 def _all_oom(tmp_path):
@@ -146,7 +147,7 @@ def _no_ok_trial(tmp_path):
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, message):
     target = case(tmp_path)
-    assert export.main([str(target), "--to", str(tmp_path / "out.toml")]) == 2
+    assert export_command.main([str(target), "--to", str(tmp_path / "out.toml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out.toml").exists()
@@ -157,13 +158,13 @@ def test_a_pareto_sweep_is_exported_by_choosing_a_trial_of_its_front(tmp_path, c
 
     d = pareto_results(tmp_path / "p")
     out = tmp_path / "locked.toml"
-    assert export.main([str(d), "--to", str(out)]) == 2
+    assert export_command.main([str(d), "--to", str(out)]) == 2
     err = capsys.readouterr().err
     assert "several metrics has no single winner" in err and "--trial ID" in err and "b (val_loss=3.2" in err
     assert not out.exists()
-    assert export.main([str(d), "--to", str(out), "--trial", "e"]) == 2  # oom: not a config to lock
+    assert export_command.main([str(d), "--to", str(out), "--trial", "e"]) == 2  # oom: not a config to lock
     assert "ended oom, not ok" in capsys.readouterr().err
-    assert export.main([str(d), "--to", str(out), "--trial", "b"]) == 0
+    assert export_command.main([str(d), "--to", str(out), "--trial", "b"]) == 0
     assert config_lib.load(locked=out).train.lr == pytest.approx(2e-3)
     assert "trial b chosen (on the Pareto front)" in config_lib.provenance(out)["train.lr"]["source"]
 
@@ -174,7 +175,7 @@ def test_a_pareto_sweep_is_exported_by_choosing_a_trial_of_its_front(tmp_path, c
 ])
 def test_a_to_path_that_cannot_be_a_file_is_refused_before_anything_is_read(tmp_path, capsys, to, message):
     (tmp_path / "afile").write_text("x")
-    assert export.main([str(tmp_path / "missing"), "--to", to.format(tmp=tmp_path)]) == 2
+    assert export_command.main([str(tmp_path / "missing"), "--to", to.format(tmp=tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --to ") and message in err[0], err
 
@@ -197,12 +198,12 @@ def test_validate_runs_the_winner_fresh_and_writes_only_when_it_agrees(tmp_path,
     out = tmp_path / "v.toml"
     # the sweep "measured" an impossible throughput: the fresh run drifts, nothing is written, exit 1
     d = _tiny_sweep(tmp_path / "fast", tokens_per_s=1e12, peak=0.001)
-    assert export.main([str(d), "--to", str(out), "--validate", "12"]) == 1
+    assert export_command.main([str(d), "--to", str(out), "--validate", "12"]) == 1
     text = capsys.readouterr().out
     assert "| tokens_per_s | 1,000,000,000,000 |" in text and "validation FAILED: tokens/s drifted -100.0%" in text
     assert not out.exists()
     # with a tolerance that admits the drift: the same comparison, then the file is written
-    assert export.main([str(d), "--to", str(out), "--validate", "12", "--tolerance", "9.99"]) == 0
+    assert export_command.main([str(d), "--to", str(out), "--validate", "12", "--tolerance", "9.99"]) == 0
     text = capsys.readouterr().out
     assert "validation passed" in text and text.index("validation passed") < text.index("written: ")
     assert tomllib.loads(out.read_text())["train"]["lr"] == 3e-3
@@ -210,9 +211,9 @@ def test_validate_runs_the_winner_fresh_and_writes_only_when_it_agrees(tmp_path,
 
 def test_validate_fails_when_the_headroom_is_gone_and_refuses_bad_steps(tmp_path, capsys):
     d = _tiny_sweep(tmp_path / "tight", tokens_per_s=1.0, peak=0.001, limit=1e-4)  # the fresh run cannot fit
-    assert export.main([str(d), "--to", str(tmp_path / "v.toml"), "--validate", "12", "--tolerance", "9.99"]) == 1
+    assert export_command.main([str(d), "--to", str(tmp_path / "v.toml"), "--validate", "12", "--tolerance", "9.99"]) == 1
     assert "validation FAILED: the validation run ended oom" in capsys.readouterr().out
     assert not (tmp_path / "v.toml").exists()
-    assert export.main([str(d), "--to", str(tmp_path / "v.toml"), "--validate", "2"]) == 2
+    assert export_command.main([str(d), "--to", str(tmp_path / "v.toml"), "--validate", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--validate 2: expected more steps than train.compile_warmup_steps + 1" in err[0]

@@ -7,8 +7,12 @@ import json
 
 import pytest
 
-from lmtune import report
-from lmtune.frontier import analyze_frontier, load_results, val_loss_at_equal_tokens
+from lmtune import report as report_command
+from lmtune.results import plots
+from lmtune.results.report import render
+from lmtune.results.frontier import analyze_frontier
+from lmtune.results.read import load_results
+from lmtune.results.summary import val_loss_at_equal_tokens
 from tests.conftest import REPO, run_module
 from tests.frontier_fixtures import (
     B,
@@ -26,7 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def test_frontier_rows_equal_the_trial_results(tmp_path):
     d, plan = frontier_results(tmp_path / "r")
-    written = report.render(d)
+    written = render(d)
     assert {p.name for p in written} >= {"frontier.md", "frontier.csv", "frontier.json", "summary.md", "frontier.png"}
     data = json.loads((d / "frontier.json").read_text())
     with open(d / "trials.csv") as f:
@@ -56,7 +60,7 @@ def test_frontier_rows_equal_the_trial_results(tmp_path):
 
 def test_recommended_point_is_the_fastest_with_headroom_stated_like_the_seed(tmp_path):
     d, _ = frontier_results(tmp_path / "r")
-    report.render(d)
+    render(d)
     data = json.loads((d / "frontier.json").read_text())
     rows = [(t["line"][B], r) for t in data["tables"] for r in t["rows"]]
     eligible = [(b, r) for b, r in rows if r["status"] == "ok" and r["headroom_gib"] >= 4.0]
@@ -92,12 +96,12 @@ def test_the_seeds_a100_tables_give_the_seeds_recommendation():
 
 def test_limit_falls_back_to_device_memory_and_unknown_limit_is_said(tmp_path):
     d, _ = frontier_results(tmp_path / "dev", limit=None, device=20.0)
-    report.render(d)
+    render(d)
     assert "Limit: 20 GiB (device memory (simulated))" in (d / "frontier.md").read_text()
     sweep = frontier_sweep_json([1, 2, 4], [1.0], limit=None, device=None)
     rows = [{"trial_id": "a", "source": "run", "status": "ok", X: 2, B: 1.0, "peak_reserved_gib": 1.0, "tokens_per_s": 5.0}]
     d2 = write_results_dir(tmp_path / "nolimit", sweep, rows)
-    report.render(d2)
+    render(d2)
     assert "No recommended operating point: the memory limit is unknown" in (d2 / "frontier.md").read_text()
 
 
@@ -111,22 +115,22 @@ def _assert_png(path):
 
 def test_plots_are_written_as_valid_pngs(tmp_path):
     d, _ = frontier_results(tmp_path / "f")
-    report.render(d)
+    render(d)
     _assert_png(d / "plots" / "frontier.png")
     _assert_png(d / "plots" / "loss_curves.png")
     n = norm_results(tmp_path / "n")
-    written = report.render(n)
+    written = render(n)
     for name in ("grad_norm_layers.png", "grad_norm_over_time.png"):
         assert n / "plots" / name in written
         _assert_png(n / "plots" / name)
-    steps, norms = report.layer_norm_history(load_results(n), {"trial_id": "t2"})
+    steps, norms = plots.layer_norm_history(load_results(n), {"trial_id": "t2"})
     assert steps == [100, 200, 300] and len(norms) == 4 and norms[3][0] == pytest.approx(10 ** -10)
     assert not (d / "plots" / "grad_norm_layers.png").exists()  # only for norm sweeps
 
 
 def test_norm_and_batch_summary_tables(tmp_path):
     n = norm_results(tmp_path / "n")
-    report.render(n)
+    render(n)
     md = (n / "summary.md").read_text()
     assert "## Norm placement × warmup" in md
     assert "| t2 | post | 0 | 2.9 | 10 | yes |" in md  # diverged: its last val loss, spread 10, diverged yes
@@ -135,7 +139,7 @@ def test_norm_and_batch_summary_tables(tmp_path):
     b = batch_results(tmp_path / "b")
     tokens, at = val_loss_at_equal_tokens(load_results(b))
     assert tokens == 1000 and at["a1"] == pytest.approx(3.0) and at["a4"] == pytest.approx(5.0 - 2.0 * 1000 / 2000)
-    report.render(b)
+    render(b)
     md = (b / "summary.md").read_text()
     assert "## Batch size × LR scaling" in md and "1,000 tokens" in md
     assert "| a4 | 4 | linear | 4 | 2.9 | 0.998 | 2345 |" in md
@@ -171,7 +175,7 @@ def test_report_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case):
     elif case == "no_sweep_json":
         target.mkdir()
         (target / "trials.csv").write_text("trial_id,status\n")
-    assert report.main([str(target)]) == 2
+    assert report_command.main([str(target)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
 
@@ -192,13 +196,13 @@ def test_limit_falls_back_to_the_device_memory_trials_reported(tmp_path):
 def test_pareto_front_summary_and_plot(tmp_path):
     from tests.frontier_fixtures import pareto_results
 
-    from lmtune.frontier import pareto_front
+    from lmtune.results.summary import pareto_front
 
     d = pareto_results(tmp_path / "p")
     results = load_results(d)
     assert results.objectives == [("val_loss", "min"), ("tokens_per_s", "max")]
     assert [r["trial_id"] for r in pareto_front(results)] == ["a", "b", "c"]  # d is beaten by b on both
-    written = report.render(d)
+    written = render(d)
     md = (d / "summary.md").read_text()
     assert "Objectives: val_loss (min), tokens_per_s (max)." in md and "## Pareto front" in md
     front_table = md.split("## Pareto front")[1].split("## Trials")[0]
@@ -216,7 +220,7 @@ def test_summary_ranks_pruned_trials_after_finished_ones_with_their_tokens(tmp_p
             {"trial_id": "b", "status": "ok", "source": "run", "train.lr": 3e-3, "val_loss": 2.8, "tokens": 15360},
             {"trial_id": "c", "status": "ok", "source": "run", "train.lr": 1e-4, "val_loss": 3.1, "tokens": 15360}]
     d = write_results_dir(tmp_path / "asha", sweep, rows)
-    report.render(d)
+    render(d)
     md = (d / "summary.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ") and line[2] in "abc"]
     assert [line[2] for line in table] == ["b", "c", "a"]
@@ -240,7 +244,7 @@ def test_every_infeasible_point_says_its_evidence_and_the_prediction_error_is_re
     its table says so and by how much margin, and the fit's error against the points that ran is reported. With it
     on (the default), that point runs and the sentence says so."""
     d, _ = frontier_results(tmp_path / "p", measure=convex_trial, verify_predicted=False, margin=0.1)
-    report.render(d)
+    render(d)
     md = (d / "frontier.md").read_text()
     assert "| OOM (predicted) |" in md
     assert ("(predicted, never run: the fit puts it at" in md and "above the 20 GiB limit by more than the 0.100 GiB "
@@ -250,7 +254,7 @@ def test_every_infeasible_point_says_its_evidence_and_the_prediction_error_is_re
     mean = float(line.split("mean |error| ")[1].split(" GiB")[0])
     assert mean > 0  # convex memory: the linear fit is off, and the table says by how much
     d2, _ = frontier_results(tmp_path / "v", measure=convex_trial, margin=0.1)
-    report.render(d2)
+    render(d2)
     md2 = (d2 / "frontier.md").read_text()
     assert "| OOM (predicted) |" not in md2 and "predicted, never run" not in md2
     assert "(ran)." in md2

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from lmtune import report
-from lmtune.frontier import cost, load_results
+from lmtune.results.read import load_results
+from lmtune.results.report import render
+from lmtune.results.summary import cost
 from tests.frontier_fixtures import frontier_results, norm_results
 
 
 def test_the_page_holds_every_table_plot_trial_evidence_cost_and_the_export(tmp_path):
     d, _ = frontier_results(tmp_path / "f", xs=tuple(range(1, 25)))
-    written = report.render(d)
+    written = render(d)
     page = (d / "report.html").read_text()
     assert d / "report.html" in written
     # every markdown table of frontier.md and summary.md, as a table
@@ -42,7 +43,7 @@ def test_the_page_holds_every_table_plot_trial_evidence_cost_and_the_export(tmp_
 
 def test_a_norm_sweep_page_draws_each_trials_layer_norms(tmp_path):
     d = norm_results(tmp_path / "n")
-    report.render(d)
+    render(d)
     page = (d / "report.html").read_text()
     assert page.count("aria-label='gradient norm per layer'") == 4
     assert "Norm placement × warmup" in page
@@ -68,7 +69,7 @@ def test_the_page_loads_in_headless_chromium_without_console_errors_and_is_not_b
 
     browser = _chromium()
     d, _ = frontier_results(tmp_path / "f", xs=tuple(range(1, 25)))
-    report.render(d)
+    render(d)
     messages = _load(browser, d / "report.html", tmp_path / "shot.png")
     assert messages == []
     pixels = matplotlib.image.imread(tmp_path / "shot.png")

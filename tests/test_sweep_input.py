@@ -272,7 +272,8 @@ def test_define_by_run_is_dry_run_at_validation():
 
 def test_resume_refuses_a_changed_sweep(tmp_path, capsys, no_ray):
     """--resume continues the latest run of the same sweep; other overrides would mix two configs."""
-    from lmtune.sweep.results import new_results_dir, sweep_json, write_json
+    from lmtune.results.layout import new_results_dir, write_json
+    from lmtune.sweep.record import sweep_json
 
     path = write(tmp_path, GOOD)
     sweep, _ = load_sweep(path)

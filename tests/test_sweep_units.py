@@ -11,7 +11,7 @@ from ray.exceptions import OutOfMemoryError, RayTaskError
 from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform, randint
 from lmtune.sweep.load import resolve
 from lmtune.sweep.oom import LEDGER, classify, first_line
-from lmtune.sweep.results import group_name, runs_of
+from lmtune.results.layout import group_name, runs_of
 from lmtune.sweep.search import enqueued_points, make_scheduler, make_searcher, max_tokens, ordered_grid
 
 

@@ -16,12 +16,28 @@ from typing import Any, Iterable, TextIO
 
 from ray.tune import Callback
 
-from lmtune.contract import CHECKPOINT_REPORT, FAILED, PLACEMENT, TIME_IN_TRAINER, TRIAL_METRICS
+from lmtune.contract import (
+    ATTEMPTS_JSONL, CHECKPOINT_REPORT, FAILED, METRICS_JSONL, PLACEMENT, SUMMARY_JSON, TIME_IN_TRAINER, TRIAL_METRICS,
+    TRIALS_CSV, TRIALS_DIR,
+)
+from lmtune.results.format import fmt
+from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
 from lmtune.sweep.oom import LEDGER
 from lmtune.sweep.progress import Progress
-from lmtune.sweep.results import _metrics_only, csv_columns, fmt, read_trials_csv, write_json, write_trials_csv
 from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
 from lmtune.reports import keep_reports, order
+
+
+# Keys Tune adds to every result that are not the trainer's metrics (its node_ip is kept: where each report was made).
+_TUNE_KEYS = {
+    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "time_since_restore",
+    "iterations_since_restore", "config", "experiment_tag", "checkpoint_path", TIME_IN_TRAINER,
+}
+
+
+def _metrics_only(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in _TUNE_KEYS and not k.startswith("config/")}
 
 
 class ResultsWriter(Callback):
@@ -78,8 +94,8 @@ class ResultsWriter(Callback):
     # --- Tune hooks ---
 
     def setup(self, **info) -> None:
-        (self.results_dir / "trials").mkdir(parents=True, exist_ok=True)
-        for row in read_trials_csv(self.results_dir / "trials.csv"):  # a resumed sweep keeps its finished rows
+        (self.results_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
+        for row in read_trials_csv(self.results_dir / TRIALS_CSV, typed=False):  # a resumed sweep keeps its finished rows
             self.rows[row["trial_id"]] = dict(row)
             self.finished_before.add(row["trial_id"])
 
@@ -105,7 +121,7 @@ class ResultsWriter(Callback):
         if trial.config.get(OOM_KILLED_KEY):
             return
         self.progress.start(tid, trial_config(trial.config).get("train.steps"))
-        point = "  ".join(f"{k}={fmt(trial.config.get(k))}" for k in self.space_keys if k in trial.config)
+        point = "  ".join(f"{k}={fmt(trial.config.get(k), k)}" for k in self.space_keys if k in trial.config)
         self._line("start", tid, point)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -119,7 +135,7 @@ class ResultsWriter(Callback):
         self.last.setdefault(tid, {}).update(metrics)
         self.reported[tid] = self.reported.get(tid, 0) + 1
         self.progress.report(tid, metrics)
-        tdir = self.results_dir / "trials" / tid
+        tdir = trial_dir(self.results_dir, tid)
         tdir.mkdir(parents=True, exist_ok=True)
         if metrics.get("status", "running") == "running" and "node_id" in metrics:  # Tune adds node_ip to every result
             # An attempt's first new report says where it runs: one line per attempt in attempts.jsonl, kept out
@@ -128,12 +144,12 @@ class ResultsWriter(Callback):
             for k in PLACEMENT:
                 if k != "node_ip":  # node_ip is Tune's own, in every result
                     metrics.pop(k, None)
-            with open(tdir / "attempts.jsonl", "a") as f:
+            with open(tdir / ATTEMPTS_JSONL, "a") as f:
                 f.write(json.dumps({"step": metrics.get("step"), "at": time.time(), **where}) + "\n")
         if tid in self.restarted:
             self.restarted.discard(tid)
-            _drop_reports_from(tdir / "metrics.jsonl", metrics)
-        with open(tdir / "metrics.jsonl", "a") as f:
+            _drop_reports_from(tdir / METRICS_JSONL, metrics)
+        with open(tdir / METRICS_JSONL, "a") as f:
             f.write(json.dumps(metrics, default=str) + "\n")
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
@@ -180,7 +196,7 @@ class ResultsWriter(Callback):
             message = str(last.get("error", ""))
         row["error"] = message if status in FAILED else ""
         self.rows[tid] = row
-        tdir = self.results_dir / "trials" / tid
+        tdir = trial_dir(self.results_dir, tid)
         tdir.mkdir(parents=True, exist_ok=True)
         summary = {**last, "status": status, "trial_id": tid, "config": flat, "wall_time_s": row["wall_time_s"],
                    "started_at": started, "ended_at": self.ended[tid]}
@@ -188,7 +204,7 @@ class ResultsWriter(Callback):
             summary["pruned_at_tokens"] = LEDGER.pruned.get(tid)
         if row["error"]:
             summary["error"] = row["error"]
-        write_json(tdir / "summary.json", summary)
+        write_json(tdir / SUMMARY_JSON, summary)
         self.write_csv()
         self.progress.end(tid)
         self._line(status, tid, self._describe(status, row, last))
@@ -196,14 +212,14 @@ class ResultsWriter(Callback):
     def _describe(self, status: str, row: dict[str, Any], last: dict[str, Any]) -> str:
         parts = []
         if status == "pruned":
-            parts.append(f"stopped by ASHA at tokens={fmt(LEDGER.pruned.get(row['trial_id']))}")
+            parts.append(f"stopped by ASHA at tokens={fmt(LEDGER.pruned.get(row['trial_id']), 'tokens')}")
         for m in self.metrics:
             if last.get(m) is not None:
-                parts.append(f"{m}={fmt(last[m])}")
+                parts.append(f"{m}={fmt(last[m], m)}")
         if status == "oom" and last.get("peak_reserved_gib") is not None and "peak_reserved_gib" not in self.metrics:
-            parts.append(f"peak_reserved_gib={fmt(last['peak_reserved_gib'])}")
+            parts.append(f"peak_reserved_gib={fmt(last['peak_reserved_gib'], 'peak_reserved_gib')}")
         if last.get("tokens") is not None:
-            parts.append(f"tokens={fmt(last['tokens'])}")
+            parts.append(f"tokens={fmt(last['tokens'], 'tokens')}")
         if row.get("wall_time_s") is not None:
             parts.append(f"{row['wall_time_s']:.1f}s")
         if row.get("error"):
@@ -212,7 +228,7 @@ class ResultsWriter(Callback):
 
     def write_csv(self, extra_rows: Iterable[dict[str, Any]] = ()) -> None:
         rows = list(self.rows.values()) + list(extra_rows)
-        write_trials_csv(self.results_dir / "trials.csv", self.columns, rows)
+        write_trials_csv(self.results_dir / TRIALS_CSV, self.columns, rows)
 
     def done(self) -> int:
         return len(self.rows)

@@ -35,13 +35,13 @@ already has a probe in flight; different lines and the two thresholds of one lin
 from __future__ import annotations
 
 import itertools
-import math
 import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lmtune.config import ConfigError
 from lmtune.contract import FEASIBLE
+from lmtune.results.format import number
 from lmtune.sweep.spec import Choice, Frontier, Grid
 
 FINISHED = "FINISHED"
@@ -336,12 +336,12 @@ class FrontierPlan:
             return
         line, p = self._by_trial[trial_id]
         result = result or {}
-        if self.limit_gib is None and _number(result.get("device_memory_gib")):
-            self.limit_gib = _number(result.get("device_memory_gib"))  # no emulated limit: the device's memory
+        if self.limit_gib is None and number(result.get("device_memory_gib")):
+            self.limit_gib = number(result.get("device_memory_gib"))  # no emulated limit: the device's memory
         status = str(result.get("status", "error" if error else "ok"))
         p.status = status
-        p.peak = _number(result.get(PEAK_KEY))
-        p.throughput = _number(result.get(THROUGHPUT_KEY))
+        p.peak = number(result.get(PEAK_KEY))
+        p.throughput = number(result.get(THROUGHPUT_KEY))
         if status == "oom":
             p.state = "oom"
         elif status in FEASIBLE and not error:
@@ -443,14 +443,6 @@ def prediction_summary(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "oom_points": len(oom),
         "oom_predicted_above_limit": sum(1 for e in oom if e["consistent"]),
     }
-
-
-def _number(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def simulate(

@@ -10,13 +10,12 @@ The flow of :func:`run`:
 3. one Tune trial per config (:mod:`lmtune.sweep.trainable`), Optuna or the frontier planner
    suggesting configs, ASHA on ``tokens`` or FIFO, Tune-level retries for genuine errors only;
 4. at the end: ``trials.csv`` complete (frontier sweeps add the points never launched), the table of
-   trials and the best one on the console, ``lmtune.report.render`` for tables and plots.
+   trials and the best one on the console, ``lmtune.results.report.render`` for tables and plots.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmtune.config import ConfigError
+from lmtune.contract import LOG_DIR, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
+from lmtune.results import console
+from lmtune.results.layout import new_results_dir, read_trials_csv, runs_of, write_json
+from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import snapshot
 from lmtune.sweep.load import ResolvedSweep, resolve_gpus
-
-TUNE_DIR = "tune"
-TRAIN_DIR = "train"
-LOG_DIR = "logs"
+from lmtune.sweep.record import check_same_sweep, device_memory, sweep_json
 
 
 @dataclass
@@ -224,30 +224,14 @@ def _other_clusters() -> list[str]:
 # --- results directory --------------------------------------------------------------------------------
 
 
-def uri_join(base: str, *parts: str) -> str:
-    """``base/part/…`` for a directory or a URI; a URI's query (``s3://b/p?endpoint_override=…``, which
-    pyarrow reads for the filesystem's options) stays at the end."""
-    head, sep, query = base.partition("?") if "://" in base else (base, "", "")
-    return "/".join([head.rstrip("/"), *parts]) + sep + query
-
-
-def _resolve_storage(storage: str) -> tuple[Path, str | None]:
-    """(local directory for the driver's files, remote URI or None)."""
-    if "://" in storage:
-        return Path("results").resolve(), storage
-    return Path(storage).expanduser().resolve(), None
-
-
 def _find_resumable(local_root: Path, rs: ResolvedSweep, remote: str | None) -> Path:
     """The latest run of this sweep (same ``--smoke``) under the local results root. With a remote storage
     the driver's files are still local (the trials' and Tune's state are in the storage, checked later)."""
     import json
 
-    from lmtune.sweep.results import runs_of
-
     for run_dir in reversed(runs_of(local_root, rs.name)):
         try:
-            meta = json.loads((run_dir / "sweep.json").read_text())
+            meta = json.loads((run_dir / SWEEP_JSON).read_text())
         except (OSError, ValueError):
             continue
         if bool(meta.get("smoke")) == rs.smoke and (remote or (run_dir / TUNE_DIR).is_dir()):
@@ -255,24 +239,6 @@ def _find_resumable(local_root: Path, rs: ResolvedSweep, remote: str | None) -> 
     smoke = " --smoke" if rs.smoke else ""
     raise ConfigError(f"--resume: no earlier{smoke} run of sweep '{rs.name}' in {local_root} to continue; "
                       f"run it without --resume first.")
-
-
-def _check_same_sweep(rs: ResolvedSweep, results_dir: Path) -> None:
-    """A resumed run must have the config it started with: unfinished trials would otherwise mix two."""
-    import json
-
-    from lmtune.sweep.results import sweep_json
-
-    then = json.loads((results_dir / "sweep.json").read_text())
-    now = json.loads(json.dumps(sweep_json(rs, results_dir), default=str))
-    changed = [k for k in sorted(set(then["base"]) | set(now["base"])) if then["base"].get(k) != now["base"].get(k)]
-    changed += [f"space[{k}]" for k in sorted(set(then["space"]) | set(now["space"]))
-                if then["space"].get(k) != now["space"].get(k)]
-    changed += [k for k in ("metric", "mode", "searcher", "scheduler", "num_trials", "workers") if then.get(k) != now.get(k)]
-    if changed:
-        raise ConfigError(f"--resume: {results_dir.name} was started with a different sweep ({', '.join(changed[:6])}"
-                          f"{' …' if len(changed) > 6 else ''} changed); resume with the same file and overrides, "
-                          f"or start a new run without --resume.")
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -293,12 +259,11 @@ def run(
 ) -> Outcome:
     """Run (or with ``resume`` continue) the sweep; ``reuse_actors=None`` decides by :func:`measures_memory`."""
     out = out or sys.stdout
-    local_root, remote = _resolve_storage(storage)
-    from lmtune.sweep.results import new_results_dir, sweep_json, write_json
+    local_root, remote = resolve_storage(storage)
 
     if resume:
         results_dir = _find_resumable(local_root, rs, remote)
-        _check_same_sweep(rs, results_dir)
+        check_same_sweep(rs, results_dir)
     else:
         local_root.mkdir(parents=True, exist_ok=True)
         results_dir = new_results_dir(local_root, rs.name)
@@ -321,10 +286,11 @@ def run(
     asked = rs.gpus
     rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
     if not resume:
-        write_json(results_dir / "sweep.json", sweep_json(rs, results_dir))
+        write_json(results_dir / SWEEP_JSON, sweep_json(rs, results_dir))
     print(f"sweep {rs.name}{' (smoke)' if rs.smoke else ''}: {rs.num_samples} trial(s), searcher {rs.searcher}, "
           f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
-    print(f"trials: {_resources_text(rs, asked)}", file=out)
+    print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
+                                              device=rs.base.get("system.device")), file=out)
     try:
         return _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
                          wandb=wandb, ray_train=ray_train, render=render, remote=remote, reuse_actors=reuse_actors,
@@ -375,8 +341,6 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
         searcher = writer = None
     else:
-        from lmtune.sweep.results import device_memory
-
         limit = rs.base.get("system.memory_limit_gib") or device_memory(rs).get("device_memory_gib")
         searcher = make_searcher(rs, results_dir, limit_gib=limit or None)
         extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
@@ -442,28 +406,16 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         writer.write_csv(searcher.implied_rows())
     else:
         writer.write_csv()
-    rows = _read_rows(results_dir)
-    best = _print_summary(rs, results_dir, rows, out, tune_dir=tune_path)
+    rows = read_trials_csv(results_dir / TRIALS_CSV)
+    best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=space_keys,
+                                 searcher=rs.searcher, frontier=rs.frontier, tune_dir=tune_path)
     if render:
-        _render(results_dir, out)
+        console.print_report(results_dir, out)
     if remote:
-        _upload(results_dir, base_uri)
+        upload(results_dir, base_uri)
         print(f"uploaded to {base_uri}", file=out)
     return Outcome(results_dir=results_dir, rows=rows, wall_s=wall, time_in_trainer_s=dict(writer.trainer_s), fit_start=fit_start,
                    trial_end=dict(writer.ended), best=best, interrupted=interrupted)
-
-
-def _resources_text(rs: ResolvedSweep, asked: float | str) -> str:
-    """What each trial asks Ray for, and why (the "auto" GPU rule)."""
-    per = f"{rs.cpus:g} CPU" + (f" + {rs.gpus:g} GPU" if rs.gpus else "")
-    workers = f"{rs.sweep.workers} workers × ({per})" if rs.sweep.workers > 1 else per
-    if asked == "auto":
-        why = ("gpus='auto': the cluster has GPUs" if rs.gpus else
-               "gpus='auto': the trials train on the CPU (system.device='cpu')" if rs.base.get("system.device") == "cpu"
-               else "gpus='auto': the cluster has no GPU")
-    else:
-        why = f"gpus={asked:g}"
-    return f"{workers} each ({why}; --gpus/--cpus change it)"
 
 
 def measures_memory(rs: ResolvedSweep) -> bool:
@@ -522,108 +474,3 @@ def _searcher_of(tuner):
     return alg
 
 
-def _read_rows(results_dir: Path) -> list[dict[str, Any]]:
-    from lmtune.frontier import parse_cell
-    from lmtune.sweep.results import read_trials_csv
-
-    return [{k: parse_cell(k, v) for k, v in r.items()} for r in read_trials_csv(results_dir / "trials.csv")]
-
-
-def _print_summary(rs: ResolvedSweep, results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
-                   tune_dir: str):
-    from lmtune.frontier import (
-        STUDIED, best_trial, cost_text, experiments, frontier_report, load_results, pareto_front,
-    )
-    from lmtune.sweep.results import fmt, oom_by_half_text, table
-
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    metric = rs.metrics[0]
-    sign = 1 if rs.modes[0] == "min" else -1
-
-    def key(r):
-        v = r.get(metric)
-        ok = isinstance(v, (int, float)) and math.isfinite(v) and r.get("status") == "ok"
-        return (not ok, sign * v if ok else 0.0)
-
-    ordered = sorted(rows, key=key)
-    shown = ["trial_id", "status", *[k for k in _space_keys(rs)], *rs.metrics]
-    studied = [m for kind in experiments(_space_keys(rs), rs.frontier) for m in STUDIED[kind]]
-    for extra in (*studied, "tokens", "peak_reserved_gib", "wall_time_s"):
-        if extra not in shown:
-            shown.append(extra)
-    print("", file=out)
-    if rows:
-        print(table(ordered, shown), file=out)
-        print("", file=out)
-        print(f"{len(rows)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=out)
-    else:
-        print("no trial has finished", file=out)
-    best = None
-    if len(rs.metrics) > 1:
-        front = pareto_front(load_results(results_dir))
-        objectives = ", ".join(f"{m} {mode}" for m, mode in zip(rs.metrics, rs.modes))
-        print(f"pareto front ({objectives}): " + ("; ".join(
-            f"{r['trial_id']} (" + ", ".join(f"{m}={fmt(r.get(m))}" for m in rs.metrics) + ")" for r in front)
-            or "no ok trial"), file=out)
-    elif rs.frontier is not None and rs.searcher == "frontier":
-        rep = frontier_report(load_results(results_dir))
-        print(rep.statement if rep is not None else "no frontier", file=out)
-    else:
-        best = best_trial(load_results(results_dir))
-        if best is not None:
-            point = ", ".join(f"{k}={best.get(k)}" for k in _space_keys(rs))
-            print(f"best: {best['trial_id']}  {metric}={fmt(best.get(metric))}  ({point})", file=out)
-        else:
-            print(f"best: none (no trial finished ok with {metric})", file=out)
-    learned = oom_by_half_text(rows) if rs.searcher in ("tpe", "nsga2") else None
-    if learned:
-        print(learned, file=out)
-    spent = cost_text(load_results(results_dir))
-    if spent:
-        print(spent, file=out)
-    print(f"results: {results_dir}", file=out)
-    viewers = [f"TensorBoard: {_command('tensorboard')} --logdir {tune_dir}"]
-    if rs.searcher != "frontier":  # the frontier planner keeps no Optuna study
-        viewers.insert(0, f"optuna.db: {_command('optuna-dashboard')} sqlite:///{results_dir / 'optuna.db'}")
-    print("  trials.csv, trials/<id>/; " + "; ".join(viewers), file=out)
-    return best
-
-
-def _command(script: str) -> str:
-    """How to run one of lmtune's viewers from here: its name when it is on PATH, else its path next to this
-    Python (a virtual environment that is not activated)."""
-    import shutil
-
-    if shutil.which(script):
-        return script
-    beside = Path(sys.executable).parent / script
-    return str(beside) if beside.exists() else script
-
-
-def _render(results_dir: Path, out: TextIO) -> None:
-    from lmtune import report
-
-    written = report.render(results_dir)
-    if written:
-        print("report: " + ", ".join(str(p.relative_to(results_dir)) for p in written), file=out)
-
-
-def _upload(results_dir: Path, uri: str) -> None:
-    """With a remote --storage: the driver's files (trials.csv, optuna.db, reports, …) next to Tune's and
-    Train's. Symlinks (logs/ray-session → the Ray session's logs) are not followed."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-    local = pyarrow.fs.LocalFileSystem()
-    for dirpath, dirnames, filenames in os.walk(results_dir):
-        dirnames[:] = [d for d in dirnames if d != TUNE_DIR and d != TRAIN_DIR
-                       and not os.path.islink(os.path.join(dirpath, d))]
-        for name in filenames:
-            src = Path(dirpath, name)
-            if src.is_symlink():
-                continue
-            dest = f"{root}/{src.relative_to(results_dir).as_posix()}"
-            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-            pyarrow.fs.copy_files(str(src), dest, source_filesystem=local, destination_filesystem=fs)

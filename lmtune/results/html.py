@@ -3,7 +3,7 @@ of summary.md and frontier.md, the plots (embedded), per-trial learning curves a
 (inline SVG), each trial's status with its evidence, the sweep's cost in device-hours, and the locked-defaults
 table an export would write.
 
-:func:`lmtune.report.render` writes it next to the markdown it is made from.
+:func:`lmtune.results.report.render` writes it next to the markdown it is made from.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmtune.config import ConfigError
-from lmtune.frontier import Results, cost_text, fmt, short, status_label
-from lmtune.contract import layer_keys
-from lmtune.report import _finite
+from lmtune.contract import FRONTIER_STEM, SUMMARY_MD, layer_keys
+from lmtune.results.format import finite, fmt, short, status_label
+from lmtune.results.read import Results
+from lmtune.results.summary import cost_text
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -59,7 +60,7 @@ def page(results: Results, plots: Sequence[Path]) -> str:
     spent = cost_text(results)
     parts.append(f"<p><b>{len(results.rows)} trial(s)</b>: " + ", ".join(
         f"{n} {esc(s)}" for s, n in sorted(counts.items())) + (f". {esc(spent)}" if spent else "") + "</p>")
-    for name in ("frontier.md", "summary.md"):
+    for name in (f"{FRONTIER_STEM}.md", SUMMARY_MD):
         md = results.dir / name
         if md.is_file():
             parts.append(markdown_html(md.read_text(), demote=1))
@@ -115,7 +116,7 @@ def evidence(row: dict[str, Any]) -> str:
 
 
 def export_html(results: Results) -> str:
-    from lmtune.export import plan_export, to_markdown
+    from lmtune.results.export import plan_export, to_markdown
 
     try:
         plan = plan_export(results)
@@ -128,8 +129,8 @@ def export_html(results: Results) -> str:
 
 def curves_svg(metrics: list[dict[str, Any]], width: int = 340, height: int = 150) -> str | None:
     """Train loss (line) and val_loss (dots) against tokens."""
-    train = [(m["tokens"], m["loss"]) for m in metrics if _finite(m.get("tokens")) and _finite(m.get("loss"))]
-    val = [(m["tokens"], m["val_loss"]) for m in metrics if _finite(m.get("tokens")) and _finite(m.get("val_loss"))]
+    train = [(m["tokens"], m["loss"]) for m in metrics if finite(m.get("tokens")) and finite(m.get("loss"))]
+    val = [(m["tokens"], m["val_loss"]) for m in metrics if finite(m.get("tokens")) and finite(m.get("val_loss"))]
     pts = train + val
     if not pts:
         return None
@@ -163,7 +164,7 @@ def layer_norms_svg(metrics: list[dict[str, Any]], width: int = 340, height: int
     if last is None:
         return None
     keys = layer_keys(last)
-    logs = [math.log10(last[k]) if _finite(last[k]) and last[k] > 0 else None for k in keys]
+    logs = [math.log10(last[k]) if finite(last[k]) and last[k] > 0 else None for k in keys]
     shown = [v for v in logs if v is not None]
     if not shown:
         return None

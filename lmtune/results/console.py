@@ -1,0 +1,105 @@
+"""What a sweep prints on the console: what each trial asks for, and at the end the table of trials, the best
+one (or the Pareto front, or the frontier's statement), what it cost and where to look next."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+from lmtune.contract import STUDY_DB
+from lmtune.results.format import fmt, table
+from lmtune.results.frontier import frontier_report
+from lmtune.results.read import load_results
+from lmtune.results.summary import STUDIED, best_trial, cost_text, experiments, oom_by_half_text, pareto_front
+
+
+def resources_text(*, cpus: float, gpus: float, workers: int, asked: float | str, device: str) -> str:
+    """What each trial asks Ray for (``asked``: the sweep's ``gpus`` before "auto" was resolved), and why."""
+    per = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    per_trial = f"{workers} workers × ({per})" if workers > 1 else per
+    if asked == "auto":
+        why = ("gpus='auto': the cluster has GPUs" if gpus else
+               "gpus='auto': the trials train on the CPU (system.device='cpu')" if device == "cpu"
+               else "gpus='auto': the cluster has no GPU")
+    else:
+        why = f"gpus={asked:g}"
+    return f"{per_trial} each ({why}; --gpus/--cpus change it)"
+
+
+def print_summary(results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *, metrics: Sequence[str],
+                  modes: Sequence[str], space_keys: Sequence[str], searcher: str, frontier: Any,
+                  tune_dir: str) -> dict[str, Any] | None:
+    """The end of a sweep on the console; returns the best trial (None for a Pareto or frontier sweep)."""
+    results = load_results(results_dir)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    metric = metrics[0]
+    sign = 1 if modes[0] == "min" else -1
+
+    def key(r):
+        v = r.get(metric)
+        ok = isinstance(v, (int, float)) and math.isfinite(v) and r.get("status") == "ok"
+        return (not ok, sign * v if ok else 0.0)
+
+    shown = ["trial_id", "status", *space_keys, *metrics]
+    studied = [m for kind in experiments(space_keys, frontier) for m in STUDIED[kind]]
+    for extra in (*studied, "tokens", "peak_reserved_gib", "wall_time_s"):
+        if extra not in shown:
+            shown.append(extra)
+    print("", file=out)
+    if rows:
+        print(table(sorted(rows, key=key), shown), file=out)
+        print("", file=out)
+        print(f"{len(rows)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=out)
+    else:
+        print("no trial has finished", file=out)
+    best = None
+    if len(metrics) > 1:
+        objectives = ", ".join(f"{m} {mode}" for m, mode in zip(metrics, modes))
+        print(f"pareto front ({objectives}): " + ("; ".join(
+            f"{r['trial_id']} (" + ", ".join(f"{m}={fmt(r.get(m), m)}" for m in metrics) + ")"
+            for r in pareto_front(results)) or "no ok trial"), file=out)
+    elif frontier is not None and searcher == "frontier":
+        rep = frontier_report(results)
+        print(rep.statement if rep is not None else "no frontier", file=out)
+    else:
+        best = best_trial(results)
+        if best is not None:
+            point = ", ".join(f"{k}={best.get(k)}" for k in space_keys)
+            print(f"best: {best['trial_id']}  {metric}={fmt(best.get(metric), metric)}  ({point})", file=out)
+        else:
+            print(f"best: none (no trial finished ok with {metric})", file=out)
+    learned = oom_by_half_text(rows) if searcher in ("tpe", "nsga2") else None
+    if learned:
+        print(learned, file=out)
+    spent = cost_text(results)
+    if spent:
+        print(spent, file=out)
+    print(f"results: {results_dir}", file=out)
+    viewers = [f"TensorBoard: {_command('tensorboard')} --logdir {tune_dir}"]
+    if searcher != "frontier":  # the frontier planner keeps no Optuna study
+        viewers.insert(0, f"optuna.db: {_command('optuna-dashboard')} sqlite:///{results_dir / STUDY_DB}")
+    print("  trials.csv, trials/<id>/; " + "; ".join(viewers), file=out)
+    return best
+
+
+def _command(script: str) -> str:
+    """How to run one of lmtune's viewers from here: its name when it is on PATH, else its path next to this
+    Python (a virtual environment that is not activated)."""
+    if shutil.which(script):
+        return script
+    beside = Path(sys.executable).parent / script
+    return str(beside) if beside.exists() else script
+
+
+def print_report(results_dir: Path, out: TextIO) -> None:
+    """Render the report files (:func:`lmtune.results.report.render`) and list them."""
+    from lmtune.results.report import render  # matplotlib: loaded when a report is drawn
+
+    written = render(results_dir)
+    if written:
+        print("report: " + ", ".join(str(p.relative_to(results_dir)) for p in written), file=out)
