@@ -295,7 +295,7 @@ def tune_run(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import tune
 
-    from lmtune.sweep.plan import FrontierSearcher
+    from lmtune.sweep.search import FrontierSearcher
 
     root = tmp_path_factory.mktemp("tune")
     launched_dir = root / "launched"
@@ -398,7 +398,7 @@ def test_limit_learned_from_the_device_memory_a_trial_reports():
 def test_searcher_state_survives_save_and_restore(tmp_path):
     """Tune checkpoints the searcher (resume after an interrupted sweep): the restored plan goes on identically."""
     pytest.importorskip("ray")
-    from lmtune.sweep.plan import FrontierSearcher
+    from lmtune.sweep.search import FrontierSearcher
 
     def fresh():
         return FrontierSearcher(FrontierPlan(list(range(1, 33)), [{B: 0.5}, {B: 1.0}], limit_gib=20.0, headroom_gib=4.0))

@@ -10,9 +10,11 @@ from ray.exceptions import OutOfMemoryError, RayTaskError
 
 from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform, randint
 from lmtune.sweep.load import resolve
-from lmtune.sweep.oom import LEDGER, classify, first_line
+from lmtune.sweep.oom import Ledger, classify, first_line
 from lmtune.results.layout import group_name, runs_of
-from lmtune.sweep.search import enqueued_points, make_scheduler, make_searcher, max_tokens, ordered_grid
+from lmtune.sweep.resume import requeue_orphans
+from lmtune.sweep.schedulers import make_scheduler, max_tokens
+from lmtune.sweep.search import enqueued_points, make_searcher, ordered_grid
 
 
 def test_oom_classification_sees_through_wrappers():
@@ -36,13 +38,14 @@ def test_oom_classification_sees_through_wrappers():
 
 
 def test_ledger_status():
-    LEDGER.pruned["t-pruned"] = 1000
-    LEDGER.errors["t-oom"] = ("oom", "killed")
-    assert LEDGER.status_of("t-pruned", {"status": "running"}) == "pruned"
-    assert LEDGER.status_of("t-oom", None, error=True) == "oom"
-    assert LEDGER.status_of("t-x", {"status": "diverged"}) == "diverged"
-    assert LEDGER.status_of("t-y", {"status": "running"}) == "error"  # ended without the final report
-    assert LEDGER.status_of("t-z", {"status": "ok"}, error=True) == "error"
+    ledger = Ledger()
+    ledger.pruned["t-pruned"] = 1000
+    ledger.errors["t-oom"] = ("oom", "killed")
+    assert ledger.status_of("t-pruned", {"status": "running"}) == "pruned"
+    assert ledger.status_of("t-oom", None, error=True) == "oom"
+    assert ledger.status_of("t-x", {"status": "diverged"}) == "diverged"
+    assert ledger.status_of("t-y", {"status": "running"}) == "error"  # ended without the final report
+    assert ledger.status_of("t-z", {"status": "ok"}, error=True) == "error"
 
 
 def test_defaults_first_and_searcher_setup(tmp_path):
@@ -70,10 +73,11 @@ def test_defaults_first_and_searcher_setup(tmp_path):
 def test_searcher_tells_optuna_pruned_and_infeasible(tmp_path):
     s = Sweep(name="t", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, num_samples=4)
     rs = resolve(s, "t.py")
-    searcher = make_searcher(rs, tmp_path)
+    ledger = Ledger()
+    searcher = make_searcher(rs, tmp_path, ledger=ledger)
     for tid in ("a", "b", "c", "d"):
         searcher.suggest(tid)
-    LEDGER.pruned["b"] = 512
+    ledger.pruned["b"] = 512
     searcher.on_trial_complete("a", {"val_loss": 3.0, "status": "ok"})
     searcher.on_trial_complete("b", {"val_loss": 3.5, "status": "running"})
     searcher.on_trial_complete("c", {"val_loss": 2.0, "status": "oom"})
@@ -89,7 +93,7 @@ def test_asha_budget_and_results_dir_names(tmp_path):
               space={"train.micro_batch_size": grid([8, 16])})
     rs = resolve(s, "a.py")
     assert max_tokens(rs) == 30 * 16 * 64
-    asha = make_scheduler(rs)
+    asha = make_scheduler(rs, Ledger())
     assert asha._time_attr == "tokens" and not asha._stop_last_trials
     assert re.fullmatch(r"1-x-\d{8}-\d{6}-\d{6}", group_name(1, "x"))  # like the phase-0 study's W&B groups
     (tmp_path / "2-a-20260101-000000-000001").mkdir()
@@ -135,7 +139,7 @@ def test_restored_searcher_requeues_a_point_asked_after_the_snapshot(tmp_path):
 
     restored = make_searcher(rs, tmp_path)
     restored.restore(str(tmp_path / "searcher.pkl"))
-    restored.requeue_orphans({"t1"})  # what Tune restored: t1 (lmtune.sweep.resume, before the first suggestion)
+    requeue_orphans(restored, {"t1"})  # what Tune restored: t1 (lmtune.sweep.resume, before the first suggestion)
     study = optuna.load_study(study_name="orphan", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = [(t.state, t.user_attrs.get("status")) for t in study.trials]
     assert states[:2] == [(optuna.trial.TrialState.COMPLETE, "ok"), (optuna.trial.TrialState.FAIL, "interrupted")]
@@ -156,7 +160,7 @@ def test_a_driver_killed_inside_optunas_ask_leaves_a_point_the_resume_requeues_w
     searcher.save(str(tmp_path / "searcher.pkl"))  # the snapshot every resume below restores
 
     def killed_inside_ask(search) -> None:
-        study = search._ot_study
+        study = search.study
         waiting = study._pop_waiting_trial_id()  # what Study.ask does first: an enqueued trial, else a new one,
         trial = waiting if waiting is not None else study._storage.create_new_trial(study._study_id)
         study.sampler.before_trial(study, study._storage.get_trial(trial))  # then the sampler's set-up; killed
@@ -165,7 +169,7 @@ def test_a_driver_killed_inside_optunas_ask_leaves_a_point_the_resume_requeues_w
     def resumed():
         search = make_searcher(rs, tmp_path)
         search.restore(str(tmp_path / "searcher.pkl"))
-        search.requeue_orphans({"t1"})
+        requeue_orphans(search, {"t1"})
         return search
 
     killed_inside_ask(searcher)  # a new trial, given grid point 1
@@ -179,7 +183,7 @@ def test_a_driver_killed_inside_optunas_ask_leaves_a_point_the_resume_requeues_w
 def test_restarted_trial_reports_replace_the_steps_it_repeats(tmp_path):
     import json
 
-    from lmtune.sweep.callback import _drop_reports_from
+    from lmtune.sweep.resume import drop_reports_from
 
     path = tmp_path / "metrics.jsonl"
     reports = [{"step": 5, "loss": 4.0}, {"step": 10, "loss": 3.5}, {"step": 10, "val_loss": 3.6},
@@ -192,13 +196,13 @@ def test_restarted_trial_reports_replace_the_steps_it_repeats(tmp_path):
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     write(reports)
-    _drop_reports_from(path, {"step": 10, "val_loss": 3.6})  # resumed from step 10: its checkpoint's report first
+    drop_reports_from(path, {"step": 10, "val_loss": 3.6})  # resumed from step 10: its checkpoint's report first
     assert read() == reports[:2]  # the step-10 training report stays; the eval report comes again, then 15, …
     write(reports[:2])  # the interruption came before the driver heard the step-10 eval report at all
-    _drop_reports_from(path, {"step": 10, "val_loss": 3.6})
+    drop_reports_from(path, {"step": 10, "val_loss": 3.6})
     assert read() == reports[:2]
     write(reports)
-    _drop_reports_from(path, {"step": 5, "loss": 4.1})  # restarted from scratch
+    drop_reports_from(path, {"step": 5, "loss": 4.1})  # restarted from scratch
     assert path.read_text() == ""
 
 
@@ -355,3 +359,22 @@ def test_memory_is_a_constraint_the_study_records_and_an_oom_is_infeasible_not_f
     from optuna.samplers._tpe.sampler import _get_infeasible_trial_score
 
     assert _get_infeasible_trial_score(oom) > 0 and _get_infeasible_trial_score(got["m2"]) == 0
+
+
+def test_an_untested_ray_or_optuna_is_refused_in_one_line(monkeypatch):
+    """lmtune/sweep/compat.py reaches into Ray's and Optuna's private parts: a version outside the range they were
+    read in is refused before a sweep starts (exit 2 at the command line), unless the user says to go on."""
+    from lmtune.config import ConfigError
+    from lmtune.sweep import compat
+
+    compat.check_versions()  # the installed ones (pyproject.toml pins the tested range)
+    compat.check_versions({"ray": (2, 60), "optuna": (5, 0)})
+    with pytest.raises(ConfigError) as e:
+        compat.check_versions({"ray": (2, 61), "optuna": (5, 0)})
+    message = str(e.value)
+    assert "ray 2.61" in message and ">= 2.60, < 2.61" in message and compat.UNTESTED_ENV in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match="optuna 6.0"):
+        compat.check_versions({"ray": (2, 60), "optuna": (6, 0)})
+    monkeypatch.setenv(compat.UNTESTED_ENV, "1")
+    compat.check_versions({"ray": (3, 0), "optuna": (6, 0)})

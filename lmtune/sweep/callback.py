@@ -3,7 +3,7 @@
 Tune calls it in the driver for every trial event; it writes ``trials/{id}/metrics.jsonl`` (every report),
 ``trials/{id}/summary.json`` (all reported metrics, last value of each, + status + the trial's flat config)
 and rewrites ``trials.csv`` whenever a trial ends, so an interrupted sweep leaves a complete table of what
-finished. Statuses come from :data:`lmtune.sweep.oom.LEDGER` and the trial's own final report.
+finished. Statuses come from the run's :class:`lmtune.sweep.oom.Ledger` and the trial's own final report.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from lmtune.contract import (
 )
 from lmtune.results.format import fmt
 from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
-from lmtune.sweep.oom import LEDGER
+from lmtune.sweep.oom import Ledger
 from lmtune.sweep.progress import Progress
 from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
-from lmtune.reports import keep_reports, order
+from lmtune.sweep.resume import drop_reports_from
 
 
 # Keys Tune adds to every result that are not the trainer's metrics (its node_ip is kept: where each report was made).
@@ -46,8 +46,10 @@ class ResultsWriter(Callback):
     """
 
     def __init__(self, results_dir: Path, space_keys: list[str], metrics: list[str], total: int | str, *,
-                 extra_columns: Iterable[str] = (), out: TextIO | None = None):
-        """``total``: trials to run, or a label such as ``"≤12"`` when the searcher may stop earlier."""
+                 ledger: Ledger, extra_columns: Iterable[str] = (), out: TextIO | None = None):
+        """``total``: trials to run, or a label such as ``"≤12"`` when the searcher may stop earlier; ``ledger``: the
+        run's (after a restore the runner hands it over again: it is not pickled with the writer)."""
+        self.ledger: Ledger | None = ledger
         self.results_dir = Path(results_dir)
         self.space_keys = list(space_keys)
         self.metrics = list(metrics)
@@ -77,6 +79,7 @@ class ResultsWriter(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._out = None
+        self.ledger = None
         self._reset()
 
     @property
@@ -100,9 +103,9 @@ class ResultsWriter(Callback):
             self.finished_before.add(row["trial_id"])
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        if LEDGER.reconciler is not None:  # every restored trial is in: before the first new suggestion
-            LEDGER.reconciler.check_tune_restored()
-            LEDGER.reconciler.after_restore()
+        if self.ledger.reconciler is not None:  # every restored trial is in: before the first new suggestion
+            self.ledger.reconciler.check_tune_restored()
+            self.ledger.reconciler.after_restore()
 
     def on_step_end(self, iteration, trials, **info) -> None:
         self.progress.tick()
@@ -114,7 +117,7 @@ class ResultsWriter(Callback):
         tid = trial.trial_id
         if tid in self.finished_before:  # restarted by a resume only to replay its recorded result
             return
-        LEDGER.errors.pop(tid, None)
+        self.ledger.errors.pop(tid, None)
         self.restarted.add(tid)
         self.started.setdefault(tid, time.time())
         self.last.setdefault(tid, {})
@@ -148,12 +151,12 @@ class ResultsWriter(Callback):
                 f.write(json.dumps({"step": metrics.get("step"), "at": time.time(), **where}) + "\n")
         if tid in self.restarted:
             self.restarted.discard(tid)
-            _drop_reports_from(tdir / METRICS_JSONL, metrics)
+            drop_reports_from(tdir / METRICS_JSONL, metrics)
         with open(tdir / METRICS_JSONL, "a") as f:
             f.write(json.dumps(metrics, default=str) + "\n")
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        LEDGER.snapshot_due = LEDGER.checkpoint_due = True  # see lmtune.sweep.search._RecordsDecisions
+        self.ledger.snapshot_due = self.ledger.checkpoint_due = True  # see lmtune.sweep.resume.snapshot_if_due
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, error=False)
@@ -163,7 +166,7 @@ class ResultsWriter(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self.restarted.add(trial.trial_id)
-        kind, message = LEDGER.errors.get(trial.trial_id, ("error", ""))
+        kind, message = self.ledger.errors.get(trial.trial_id, ("error", ""))
         if kind == "oom":
             self._line("failed", trial.trial_id, f"OOM-killed by Ray's memory monitor: recorded as oom ({message})")
         elif kind == "host_oom":
@@ -178,7 +181,7 @@ class ResultsWriter(Callback):
         if tid in self.finished_before:  # its row, summary and metrics are from the session that ran it
             return
         last = self.last.get(tid, {})
-        status = LEDGER.status_of(tid, last, error)
+        status = self.ledger.status_of(tid, last, error)
         flat = trial_config(trial.config)
         row: dict[str, Any] = {"trial_id": tid, "status": status, "source": "run"}
         row.update({k: flat.get(k) for k in self.space_keys})
@@ -188,8 +191,8 @@ class ResultsWriter(Callback):
         row["wall_time_s"] = round(time.time() - started, 3) if started else None
         row.update({k: last.get(k) for k in PLACEMENT})
         message = ""
-        if status in FAILED and tid in LEDGER.errors:
-            message = LEDGER.errors[tid][1]
+        if status in FAILED and tid in self.ledger.errors:
+            message = self.ledger.errors[tid][1]
         elif status == "oom":
             message = str(last.get("oom_reason", ""))
         elif status == "error":
@@ -201,7 +204,7 @@ class ResultsWriter(Callback):
         summary = {**last, "status": status, "trial_id": tid, "config": flat, "wall_time_s": row["wall_time_s"],
                    "started_at": started, "ended_at": self.ended[tid]}
         if status == "pruned":
-            summary["pruned_at_tokens"] = LEDGER.pruned.get(tid)
+            summary["pruned_at_tokens"] = self.ledger.pruned.get(tid)
         if row["error"]:
             summary["error"] = row["error"]
         write_json(tdir / SUMMARY_JSON, summary)
@@ -212,7 +215,7 @@ class ResultsWriter(Callback):
     def _describe(self, status: str, row: dict[str, Any], last: dict[str, Any]) -> str:
         parts = []
         if status == "pruned":
-            parts.append(f"stopped by ASHA at tokens={fmt(LEDGER.pruned.get(row['trial_id']), 'tokens')}")
+            parts.append(f"stopped by ASHA at tokens={fmt(self.ledger.pruned.get(row['trial_id']), 'tokens')}")
         for m in self.metrics:
             if last.get(m) is not None:
                 parts.append(f"{m}={fmt(last[m], m)}")
@@ -238,11 +241,3 @@ class ResultsWriter(Callback):
         self.progress.line(f"[{self.done():>{width}}/{self.total} done] {event:<8} {tid}  {text}".rstrip())
 
 
-def _drop_reports_from(path: Path, first: dict[str, Any]) -> None:
-    """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from there: first the
-    reports its checkpoint holds (``lmtune.contract.CHECKPOINT_REPORT``: up to two checkpoint intervals ending
-    with the checkpoint's own), then the steps after it. What the earlier attempt recorded from the first of
-    them on is dropped, so that metrics.jsonl holds each report once, as one uninterrupted run would have
-    written it (including reports that never reached the driver before the interruption)."""
-    if isinstance(first.get("step"), int):
-        keep_reports(path, lambda at: at < order(first))

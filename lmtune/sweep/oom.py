@@ -10,9 +10,9 @@ A memory-monitor kill while other trials ran on the node is ``host_oom`` (:data:
 retried, with fewer trials at once, and not told to the searcher as infeasible.
 
 The :class:`Ledger` is the driver's record of what Tune's scheduler and error paths decided about each
-trial (stopped by ASHA → ``pruned``; failed with an OOM → ``oom``). The scheduler, the searcher and the
-results callback all run in the driver process and read it, so the Optuna study, ``trials.csv`` and the
-console agree on every trial's status.
+trial (stopped by ASHA → ``pruned``; failed with an OOM → ``oom``). The runner makes one per sweep run and
+hands it to the scheduler, the searcher and the results callback (all in the driver process), so the Optuna
+study, ``trials.csv`` and the console agree on every trial's status.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmtune.contract import SETTLED
-
 
 RAY_MEMORY_MONITOR = "killed due to the node running low on memory"
 """The words of Ray's memory monitor (raylet) in the error of every worker it kills; matched as Ray writes them,
@@ -125,7 +124,7 @@ class Ledger:
     """trial_id → (``oom`` | ``error``, one-line message) for trials that ended with an exception."""
     snapshot_due: bool = False
     """A trial was added, checkpointed or ended since Tune's last experiment snapshot (what ``--resume``
-    restores): the scheduler takes one before anything else happens (see ``lmtune.sweep.search``)."""
+    restores): the scheduler takes one before anything else happens (:func:`lmtune.sweep.resume.snapshot_if_due`)."""
     checkpoint_due: bool = False
     """A checkpoint was registered since the last snapshot: the next snapshot does not wait for
     ``next_snapshot``. Tune keeps a trial's two latest checkpoints, so the checkpoint a snapshot names is deleted
@@ -137,7 +136,7 @@ class Ledger:
     reconciler: Any = None
     """On ``--resume``: the :class:`lmtune.sweep.resume.Reconciler` of what Tune restores (None otherwise)."""
     scheduler: Any = None
-    """The ASHA scheduler in use (it saves its rungs with the searcher's snapshot)."""
+    """The scheduler in use (ASHA's rungs are saved with the searcher's snapshot)."""
     max_running: int | None = None
     """Trials at once, lowered after a host-memory kill (None: what resources and --max-concurrent allow)."""
     scheduler_state: Any = None
@@ -155,10 +154,6 @@ class Ledger:
         if status in SETTLED:  # pruned: replayed from an earlier session
             return status
         return "error"  # ended without the trainer's final report
-
-
-LEDGER = Ledger()
-"""The one ledger of this driver process (scheduler, searcher and callbacks share it)."""
 
 
 def read_trial_error(trial: Any) -> BaseException | str | None:

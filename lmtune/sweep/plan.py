@@ -24,7 +24,7 @@ across lines nothing is assumed (memory is not monotone across AC budgets). Alon
   measured local maximum.
 
 :class:`FrontierPlan` holds all of this and imports no Ray, so tests and ``benchmarks/frontier_search.py``
-drive it with a simulated memory function (:func:`simulate`); :class:`FrontierSearcher` adapts it to
+drive it with a simulated memory function (:func:`simulate`); :class:`lmtune.sweep.search.FrontierSearcher` adapts it to
 Ray Tune's ``Searcher`` API.
 
 Concurrency: a line never has two probes pending inside the same open interval (the second would be
@@ -35,7 +35,6 @@ already has a probe in flight; different lines and the two thresholds of one lin
 from __future__ import annotations
 
 import itertools
-import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -475,62 +474,3 @@ def simulate(
 
 
 # --- Ray Tune adapter -------------------------------------------------------------------------------
-
-try:  # the plan above is usable without Ray; the searcher needs it
-    from ray.tune.search import Searcher as _Searcher
-except ImportError:  # pragma: no cover
-    _Searcher = object  # type: ignore[assignment,misc]
-
-
-class FrontierSearcher(_Searcher):  # type: ignore[misc,valid-type]
-    """Ray Tune searcher for ``Sweep(searcher="frontier")``; the decisions are :class:`FrontierPlan`'s.
-
-    The sweep runner::
-
-        plan = FrontierPlan.from_space(space, sweep.frontier, limit_gib=limit)
-        searcher = FrontierSearcher(plan, metric=metric, mode=mode)
-        tune.TuneConfig(search_alg=searcher, num_samples=plan.grid_size, max_concurrent_trials=N)
-        ...
-        rows = searcher.plan.implied_rows()                 # append to trials.csv
-        predicted = searcher.plan.launch_predictions()      # trials.csv column predicted_peak_gib
-
-    Tune's ``param_space`` must not hold the frontier's grid axes (the searcher suggests them as flat
-    dotted keys, merged into the param_space by Tune). A trial's final result must carry ``status``
-    (``oom`` for an OOM) and ``peak_reserved_gib``/``tokens_per_s``.
-    """
-
-    def __init__(self, plan: FrontierPlan, metric: str | None = None, mode: str | None = None):
-        super().__init__(metric=metric, mode=mode)
-        self.plan = plan
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
-        return True
-
-    def suggest(self, trial_id: str) -> dict | str | None:
-        out = self.plan.suggest(trial_id)
-        return _Searcher.FINISHED if out == FINISHED else out
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.plan.complete(trial_id, result, error)
-
-    def implied_rows(self) -> list[dict[str, Any]]:
-        return self.plan.implied_rows()
-
-    def prediction_errors(self) -> list[dict[str, Any]]:
-        return self.plan.prediction_errors()
-
-    def get_state(self) -> dict:
-        return {"plan": self.plan}
-
-    def set_state(self, state: dict) -> None:
-        self.plan = state["plan"]
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))

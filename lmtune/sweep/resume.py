@@ -1,75 +1,140 @@
-"""``--resume``: reconcile what Tune restores with the searcher's state and the Optuna study.
+"""``--resume``: the protocol, end to end.
 
 A resumed sweep is made of three records written at different moments:
 
 * Tune's experiment state (``experiment_state-*.json``): the trials and their latest checkpoints;
 * the search algorithm's state file, saved right after it by the same snapshot: the concurrency limiter's
-  live trials and the Optuna searcher's map of Tune trial id → Optuna trial;
+  live trials and the Optuna searcher's map of Tune trial id → Optuna trial (and ASHA's rungs, which Tune does
+  not save: :meth:`lmtune.sweep.search.StudySearch.save` carries them);
 * ``optuna.db``, written as trials are asked and told, not at snapshots.
 
 A driver killed between two of those writes (during a snapshot, or a moment after a trial was asked) leaves
 them disagreeing: the limiter counting a trial that the restored experiment does not have (with
 ``--max-concurrent 1`` the resumed sweep then waits forever for it to end), the searcher without the Optuna
 trial of a trial it restores (whose results would go nowhere, or into a trial already finished), or Optuna
-trials asked after the snapshot and never told. Tune restores its part; here the rest is made to agree with it:
+trials asked after the snapshot and never told. The protocol, in the order it runs:
 
-1. :func:`on_restored_trial` (from the scheduler's ``on_trial_add``, once per trial Tune restores): the
-   search generator's count of the trials it made is set to the trials restored (a saved count ahead of the
-   restored experiment ends the sweep before its last points, one behind makes a trial too many); the
-   limiter's live set is rebuilt from the restored unfinished trials (the saved one is dropped), and each
-   restored trial is mapped to its Optuna trial through the ``trial_id`` user attribute every asked trial
-   carries (:func:`lmtune.sweep.search.StudySearch.suggest`); an unfinished trial without one gets a new Optuna
-   trial at its own point.
-2. :func:`after_restore` (from the results callback's first ``on_step_begin``, before the first new
-   suggestion): Optuna trials still RUNNING that belong to no restored trial were asked after the snapshot:
-   they are closed as FAIL (``status=interrupted``) and their point enqueued, so that the sweep runs it next.
+1. **While a sweep runs**, every event that matters to a resume (a trial added, a checkpoint registered, a trial
+   ended) is followed by a snapshot (:func:`snapshot_if_due`, called by the scheduler), and the runner keeps a
+   copy of ``tuner.pkl`` (:func:`lmtune.sweep.snapshot.keep_tuner_file`).
+2. **Before Tune restores** (:func:`restore`): files the kill cut short are put right or set aside
+   (:mod:`lmtune.sweep.snapshot`), a watch is set on Tune's own restore (below), ``Tuner.restore`` runs, and
+   the run's ledger is handed to the restored scheduler, searcher and results writer (it is never pickled).
+3. **While Tune restores** (:meth:`Reconciler.on_restored_trial`, from the scheduler's ``on_trial_add``, once per
+   trial Tune restores): the search generator's count of the trials it made is set to the trials restored (a
+   saved count ahead of the restored experiment ends the sweep before its last points, one behind makes a trial
+   too many); the limiter's live set is rebuilt from the restored unfinished trials; each restored trial is
+   mapped to its Optuna trial through the ``trial_id`` user attribute every asked trial carries
+   (:func:`map_restored`); an unfinished trial without one gets a new Optuna trial at its own point.
+4. **Before the first new suggestion** (:meth:`Reconciler.after_restore`, from the results writer's first
+   ``on_step_begin``): Optuna trials still RUNNING that belong to no restored trial were asked after the snapshot:
+   they are closed as FAIL (``status=interrupted``) and their point enqueued, so that the sweep runs it next
+   (:func:`requeue_orphans`).
+5. **Trials** restarted by the resume: one the driver had recorded as finished replays its recorded result
+   instead of training again (:func:`finished_before`, marked ``REPLAYED``); one restarted from a checkpoint
+   sends the reports its checkpoint holds again, and what the earlier attempt recorded from there on is
+   replaced (:func:`drop_reports_from`), so ``metrics.jsonl`` reads as one uninterrupted run.
+6. **If Tune's own restore failed** (a snapshot file it could not read), Tune logs the error and starts the sweep
+   over from nothing, which would rerun every trial, or, with the searcher not restored either, end at once and
+   write an empty snapshot over the sweep's: the watch of step 2 turns that into an error at Tune's first step,
+   and :meth:`Reconciler.finish` sets aside what Tune wrote and stops in one line (exit 2).
 
-Tune's own restore, when it fails (a snapshot file it cannot read), logs the error and starts the sweep over
-from nothing, which would rerun every trial, or, with the searcher not restored either, end at once and
-write an empty snapshot over the sweep's: :meth:`Reconciler.watch_tune_restore` turns that into an error that
-stops the run before anything is written (the runner then says so in one line).
-
-The scheduler's own state (ASHA's rungs) is restored by :mod:`lmtune.sweep.search` with the snapshot.
-Tune's objects are reached through their private attributes here and in :mod:`lmtune.sweep.search`, each
-said where it is used; Ray is pinned to the 2.60 line (pyproject.toml), where they were read.
+Tune's and Optuna's objects are reached through :mod:`lmtune.sweep.compat`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, TextIO
 
-from optuna.trial import Trial as OptunaTrial
-from optuna.trial import TrialState
+from lmtune.config import ConfigError
+from lmtune.contract import LOG_DIR, STATUSES, SUMMARY_JSON, SWEEP_JSON, TUNE_DIR
+from lmtune.results.layout import runs_of, trial_dir
+from lmtune.sweep import compat, snapshot
+from lmtune.sweep.oom import Ledger
 
 logger = logging.getLogger("lmtune.sweep")
 
-
-def _chain(search_alg: Any):
-    """The search algorithm and every searcher it wraps (SearchGenerator → ConcurrencyLimiter → StudySearch)."""
-    alg = search_alg
-    while alg is not None:
-        yield alg
-        alg = getattr(alg, "searcher", None)
+SNAPSHOT_SHARE = 0.05
+"""At most this share of the driver's time goes to the experiment snapshots taken for --resume."""
 
 
-def _generator(controller: Any):
-    from ray.tune.search import SearchGenerator
-
-    return next((a for a in _chain(getattr(controller, "_search_alg", None)) if isinstance(a, SearchGenerator)), None)
+# --- 1. while a sweep runs --------------------------------------------------------------------------
 
 
-def _limiter(controller: Any):
-    from ray.tune.search import ConcurrencyLimiter
+def snapshot_if_due(ledger: Ledger, controller: Any) -> None:
+    """Snapshot the experiment when something a resume needs happened since the last snapshot.
 
-    # TuneController._search_alg: the controller's search algorithm (no public accessor).
-    return next((a for a in _chain(getattr(controller, "_search_alg", None)) if isinstance(a, ConcurrencyLimiter)), None)
+    Tune saves the experiment (trials, their latest checkpoints, the searcher) every ``TUNE_GLOBAL_CHECKPOINT_S``
+    at most, so a driver killed a moment after a trial started or checkpointed left a snapshot without that trial
+    or checkpoint, and ``--resume`` ran it again from scratch under a new id. Called at the start of a step of the
+    controller (in a small sweep the next one: before a new trial's process starts and before the trial's next
+    result is processed).
+
+    A snapshot holds every trial's state (~50 KB per trial with lmtune's metrics), so its cost grows with the
+    sweep: after a snapshot that took ``t`` seconds the next one waits ``19·t`` (the same 5% share of the driver's
+    time that Tune's own "auto" period allows): a fraction of a second in a sweep of a few dozen trials, ~2 s at
+    100. A registered checkpoint does not wait (``ledger.checkpoint_due``): Tune keeps two checkpoints per trial,
+    and a snapshot that fell two checkpoints behind would name one already deleted, which no resume can restore.
+    """
+    if ledger.snapshot_due and (ledger.checkpoint_due or time.monotonic() >= ledger.next_snapshot):
+        ledger.snapshot_due = ledger.checkpoint_due = False
+        t0 = time.monotonic()
+        compat.snapshot_experiment(controller)
+        took = time.monotonic() - t0
+        ledger.snapshots.append(took)
+        ledger.next_snapshot = t0 + took * (1 / SNAPSHOT_SHARE)
 
 
-def _study_search(controller: Any):
+# --- 2. before Tune restores ------------------------------------------------------------------------
+
+
+def find_resumable(local_root: Path, name: str, smoke: bool, remote: str | None) -> Path:
+    """The latest run of sweep ``name`` (same ``--smoke``) under the local results root. With a remote storage
+    the driver's files are still local (the trials' and Tune's state are in the storage, checked later)."""
+    for run_dir in reversed(runs_of(local_root, name)):
+        try:
+            meta = json.loads((run_dir / SWEEP_JSON).read_text())
+        except (OSError, ValueError):
+            continue
+        if bool(meta.get("smoke")) == smoke and (remote or (run_dir / TUNE_DIR).is_dir()):
+            return run_dir
+    flag = " --smoke" if smoke else ""
+    raise ConfigError(f"--resume: no earlier{flag} run of sweep '{name}' in {local_root} to continue; "
+                      f"run it without --resume first.")
+
+
+def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger, out: TextIO):
+    """(the restored Tuner, the resume's :class:`Reconciler`) for the experiment at ``tune_path``."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(tune_path):
+        raise ConfigError(f"--resume: {tune_path} holds no Tune experiment to continue.")
+    reconciler = ledger.reconciler = Reconciler(tune_path)
+    snapshot.repair_tuner_file(tune_path, out)
+    snapshot.repair_snapshot(tune_path, out)
+    reconciler.files_before = snapshot.files(tune_path)
+    reconciler.watch_tune_restore()
+    tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    scheduler = compat.tuner_scheduler(tuner)
+    scheduler.ledger, ledger.scheduler = ledger, scheduler
+    from lmtune.sweep.callback import ResultsWriter
     from lmtune.sweep.search import StudySearch
 
-    return next((a for a in _chain(getattr(controller, "_search_alg", None)) if isinstance(a, StudySearch)), None)
+    for searcher in _chain(compat.tuner_search_alg(tuner)):
+        if isinstance(searcher, StudySearch):
+            searcher.ledger = ledger
+    for callback in compat.tuner_callbacks(tuner):
+        if isinstance(callback, ResultsWriter):
+            callback.ledger = ledger
+    return tuner, reconciler
+
+
+# --- 3., 4. and 6.: what Tune restored, made to agree ----------------------------------------------
 
 
 class RestoreFailed(RuntimeError):
@@ -77,17 +142,15 @@ class RestoreFailed(RuntimeError):
 
 
 class Reconciler:
-    """The state of one resume (created by the runner for ``--resume``)."""
+    """The state of one resume (made by :func:`restore`)."""
 
-    TUNE_LOGGER = "ray.tune.execution.tune_controller"
-    TUNE_RESTORE_FAILED = "Failed to restore the run state."
-    """What TuneController.__init__ logs (with the exception) before it starts the experiment over."""
-
-    def __init__(self):
+    def __init__(self, tune_path: str = ""):
+        self.tune_path = tune_path
         self.controller: Any = None
         self.restored: list[Any] = []
         self.done = False
         self.restore_failed: str | None = None
+        self.files_before: set[str] = set()
         self._filter: logging.Filter | None = None
 
     def watch_tune_restore(self) -> None:
@@ -96,18 +159,18 @@ class Reconciler:
 
         class Watch(logging.Filter):
             def filter(self, record: logging.LogRecord) -> bool:
-                if record.getMessage() == Reconciler.TUNE_RESTORE_FAILED and reconciler.restore_failed is None:
+                if record.getMessage() == compat.RESTORE_FAILED and reconciler.restore_failed is None:
                     exc = record.exc_info[1] if record.exc_info else None
                     reconciler.restore_failed = (f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                                                  if exc else "see logs/driver.log")
                 return True
 
         self._filter = Watch()
-        logging.getLogger(self.TUNE_LOGGER).addFilter(self._filter)
+        logging.getLogger(compat.RESTORE_LOGGER).addFilter(self._filter)
 
     def stop_watching(self) -> None:
         if self._filter is not None:
-            logging.getLogger(self.TUNE_LOGGER).removeFilter(self._filter)
+            logging.getLogger(compat.RESTORE_LOGGER).removeFilter(self._filter)
             self._filter = None
 
     def check_tune_restored(self) -> None:
@@ -122,21 +185,14 @@ class Reconciler:
         self.restored.append(trial)
         generator = _generator(controller)
         if generator is not None:
-            # SearchGenerator._counter: the trials it has made, saved with the searcher's state, which a driver
-            # killed while Tune copied its snapshot can leave newer or older than the experiment it restores;
-            # at 'num_samples' Tune ends the sweep (no public setter).
-            generator._counter = len(self.restored)
-        limiter = _limiter(controller)
-        if limiter is not None:
-            if first:  # the saved live set may name trials the restored experiment does not have
-                limiter.live_trials = set()
-                limiter.num_unfinished_live_trials = 0
-            if not trial.is_finished():
-                limiter.live_trials.add(trial.trial_id)
-                limiter.num_unfinished_live_trials += 1
+            compat.set_trials_made(generator, len(self.restored))
+        found = limiter(controller)
+        if found is not None:
+            live = set() if first else set(found.live_trials)  # the saved set may name trials not restored
+            compat.reset_live_trials(found, live | ({trial.trial_id} if not trial.is_finished() else set()))
         search = _study_search(controller)
         if search is not None:
-            search.map_restored(trial.trial_id, _trial_point(trial, search), finished=trial.is_finished())
+            map_restored(search, trial.trial_id, _trial_point(trial, search), finished=trial.is_finished())
 
     def after_restore(self) -> None:
         """Once every restored trial is in: close and requeue the Optuna trials asked after the snapshot."""
@@ -147,11 +203,56 @@ class Reconciler:
             return
         search = _study_search(self.controller)
         if search is not None:
-            search.requeue_orphans({t.trial_id for t in self.restored})
-        limiter = _limiter(self.controller)
-        if limiter is not None:
+            requeue_orphans(search, {t.trial_id for t in self.restored})
+        found = limiter(self.controller)
+        if found is not None:
             logger.info("resume: %d restored trial(s), %d unfinished (concurrency limiter reset to them)",
-                        len(self.restored), len(limiter.live_trials))
+                        len(self.restored), len(found.live_trials))
+
+    def finish(self, results_dir: Path) -> None:
+        """After Tuner.fit: stop watching; if Tune could not restore, set aside what it wrote and stop (exit 2)."""
+        self.stop_watching()
+        if not self.restore_failed:
+            return
+        # Tune started the sweep over instead: stopped at its first step, or (nothing left to suggest) ended with
+        # an empty snapshot of its own, which is set aside so that the sweep's own stays the newest.
+        snapshot.set_aside(self.tune_path, snapshot.files(self.tune_path) - self.files_before, snapshot.FAILED_RESUME)
+        raise ConfigError(f"--resume: Tune could not restore the sweep's saved state ({self.restore_failed}"
+                          f"; the traceback is in {results_dir / LOG_DIR / 'driver.log'}); nothing ran and the saved "
+                          f"state is as it was. Start the sweep again without --resume to run it anew (its finished "
+                          f"trials stay in {results_dir.name}/trials.csv).")
+
+
+def _chain(search_alg: Any):
+    """The search algorithm and every searcher it wraps (SearchGenerator → ConcurrencyLimiter → searcher)."""
+    alg = search_alg
+    while alg is not None:
+        yield alg
+        alg = getattr(alg, "searcher", None)
+
+
+def innermost(search_alg: Any) -> Any:
+    """The searcher inside a search algorithm's wrappers."""
+    return list(_chain(search_alg))[-1] if search_alg is not None else None
+
+
+def _generator(controller: Any):
+    from ray.tune.search import SearchGenerator
+
+    return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, SearchGenerator)), None)
+
+
+def limiter(controller: Any):
+    """The controller's ConcurrencyLimiter (None without one)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, ConcurrencyLimiter)), None)
+
+
+def _study_search(controller: Any):
+    from lmtune.sweep.search import StudySearch
+
+    return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, StudySearch)), None)
 
 
 def _trial_point(trial: Any, search: Any) -> dict[str, Any]:
@@ -160,9 +261,89 @@ def _trial_point(trial: Any, search: Any) -> dict[str, Any]:
     return {k: config[k] for k in search.space_keys() if k in config}
 
 
-def optuna_trial(study: Any, frozen: Any) -> OptunaTrial:
-    """A live handle on a stored Optuna trial (what ``study.ask`` returns for a new one)."""
-    return OptunaTrial(study, frozen._trial_id)  # FrozenTrial._trial_id: the storage's id (no public accessor)
+def map_restored(search: Any, trial_id: str, point: dict[str, Any], *, finished: bool) -> None:
+    """A trial Tune restored: map it to its Optuna trial (by the ``trial_id`` user attribute) if the restored
+    searcher state lacks it; an unfinished one without any gets a new RUNNING Optuna trial at its point."""
+    import optuna
+    from optuna.trial import TrialState
+
+    asked = compat.study_trials(search)
+    if trial_id in asked:
+        return
+    study = search.study
+
+    def mine():
+        return [t for t in compat.stored_trials(study) if t.user_attrs.get("trial_id") == trial_id]
+
+    if mine():
+        asked[trial_id] = compat.live_trial(study, max(mine(), key=lambda t: t.number))
+        return
+    if finished:
+        return
+    space = compat.search_space(search)
+    distributions = {k: d for k, d in (space if isinstance(space, dict) else {}).items() if k in point}
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.RUNNING, params={k: point[k] for k in distributions}, distributions=distributions,
+        user_attrs={"trial_id": trial_id, "restored": True}))
+    asked[trial_id] = compat.live_trial(study, max(mine(), key=lambda t: t.number))
+    logger.info("optuna: restored trial %s had no study trial; added one at its point", trial_id)
 
 
-__all__ = ["Reconciler", "RestoreFailed", "optuna_trial", "TrialState"]
+def requeue_orphans(search: Any, restored: set[str]) -> None:
+    """Optuna trials asked after the Tune snapshot being restored was taken: still RUNNING in optuna.db and
+    belonging to no restored trial. Each is closed as FAIL (``status=interrupted``) and its point enqueued, so the
+    resumed sweep runs that point next instead of losing it (a grid would count it as taken) or leaving it
+    RUNNING forever."""
+    from optuna.trial import TrialState
+
+    study = search.study
+    mapped = {compat.storage_id(t) for t in compat.study_trials(search).values()}
+    for t in compat.stored_trials(study, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("trial_id")
+        if (owner in restored) if owner else (compat.storage_id(t) in mapped):
+            continue
+        compat.close_interrupted(study, t)
+        study.enqueue_trial(_point_of(study, t), user_attrs={"requeued_from": t.number})
+        logger.info("optuna: trial %d was asked after the restored snapshot; closed as interrupted, "
+                    "its point enqueued again", t.number)
+
+
+def _point_of(study: Any, t: Any) -> dict[str, Any]:
+    """The point an asked trial was given. A driver killed inside ``Study.ask`` leaves a RUNNING trial whose params
+    are not all written yet: its point is then the one it was enqueued with (system attribute ``fixed_params``) or
+    its grid point (``grid_id``, which GridSampler sets before any param), the params written so far on top. A grid
+    trial enqueued with fewer params than the grid's is refused by Optuna."""
+    import optuna
+
+    point = dict(t.system_attrs.get("fixed_params") or {})
+    if isinstance(study.sampler, optuna.samplers.GridSampler) and "grid_id" in t.system_attrs:
+        point.update(compat.grid_point(study.sampler, t.system_attrs["grid_id"]))
+    point.update(t.params)
+    return point
+
+
+# --- 5. trials restarted by a resume ----------------------------------------------------------------
+
+
+def finished_before(results_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
+    """The final metrics the driver recorded for this trial, if it ended before (None otherwise, or when the
+    results directory is not visible from this node). Runs in the trial's process."""
+    try:
+        summary = json.loads((trial_dir(results_dir, trial_id) / SUMMARY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") not in STATUSES or summary["status"] == "host_oom":  # host_oom: retried, not ended
+        return None
+    return {k: v for k, v in summary.items() if k != "config" and isinstance(v, (int, float, str, bool))}
+
+
+def drop_reports_from(path: Path, first: dict[str, Any]) -> None:
+    """A trial restarted from a checkpoint (a retry, a resumed sweep) reports again from there: first the
+    reports its checkpoint holds (``lmtune.contract.CHECKPOINT_REPORT``: up to two checkpoint intervals ending
+    with the checkpoint's own), then the steps after it. What the earlier attempt recorded from the first of
+    them on is dropped, so that metrics.jsonl holds each report once, as one uninterrupted run would have
+    written it (including reports that never reached the driver before the interruption)."""
+    from lmtune.reports import keep_reports, order
+
+    if isinstance(first.get("step"), int):
+        keep_reports(path, lambda at: at < order(first))

@@ -27,9 +27,9 @@ from typing import Any, TextIO
 from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
 from lmtune.results import console
-from lmtune.results.layout import new_results_dir, read_trials_csv, runs_of, write_json
+from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
 from lmtune.results.storage import resolve_storage, upload, uri_join
-from lmtune.sweep import snapshot
+from lmtune.sweep import compat, snapshot
 from lmtune.sweep.load import ResolvedSweep, resolve_gpus
 from lmtune.sweep.record import check_same_sweep, device_memory, sweep_json
 
@@ -182,7 +182,7 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
     token = " (it asks for the token that `ray get-auth-token` prints)" if url and os.environ.get(
         "RAY_AUTH_MODE", "").lower() == "token" else ""
     print(f"ray: {where}; dashboard {'http://' + url if url else 'not running'}{token}", file=out)
-    session = Path(ray._private.worker._global_node.get_session_dir_path()) if not address else None
+    session = compat.session_dir() if not address else None
     if session is not None and (session / "logs").is_dir():
         link = log_dir / "ray-session"
         if not link.exists():
@@ -193,11 +193,8 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
 def _cluster_messages_to_log() -> None:
     """The cluster's error messages (a node marked dead, a worker killed, …) go to logs/driver.log, not the
     console. ``log_to_driver=False`` keeps the workers' output away, but every driver also gets a thread that
-    prints the GCS's error messages to stdout as ``(raylet) …`` lines (``ray._private.worker
-    .listen_error_messages`` through the module's ``print_to_stdstream``, looked up at each call); the sweep
-    reports what they mean to it per trial."""
-    from ray._private import worker
-
+    prints the GCS's error messages to stdout as ``(raylet) …`` lines (:func:`lmtune.sweep.compat
+    .redirect_cluster_messages`); the sweep reports what they mean to it per trial."""
     def to_log(data: dict, ignore_prefix: bool) -> None:
         log = logging.getLogger("ray")
         if not log.handlers:  # the sweep's log is closed (a message that comes as Ray shuts down): not the console
@@ -205,40 +202,21 @@ def _cluster_messages_to_log() -> None:
         for line in data.get("lines") or []:
             log.warning("(%s) %s", data.get("pid"), line)
 
-    worker.print_to_stdstream = to_log
+    compat.redirect_cluster_messages(to_log)
 
 
 def _other_clusters() -> list[str]:
     """What an embedded Ray would otherwise have joined: RAY_ADDRESS, and the GCS of every Ray cluster running
     on this machine (live processes only: an address file left by a killed cluster does not count)."""
-    from ray._private import services  # no public API lists the clusters on a machine
-
     found = [os.environ["RAY_ADDRESS"] + " (RAY_ADDRESS)"] if os.environ.get("RAY_ADDRESS") else []
     try:
-        found += sorted(set(services.find_gcs_addresses()))
+        found += compat.running_clusters()
     except Exception:  # noqa: BLE001 — a best-effort remark on the console, never a reason not to start
         pass
     return found
 
 
 # --- results directory --------------------------------------------------------------------------------
-
-
-def _find_resumable(local_root: Path, rs: ResolvedSweep, remote: str | None) -> Path:
-    """The latest run of this sweep (same ``--smoke``) under the local results root. With a remote storage
-    the driver's files are still local (the trials' and Tune's state are in the storage, checked later)."""
-    import json
-
-    for run_dir in reversed(runs_of(local_root, rs.name)):
-        try:
-            meta = json.loads((run_dir / SWEEP_JSON).read_text())
-        except (OSError, ValueError):
-            continue
-        if bool(meta.get("smoke")) == rs.smoke and (remote or (run_dir / TUNE_DIR).is_dir()):
-            return run_dir
-    smoke = " --smoke" if rs.smoke else ""
-    raise ConfigError(f"--resume: no earlier{smoke} run of sweep '{rs.name}' in {local_root} to continue; "
-                      f"run it without --resume first.")
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -259,10 +237,13 @@ def run(
 ) -> Outcome:
     """Run (or with ``resume`` continue) the sweep; ``reuse_actors=None`` decides by :func:`measures_memory`."""
     out = out or sys.stdout
+    compat.check_versions()  # before the cluster: an untested Ray or Optuna would break --resume silently
     local_root, remote = resolve_storage(storage)
 
     if resume:
-        results_dir = _find_resumable(local_root, rs, remote)
+        from lmtune.sweep.resume import find_resumable
+
+        results_dir = find_resumable(local_root, rs.name, rs.smoke, remote)
         check_same_sweep(rs, results_dir)
     else:
         local_root.mkdir(parents=True, exist_ok=True)
@@ -308,12 +289,14 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
               reuse_actors: bool | None, out: TextIO) -> Outcome:
     from ray import tune
 
+    from lmtune.sweep import resume as resume_protocol
     from lmtune.sweep.callback import ResultsWriter
-    from lmtune.sweep.oom import LEDGER
-    from lmtune.sweep.search import make_scheduler, make_searcher
+    from lmtune.sweep.oom import Ledger
+    from lmtune.sweep.schedulers import make_scheduler
+    from lmtune.sweep.search import make_searcher
     from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
 
-    LEDGER.__init__()  # this run's decisions only (a process may run several sweeps)
+    ledger = Ledger()  # this run's decisions (scheduler, searcher and results writer share it)
     settings = TrialSettings(
         results_dir=str(results_dir), group=group, train_storage=uri_join(base_uri, TRAIN_DIR),
         workers=rs.sweep.workers, cpus=rs.cpus, gpus=rs.gpus, wandb=wandb, ray_train=ray_train,
@@ -327,31 +310,22 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     if reuse_actors is None:
         reuse_actors = not measures_memory(rs)
 
+    reconciler = None
     if resume:
-        if not tune.Tuner.can_restore(tune_path):
-            raise ConfigError(f"--resume: {tune_path} holds no Tune experiment to continue.")
-        from lmtune.sweep.resume import Reconciler
-
-        LEDGER.reconciler = Reconciler()
-        snapshot.repair_tuner_file(tune_path, out)
-        snapshot.repair_snapshot(tune_path, out)
-        snapshot_before = snapshot.files(tune_path)
-        LEDGER.reconciler.watch_tune_restore()
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
-        searcher = writer = None
+        tuner, reconciler = resume_protocol.restore(tune_path, trainable=trainable, param_space=param_space,
+                                                    ledger=ledger, out=out)
     else:
         limit = rs.base.get("system.memory_limit_gib") or device_memory(rs).get("device_memory_gib")
-        searcher = make_searcher(rs, results_dir, limit_gib=limit or None)
+        searcher = make_searcher(rs, results_dir, ledger=ledger, limit_gib=limit or None)
         extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
         total = f"≤{rs.num_samples}" if rs.searcher == "frontier" else rs.num_samples  # the planner skips points
-        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, extra_columns=extra, out=out)
+        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out)
         concurrency = max_concurrent or _default_concurrency(settings)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=make_scheduler(rs), num_samples=rs.num_samples,
+                search_alg=searcher, scheduler=make_scheduler(rs, ledger), num_samples=rs.num_samples,
                 max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name, reuse_actors=reuse_actors,
             ),
@@ -370,28 +344,20 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     try:
         grid = tuner.fit()
     except Exception:
-        if not (resume and LEDGER.reconciler.restore_failed):
+        if not (reconciler and reconciler.restore_failed):
             raise
     finally:
-        if resume:
-            LEDGER.reconciler.stop_watching()
-    if resume and LEDGER.reconciler.restore_failed:
-        # Tune started the sweep over instead: stopped at its first step, or (nothing left to suggest) ended with
-        # an empty snapshot of its own, which is set aside so that the sweep's own stays the newest.
-        snapshot.set_aside(tune_path, snapshot.files(tune_path) - snapshot_before, snapshot.FAILED_RESUME)
-        raise ConfigError(f"--resume: Tune could not restore the sweep's saved state ({LEDGER.reconciler.restore_failed}"
-                          f"; the traceback is in {results_dir / LOG_DIR / 'driver.log'}); nothing ran and the saved "
-                          f"state is as it was. Start the sweep again without --resume to run it anew (its finished "
-                          f"trials stay in {results_dir.name}/trials.csv).")
+        if reconciler:
+            reconciler.finish(results_dir)  # Tune could not restore: ConfigError, in one line
     wall = time.perf_counter() - t0
-    if LEDGER.snapshots:
+    if ledger.snapshots:
         logging.getLogger("lmtune").info(
             "experiment snapshots (trial added / checkpointed / ended): %d, %.2f s in all, longest %.3f s",
-            len(LEDGER.snapshots), sum(LEDGER.snapshots), max(LEDGER.snapshots))
+            len(ledger.snapshots), sum(ledger.snapshots), max(ledger.snapshots))
 
-    writer = writer or _writer_of(tuner)
-    if searcher is None:
-        searcher = _searcher_of(tuner)
+    if resume:  # Tune restored them from its tuner.pkl and searcher snapshot
+        writer = next(cb for cb in compat.tuner_callbacks(tuner) if isinstance(cb, ResultsWriter))
+        searcher = resume_protocol.innermost(compat.tuner_search_alg(tuner))
     # Ctrl-C ends Tune's loop early (the state is saved): trials left running or pending, or fewer than the
     # sweep asks for (the frontier planner may rightly stop early: its plan says whether it is done).
     if rs.searcher == "frontier":
@@ -453,24 +419,5 @@ def _default_concurrency(settings) -> int:
         per_gpu = settings.gpus * (settings.workers if settings.use_ray_train else 1)
         n = min(n, int(total.get("GPU", 0) // per_gpu))
     return max(1, n)
-
-
-def _writer_of(tuner):
-    from lmtune.sweep.callback import ResultsWriter
-
-    run_config = tuner._local_tuner.get_run_config()
-    for cb in run_config.callbacks or []:
-        if isinstance(cb, ResultsWriter):
-            return cb
-    raise RuntimeError("the sweep's ResultsWriter callback is missing from the Tune run")
-
-
-def _searcher_of(tuner):
-    """The searcher after a restore (Tune restores its state from the experiment directory)."""
-    tc = tuner._local_tuner._tune_config
-    alg = tc.search_alg
-    while alg is not None and hasattr(alg, "searcher"):  # ConcurrencyLimiter / SearchGenerator wrappers
-        alg = alg.searcher
-    return alg
 
 

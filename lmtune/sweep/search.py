@@ -1,24 +1,22 @@
-"""Searchers and schedulers: Optuna (TPE / grid / NSGA-II) and ASHA, taught lmtune's trial statuses.
+"""Searchers: Optuna (TPE / grid / NSGA-II) through Tune's OptunaSearch, and the frontier planner, as Tune searchers.
 
 * :func:`make_searcher` builds the Tune searcher for a resolved sweep: :class:`StudySearch` (an
   ``OptunaSearch`` whose study lives in ``optuna.db`` next to the results, so ``optuna-dashboard
-  sqlite:///…/optuna.db`` opens it) or the frontier planner's ``FrontierSearcher``.
+  sqlite:///…/optuna.db`` opens it) or :class:`FrontierSearcher` (the planner of :mod:`lmtune.sweep.plan`).
 * Optuna is told the truth about every trial: ``ok`` → COMPLETE with the metric(s); stopped by ASHA →
-  PRUNED (not COMPLETE with a truncated value); ``oom`` / ``diverged`` / ``error`` → FAIL with the status
-  as a user attribute, so the sampler treats the region as infeasible instead of learning a made-up value.
+  PRUNED (not COMPLETE with a truncated value); ``oom`` → COMPLETE with its memory constraint violated and a
+  neutral value; ``diverged`` / ``error`` / ``host_oom`` → FAIL, the status as a user attribute.
 * The trainer's current defaults (the locked defaults) are enqueued first where they lie in the space.
-* :func:`make_scheduler` builds ASHA on ``tokens`` (Li et al. 2020, "A System for Massively Parallel
-  Hyperparameter Tuning") or FIFO, both recording their decisions in :data:`lmtune.sweep.oom.LEDGER`.
+* What a resume needs of them (mapping restored trials, requeueing orphans) is :mod:`lmtune.sweep.resume`'s.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
+import pickle
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,19 +24,18 @@ from typing import Any
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from lmtune.contract import CHECKPOINT_REPORT
+from lmtune.contract import CHECKPOINT_REPORT, STUDY_DB
+from lmtune.sweep import compat
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.oom import LEDGER, classify_trial_error, was_memory_monitor_kill
+from lmtune.sweep.oom import Ledger
+from lmtune.sweep.plan import FINISHED, FrontierPlan
 from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
 
-STUDY_FILE = "optuna.db"
 MEMORY_CONSTRAINT = "memory_gib"
 """The constraint every trial records in the study: peak memory above what the limit leaves (positive = infeasible)."""
-SNAPSHOT_SHARE = 0.05
-"""At most this share of the driver's time goes to the experiment snapshots taken for --resume."""
 logger = logging.getLogger("lmtune.sweep")
 
 
@@ -116,7 +113,7 @@ class _GridSampler(optuna.samplers.GridSampler):
         super().__init__(search_space, seed=seed)
         # trial number i < grid size runs grid point i (GridSampler.before_trial), so the first
         # trial is the product's first point: every axis at its default where the default is a value.
-        self._all_grids = list(itertools.product(*self._search_space.values()))
+        compat.grid_in_given_order(self)
 
     def after_trial(self, study, trial, state, values) -> None:
         pass
@@ -134,14 +131,22 @@ class StudySearch(OptunaSearch):
     learns_memory: bool = True
     """False: no constraints, an OOM told as FAIL (what Optuna's samplers leave out of their model). Only the
     baseline of ``benchmarks/oom_aware_search.py`` sets it."""
+    ledger: Ledger | None = None
+    """The run's ledger (statuses, ASHA's rungs to save); handed over again after a restore (never pickled)."""
 
-    def __init__(self, *args, enqueue: list[dict] | None = None, limit_gib: float | None = None,
+    def __init__(self, *args, ledger: Ledger, enqueue: list[dict] | None = None, limit_gib: float | None = None,
                  headroom_gib: float = 0.0, **kwargs):
-        self._enqueue = list(enqueue or [])
+        self.ledger = ledger
         self._limit_gib = limit_gib
         self._headroom_gib = headroom_gib
         self._feasible: list[list[float]] = []
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # sets up the study (the space is always given)
+        for point in enqueue or []:  # partial points too (OptunaSearch's points_to_evaluate wants whole ones)
+            self.study.enqueue_trial(point)
+
+    @property
+    def study(self) -> optuna.Study:
+        return compat.study(self)
 
     def memory_constraint(self, result: dict, status: str) -> float | None:
         """peak − (limit − headroom) in GiB for a trial that ran; for an OOM, at least 5% of the limit above
@@ -167,102 +172,45 @@ class StudySearch(OptunaSearch):
         return [max(v[i] for v in self._feasible) if m == "min" else min(v[i] for v in self._feasible)
                 for i, m in enumerate(modes)]
 
-    def _setup_study(self, mode):
-        super()._setup_study(mode)
-        for point in self._enqueue:
-            self._ot_study.enqueue_trial(point)
-        self._enqueue = []
-
     def save(self, checkpoint_path: str) -> None:
         # Tune snapshots the searcher with the experiment; a define-by-run space is the sweep file's own
         # function (a closure, from a module that is not importable), which only cloudpickle can write.
         import ray.cloudpickle
 
-        state = self.__dict__.copy()
-        if LEDGER.scheduler is not None:  # ASHA's rungs, saved with this snapshot (see ASHA)
-            state["_lmtune_scheduler_state"] = LEDGER.scheduler.snapshot_state()
+        state = {k: v for k, v in self.__dict__.items() if k != "ledger"}
+        if self.ledger.scheduler is not None and hasattr(self.ledger.scheduler, "snapshot_state"):
+            state["_lmtune_scheduler_state"] = self.ledger.scheduler.snapshot_state()  # ASHA's rungs, with it
         with open(checkpoint_path, "wb") as f:
             ray.cloudpickle.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        LEDGER.scheduler_state = self.__dict__.pop("_lmtune_scheduler_state", None)
+        self.ledger.scheduler_state = self.__dict__.pop("_lmtune_scheduler_state", None)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's tuner.pkl: the ledger is the run's own
+        return {k: v for k, v in self.__dict__.items() if k != "ledger"}
 
     def suggest(self, trial_id: str):
         suggestion = super().suggest(trial_id)
-        if trial_id in self._ot_trials:
+        asked = compat.study_trials(self).get(trial_id)
+        if asked is not None:
             # The Tune trial's id in the study, so that a resume can map restored trials to theirs (lmtune.sweep.resume).
-            self._ot_trials[trial_id].set_user_attr("trial_id", trial_id)
+            asked.set_user_attr("trial_id", trial_id)
         return suggestion
 
     def space_keys(self) -> list[str]:
-        return list(self._space) if isinstance(self._space, dict) else []
-
-    def _stored(self, states=None) -> list:
-        # OptunaSearch._ot_study is its optuna.Study; Study._storage/_study_id: its storage (no public accessor).
-        return self._ot_study._storage.get_all_trials(self._ot_study._study_id, deepcopy=False, states=states)
-
-    def map_restored(self, trial_id: str, point: dict[str, Any], *, finished: bool) -> None:
-        """A trial Tune restored: map it to its Optuna trial (by the ``trial_id`` user attribute) if the restored
-        searcher state lacks it; an unfinished one without any gets a new RUNNING Optuna trial at its point."""
-        from lmtune.sweep.resume import optuna_trial
-
-        if trial_id in self._ot_trials:
-            return
-        mine = [t for t in self._stored() if t.user_attrs.get("trial_id") == trial_id]
-        if mine:
-            self._ot_trials[trial_id] = optuna_trial(self._ot_study, max(mine, key=lambda t: t.number))
-            return
-        if finished:
-            return
-        distributions = {k: d for k, d in (self._space if isinstance(self._space, dict) else {}).items() if k in point}
-        frozen = optuna.trial.create_trial(state=TrialState.RUNNING, params={k: point[k] for k in distributions},
-                                           distributions=distributions, user_attrs={"trial_id": trial_id,
-                                                                                    "restored": True})
-        self._ot_study.add_trial(frozen)
-        added = max((t for t in self._stored() if t.user_attrs.get("trial_id") == trial_id), key=lambda t: t.number)
-        self._ot_trials[trial_id] = optuna_trial(self._ot_study, added)
-        logger.info("optuna: restored trial %s had no study trial; added one at its point", trial_id)
-
-    def requeue_orphans(self, restored: set[str]) -> None:
-        """Optuna trials asked after the Tune snapshot being restored was taken: still RUNNING in optuna.db and
-        belonging to no restored trial. Each is closed as FAIL (``status=interrupted``) and its point enqueued,
-        so the resumed sweep runs that point next instead of losing it (a grid would count it as taken) or
-        leaving it RUNNING forever."""
-        mapped = {t._trial_id for t in self._ot_trials.values()}  # optuna.Trial._trial_id: its storage id
-        storage = self._ot_study._storage
-        for t in self._stored(states=(TrialState.RUNNING,)):
-            owner = t.user_attrs.get("trial_id")
-            if (owner in restored) if owner else (t._trial_id in mapped):
-                continue
-            storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self._ot_study.enqueue_trial(self._point_of(t), user_attrs={"requeued_from": t.number})
-            logger.info("optuna: trial %d was asked after the restored snapshot; closed as interrupted, "
-                        "its point enqueued again", t.number)
-
-    def _point_of(self, t) -> dict[str, Any]:
-        """The point an asked trial was given. A driver killed inside ``Study.ask`` leaves a RUNNING trial whose
-        params are not all written yet: its point is then the one it was enqueued with (system attribute
-        ``fixed_params``) or its grid point (``grid_id``, which GridSampler sets before any param), the params
-        written so far on top. A grid trial enqueued with fewer params than the grid's is refused by Optuna."""
-        point = dict(t.system_attrs.get("fixed_params") or {})
-        sampler = self._ot_study.sampler
-        if isinstance(sampler, optuna.samplers.GridSampler) and "grid_id" in t.system_attrs:
-            # GridSampler's own grid and its (sorted) names: no public accessor.
-            point.update(zip(sampler._param_names, sampler._all_grids[t.system_attrs["grid_id"]]))
-        point.update(t.params)
-        return point
+        space = compat.search_space(self)
+        return list(space) if isinstance(space, dict) else []
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Intermediate values for optuna-dashboard's curves, at the tokens seen so far (metric reports only:
         # validation runs at eval intervals). Several metrics: Optuna has no intermediate values.
-        if isinstance(self.metric, list) or self.metric not in result or trial_id not in self._ot_trials:
+        asked = compat.study_trials(self).get(trial_id)
+        if isinstance(self.metric, list) or self.metric not in result or asked is None:
             return
         value = result[self.metric]
         step = int(result.get("tokens", result.get("training_iteration", 0)))
-        ot_trial = self._ot_trials[trial_id]
-        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        stored = compat.stored(self.study, asked)
         if stored.state.is_finished():
             # Told before an interruption: the restored Tune snapshot predates this trial's end, so Tune runs it
             # again, and the trainable replays its recorded result (lmtune.contract.REPLAYED).
@@ -270,17 +218,17 @@ class StudySearch(OptunaSearch):
         if result.get(CHECKPOINT_REPORT) and step in stored.intermediate_values:
             return  # a resumed trial's checkpoint report, already heard before the interruption
         if isinstance(value, (int, float)) and math.isfinite(value):
-            ot_trial.report(float(value), step)
+            asked.report(float(value), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        ot_trial = compat.study_trials(self).get(trial_id)
+        if trial_id in compat.told(self) or ot_trial is None:
             return
-        ot_trial = self._ot_trials[trial_id]
-        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+        if compat.stored(self.study, ot_trial).state.is_finished():
             # Told before an interruption: Tune's last snapshot of this searcher predates it.
-            self._completed_trials.add(trial_id)
+            compat.told(self).add(trial_id)
             return
-        status = LEDGER.status_of(trial_id, result, error)
+        status = self.ledger.status_of(trial_id, result, error)
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [(result or {}).get(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
@@ -302,12 +250,12 @@ class StudySearch(OptunaSearch):
             state, told = TrialState.FAIL, None
         if constraint is not None and state != TrialState.FAIL:
             ot_trial.set_constraint(MEMORY_CONSTRAINT, constraint)
-        self._completed_trials.add(trial_id)
+        compat.told(self).add(trial_id)
         try:
-            self._ot_study.tell(ot_trial, told if told is None or len(told) > 1 else told[0], state=state)
+            self.study.tell(ot_trial, told if told is None or len(told) > 1 else told[0], state=state)
         except Exception as exc:  # noqa: BLE001 — the study is a record; a failed write must not fail the trial
-            logger.warning("optuna: could not record trial %s (%s) in %s: %s", trial_id, status, STUDY_FILE, exc)
-            print(f"warning: optuna.db: could not record trial {trial_id} ({status}): {exc}", file=sys.stderr)
+            logger.warning("optuna: could not record trial %s (%s) in %s: %s", trial_id, status, STUDY_DB, exc)
+            print(f"warning: {STUDY_DB}: could not record trial {trial_id} ({status}): {exc}", file=sys.stderr)
 
 
 def tpe_gamma(n: int) -> int:
@@ -325,14 +273,13 @@ TPE_OPTIONS: dict[str, Any] = {"gamma": tpe_gamma}
 
 
 def study_storage(results_dir: Path) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(f"sqlite:///{Path(results_dir).resolve() / STUDY_FILE}")
+    return optuna.storages.RDBStorage(f"sqlite:///{Path(results_dir).resolve() / STUDY_DB}")
 
 
-def make_searcher(rs: ResolvedSweep, results_dir: Path, *, limit_gib: float | None = None):
-    """The Tune searcher for ``rs``; ``results_dir`` holds optuna.db."""
+def make_searcher(rs: ResolvedSweep, results_dir: Path, *, ledger: Ledger | None = None,
+                  limit_gib: float | None = None) -> StudySearch | FrontierSearcher:
+    """The Tune searcher for ``rs``; ``results_dir`` holds optuna.db; ``ledger``: the run's (a new one if none)."""
     if rs.searcher == "frontier":
-        from lmtune.sweep.plan import FrontierPlan, FrontierSearcher
-
         plan = FrontierPlan.from_space(rs.space, rs.frontier, limit_gib=limit_gib)
         return FrontierSearcher(plan, metric=rs.metric, mode=rs.mode)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -348,205 +295,58 @@ def make_searcher(rs: ResolvedSweep, results_dir: Path, *, limit_gib: float | No
     enqueue = [] if rs.searcher == "grid" else enqueued_points(rs)
     return StudySearch(
         space=space, metric=rs.metric, mode=rs.mode, sampler=sampler, study_name=rs.name,
-        storage=study_storage(results_dir), enqueue=enqueue, limit_gib=limit_gib,
+        storage=study_storage(results_dir), ledger=ledger or Ledger(), enqueue=enqueue, limit_gib=limit_gib,
         headroom_gib=rs.frontier.headroom_gib if rs.frontier is not None else 0.0,
     )
 
 
-# --- schedulers -------------------------------------------------------------------------------------
+class FrontierSearcher(Searcher):
+    """Ray Tune searcher for ``Sweep(searcher="frontier")``; the decisions are :class:`FrontierPlan`'s.
 
+    The sweep runner::
 
-class _RecordsDecisions:
-    """Mixin: note ASHA's stops and OOM failures in the ledger, keep OOM-killed trials from re-running, and
-    keep Tune's experiment snapshot in step with the trials.
+        plan = FrontierPlan.from_space(space, sweep.frontier, limit_gib=limit)
+        searcher = FrontierSearcher(plan, metric=metric, mode=mode)
+        tune.TuneConfig(search_alg=searcher, num_samples=plan.grid_size, max_concurrent_trials=N)
+        ...
+        rows = searcher.plan.implied_rows()                 # append to trials.csv
+        predicted = searcher.plan.launch_predictions()      # trials.csv column predicted_peak_gib
 
-    Tune calls ``on_trial_error`` both when a failed trial is given up and when it is about to be retried.
-    A trial killed by Ray's memory monitor is an OOM, which is a result and must not be retried: it is
-    marked so that its restart reports ``status=oom`` at once instead of training again (see
-    ``lmtune.sweep.trainable``).
-
-    Snapshots: Tune saves the experiment (trials, their latest checkpoints, the searcher) every
-    ``TUNE_GLOBAL_CHECKPOINT_S`` at most, so a driver killed a moment after a trial started or
-    checkpointed left a snapshot without that trial or checkpoint, and ``--resume`` ran it again from
-    scratch under a new id. Here every event that matters to a resume (trial added, checkpoint
-    registered, trial ended: :data:`LEDGER` ``.snapshot_due``) is followed by a synchronous snapshot at the
-    start of a following step of the controller (``choose_trial_to_run``; in a small sweep the next one,
-    before a new trial's process starts and before the trial's next result is processed).
-
-    A snapshot holds every trial's state (~50 KB per trial with lmtune's metrics), so its cost grows with
-    the sweep: after a snapshot that took ``t`` seconds the next one waits ``19·t`` (the same 5% share of
-    the driver's time that Tune's own "auto" period allows). In a sweep of a few dozen trials that is a
-    fraction of a second; at 100 trials ~2 s. What a driver killed in that window loses is the work
-    since the trials' previous snapshotted checkpoints; a trial started in it is run again from the
-    start (its study trial is requeued, see :meth:`StudySearch.restore`). A registered checkpoint does not
-    wait (``LEDGER.checkpoint_due``): Tune keeps two checkpoints per trial, and a snapshot that fell two
-    checkpoints behind would name one already deleted, which no resume can restore (a snapshot costs less
-    than the checkpoint that triggers it).
+    Tune's ``param_space`` must not hold the frontier's grid axes (the searcher suggests them as flat
+    dotted keys, merged into the param_space by Tune). A trial's final result must carry ``status``
+    (``oom`` for an OOM) and ``peak_reserved_gib``/``tokens_per_s``.
     """
 
-    def on_trial_add(self, tune_controller, trial) -> None:
-        LEDGER.snapshot_due = True
-        if LEDGER.reconciler is not None:  # a resume: Tune adds every trial it restored through here first
-            LEDGER.reconciler.on_restored_trial(getattr(tune_controller, "_tune_controller", tune_controller), trial)
-        super().on_trial_add(tune_controller, trial)
+    def __init__(self, plan: FrontierPlan, metric: str | None = None, mode: str | None = None):
+        super().__init__(metric=metric, mode=mode)
+        self.plan = plan
 
-    def choose_trial_to_run(self, tune_controller):
-        if LEDGER.snapshot_due and (LEDGER.checkpoint_due or time.monotonic() >= LEDGER.next_snapshot):
-            LEDGER.snapshot_due = LEDGER.checkpoint_due = False
-            # Schedulers get a wrapper that logs a warning for attributes outside its whitelist.
-            controller = getattr(tune_controller, "_tune_controller", tune_controller)
-            t0 = time.monotonic()
-            controller.checkpoint(force=True, wait=True)
-            took = time.monotonic() - t0
-            LEDGER.snapshots.append(took)
-            LEDGER.next_snapshot = t0 + took * (1 / SNAPSHOT_SHARE)
-        if LEDGER.max_running is not None:  # lowered after a host-memory kill: retried trials wait their turn too
-            controller = getattr(tune_controller, "_tune_controller", tune_controller)
-            if len(_started(controller)) >= LEDGER.max_running:
-                return None
-        return super().choose_trial_to_run(tune_controller)
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # its metric and mode are given when it is made; the sweep's TuneConfig names none
 
-    def on_trial_error(self, tune_controller, trial) -> None:
-        kind, message = classify_trial_error(trial)
-        controller = getattr(tune_controller, "_tune_controller", tune_controller)
-        if kind == "oom" and was_memory_monitor_kill(trial):
-            sharing = _trials_sharing_its_node(controller, trial)
-            if sharing:
-                # Host memory ran out while other trials ran on this node, and Ray's monitor kills the newest task:
-                # no evidence about this config. Retry it (not marked as OOM-killed), with fewer trials at once.
-                kind = "host_oom"
-                lowered = _lower_concurrency(controller, running=len(sharing) + 1)
-                message = (f"host memory: Ray's memory monitor killed it while {len(sharing)} other trial(s) ran on "
-                           f"its node ({message}); not evidence about its config"
-                           + (f"; at most {lowered} trial(s) at once from now on" if lowered else ""))
-        LEDGER.errors[trial.trial_id] = (kind, message)
-        LEDGER.snapshot_due = True
-        if kind == "oom":
-            from lmtune.sweep.trainable import OOM_KILLED_KEY
+    def suggest(self, trial_id: str) -> dict | str | None:
+        out = self.plan.suggest(trial_id)
+        return Searcher.FINISHED if out == FINISHED else out
 
-            trial.config[OOM_KILLED_KEY] = message or "killed by Ray's memory monitor"
-        super().on_trial_error(tune_controller, trial)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.plan.complete(trial_id, result, error)
 
-    def on_trial_complete(self, tune_controller, trial, result) -> None:
-        LEDGER.snapshot_due = True
-        super().on_trial_complete(tune_controller, trial, result)
+    def implied_rows(self) -> list[dict[str, Any]]:
+        return self.plan.implied_rows()
 
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        LEDGER.snapshot_due = True
-        super().on_trial_remove(tune_controller, trial)
+    def prediction_errors(self) -> list[dict[str, Any]]:
+        return self.plan.prediction_errors()
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and result.get("status", "running") == "running":
-            LEDGER.pruned[trial.trial_id] = result.get("tokens")
-        return decision
+    def get_state(self) -> dict:
+        return {"plan": self.plan}
 
+    def set_state(self, state: dict) -> None:
+        self.plan = state["plan"]
 
-def _node(trial) -> str | None:
-    return (getattr(trial, "last_result", None) or {}).get("node_ip")
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
 
-
-def _started(controller) -> list:
-    """Trials whose process exists: running, or pending with an actor being started (Tune marks a trial RUNNING
-    only once its actor is up). TuneController._trial_to_actor: trial → its actor (no public accessor)."""
-    return [t for t in getattr(controller, "_trial_to_actor", {}) if not t.is_finished()]
-
-
-def _trials_sharing_its_node(controller, trial) -> list:
-    """Other trials with a process on the killed trial's node (a trial whose node is not known yet counts)."""
-    node = _node(trial)
-    others = [t for t in _started(controller) if t is not trial]
-    return [t for t in others if node is None or _node(t) in (None, node)]
-
-
-def _lower_concurrency(controller, running: int) -> int | None:
-    """One trial fewer at once than the ``running`` ones (the killed trial included), at least one, for new and
-    retried trials alike; the new limit, or None when it was one already."""
-    from lmtune.sweep.resume import _limiter
-
-    current = min(LEDGER.max_running or running, running)
-    if current <= 1:
-        return None
-    LEDGER.max_running = current - 1
-    limiter = _limiter(controller)
-    if limiter is not None:
-        limiter.max_concurrent = min(limiter.max_concurrent, LEDGER.max_running)
-    return LEDGER.max_running
-
-
-class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
-    """ASHA whose rungs survive ``--resume``: Tune saves no scheduler state with its experiment (ray#30838), so
-    :class:`StudySearch` carries it in its own snapshot (:meth:`snapshot_state`) and the live scheduler takes it
-    back at its first call after a restore (:data:`LEDGER` ``.scheduler_state``)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        LEDGER.scheduler = self
-
-    def __setstate__(self, state):  # the instance a restored tuner runs with
-        self.__dict__.update(state)
-        LEDGER.scheduler = self
-
-    def snapshot_state(self) -> dict:
-        brackets = list(self._brackets)
-        return {"brackets": copy.deepcopy(brackets), "counter": self._counter, "num_stopped": self._num_stopped,
-                "trial_info": {tid: brackets.index(b) for tid, b in self._trial_info.items() if b in brackets}}
-
-    def _take_restored_state(self) -> None:
-        state, LEDGER.scheduler_state = LEDGER.scheduler_state, None
-        if not state:
-            return
-        # AsyncHyperBandScheduler's own attributes: its brackets (rungs with each trial's recorded value),
-        # the trial → bracket map and its counters (no public API to set them).
-        self._brackets = state["brackets"]
-        self._trial_info = {tid: self._brackets[i] for tid, i in state["trial_info"].items()}
-        self._counter, self._num_stopped = state["counter"], state["num_stopped"]
-        logger.info("asha: rungs restored (%d trial(s) recorded)", len(self._trial_info))
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        self._take_restored_state()
-        if trial.trial_id in self._trial_info:  # restored with its bracket: keep its place, as uninterrupted
-            LEDGER.snapshot_due = True
-            if LEDGER.reconciler is not None:
-                LEDGER.reconciler.on_restored_trial(getattr(tune_controller, "_tune_controller", tune_controller),
-                                                    trial)
-            return
-        super().on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        self._take_restored_state()
-        return super().on_trial_result(tune_controller, trial, result)
-
-
-class FIFO(_RecordsDecisions, FIFOScheduler):
-    pass
-
-
-def make_scheduler(rs: ResolvedSweep):
-    if rs.sweep.scheduler != "asha":
-        return FIFO()
-    budget = max_tokens(rs)
-    grace = rs.sweep.grace_tokens or max(1, budget // 10)
-    grace = min(grace, budget)
-    # stop_last_trials=False: reaching the budget is the trainer's own end (status ok), never a prune.
-    return ASHA(time_attr="tokens", metric=rs.metric, mode=rs.mode, max_t=budget, grace_period=grace,
-                reduction_factor=rs.sweep.reduction_factor, stop_last_trials=False)
-
-
-def max_tokens(rs: ResolvedSweep) -> int:
-    """The largest token budget of any trial: steps × micro-batch × accumulation × workers × seq_len.
-
-    Axes sampled from ranges count at their upper bound. With ``train.epochs`` the budget depends on the
-    corpus; one epoch is then estimated from ``steps`` (ASHA only needs rung spacing, not the exact end).
-    """
-
-    def top(key: str) -> Any:
-        d = rs.space.get(key)
-        if isinstance(d, (Grid, Choice)):
-            return max(d.values)
-        if isinstance(d, (Uniform, LogUniform, IntRange)):
-            return d.high
-        return rs.base[key]
-
-    return int(top("train.steps") * top("train.micro_batch_size") * top("train.accumulation_steps")
-               * rs.sweep.workers * top("data.seq_len"))
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))

@@ -3,7 +3,7 @@
 Tune writes ``tuner.pkl`` when a Tuner is made or restored, and at every experiment snapshot copies its whole
 staging directory into the storage, every driver session's files again, several at once (pyarrow
 ``copy_files``). A driver killed in the middle leaves files cut short: an empty ``tuner.pkl``, a searcher state of
-4096 bytes, on which Tune's restore fails and it starts the sweep over (see :mod:`lmtune.sweep.resume`). Here:
+4096 bytes, on which Tune's restore fails and it starts the sweep over (step 2 of :mod:`lmtune.sweep.resume`). Here:
 
 * :func:`keep_tuner_file` keeps a copy of the last complete ``tuner.pkl`` (its content does not change over a
   sweep), and :func:`repair_tuner_file` puts it back when the one there does not load;
@@ -74,15 +74,10 @@ def repair_tuner_file(tune_path: str, out: TextIO) -> None:
 
 def _families() -> list[tuple[str, str, str]]:
     """One file of each family per driver session (``<prefix><session><suffix>``, the session a start timestamp):
-    the trials (JSON), the search algorithm's wrappers, the searcher, the callbacks (pickles, whatever their
-    suffix). (prefix, suffix, format) from Tune's own templates."""
-    from ray.tune.callback import CallbackList
-    from ray.tune.execution.tune_controller import TuneController
-    from ray.tune.search import SearchGenerator, Searcher
+    (prefix, suffix, format) from Tune's own templates (:func:`lmtune.sweep.compat.snapshot_templates`)."""
+    from lmtune.sweep import compat
 
-    out = [(TuneController.CKPT_FILE_TMPL, "json")]
-    out += [(c.CKPT_FILE_TMPL, "pickle") for c in (SearchGenerator, Searcher, CallbackList)]
-    return [(t.split("{}")[0], t.split("{}")[1], fmt) for t, fmt in out]
+    return [(t.split("{}")[0], t.split("{}")[1], fmt) for t, fmt in compat.snapshot_templates()]
 
 
 def _whole(data: bytes, fmt: str) -> bool:

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lmtune.contract import CHECKPOINT_REPORT, REPLAYED, STATUSES, SUMMARY_JSON, TIME_IN_TRAINER, TRIALS_DIR
+from lmtune.contract import CHECKPOINT_REPORT, REPLAYED, TIME_IN_TRAINER
+from lmtune.sweep import compat
+from lmtune.sweep.resume import finished_before
 
 OOM_KILLED_KEY = "__lmtune_oom_killed__"
 """Set in a trial's config by the driver when Ray's memory monitor killed it: the restart reports oom."""
@@ -288,13 +290,9 @@ def _wait_for_forwarded_reports(timeout_s: float = 30.0) -> None:
     """Ray Train's TuneReportCallback hands each rank-0 report to this trial through a one-item queue that Tune's
     function runner drains while this function runs; the last report (the trial's final one, with its status)
     can still sit in it when ``fit()`` returns, and returning then loses it (seen: a 2-worker trial recorded as
-    ``error`` at its step-55 report, its step-60 ``ok`` report never read). Wait until it has been read.
-    ``_inter_actor_queue`` is the Tune session's private handle on that queue (no public API exposes it)."""
-    from ray.train._internal.session import get_session
-
-    queue = getattr(get_session(), "_inter_actor_queue", None)
+    ``error`` at its step-55 report, its step-60 ``ok`` report never read). Wait until it has been read."""
     deadline = time.monotonic() + timeout_s
-    while queue is not None and time.monotonic() < deadline and not queue.empty():
+    while time.monotonic() < deadline and compat.forwarded_reports_pending():
         time.sleep(0.02)
 
 
@@ -311,7 +309,7 @@ def make_trainable(settings: TrialSettings) -> Callable[[dict], None]:
             # The previous attempt was killed by Ray's memory monitor: that is the trial's result.
             tune.report({"status": "oom", "oom_reason": str(config[OOM_KILLED_KEY])[:200], TIME_IN_TRAINER: 0.0})
             return
-        finished = _finished_before(settings, tune.get_context().get_trial_id())
+        finished = finished_before(settings.results_dir, tune.get_context().get_trial_id())
         if finished is not None:
             # A resumed sweep restarts the trials its last Tune snapshot saw running; the driver had
             # already recorded this one as finished (trials/{id}/summary.json), so that is its result.
@@ -332,28 +330,13 @@ class NamedTrial:
     from a name shared by every trial; this one is ``lmtune trial {trial_id}``, so a person can tell them apart."""
 
     def setup(self, config, *args, **kwargs):
-        self._name = f"lmtune trial {self.trial_id}"  # ImplicitFunc.__repr__ returns self._name
+        compat.name_trial_actor(self, f"lmtune trial {self.trial_id}")
         return super().setup(config, *args, **kwargs)
 
     def reset(self, new_config, *args, **kwargs):
         out = super().reset(new_config, *args, **kwargs)
-        self._name = f"lmtune trial {self.trial_id}"
+        compat.name_trial_actor(self, f"lmtune trial {self.trial_id}")
         return out
-
-
-def _finished_before(settings: TrialSettings, trial_id: str) -> dict[str, Any] | None:
-    """The final metrics the driver recorded for this trial, if it ended before (None otherwise, or when
-    the results directory is not visible from this node)."""
-    import json
-
-    path = Path(settings.results_dir) / TRIALS_DIR / trial_id / SUMMARY_JSON
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if summary.get("status") not in STATUSES or summary["status"] == "host_oom":  # host_oom: retried, not ended
-        return None
-    return {k: v for k, v in summary.items() if k != "config" and isinstance(v, (int, float, str, bool))}
 
 
 def trial_resources(settings: TrialSettings) -> dict[str, float]:

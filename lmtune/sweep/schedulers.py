@@ -1,0 +1,189 @@
+"""Tune's schedulers, taught lmtune's trial statuses: ASHA on ``tokens`` (Li et al. 2020, "A System for Massively
+Parallel Hyperparameter Tuning") or FIFO, both recording their decisions in the run's :class:`~lmtune.sweep.oom.Ledger`.
+
+They also keep Tune's experiment snapshot in step with the trials (what ``--resume`` restores; see
+:class:`_RecordsDecisions`) and, after a host-memory kill, run fewer trials at once. ASHA's rungs survive a
+resume (:class:`ASHA`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+from lmtune.sweep import compat
+from lmtune.sweep.load import ResolvedSweep
+from lmtune.sweep.oom import Ledger, classify_trial_error, was_memory_monitor_kill
+from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
+
+logger = logging.getLogger("lmtune.sweep")
+
+
+class _RecordsDecisions:
+    """Mixin: note ASHA's stops and OOM failures in the run's ledger, keep OOM-killed trials from re-running,
+    run fewer trials at once after a host-memory kill, and keep Tune's experiment snapshot in step with the trials
+    (:func:`lmtune.sweep.resume.snapshot_if_due`, at the start of each step of the controller that chooses a trial).
+
+    Tune calls ``on_trial_error`` both when a failed trial is given up and when it is about to be retried.
+    A trial killed by Ray's memory monitor is an OOM, which is a result and must not be retried: it is
+    marked so that its restart reports ``status=oom`` at once instead of training again (see
+    ``lmtune.sweep.trainable``).
+
+    The ledger is the run's (the runner hands it over, again after a restore: it is not pickled with Tune's state).
+    """
+
+    ledger: Ledger | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "ledger"}
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self.ledger.snapshot_due = True
+        if self.ledger.reconciler is not None:  # a resume: Tune adds every trial it restored through here first
+            self.ledger.reconciler.on_restored_trial(compat.controller(tune_controller), trial)
+        super().on_trial_add(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        from lmtune.sweep.resume import snapshot_if_due
+
+        controller = compat.controller(tune_controller)
+        snapshot_if_due(self.ledger, controller)
+        if self.ledger.max_running is not None:  # lowered after a host-memory kill: retried trials wait their turn too
+            if len(compat.started_trials(controller)) >= self.ledger.max_running:
+                return None
+        return super().choose_trial_to_run(tune_controller)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        kind, message = classify_trial_error(trial)
+        controller = compat.controller(tune_controller)
+        if kind == "oom" and was_memory_monitor_kill(trial):
+            sharing = _trials_sharing_its_node(controller, trial)
+            if sharing:
+                # Host memory ran out while other trials ran on this node, and Ray's monitor kills the newest task:
+                # no evidence about this config. Retry it (not marked as OOM-killed), with fewer trials at once.
+                kind = "host_oom"
+                lowered = self._lower_concurrency(controller, running=len(sharing) + 1)
+                message = (f"host memory: Ray's memory monitor killed it while {len(sharing)} other trial(s) ran on "
+                           f"its node ({message}); not evidence about its config"
+                           + (f"; at most {lowered} trial(s) at once from now on" if lowered else ""))
+        self.ledger.errors[trial.trial_id] = (kind, message)
+        self.ledger.snapshot_due = True
+        if kind == "oom":
+            from lmtune.sweep.trainable import OOM_KILLED_KEY
+
+            trial.config[OOM_KILLED_KEY] = message or "killed by Ray's memory monitor"
+        super().on_trial_error(tune_controller, trial)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self.ledger.snapshot_due = True
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.ledger.snapshot_due = True
+        super().on_trial_remove(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get("status", "running") == "running":
+            self.ledger.pruned[trial.trial_id] = result.get("tokens")
+        return decision
+
+    def _lower_concurrency(self, controller, running: int) -> int | None:
+        """One trial fewer at once than the ``running`` ones (the killed trial included), at least one, for new and
+        retried trials alike; the new limit, or None when it was one already."""
+        from lmtune.sweep.resume import limiter
+
+        current = min(self.ledger.max_running or running, running)
+        if current <= 1:
+            return None
+        self.ledger.max_running = current - 1
+        found = limiter(controller)
+        if found is not None:
+            found.max_concurrent = min(found.max_concurrent, self.ledger.max_running)
+        return self.ledger.max_running
+
+
+def _node(trial) -> str | None:
+    return (getattr(trial, "last_result", None) or {}).get("node_ip")
+
+
+def _trials_sharing_its_node(controller, trial) -> list:
+    """Other trials with a process on the killed trial's node (a trial whose node is not known yet counts)."""
+    node = _node(trial)
+    others = [t for t in compat.started_trials(controller) if t is not trial]
+    return [t for t in others if node is None or _node(t) in (None, node)]
+
+
+class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
+    """ASHA whose rungs survive ``--resume``: Tune saves no scheduler state with its experiment (ray#30838), so
+    the searcher carries it in its own snapshot (:meth:`lmtune.sweep.search.StudySearch.save`, through the ledger's
+    ``scheduler``) and the live scheduler takes it back at its first call after a restore (the ledger's
+    ``scheduler_state``)."""
+
+    def snapshot_state(self) -> dict:
+        return compat.asha_state(self)
+
+    def _take_restored_state(self) -> None:
+        state, self.ledger.scheduler_state = self.ledger.scheduler_state, None
+        if state:
+            compat.set_asha_state(self, state)
+            logger.info("asha: rungs restored (%d trial(s) recorded)", len(state["trial_info"]))
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._take_restored_state()
+        if compat.asha_knows(self, trial.trial_id):  # restored with its bracket: keep its place, as uninterrupted
+            self.ledger.snapshot_due = True
+            if self.ledger.reconciler is not None:
+                self.ledger.reconciler.on_restored_trial(compat.controller(tune_controller), trial)
+            return
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._take_restored_state()
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+class FIFO(_RecordsDecisions, FIFOScheduler):
+    pass
+
+
+def make_scheduler(rs: ResolvedSweep, ledger: Ledger) -> ASHA | FIFO:
+    """The sweep's scheduler, recording into ``ledger``."""
+    scheduler = _make_scheduler(rs)
+    scheduler.ledger = ledger
+    ledger.scheduler = scheduler
+    return scheduler
+
+
+def _make_scheduler(rs: ResolvedSweep) -> ASHA | FIFO:
+    if rs.sweep.scheduler != "asha":
+        return FIFO()
+    budget = max_tokens(rs)
+    grace = rs.sweep.grace_tokens or max(1, budget // 10)
+    grace = min(grace, budget)
+    # stop_last_trials=False: reaching the budget is the trainer's own end (status ok), never a prune.
+    return ASHA(time_attr="tokens", metric=rs.metric, mode=rs.mode, max_t=budget, grace_period=grace,
+                reduction_factor=rs.sweep.reduction_factor, stop_last_trials=False)
+
+
+def max_tokens(rs: ResolvedSweep) -> int:
+    """The largest token budget of any trial: steps × micro-batch × accumulation × workers × seq_len.
+
+    Axes sampled from ranges count at their upper bound. With ``train.epochs`` the budget depends on the
+    corpus; one epoch is then estimated from ``steps`` (ASHA only needs rung spacing, not the exact end).
+    """
+
+    def top(key: str) -> Any:
+        d = rs.space.get(key)
+        if isinstance(d, (Grid, Choice)):
+            return max(d.values)
+        if isinstance(d, (Uniform, LogUniform, IntRange)):
+            return d.high
+        return rs.base[key]
+
+    return int(top("train.steps") * top("train.micro_batch_size") * top("train.accumulation_steps")
+               * rs.sweep.workers * top("data.seq_len"))
+
+
