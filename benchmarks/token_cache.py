@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmtune import data  # noqa: E402
+from lmtune.data import tokenizers  # noqa: E402
 from lmtune.config import DataConfig  # noqa: E402
 
 WIKITEXT = [REPO.parent / "shared" / "data" / "wikitext-2" / name for name in ("valid.txt", "test.txt")]
@@ -40,7 +41,7 @@ def machine() -> str:
         pass
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"machine: {model}, {data._cpu_count()} cores usable, {platform.system()} {platform.machine()}; "
+    return (f"machine: {model}, {tokenizers._cpu_count()} cores usable, {platform.system()} {platform.machine()}; "
             f"load average {load}\n"
             f"python {platform.python_version()}, numpy {np.__version__}, tiktoken {tiktoken.__version__}; "
             f"commit {rev or '?'}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
@@ -108,9 +109,9 @@ def main() -> None:
     enc = tok.encoding
     baseline = best_of(lambda: [enc.encode_ordinary(d) for d in docs], args.repeats)
     ours = best_of(lambda: data.tokenize_documents(tok, docs), args.repeats)
-    threads, data._cpu_count = data._cpu_count(), lambda: 1  # the same pipeline on one thread
+    threads, tokenizers._cpu_count = tokenizers._cpu_count(), lambda: 1  # the same pipeline on one thread
     ours_1 = best_of(lambda: data.tokenize_documents(tok, docs), args.repeats)
-    data._cpu_count = lambda: threads
+    tokenizers._cpu_count = lambda: threads
     same = data.tokenize_documents(tok, docs).tolist() == [
         t for i, d in enumerate(docs) for t in ([tok.eot] if i else []) + enc.encode_ordinary(d)]
     print(f"\nGPT-2 tokenization of {mb:.2f} MB (best of {args.repeats}):")

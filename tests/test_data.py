@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import lmtune.data as data
+from lmtune.data import cache, corpora, tokenizers
 from lmtune.config import ConfigError, DataConfig
 from lmtune.data import Batches, eval_batches, get_tokenizer, load_tokens, tokenize_documents
 
@@ -55,7 +56,7 @@ def byte():
 
 
 def builtin_text() -> str:
-    return "".join(data._builtin_documents())
+    return "".join(corpora._builtin_documents())
 
 
 # --- tokenizers ------------------------------------------------------------------------------------
@@ -103,11 +104,11 @@ def test_gpt2_equals_tiktoken_own_gpt2(tmp_path, monkeypatch, gpt2):
 @pytest.mark.parametrize("chunk", [64, 1000])
 def test_chunked_tokenization_equals_whole_text(gpt2, monkeypatch, chunk):
     """Long documents are cut into pieces for parallel encoding; the ids must not change."""
-    monkeypatch.setattr(data, "CHUNK_CHARS", chunk)
-    monkeypatch.setattr(data, "BATCH_CHARS", 10 * chunk)  # many encode_batch calls too
+    monkeypatch.setattr(tokenizers, "CHUNK_CHARS", chunk)
+    monkeypatch.setattr(tokenizers, "BATCH_CHARS", 10 * chunk)  # many encode_batch calls too
     adversarial = "word  \n\n  next\n\t\nx \u00a0\ny\n\n\nz" * 50
     for text in (builtin_text()[:150_000], LOREM * 40, adversarial):
-        pieces = list(data._pieces(text, chunk))
+        pieces = list(tokenizers._pieces(text, chunk))
         assert "".join(pieces) == text and len(pieces) > 1
         assert tokenize_documents(gpt2, [text]).tolist() == gpt2.encoding.encode_ordinary(text)
 
@@ -321,7 +322,7 @@ def test_hub_unreachable_is_a_config_error(cfg, monkeypatch, hf_offline):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(corpora, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ConfigError, match=r"openwebtext.*Skylion007/openwebtext.*not reachable.*LMTUNE_HUB_ROOT"):
         load_tokens(cfg(dataset="openwebtext"))
 
@@ -357,7 +358,7 @@ def test_cache_miss_then_hit_without_tokenizing(tmp_path, cfg, monkeypatch):
 
     for name in ("encode_batch", "encode_arrays", "encode"):
         monkeypatch.setattr(data.GPT2Tokenizer, name, forbidden)
-    monkeypatch.setattr(data, "load_corpus", forbidden)
+    monkeypatch.setattr(cache, "load_corpus", forbidden)
     second = load_tokens(c)
     assert second.cache_hit and isinstance(second.train, np.memmap)
     assert np.array_equal(first.train, second.train) and np.array_equal(first.val, second.val)
@@ -382,8 +383,8 @@ def test_cache_location_env(tmp_path, monkeypatch):
 def test_cache_write_race_keeps_one_complete_entry(tmp_path):
     final = tmp_path / "tokens" / "k"
     a = np.arange(10, dtype=np.uint16)
-    data._write_cache(final, a, a[:3], {"n": 1})
-    data._write_cache(final, a * 2, a[:3], {"n": 2})  # the loser of a race: no error, first entry kept
+    cache._write_cache(final, a, a[:3], {"n": 1})
+    cache._write_cache(final, a * 2, a[:3], {"n": 2})  # the loser of a race: no error, first entry kept
     assert np.load(final / "train.npy").tolist() == a.tolist()
     assert sorted(p.name for p in final.parent.iterdir()) == ["k"]
 

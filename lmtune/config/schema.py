@@ -1,40 +1,20 @@
-"""Typed configuration: one dataclass per section, TOML files, ``section.key=value`` overrides.
+"""The configuration's schema: one dataclass per section, its keys, coercion and validation.
 
-Resolution order (later wins)::
-
-    built-in dataclass defaults
-      < shipped locked defaults (lmtune/locked_defaults.toml, the phase-0 study's values)
-      < the project's locked defaults (./lmtune.locked.toml, written by `python -m lmtune.export`)
-      < an explicit --locked FILE
-      < config files given on the command line (in order)
-      < section.key=value overrides
-
-Every field is documented by the string literal under it (read back by :func:`describe`), and every
-value is validated before any work starts: a bad key, type or range raises :class:`ConfigError`,
-which the command-line entry points turn into one message and exit code 2.
+Every field is documented by the string literal under it (read back by :func:`lmtune.config.describe`),
+and every value is validated before any work starts: a bad key, type or range raises :class:`ConfigError`,
+which the command-line entry points turn into one message and exit code 2. A single value is checked as it
+is set (:func:`coerce`, :func:`apply`), the rules between fields by :func:`validate`.
 
 This module imports only the standard library.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
-import os
-import tomllib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-SHIPPED_LOCKED = Path(__file__).with_name("locked_defaults.toml")
-PROJECT_LOCKED = Path("lmtune.locked.toml")
-"""Where `lmtune.export` writes by default and where the trainer looks next (relative to the cwd)."""
-LOCKED_ENV = "LMTUNE_LOCKED"
-"""Environment variable naming a locked-defaults file (same role as --locked)."""
-
 
 class ConfigError(ValueError):
     """Bad user input: reported as one line and exit code 2, never as a traceback."""
@@ -340,141 +320,6 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def flatten_toml(doc: dict[str, Any], source: str) -> dict[str, Any]:
-    """TOML ``[section] key = value`` → flat keys. A ``[provenance]`` table is metadata and skipped."""
-    flat: dict[str, Any] = {}
-    for section, table in doc.items():
-        if section in ("provenance", "meta"):
-            continue
-        if section not in SECTIONS or not isinstance(table, dict):
-            raise ConfigError(f"{source}: unknown section [{section}]; sections are {', '.join(SECTIONS)}.")
-        for k, v in table.items():
-            flat[f"{section}.{k}"] = v
-    for key in flat:
-        try:
-            _field(key)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    return flat
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        if p.suffix != ".toml":
-            raise ConfigError(f"'{p}' is neither a config file (FILE.toml) nor an override (section.key=value).")
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        return tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML ({e}).") from None
-
-
-def locked_files(explicit: str | Path | None = None) -> list[Path]:
-    """The locked-defaults files in force, lowest priority first."""
-    files = [SHIPPED_LOCKED]
-    if PROJECT_LOCKED.is_file():
-        files.append(PROJECT_LOCKED.resolve())
-    named = explicit or os.environ.get(LOCKED_ENV)
-    if named:
-        p = Path(named)
-        if not p.is_file():
-            raise ConfigError(f"locked-defaults file not found: {p}")
-        files.append(p.resolve())
-    return files
-
-
-@dataclass
-class Layer:
-    """One source of config values, lowest priority first in :func:`layers`."""
-
-    name: str
-    """Where the values come from, as --describe shows it: ``locked lmtune/locked_defaults.toml``, ``file x.toml``,
-    ``command line``."""
-    values: dict[str, Any]
-    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
-    error_prefix: str = ""
-
-
-def layers(files: list[str | Path] = (), overrides: dict[str, Any] | list[str] | None = None, *,
-           locked: str | Path | None | Literal[False] = None) -> list[Layer]:
-    """The locked-defaults files in force, the config files, then the overrides (later wins)."""
-    out = []
-    for path in [] if locked is False else locked_files(locked):
-        doc = read_toml(path)
-        out.append(Layer(f"locked {_shown(path)}", flatten_toml(doc, str(path)), doc.get("provenance") or {}, str(path)))
-    for path in map(Path, files):
-        out.append(Layer(f"file {path}", flatten_toml(read_toml(path), str(path)), error_prefix=str(path)))
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    if overrides:
-        out.append(Layer("command line", dict(overrides)))
-    return out
-
-
-def _shown(path: Path) -> str:
-    """A path relative to the working directory or to lmtune's package when under either."""
-    path = Path(path).resolve()
-    for root, prefix in ((Path.cwd(), ""), (SHIPPED_LOCKED.parent.parent, "")):
-        try:
-            return prefix + str(path.relative_to(root))
-        except ValueError:
-            continue
-    return str(path)
-
-
-def resolve(
-    files: list[str | Path] = (),
-    overrides: dict[str, Any] | list[str] | None = None,
-    *,
-    locked: str | Path | None | Literal[False] = None,
-) -> tuple[Config, dict[str, str]]:
-    """The config and, for every key, the layer its value comes from (``built-in`` for the defaults).
-
-    A locked value whose provenance names the ``ac_mode`` it was measured in (``[provenance."train.ac_budget"]
-    ac_mode = "budget"``) is applied only to runs in that mode: the compile partitioner's budget 0.75 would
-    otherwise checkpoint a quarter of the blocks of every eager run. The layer below it then decides, and
-    the source says so.
-    """
-    stack = layers(files, overrides, locked=locked)
-    skipped: dict[tuple[int, str], str] = {}
-    while True:
-        cfg, sources = Config(), {k: "built-in" for k in all_keys()}
-        for i, layer in enumerate(stack):
-            updates = {k: v for k, v in layer.values.items() if (i, k) not in skipped}
-            cfg = apply(cfg, updates, layer.error_prefix)
-            sources.update({k: layer.name for k in updates})
-        mismatched = None
-        for i, layer in enumerate(stack):
-            for key, record in layer.provenance.items():
-                mode = record.get("ac_mode") if isinstance(record, dict) else None
-                if (key in layer.values and (i, key) not in skipped and sources.get(key) == layer.name
-                        and mode and mode != cfg.train.ac_mode):
-                    mismatched = (i, key, mode)
-        if mismatched is None:
-            break
-        i, key, mode = mismatched
-        skipped[(i, key)] = (f"the {stack[i].name} value {stack[i].values[key]!r} was measured with ac_mode={mode}, "
-                             f"not applied to this {cfg.train.ac_mode}-mode run")
-    for (i, key), why in skipped.items():
-        sources[key] = f"{sources[key]} ({why})"
-    validate(cfg)
-    return cfg, sources
-
-
-def load(
-    files: list[str | Path] = (),
-    overrides: dict[str, Any] | list[str] | None = None,
-    *,
-    locked: str | Path | None | Literal[False] = None,
-) -> Config:
-    """Resolve a config: defaults < locked defaults < files < overrides, then validate.
-
-    ``locked=False`` skips every locked-defaults file (the bare dataclass defaults).
-    """
-    return resolve(files, overrides, locked=locked)[0]
-
-
 def from_flat(flat: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.flat` output (e.g. a summary.json or a Tune trial config)."""
     cfg = apply(Config(), flat)
@@ -494,36 +339,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.dataset='files' needs data.files (paths or globs of .txt/.jsonl/.parquet files).")
     if d.dataset != "files" and (d.files or d.val_files):
         raise ConfigError(f"data.files/data.val_files are only read with data.dataset='files' (got '{d.dataset}').")
-
-
-def provenance(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The ``[provenance."section.key"]`` records of a locked-defaults file."""
-    return read_toml(path).get("provenance", {})
-
-
-def describe(cfg: Config | None = None, sources: dict[str, str] | None = None) -> str:
-    """Every key with its type and documentation; with ``cfg``, the value a run will use and the layer it comes
-    from (built-in, a locked-defaults file, a config file, the command line), else the built-in default."""
-    lines = []
-    values = (cfg or Config()).flat()
-    for section, cls in SECTIONS.items():
-        docs = _attribute_docs(cls)
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            key = f"{section}.{f.name}"
-            where = f"   <- {sources.get(key, 'built-in')}" if sources is not None else ""
-            lines.append(f"  {key} = {values[key]!r}   ({accepted(key)}){where}")
-            if f.name in docs:
-                lines.append("      " + " ".join(docs[f.name].split()))
-    return "\n".join(lines)
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for prev, node in zip(body, body[1:]):
-        if (isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr)
-                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
-            docs[prev.target.id] = node.value.value
-    return docs
