@@ -63,7 +63,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 @user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from lmtune.sweep.load import check_address, check_storage, load_sweep, resolve
+    from lmtune.sweep.checks import check_address, check_storage
+    from lmtune.sweep.load import load_sweep, resolve
 
     sweep, path = load_sweep(args.sweep_file)
     rs = resolve(sweep, path, smoke=args.smoke, overrides=args.overrides, gpus=args.gpus, cpus=args.cpus)

@@ -85,7 +85,147 @@ class _Knowledge:
     hi_a: int  # smallest index known or predicted without headroom (n: none)
 
 
-class FrontierPlan:
+@dataclass
+class MemoryModel:
+    """What the measurements of a line say about memory: the linear fit of peak against x, and where the OOM and
+    headroom boundaries lie (measured, or predicted past ``limit_gib + margin_gib``)."""
+
+    limit_gib: float | None
+    headroom_gib: float
+    margin: float | None = None
+    """How far above the limit a prediction must be before a point is skipped; None = 5% of the limit."""
+    predict: bool = True
+
+    @property
+    def margin_gib(self) -> float:
+        if self.margin is not None:
+            return self.margin
+        return 0.05 * self.limit_gib if self.limit_gib else 0.0
+
+    def fit(self, line: _Line) -> tuple[float, float] | None:
+        """Least-squares ``peak ≈ intercept + slope·x`` through the line's feasible points (needs two x).
+
+        Near the limit, reserved memory stops growing linearly: the caching allocator frees cached blocks
+        and retries instead of reserving more (the phase-0 study's no-AC run: 38.1 GiB at mb 28, 38.95 at 30, OOM at
+        32). Points within ``margin_gib`` of the limit are therefore left out (no fit without two others).
+        """
+        if not self.predict:
+            return None
+        pts = [(float(p.x), p.peak) for p in line.points if p.state == "ok" and p.peak is not None]
+        if self.limit_gib is not None:
+            pts = [(x, y) for x, y in pts if y <= self.limit_gib - self.margin_gib]
+        if len({x for x, _ in pts}) < 2:
+            return None
+        n = len(pts)
+        mx = sum(x for x, _ in pts) / n
+        my = sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+        return slope, my - slope * mx
+
+    def predicted_peak(self, line: _Line, x: Any) -> float | None:
+        f = self.fit(line)
+        return None if f is None else f[1] + f[0] * float(x)
+
+    def knowledge(self, line: _Line) -> _Knowledge:
+        """The line's boundaries as its measurements and the fit place them."""
+        pts = line.points
+        n = len(pts)
+        fit = self.fit(line)
+        rising = fit is not None and fit[0] > 0  # skip by prediction only while memory grows with x
+
+        def predicted_above(i: int, threshold: float) -> bool:
+            return rising and pts[i].state == "unknown" and fit[1] + fit[0] * float(pts[i].x) > threshold
+
+        hi_meas = min((i for i, p in enumerate(pts) if p.state == "oom"), default=n)
+        lo_f = max((i for i, p in enumerate(pts[:hi_meas]) if p.state == "ok"), default=-1)
+        hi_f = hi_meas
+        if self.limit_gib is not None:
+            hi_f = next((i for i in range(lo_f + 1, hi_meas) if predicted_above(i, self.limit_gib + self.margin_gib)),
+                        hi_meas)
+        lo_a, hi_a = -1, n
+        if self.limit_gib is not None:
+            room = self.limit_gib - self.headroom_gib
+            no_room = [i for i, p in enumerate(pts) if p.state == "ok" and p.peak is not None and p.peak > room]
+            hi_a = min([hi_f, *no_room])
+            lo_a = max((i for i, p in enumerate(pts[:hi_a])
+                        if p.state == "ok" and p.peak is not None and p.peak <= room), default=-1)
+            hi_a = next((i for i in range(lo_a + 1, hi_a) if predicted_above(i, room + self.margin_gib)), hi_a)
+        return _Knowledge(lo_f, hi_f, lo_a, hi_a)
+
+
+class _Findings:
+    """What a :class:`FrontierPlan` has found, for trials.csv and the tables: the points never launched, the
+    predictions made at launch and how they compared with the measurements, the boundaries per line."""
+
+    lines: list[_Line]
+    x_key: str
+    memory: MemoryModel
+    _by_trial: dict[str, tuple[_Line, _Point]]
+
+    def trials_run(self) -> int:
+        return len(self._by_trial)
+
+    def implied_rows(self) -> list[dict[str, Any]]:
+        """trials.csv rows for the points never launched because they are OOM by implication or prediction.
+
+        ``source`` is ``implied`` when a measured OOM at a smaller x implies it, else ``predicted``;
+        ``predicted_peak_gib`` is the line's fit at that x (None without a fit).
+        """
+        rows = []
+        for line in self.lines:
+            k = self.memory.knowledge(line)
+            first_oom = min((p.x for p in line.points if p.state == "oom"), default=None)
+            for i in range(k.hi_f, len(line.points)):
+                p = line.points[i]
+                if p.state != "unknown":
+                    continue
+                source = "implied" if first_oom is not None and first_oom <= p.x else "predicted"
+                rows.append({
+                    "trial_id": f"{source}-{len(rows) + 1:03d}", "status": "oom", "source": source,
+                    **dict(line.key), self.x_key: p.x, "predicted_peak_gib": self.memory.predicted_peak(line, p.x),
+                })
+        return rows
+
+    def launch_predictions(self) -> dict[str, float | None]:
+        """``{trial_id: peak predicted when it was launched}`` for the trials.csv column ``predicted_peak_gib``."""
+        return {tid: p.predicted for tid, (_, p) in self._by_trial.items()}
+
+    def prediction_errors(self) -> list[dict[str, Any]]:
+        """For every launched point that had a prediction: predicted vs measured peak.
+
+        ``error_gib`` = measured − predicted for feasible points; for an OOM point the measured peak is
+        only the last reading before the OOM, so ``error_gib`` is None and ``consistent`` says whether
+        the prediction was above the limit.
+        """
+        out = []
+        for line in self.lines:
+            for p in line.points:
+                if p.trial_id is None or p.predicted is None or p.state not in ("ok", "oom"):
+                    continue
+                row = {**dict(line.key), self.x_key: p.x, "trial_id": p.trial_id, "status": p.status,
+                       "predicted_gib": p.predicted, "measured_gib": p.peak, "error_gib": None, "consistent": None}
+                if p.state == "ok" and p.peak is not None:
+                    row["error_gib"] = p.peak - p.predicted
+                elif p.state == "oom" and self.limit_gib is not None:
+                    row["consistent"] = p.predicted > self.limit_gib
+                out.append(row)
+        return out
+
+    def frontier(self) -> dict[LineKey, dict[str, Any]]:
+        """Per line: largest feasible x and smallest OOM x (measured, implied or predicted)."""
+        out = {}
+        for line in self.lines:
+            k = self.memory.knowledge(line)
+            out[line.key] = {
+                "largest_feasible": line.points[k.lo_f].x if k.lo_f >= 0 else None,
+                "smallest_oom": line.points[k.hi_f].x if k.hi_f < len(line.points) else None,
+            }
+        return out
+
+
+
+class FrontierPlan(_Findings):
     """Decide which (line, x) points to run; Ray-free.
 
     ``suggest(trial_id)`` returns a flat config ``{key: value}`` (the line's axes and ``x_key``), ``None``
@@ -128,10 +268,9 @@ class FrontierPlan:
             raise ConfigError("the frontier has no lines (the other grid axes have no values).")
         self.x_key = x_key
         self.xs = xs
-        self.limit_gib = limit_gib if limit_gib and limit_gib > 0 else None
-        self.headroom_gib = headroom_gib
-        self._margin_gib = margin_gib
-        self.predict = predict and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        self.memory = MemoryModel(limit_gib if limit_gib and limit_gib > 0 else None, headroom_gib, margin_gib,
+                                  predict and numeric)
         self.confirm_throughput = confirm_throughput
         self.verify_predicted = verify_predicted
         self.lines = [_Line(tuple(line.items()), [_Point(x) for x in xs]) for line in lines]
@@ -178,68 +317,16 @@ class FrontierPlan:
         )
 
     @property
-    def margin_gib(self) -> float:
-        if self._margin_gib is not None:
-            return self._margin_gib
-        return 0.05 * self.limit_gib if self.limit_gib else 0.0
+    def limit_gib(self) -> float | None:
+        return self.memory.limit_gib
+
+    @property
+    def headroom_gib(self) -> float:
+        return self.memory.headroom_gib
 
     @property
     def grid_size(self) -> int:
         return len(self.xs) * len(self.lines)
-
-    # --- the fit ----------------------------------------------------------------------------------
-
-    def fit(self, line: _Line) -> tuple[float, float] | None:
-        """Least-squares ``peak ≈ intercept + slope·x`` through the line's feasible points (needs two x).
-
-        Near the limit, reserved memory stops growing linearly: the caching allocator frees cached blocks
-        and retries instead of reserving more (the phase-0 study's no-AC run: 38.1 GiB at mb 28, 38.95 at 30, OOM at
-        32). Points within ``margin_gib`` of the limit are therefore left out (no fit without two others).
-        """
-        if not self.predict:
-            return None
-        pts = [(float(p.x), p.peak) for p in line.points if p.state == "ok" and p.peak is not None]
-        if self.limit_gib is not None:
-            pts = [(x, y) for x, y in pts if y <= self.limit_gib - self.margin_gib]
-        if len({x for x, _ in pts}) < 2:
-            return None
-        n = len(pts)
-        mx = sum(x for x, _ in pts) / n
-        my = sum(y for _, y in pts) / n
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-        return slope, my - slope * mx
-
-    def predicted_peak(self, line: _Line, x: Any) -> float | None:
-        f = self.fit(line)
-        return None if f is None else f[1] + f[0] * float(x)
-
-    # --- what a line knows ------------------------------------------------------------------------
-
-    def _knowledge(self, line: _Line) -> _Knowledge:
-        pts = line.points
-        n = len(pts)
-        fit = self.fit(line)
-        rising = fit is not None and fit[0] > 0  # skip by prediction only while memory grows with x
-
-        def predicted_above(i: int, threshold: float) -> bool:
-            return rising and pts[i].state == "unknown" and fit[1] + fit[0] * float(pts[i].x) > threshold
-
-        hi_meas = min((i for i, p in enumerate(pts) if p.state == "oom"), default=n)
-        lo_f = max((i for i, p in enumerate(pts[:hi_meas]) if p.state == "ok"), default=-1)
-        hi_f = hi_meas
-        if self.limit_gib is not None:
-            hi_f = next((i for i in range(lo_f + 1, hi_meas) if predicted_above(i, self.limit_gib + self.margin_gib)),
-                        hi_meas)
-        lo_a, hi_a = -1, n
-        if self.limit_gib is not None:
-            room = self.limit_gib - self.headroom_gib
-            no_room = [i for i, p in enumerate(pts) if p.state == "ok" and p.peak is not None and p.peak > room]
-            hi_a = min([hi_f, *no_room])
-            lo_a = max((i for i, p in enumerate(pts[:hi_a])
-                        if p.state == "ok" and p.peak is not None and p.peak <= room), default=-1)
-            hi_a = next((i for i in range(lo_a + 1, hi_a) if predicted_above(i, room + self.margin_gib)), hi_a)
-        return _Knowledge(lo_f, hi_f, lo_a, hi_a)
 
     def _guide_next(self, line: _Line, purpose: str) -> bool:
         """Alternate guided probes with bisection (Dekker's safeguard): the fit can be biased near the limit,
@@ -255,9 +342,9 @@ class FrontierPlan:
         unknown = [i for i in inside if line.points[i].state == "unknown"]
         if not unknown:
             return None
-        if self.limit_gib is not None and self.fit(line) and self._guide_next(line, purpose):
+        if self.limit_gib is not None and self.memory.fit(line) and self._guide_next(line, purpose):
             threshold = self.limit_gib if purpose == "oom" else self.limit_gib - self.headroom_gib
-            under = [i for i in unknown if self.predicted_peak(line, line.points[i].x) <= threshold]
+            under = [i for i in unknown if self.memory.predicted_peak(line, line.points[i].x) <= threshold]
             return (under[-1] if under else unknown[0]), True
         mid = (lo + hi) / 2
         return min(unknown, key=lambda i: (abs(i - mid), i)), False
@@ -268,7 +355,7 @@ class FrontierPlan:
         Once the OOM boundary is bracketed, a boundary that rests on a prediction (its smallest OOM point never
         ran) is verified: that point runs once (``verify_predicted``), so that no frontier calls a point
         infeasible on a fit alone when one trial could say; if it fits after all, the search goes on above it."""
-        k = self._knowledge(line)
+        k = self.memory.knowledge(line)
         pending = [i for i, p in enumerate(line.points) if p.state == "pending"]
         for lo, hi, purpose in ((k.lo_f, k.hi_f, "oom"), (k.lo_a, k.hi_a, "headroom")):
             if purpose == "headroom" and self.limit_gib is None:
@@ -291,7 +378,7 @@ class FrontierPlan:
         room = self.limit_gib - self.headroom_gib
         best: tuple[float, _Line, int, _Knowledge] | None = None
         for line in self.lines:
-            k = self._knowledge(line)
+            k = self.memory.knowledge(line)
             if any(p.state in ("unknown", "pending") for p in line.points[k.lo_a + 1: k.hi_a]):
                 return None
             for i, p in enumerate(line.points[: k.lo_a + 1]):
@@ -325,7 +412,7 @@ class FrontierPlan:
 
     def _launch(self, trial_id: str, line: _Line, i: int, purpose: str, guided: bool) -> dict[str, Any]:
         p = line.points[i]
-        p.predicted = self.predicted_peak(line, p.x)
+        p.predicted = self.memory.predicted_peak(line, p.x)
         p.state, p.trial_id, p.purpose, p.guided = "pending", trial_id, purpose, guided
         self._by_trial[trial_id] = (line, p)
         return {**dict(line.key), self.x_key: p.x}
@@ -336,7 +423,7 @@ class FrontierPlan:
         line, p = self._by_trial[trial_id]
         result = result or {}
         if self.limit_gib is None and number(result.get("device_memory_gib")):
-            self.limit_gib = number(result.get("device_memory_gib"))  # no emulated limit: the device's memory
+            self.memory.limit_gib = number(result.get("device_memory_gib"))  # no emulated limit: the device's memory
         status = str(result.get("status", "error" if error else "ok"))
         p.status = status
         p.peak = number(result.get(PEAK_KEY))
@@ -367,69 +454,6 @@ class FrontierPlan:
         """Nothing pending and nothing left to probe (what suggest() reports as FINISHED)."""
         return (all(p.state != "pending" for line in self.lines for p in line.points)
                 and all(self._line_probe(line) is None for line in self.lines) and self._throughput_probe() is None)
-
-    # --- outputs ----------------------------------------------------------------------------------
-
-    def trials_run(self) -> int:
-        return len(self._by_trial)
-
-    def implied_rows(self) -> list[dict[str, Any]]:
-        """trials.csv rows for the points never launched because they are OOM by implication or prediction.
-
-        ``source`` is ``implied`` when a measured OOM at a smaller x implies it, else ``predicted``;
-        ``predicted_peak_gib`` is the line's fit at that x (None without a fit).
-        """
-        rows = []
-        for line in self.lines:
-            k = self._knowledge(line)
-            first_oom = min((p.x for p in line.points if p.state == "oom"), default=None)
-            for i in range(k.hi_f, len(line.points)):
-                p = line.points[i]
-                if p.state != "unknown":
-                    continue
-                source = "implied" if first_oom is not None and first_oom <= p.x else "predicted"
-                rows.append({
-                    "trial_id": f"{source}-{len(rows) + 1:03d}", "status": "oom", "source": source,
-                    **dict(line.key), self.x_key: p.x, "predicted_peak_gib": self.predicted_peak(line, p.x),
-                })
-        return rows
-
-    def launch_predictions(self) -> dict[str, float | None]:
-        """``{trial_id: peak predicted when it was launched}`` for the trials.csv column ``predicted_peak_gib``."""
-        return {tid: p.predicted for tid, (_, p) in self._by_trial.items()}
-
-    def prediction_errors(self) -> list[dict[str, Any]]:
-        """For every launched point that had a prediction: predicted vs measured peak.
-
-        ``error_gib`` = measured − predicted for feasible points; for an OOM point the measured peak is
-        only the last reading before the OOM, so ``error_gib`` is None and ``consistent`` says whether
-        the prediction was above the limit.
-        """
-        out = []
-        for line in self.lines:
-            for p in line.points:
-                if p.trial_id is None or p.predicted is None or p.state not in ("ok", "oom"):
-                    continue
-                row = {**dict(line.key), self.x_key: p.x, "trial_id": p.trial_id, "status": p.status,
-                       "predicted_gib": p.predicted, "measured_gib": p.peak, "error_gib": None, "consistent": None}
-                if p.state == "ok" and p.peak is not None:
-                    row["error_gib"] = p.peak - p.predicted
-                elif p.state == "oom" and self.limit_gib is not None:
-                    row["consistent"] = p.predicted > self.limit_gib
-                out.append(row)
-        return out
-
-    def frontier(self) -> dict[LineKey, dict[str, Any]]:
-        """Per line: largest feasible x and smallest OOM x (measured, implied or predicted)."""
-        out = {}
-        for line in self.lines:
-            k = self._knowledge(line)
-            out[line.key] = {
-                "largest_feasible": line.points[k.lo_f].x if k.lo_f >= 0 else None,
-                "smallest_oom": line.points[k.hi_f].x if k.hi_f < len(line.points) else None,
-            }
-        return out
-
 
 def prediction_summary(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean/max absolute error over the feasible points, and how many OOM points the fit saw coming."""
