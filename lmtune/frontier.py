@@ -117,7 +117,7 @@ class Results:
 
     @property
     def ac_mode(self) -> str:
-        """How the sweep's ``train.ac_budget`` was applied (lmtune.parallelize): ``budget`` with compile,
+        """How the sweep's ``train.ac_budget`` was applied (lmtune.training.parallelize): ``budget`` with compile,
         ``blocks`` without; the frontier refuses a sweep whose trials mix the two."""
         return AC_MODES[bool((self.sweep.get("base") or {}).get("train.compile"))]
 

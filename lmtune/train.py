@@ -38,21 +38,11 @@ from lmtune.contract import (
     SUMMARY_METRICS, layer_keys,
 )
 from lmtune.data import IGNORE_INDEX, Batches, eval_batches, get_tokenizer, load_tokens
-from lmtune.measure import (
-    EmulatedOOM,
-    GradientNoise,
-    StepTimer,
-    device_info,
-    flops_per_token,
-    is_oom,
-    layer_metrics,
-    memory_meter,
-    peak_flops,
-    storage_bytes,
-)
 from lmtune.model import GPT
-from lmtune.parallelize import parallelize
 from lmtune.reports import keep_reports, order
+from lmtune.training.measure import GradientNoise, StepTimer, flops_per_token, layer_metrics, peak_flops
+from lmtune.training.memory import EmulatedOOM, device_info, is_oom, memory_meter, storage_bytes
+from lmtune.training.parallelize import parallelize
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 

@@ -493,7 +493,7 @@ def test_a_resumed_run_leaves_its_own_warmup_out_of_the_step_times(tmp_path, mon
 
 
 def test_a_measurement_without_signal_drops_the_old_noise_scale(monkeypatch):
-    from lmtune.measure import GradientNoise
+    from lmtune.training.measure import GradientNoise
 
     calls = []
     real = GradientNoise.estimate
