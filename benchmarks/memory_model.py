@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmtune import config as config_lib  # noqa: E402
-from lmtune.train import Trainer  # noqa: E402
+from lmtune.training import Trainer  # noqa: E402
 from lmtune.training import memory  # noqa: E402
 
 SMOKE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=128", "data.seq_len=128",
@@ -96,7 +96,7 @@ PEAK_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {repo!r})
 from lmtune import config as config_lib
-from lmtune.train import Trainer
+from lmtune.training import Trainer
 import lmtune.training.parallelize as par
 if {whole!r}:  # one graph for the whole model, as lmtune compiled it before
     def whole(model, train):

@@ -12,13 +12,14 @@ import contextlib
 import math
 import re
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lmtune.contract import layer_metric
+from lmtune.data import IGNORE_INDEX
 
 
 # --- gradient norms -------------------------------------------------------------------------------
@@ -78,6 +79,16 @@ def noise_estimates(sum_sq: float, n: int, big: float, b_small: float) -> tuple[
     g2 = (b_big * big - b_small * small) / (b_big - b_small)
     trace = (small - big) / (1 / b_small - 1 / b_big)
     return g2, trace
+
+
+def split_in_halves(x: torch.Tensor, y: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]:
+    """One micro-batch as two gradient samples: run twice, with half of its sequences' targets ignored each time
+    (interleaved halves: what two data-parallel ranks would each get). The shapes are the training step's, so a
+    compiled model does not recompile; weighted by their share of the sequences, the two gradients sum to the
+    full one. Returns the two (x, y) and their weights."""
+    odd = torch.arange(x.shape[0]) % 2 == 1
+    halves = [y.masked_fill(odd[:, None], IGNORE_INDEX), y.masked_fill(~odd[:, None], IGNORE_INDEX)]
+    return [(x, h) for h in halves], [float((~odd).sum()) / len(odd), float(odd.sum()) / len(odd)]
 
 
 class GradientNoise:
@@ -163,7 +174,7 @@ class GradientNoise:
         self.g2_ema, self.s_ema = state["g2_ema"], state["s_ema"]
 
 
-# --- throughput and MFU ---------------------------------------------------------------------------
+# --- throughput, MFU and step times --------------------------------------------------------------
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s with FP32 accumulate, by device name (vendor datasheets and
 # architecture whitepapers). GeForce parts run FP32 accumulate at half their FP16-accumulate rate: the RTX 3090's
@@ -205,6 +216,46 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq
     """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B), N the
     non-embedding parameters (the LM head's matmul counts; a lookup costs nothing)."""
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+class Throughput:
+    """``tokens_per_s`` and ``mfu`` from a report's step times: ``batch_tokens`` per optimizer step (all ranks),
+    ``flops_per_token`` of the model, and each of the ``world`` devices' peak FLOP/s (None: no MFU)."""
+
+    def __init__(self, batch_tokens: int, flops_per_token: float, peak_flops: float | None, world: int = 1):
+        self.batch_tokens = batch_tokens
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.world = world
+
+    @classmethod
+    def of(cls, model: nn.Module, cfg: Any, device: torch.device, batch_tokens: int, world: int = 1) -> Throughput:
+        """For a GPT (``num_params()``) with ``cfg``'s model and sequence length, trained on ``device``."""
+        m = cfg.model
+        flops = flops_per_token(model.num_params(), m.n_layer, m.n_head, m.n_embd // m.n_head, cfg.data.seq_len)
+        return cls(batch_tokens, flops, peak_flops(device), world)
+
+    def metrics(self, timing: dict[str, float]) -> dict[str, float]:
+        """From the steady state's average step time, else this window's (none before the first window)."""
+        out: dict[str, float] = {}
+        step_ms = timing.get("avg_step_time_ms") or timing.get("step_time_ms")
+        if step_ms:
+            out["tokens_per_s"] = self.batch_tokens / (step_ms / 1000)
+            if self.peak_flops:
+                out["mfu"] = out["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world)
+        return out
+
+
+def devices_held(device: torch.device | None, world: int) -> int:
+    """What a run occupies, for ``device_hours``: a GPU per rank on CUDA, else each rank's CPU threads."""
+    return world * (1 if device is not None and device.type == "cuda" else torch.get_num_threads())
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work (a :class:`StepTimer`'s ``sync``): nothing on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 class StepTimer:
@@ -277,6 +328,15 @@ class StepTimer:
         delta = self.clock() - paused_at
         self.window_start += delta
         self.paused_s += delta
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Non-training work between steps (eval, checkpoint, sampling, compiling the eval graphs)."""
+        paused = self.pause()
+        try:
+            yield
+        finally:
+            self.resume(paused)
 
     @contextlib.contextmanager
     def excluded(self) -> Iterator[None]:

@@ -2,7 +2,9 @@
 
 On CUDA the caching allocator's own statistics (:class:`CudaMemory`); on the CPU, which has no such counter,
 the peak of live tensor-storage bytes of probed steps (:class:`TensorMemory`). Device-only logic goes through
-a seam (:class:`CudaMemory` takes the ``torch.cuda`` module) so that the CPU test suite can drive it.
+a seam (:class:`CudaMemory` takes the ``torch.cuda`` module) so that the CPU test suite can drive it. Under
+DDP the ranks agree on the worst rank's peak and on crossing the emulated limit (:func:`agreed_peaks`,
+:func:`check_limit`), so that none is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 GIB = 1024**3
 
@@ -37,6 +40,17 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATOR_FAILURES)
+
+
+def ends_run_as_oom(exc: BaseException, world: int) -> bool:
+    """Whether ``exc`` ends a run as an OOM result (``status="oom"``) rather than propagating.
+
+    Under DDP only the emulated limit does (:func:`check_limit`: the ranks agree). A real OOM strikes one rank
+    mid-step, while the others wait in a collective it will never join: no agreement is possible there. Raising
+    ends this worker, Ray Train ends the group, and the trial records the OOM from the worker's error
+    (lmtune.sweep.trainable).
+    """
+    return is_oom(exc) and (world <= 1 or isinstance(exc, EmulatedOOM))
 
 
 _STATUS = Path("/proc/self/status")
@@ -261,3 +275,86 @@ def device_info(device: torch.device) -> dict[str, float | str]:
     except (OSError, AttributeError):
         pass
     return {"device_memory_gib": total / 1024**2, "device_name": "cpu"}
+
+
+# --- in the training loop: a run's meter, its steady steps, and what the ranks agree on ------------
+
+
+def live_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """What is alive at a step's start: parameters, buffers, gradients and optimizer state."""
+    yield from model.parameters()
+    yield from model.buffers()
+    yield from (p.grad for p in model.parameters() if p.grad is not None)
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def training_meter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, device: torch.device,
+                   world: int) -> TensorMemory | CudaMemory:
+    """The meter of a training run on ``device`` (``system.memory_limit_gib``; on the CPU, a probe every
+    ``train.eval_interval`` steps). Under DDP its gradient buckets are one gradient's worth of storage allocated
+    outside Python, which the CPU meter cannot see being allocated."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ddp_buckets = storage_bytes(params) if world > 1 else 0
+    return memory_meter(device, lambda: live_tensors(model, optimizer), limit_gib=cfg.system.memory_limit_gib,
+                        probe_interval=cfg.train.eval_interval, extra_bytes=ddp_buckets)
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def agreed_peaks(memory: TensorMemory | CudaMemory, world: int, device: torch.device) -> dict[str, float]:
+    """This rank's peak memory, or under DDP the largest over ranks (a frontier needs the worst rank)."""
+    peaks = memory.peak()
+    if world > 1 and peaks:
+        keys = sorted(peaks)
+        values = torch.tensor([peaks[k] for k in keys], dtype=torch.float64, device=_collective_device(device))
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        peaks = dict(zip(keys, values.tolist()))
+    return peaks
+
+
+def check_limit(memory: TensorMemory | CudaMemory, world: int, device: torch.device) -> None:
+    """After a probed step: end it as an OOM when it crossed the emulated limit, on every rank at once
+    (the ranks agree on the largest peak, so none is left waiting in a collective)."""
+    over = memory.over_limit()
+    peak = memory.peak().get("peak_allocated_gib", 0.0)
+    if world > 1:
+        flags = torch.tensor([float(over), peak], dtype=torch.float64, device=_collective_device(device))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        over, peak = bool(flags[0]), float(flags[1])
+    if over:
+        raise EmulatedOOM(memory.limit_message(peak))
+
+
+class SteadySteps:
+    """Which optimizer steps the step timer and the memory meter count: those of the steady state.
+
+    Left out of the step times: measurement steps (two passes, a gradient copy), memory probes (profiled), and
+    on CUDA the step that refills the cache emptied after a measurement. A measurement step is never probed
+    (:meth:`excluded` for the meter); a probe that falls due on one waits for the next step. After a probed
+    step the run ends as an OOM when it crossed the emulated limit (:func:`check_limit`, agreed over ranks).
+    ``timer`` is a :class:`lmtune.training.measure.StepTimer`.
+    """
+
+    def __init__(self, memory: TensorMemory | CudaMemory, timer: Any, *, world: int, device: torch.device):
+        self.memory, self.timer = memory, timer
+        self.world, self.device = world, device
+        self._probe_pending = False
+        self._refill_after_excluded = False
+
+    @contextlib.contextmanager
+    def step(self, measuring: bool) -> Iterator[None]:
+        """Around one optimizer step; ``measuring``: it measures the gradient noise."""
+        self._probe_pending = self._probe_pending or self.memory.probe_due(self.timer.process_steps)
+        probing = self._probe_pending and not measuring
+        timed = not (measuring or probing or self._refill_after_excluded)
+        memory_ctx = (self.memory.probe() if probing else self.memory.excluded() if measuring
+                      else contextlib.nullcontext())
+        with self.timer.excluded() if not timed else contextlib.nullcontext(), memory_ctx:
+            yield
+        self._refill_after_excluded = measuring and self.device.type == "cuda"
+        if probing:
+            self._probe_pending = False
+            check_limit(self.memory, self.world, self.device)
