@@ -305,7 +305,7 @@ def check_kill_resume(sizes: Sizes, work: Path) -> dict[str, Any]:
 def check_parity(sizes: Sizes, work: Path) -> dict[str, Any]:
     from lmtune import config as config_lib
     from lmtune.model import GPT
-    from lmtune.parallelize import parallelize
+    from lmtune.training.parallelize import parallelize
 
     device = torch.device(sizes.device)
     dtype = torch.float32 if sizes.cpu else torch.bfloat16

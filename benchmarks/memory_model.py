@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmtune import config as config_lib  # noqa: E402
-from lmtune import measure  # noqa: E402
-from lmtune.train import Trainer  # noqa: E402
+from lmtune.training import Trainer  # noqa: E402
+from lmtune.training import memory  # noqa: E402
 
 SMOKE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=128", "data.seq_len=128",
          "data.dataset=builtin", "data.tokenizer=byte", "train.dtype=float32", "train.compile=false",
@@ -45,16 +45,16 @@ def cfg(*extra: str) -> config_lib.Config:
 
 def wall_tokens_per_s(c: config_lib.Config, probes: bool) -> float:
     """Tokens per second of wall-clock over the whole fit (warmup, evals, probes and all)."""
-    real = measure.TensorMemory.probe_due
+    real = memory.TensorMemory.probe_due
     if not probes:
-        measure.TensorMemory.probe_due = lambda self, step: False
+        memory.TensorMemory.probe_due = lambda self, step: False
     try:
         gc.collect()
         t0 = time.perf_counter()
         summary = Trainer(c).fit()
         took = time.perf_counter() - t0
     finally:
-        measure.TensorMemory.probe_due = real
+        memory.TensorMemory.probe_due = real
     return summary["tokens"] / took
 
 
@@ -83,12 +83,12 @@ def every_step_cost(steps: int, c: config_lib.Config | None = None) -> float:
     """Wall-clock ratio with a probe on every step after warmup (probe_interval 1)."""
     c = c or cfg("train.micro_batch_size=16", f"train.steps={steps}")
     base = wall_tokens_per_s(c, probes=False)
-    real = measure.TensorMemory.probe_due
-    measure.TensorMemory.probe_due = lambda self, step: self._window_step is not None
+    real = memory.TensorMemory.probe_due
+    memory.TensorMemory.probe_due = lambda self, step: self._window_step is not None
     try:
         every = wall_tokens_per_s(c, probes=True)
     finally:
-        measure.TensorMemory.probe_due = real
+        memory.TensorMemory.probe_due = real
     return every / base
 
 
@@ -96,8 +96,8 @@ PEAK_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {repo!r})
 from lmtune import config as config_lib
-from lmtune.train import Trainer
-import lmtune.parallelize as par
+from lmtune.training import Trainer
+import lmtune.training.parallelize as par
 if {whole!r}:  # one graph for the whole model, as lmtune compiled it before
     def whole(model, train):
         model.compile(mode=train.compile_mode)

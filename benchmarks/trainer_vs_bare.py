@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmtune import config as config_lib  # noqa: E402
 from lmtune.data import Batches, eval_batches, load_tokens  # noqa: E402
 from lmtune.model import GPT  # noqa: E402
-from lmtune.train import Trainer  # noqa: E402
+from lmtune.training import Trainer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 WARMUP = 3

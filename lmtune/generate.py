@@ -18,7 +18,8 @@ from lmtune.config import ConfigError
 from lmtune.data import get_tokenizer
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_FILE
 from lmtune.model import GPT
-from lmtune.train import read_checkpoint, resolve_device
+from lmtune.training.checkpoint import read_checkpoint
+from lmtune.training.optim import resolve_device
 
 
 def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[GPT, config_lib.Config]:

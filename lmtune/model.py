@@ -1,7 +1,7 @@
 """GPT-2-style decoder (Radford et al. 2019), after nanoGPT's model.py.
 
 Plain math only: torch.compile and activation checkpointing are applied from outside by
-:mod:`lmtune.parallelize` (torchtitan's split), so this file reads top to bottom as the model.
+:mod:`lmtune.training.parallelize` (torchtitan's split), so this file reads top to bottom as the model.
 Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.{i}.attn.c_attn``, ``lm_head``).
 Shapes: B batch, T sequence, C = n_embd, nh = n_head, hs = C // nh, V vocabulary.
 """

@@ -13,18 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from lmtune.measure import (
-    CudaMemory,
+from lmtune.training.measure import (
     GradientNoise,
     StepTimer,
-    TensorMemory,
     flops_per_token,
     grad_coherence,
     grad_norm_spread,
-    is_oom,
     noise_estimates,
     peak_flops_for,
 )
+from lmtune.training.memory import CudaMemory, TensorMemory, is_oom
 
 # --- grad_norm_spread --------------------------------------------------------------------------------
 
@@ -278,7 +276,7 @@ def test_oom_is_decided_by_type_and_torchs_own_allocator_messages():
 
 
 def test_device_info_reports_the_cpu_nodes_memory():
-    from lmtune.measure import device_info
+    from lmtune.training.memory import device_info
 
     info = device_info(torch.device("cpu"))
     assert info["device_name"] == "cpu" and info["device_memory_gib"] > 0.5

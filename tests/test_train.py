@@ -173,7 +173,7 @@ def test_each_divergence_trigger_alone_ends_the_run(monkeypatch, trigger):
 
 
 def test_lr_scaling_and_schedule():
-    from lmtune.train import effective_lr, lr_at
+    from lmtune.training.optim import effective_lr, lr_at
 
     cfg = tiny("train.lr=1e-3", "train.base_batch_tokens=128", "train.lr_scaling=linear")
     assert effective_lr(cfg, 512) == pytest.approx(4e-3)
@@ -244,7 +244,7 @@ def no_wandb_env(monkeypatch, tmp_path):
 
 
 def test_wandb_mode_online_only_with_a_key_in_the_environment_or_netrc(no_wandb_env, monkeypatch):
-    from lmtune.train import wandb_mode
+    from lmtune.training.reporting import wandb_mode
 
     assert wandb_mode() == "offline"
     (no_wandb_env / ".netrc").write_text("machine github.com login x password y\n")
@@ -421,7 +421,7 @@ def test_checkpoint_is_read_onto_the_cpu_whatever_the_training_device(tmp_path, 
     """torch.load(map_location=<the model's device>) made the saved RNG ByteTensors CUDA tensors on a GPU, which
     torch.set_rng_state refuses: every GPU resume failed. The state is read onto the CPU; load_state_dict moves
     each tensor to its parameter."""
-    import lmtune.train as train_module
+    import lmtune.training.checkpoint as train_module
 
     Trainer(tiny("train.steps=10"), out_dir=tmp_path / "part").fit()
     seen = []
@@ -493,7 +493,7 @@ def test_a_resumed_run_leaves_its_own_warmup_out_of_the_step_times(tmp_path, mon
 
 
 def test_a_measurement_without_signal_drops_the_old_noise_scale(monkeypatch):
-    from lmtune.measure import GradientNoise
+    from lmtune.training.measure import GradientNoise
 
     calls = []
     real = GradientNoise.estimate
@@ -531,7 +531,7 @@ def test_identical_micro_batches_have_coherence_one(monkeypatch):
 
 
 def test_mfu_is_tokens_per_s_times_flops_per_token_over_the_peak(monkeypatch):
-    monkeypatch.setattr("lmtune.train.peak_flops", lambda device: 1e9)
+    monkeypatch.setattr("lmtune.training.measure.peak_flops", lambda device: 1e9)
     summary = Trainer(tiny()).fit()
     flops = 6 * 33_664 + 12 * 2 * 2 * 16 * 32  # 6N + 12·L·H·Q·T: N by hand (test_measure), L=2, H=2, Q=16, T=32
     assert summary["mfu"] == pytest.approx(summary["tokens_per_s"] * flops / 1e9)

@@ -143,7 +143,7 @@ class TrainConfig:
 
     @property
     def ac_mode(self) -> Literal["budget", "blocks"]:
-        """How ac_budget is applied (lmtune.parallelize): the compile partitioner's memory ``budget``, or
+        """How ac_budget is applied (lmtune.training.parallelize): the compile partitioner's memory ``budget``, or
         eager checkpointed ``blocks``. Derived from compile; reported with every budget."""
         return "budget" if self.compile else "blocks"
 

@@ -120,7 +120,7 @@ def plan_export(results: Results, to: str | Path | None = None, *, date: str | N
         for record in provenance.values():
             record["measured_on"] = why
             record["source"] += f" [{why}]"
-    if "train.ac_budget" in provenance:  # a budget means what its mode makes of it (lmtune.parallelize)
+    if "train.ac_budget" in provenance:  # a budget means what its mode makes of it (lmtune.training.parallelize)
         provenance["train.ac_budget"]["ac_mode"] = AC_MODES[bool(results.config_of(w.row).get("train.compile"))]
     old_values, old_prov = _read_locked(path) if path.exists() else ({}, {})
     values = {**old_values, **w.values}

@@ -43,7 +43,7 @@ def memory_monitor_kill(text: str) -> bool:
 
 def _oom_text(text: str) -> bool:
     """An error known only as text: an OOM exception's type line, torch's allocator message, or Ray's monitor."""
-    from lmtune.measure import _ALLOCATOR_FAILURES
+    from lmtune.training.memory import _ALLOCATOR_FAILURES
 
     text = _POSSIBLE_CAUSES.sub("", text)
     return bool(_OOM_TYPE_LINE.search(text)) or memory_monitor_kill(text) or any(m in text for m in _ALLOCATOR_FAILURES)
@@ -77,7 +77,7 @@ def is_oom_error(exc: BaseException | None) -> bool:
     torch's own allocator messages, or Ray's memory monitor's words; never words in a path or a name."""
     if exc is None:
         return False
-    from lmtune.measure import is_oom
+    from lmtune.training.memory import is_oom
 
     try:
         from ray.exceptions import OutOfMemoryError as RayOOM

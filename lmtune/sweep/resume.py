@@ -52,7 +52,7 @@ from typing import Any, TextIO
 
 from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, STATUSES, SUMMARY_JSON, SWEEP_JSON, TUNE_DIR
-from lmtune.results.layout import runs_of, trial_dir
+from lmtune.results.layout import keep_reports, order, runs_of, trial_dir
 from lmtune.sweep import compat, snapshot
 from lmtune.sweep.oom import Ledger
 
@@ -343,7 +343,5 @@ def drop_reports_from(path: Path, first: dict[str, Any]) -> None:
     with the checkpoint's own), then the steps after it. What the earlier attempt recorded from the first of
     them on is dropped, so that metrics.jsonl holds each report once, as one uninterrupted run would have
     written it (including reports that never reached the driver before the interruption)."""
-    from lmtune.reports import keep_reports, order
-
     if isinstance(first.get("step"), int):
         keep_reports(path, lambda at: at < order(first))

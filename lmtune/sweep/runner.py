@@ -56,7 +56,7 @@ class Outcome:
 
 def _prepare_env(*, embedded: bool) -> dict[str, str]:
     """Environment every trial process must see; set here so an embedded Ray's workers inherit it."""
-    from lmtune.train import wandb_mode
+    from lmtune.training.reporting import wandb_mode
 
     if embedded and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
         # Ray enables token authentication for a new local cluster by default and says so on the console

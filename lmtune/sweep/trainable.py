@@ -148,8 +148,8 @@ def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from
                  wandb: dict | None, device: Any = None, gpus: float = 0) -> None:
     """Build and fit the Trainer; the final report (held back) goes out after fit returns."""
     from lmtune.config import from_flat
-    from lmtune.measure import is_oom
-    from lmtune.train import Trainer
+    from lmtune.training import Trainer
+    from lmtune.training.memory import is_oom
 
     hold = _HoldLast(send)
     refused = no_cuda_message(flat, gpus)

@@ -1,4 +1,5 @@
-"""Activation checkpointing, torch.compile and DDP, applied to a GPT from outside the model.
+"""Activation checkpointing, torch.compile and DDP, applied to a GPT from outside the model; the data-parallel
+group's own steps (rank 0 first, gradient sync across micro-batches).
 
 The split and the order follow torchtitan (``parallelize_llama``: activation checkpointing, then
 compile, then data parallelism): :mod:`lmtune.model` stays plain math, and everything here changes how
@@ -22,10 +23,13 @@ Both keep the endpoints (1.0 recomputes nothing; 0.0 recomputes as much as the m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+from typing import Callable, ContextManager, Iterable, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch._functorch.config  # not imported by `import torch`
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -36,6 +40,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 
 from lmtune.config import ConfigError, TrainConfig
 from lmtune.model import GPT
+
+T = TypeVar("T")
 
 
 def checkpointed_blocks(n_layer: int, ac_budget: float) -> list[int]:
@@ -115,6 +121,13 @@ def apply_compile(model: GPT, train: TrainConfig) -> GPT:
     return model
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def apply_ddp(model: GPT, device: torch.device) -> nn.Module:
     """DistributedDataParallel over the initialized process group (gloo on CPU, NCCL on CUDA)."""
     ids = [device.index] if device.type == "cuda" else None
@@ -130,3 +143,43 @@ def parallelize(model: GPT, train: TrainConfig, *, device: torch.device | None =
     if world_size > 1:
         return apply_ddp(model, device or next(model.parameters()).device)
     return model
+
+
+# --- the data-parallel group ---------------------------------------------------------------------
+
+
+def rank_zero_first(load: Callable[[], T], *, is_main: bool, world_size: int) -> T:
+    """``load()`` on rank 0 first (it tokenizes, or finds the cache), then on the others (they hit the cache)."""
+    if is_main:
+        out = load()
+    if world_size > 1:
+        dist.barrier()
+    if not is_main:
+        out = load()
+    return out
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def grad_sync(model: nn.Module, sync: bool) -> ContextManager:
+    """Around one micro-batch's backward: DDP's ``no_sync()`` unless this backward all-reduces the gradients."""
+    return model.no_sync() if is_ddp(model) and not sync else contextlib.nullcontext()
+
+
+def mean_over_ranks(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean of ``value`` over the ranks (``value`` itself alone); ``value`` is left as it is."""
+    if world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world_size
+    return value
+
+
+def average_gradients(params: Iterable[nn.Parameter], world_size: int) -> None:
+    """The mean gradient over ranks, in place (after micro-batches run without DDP's sync)."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size

@@ -1,0 +1,101 @@
+"""The device a run trains on, its seeds, its optimizer and learning-rate schedule, and how long it runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lmtune.config import Config, ConfigError
+from lmtune.model import GPT
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("system.device='cuda' but no CUDA device is available; accepted here: auto, cpu.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def set_up_device(cfg: Config, device: torch.device | str | None = None) -> torch.device:
+    """The device to train on (``device``, else ``system.device``), made current on CUDA, with
+    ``system.threads`` CPU threads."""
+    device = torch.device(device) if device is not None else resolve_device(cfg.system.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and the caching allocator work on the current device
+    if cfg.system.threads:
+        torch.set_num_threads(cfg.system.threads)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def effective_lr(cfg: Config, batch_tokens: int) -> float:
+    """Peak lr scaled from ``base_batch_tokens`` to this run's effective batch.
+
+    linear: Goyal et al. 2017 ("Accurate, Large Minibatch SGD"); sqrt: the square-root rule that
+    McCandlish et al. 2018 derive for Adam-like optimizers below the critical batch.
+    """
+    t = cfg.train
+    base = t.base_batch_tokens or batch_tokens
+    ratio = batch_tokens / base
+    return t.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[t.lr_scaling]
+
+
+def lr_at(step: int, peak: float, total: int, cfg: Config) -> float:
+    """The lr of optimizer step ``step`` (0-based) of ``total``: linear warmup to ``peak`` over warmup_steps,
+    then constant, or cosine down to exactly min_lr_ratio·peak at the last step (total - 1)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return peak * (step + 1) / t.warmup_steps
+    last = total - 1
+    if t.schedule == "constant" or last <= t.warmup_steps:
+        return peak
+    progress = min(1.0, (step - t.warmup_steps) / (last - t.warmup_steps))
+    floor = t.min_lr_ratio * peak
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: GPT, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = model.optim_groups(t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(t.beta1, t.beta2))
+    if t.optimizer == "adam":  # weight decay as an L2 penalty in the gradient (the non-decoupled form)
+        return torch.optim.Adam(groups, lr=lr, betas=(t.beta1, t.beta2))
+    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's size: tokens per optimizer step (all ranks), its peak lr, its steps, and its validation set."""
+
+    batch_tokens: int
+    peak_lr: float
+    total_steps: int
+    eval_sequences: int
+    """Validation windows scored at each eval, the same for every micro-batch size and world size."""
+
+    @classmethod
+    def of(cls, cfg: Config, train_tokens: int, world_size: int) -> Plan:
+        """For ``cfg`` on ``world_size`` ranks over a training split of ``train_tokens`` tokens (``train.epochs``
+        turns into steps here)."""
+        t = cfg.train
+        batch_tokens = t.micro_batch_size * t.accumulation_steps * world_size * cfg.data.seq_len
+        windows_per_step = t.micro_batch_size * t.accumulation_steps * world_size
+        n_windows = (train_tokens - 1) // cfg.data.seq_len
+        total_steps = max(1, math.ceil(t.epochs * n_windows / windows_per_step)) if t.epochs else t.steps
+        return cls(batch_tokens=batch_tokens, peak_lr=effective_lr(cfg, batch_tokens), total_steps=total_steps,
+                   eval_sequences=t.eval_sequences or t.eval_batches * t.micro_batch_size * world_size)
