@@ -192,7 +192,7 @@ def test_a_sweep_through_address_runs_trials_on_both_nodes_into_shared_storage(c
                            str(storage), "--max-concurrent", "2", "--no-wandb"], cwd=tmp_path, env=cluster.env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.startswith(f"ray: joined the cluster at ") and str(cluster.port) in proc.stdout.splitlines()[0]
+    assert proc.stdout.startswith("ray: joined the cluster at ") and str(cluster.port) in proc.stdout.splitlines()[0]
     results, table = _rows(storage)
     assert {r["status"] for r in table.values()} == {"ok"}
     assert {r["node_id"] for r in table.values()} == {cluster.head_id, cluster.worker_id}  # one trial per node

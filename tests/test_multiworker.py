@@ -233,7 +233,7 @@ def test_killed_driver_resumes_the_train_run_from_its_checkpoint(killed):
     row, _ = _final(results)
     tid = row["trial_id"]
     assert row["status"] == "ok", (row, killed["resumed"])
-    assert f"(resumed)" in killed["resumed"] and tid in killed["resumed"]
+    assert "(resumed)" in killed["resumed"] and tid in killed["resumed"]
     after = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
     before = killed["before_driver_kill"]
     assert after[:2] == before[:2]  # continued, not restarted: the first reports are the first attempt's

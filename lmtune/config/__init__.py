@@ -35,10 +35,10 @@ from lmtune.config.schema import (
     ModelConfig,
     SystemConfig,
     TrainConfig,
-    _field,
     accepted,
     all_keys,
     apply,
+    check_key,
     coerce,
     from_flat,
     parse_overrides,
@@ -48,6 +48,6 @@ from lmtune.config.schema import (
 __all__ = [
     "LOCKED_ENV", "PROJECT_LOCKED", "SECTIONS", "SHIPPED_LOCKED",
     "Config", "ConfigError", "DataConfig", "Layer", "ModelConfig", "SystemConfig", "TrainConfig",
-    "_field", "accepted", "all_keys", "apply", "coerce", "describe", "flatten_toml", "from_flat", "layers", "load",
+    "accepted", "all_keys", "apply", "check_key", "coerce", "describe", "flatten_toml", "from_flat", "layers", "load",
     "locked_files", "parse_overrides", "provenance", "read_toml", "resolve", "validate",
 ]

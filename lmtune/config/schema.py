@@ -193,6 +193,11 @@ def _field(key: str) -> dataclasses.Field:
     raise ConfigError(_unknown_key_message(key))
 
 
+def check_key(key: str) -> None:
+    """ConfigError (naming the key, the closest one and the section's keys) unless ``key`` is a config key."""
+    _field(key)
+
+
 def _split_key(key: str) -> tuple[str, str]:
     section, dot, name = key.partition(".")
     if not dot or section not in SECTIONS or "." in name:

@@ -45,11 +45,14 @@ class ResultsWriter(Callback):
     per trial event (started, finished with status and metric, OOM, pruned, error, retry) with progress.
     """
 
+    ledger: Ledger | None = None
+    """The run's ledger (statuses, errors, snapshot marks); handed over again after a restore (never pickled)."""
+
     def __init__(self, results_dir: Path, space_keys: list[str], metrics: list[str], total: int | str, *,
                  ledger: Ledger, extra_columns: Iterable[str] = (), out: TextIO | None = None):
         """``total``: trials to run, or a label such as ``"≤12"`` when the searcher may stop earlier; ``ledger``: the
         run's (after a restore the runner hands it over again: it is not pickled with the writer)."""
-        self.ledger: Ledger | None = ledger
+        self.ledger = ledger
         self.results_dir = Path(results_dir)
         self.space_keys = list(space_keys)
         self.metrics = list(metrics)

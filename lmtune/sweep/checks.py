@@ -6,12 +6,11 @@ wrong and what is accepted (exit 2). No ray, optuna or torch.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmtune import config as config_lib
 from lmtune.cli import check_output_dir
@@ -19,14 +18,7 @@ from lmtune.config import ConfigError
 from lmtune.contract import LAYER_PREFIX, MEASURED_EVERY, REPORTED_METRICS, layer_index
 from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUniform, Sweep, Uniform
 
-if TYPE_CHECKING:
-    from lmtune.sweep.load import ResolvedSweep
-
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-
-
-MAX_CHECKED_POINTS = 4096
-"""Grid points resolved one by one at validation; beyond this many, a random-free sample of corners."""
 
 
 def same_validation_text(space: dict[str, Domain], base_overrides: dict[str, Any], workers: int) -> None:
@@ -64,7 +56,7 @@ def check_fields(s: Sweep, where: str) -> None:
         raise ConfigError(f"{where}: export must be a list of config keys, got {s.export!r}.")
     for key in s.export:
         try:
-            config_lib._field(key)
+            config_lib.check_key(key)
         except ConfigError as e:
             raise ConfigError(f"{where}: export: {e}") from None
 
@@ -84,7 +76,7 @@ def check_keys(d: dict, where: str) -> None:
         if not isinstance(key, str):
             raise ConfigError(f"{where}: keys are 'section.key' strings, got {key!r}.")
         try:
-            config_lib._field(key)
+            config_lib.check_key(key)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -158,7 +150,7 @@ def check_frontier(f: Frontier, space: dict[str, Domain], where: str) -> None:
         raise ConfigError(f"{where}: frontier must be Frontier(x=..., budget=...), got {f!r}.")
     for name in ("x", "budget"):
         try:
-            config_lib._field(getattr(f, name))
+            config_lib.check_key(getattr(f, name))
         except ConfigError as e:
             raise ConfigError(f"{where}: frontier.{name}: {e}") from None
     if f.x not in space:
@@ -169,64 +161,6 @@ def check_frontier(f: Frontier, space: dict[str, Domain], where: str) -> None:
             continue  # 5% of the limit
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ConfigError(f"{where}: frontier.{name}={v!r} is not accepted: expected a number >= 0.")
-
-
-def check_points(rs: ResolvedSweep, where: str) -> None:
-    """Resolve the base plus every grid point (sampled axes at their bounds) through lmtune.config.load."""
-    sampled: list[dict[str, Any]] = [{}]
-    bounds = {k: d for k, d in rs.sampled_axes.items() if not isinstance(d, Choice)}
-    choices = {k: list(d.values) for k, d in rs.sampled_axes.items() if isinstance(d, Choice)}
-    if bounds:
-        sampled = [{k: d.low for k, d in bounds.items()}, {k: d.high for k, d in bounds.items()}]
-    choice_points = [dict(zip(choices, c)) for c in itertools.product(*choices.values())] or [{}]
-    points = rs.grid_points()
-    combos = itertools.product(points, choice_points, sampled)
-    for i, (g, c, s) in enumerate(combos):
-        if i >= MAX_CHECKED_POINTS:
-            break
-        point = {**g, **c, **s}
-        try:
-            config_lib.load(overrides={**rs.base_overrides, **point})
-        except ConfigError as e:
-            shown = ", ".join(f"{k}={v}" for k, v in point.items())
-            raise ConfigError(f"{where}: the trial with {shown} has an invalid config: {e}") from None
-
-
-def dry_run_define_by_run(rs: ResolvedSweep, where: str, runs: int = 16) -> list[str]:
-    """Call the define-by-run function on a throwaway in-memory study (random sampler, fixed seed) and
-    check that every key it suggests or returns is a config key with an accepted value, and that the
-    resulting trial configs resolve."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=rs.sweep.seed))
-    keys: list[str] = []
-    for _ in range(runs):
-        trial = study.ask()
-        try:
-            constants = rs.sweep.define_by_run(trial)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 — the user's function failed
-            raise ConfigError(f"{where}: define_by_run failed: {type(e).__name__}: {e}") from None
-        if constants is not None and not isinstance(constants, dict):
-            raise ConfigError(f"{where}: define_by_run must return a dict of config key → value or None, "
-                              f"got {type(constants).__name__}.")
-        point = {**trial.params, **(constants or {})}
-        check_keys(point, f"{where}: define_by_run")
-        for k in point:
-            if k in rs.space and isinstance(rs.space[k], Grid):
-                raise ConfigError(f"{where}: define_by_run sets {k}, which is already a grid axis of the space.")
-            if k not in keys:
-                keys.append(k)
-        grid = rs.grid_points()[0] if rs.grid_axes else {}
-        try:
-            config_lib.load(overrides={**rs.base_overrides, **grid, **point})
-        except ConfigError as e:
-            shown = ", ".join(f"{k}={v}" for k, v in point.items())
-            raise ConfigError(f"{where}: define_by_run gave a trial with {shown} whose config is invalid: {e}") from None
-        study.tell(trial, 0.0)
-    return keys
 
 
 def absolute_paths(flat: dict[str, Any]) -> dict[str, Any]:

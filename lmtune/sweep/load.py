@@ -25,10 +25,10 @@ from typing import Any
 from lmtune import config as config_lib
 from lmtune.config import ConfigError
 from lmtune.sweep.checks import (
-    absolute_paths, check_fields, check_frontier, check_keys, check_metrics, check_points, check_resources,
-    domain_json, dry_run_define_by_run, in_domain, same_validation_text, to_domain,
+    absolute_paths, check_fields, check_frontier, check_keys, check_metrics, check_resources, domain_json, in_domain,
+    same_validation_text, to_domain,
 )
-from lmtune.sweep.spec import Domain, Frontier, Grid, Smoke, Sweep
+from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, Smoke, Sweep
 
 
 @dataclass
@@ -273,6 +273,71 @@ def _cli_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, An
 
 
 # --- the cluster address ----------------------------------------------------------------------------
+
+
+# --- checks of the resolved sweep ---------------------------------------------------------------
+
+
+MAX_CHECKED_POINTS = 4096
+"""Grid points resolved one by one at validation; beyond this many, a random-free sample of corners."""
+
+
+def check_points(rs: ResolvedSweep, where: str) -> None:
+    """Resolve the base plus every grid point (sampled axes at their bounds) through lmtune.config.load."""
+    sampled: list[dict[str, Any]] = [{}]
+    bounds = {k: d for k, d in rs.sampled_axes.items() if not isinstance(d, Choice)}
+    choices = {k: list(d.values) for k, d in rs.sampled_axes.items() if isinstance(d, Choice)}
+    if bounds:
+        sampled = [{k: d.low for k, d in bounds.items()}, {k: d.high for k, d in bounds.items()}]
+    choice_points = [dict(zip(choices, c)) for c in itertools.product(*choices.values())] or [{}]
+    points = rs.grid_points()
+    combos = itertools.product(points, choice_points, sampled)
+    for i, (g, c, s) in enumerate(combos):
+        if i >= MAX_CHECKED_POINTS:
+            break
+        point = {**g, **c, **s}
+        try:
+            config_lib.load(overrides={**rs.base_overrides, **point})
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v}" for k, v in point.items())
+            raise ConfigError(f"{where}: the trial with {shown} has an invalid config: {e}") from None
+
+
+def dry_run_define_by_run(rs: ResolvedSweep, where: str, runs: int = 16) -> list[str]:
+    """Call the define-by-run function on a throwaway in-memory study (random sampler, fixed seed) and
+    check that every key it suggests or returns is a config key with an accepted value, and that the
+    resulting trial configs resolve."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=rs.sweep.seed))
+    keys: list[str] = []
+    for _ in range(runs):
+        trial = study.ask()
+        try:
+            constants = rs.sweep.define_by_run(trial)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 — the user's function failed
+            raise ConfigError(f"{where}: define_by_run failed: {type(e).__name__}: {e}") from None
+        if constants is not None and not isinstance(constants, dict):
+            raise ConfigError(f"{where}: define_by_run must return a dict of config key → value or None, "
+                              f"got {type(constants).__name__}.")
+        point = {**trial.params, **(constants or {})}
+        check_keys(point, f"{where}: define_by_run")
+        for k in point:
+            if k in rs.space and isinstance(rs.space[k], Grid):
+                raise ConfigError(f"{where}: define_by_run sets {k}, which is already a grid axis of the space.")
+            if k not in keys:
+                keys.append(k)
+        grid = rs.grid_points()[0] if rs.grid_axes else {}
+        try:
+            config_lib.load(overrides={**rs.base_overrides, **grid, **point})
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v}" for k, v in point.items())
+            raise ConfigError(f"{where}: define_by_run gave a trial with {shown} whose config is invalid: {e}") from None
+        study.tell(trial, 0.0)
+    return keys
 
 
 __all__ = ["ResolvedSweep", "load_sweep", "resolve"]

@@ -35,12 +35,12 @@ already has a probe in flight; different lines and the two thresholds of one lin
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lmtune.config import ConfigError
 from lmtune.contract import FEASIBLE
 from lmtune.results.format import number
+from lmtune.sweep.lines import Knowledge, Line, LineKey, MemoryModel, Point
 from lmtune.sweep.spec import Choice, Frontier, Grid
 
 FINISHED = "FINISHED"
@@ -49,119 +49,15 @@ FINISHED = "FINISHED"
 PEAK_KEY = "peak_reserved_gib"
 THROUGHPUT_KEY = "tokens_per_s"
 
-LineKey = tuple[tuple[str, Any], ...]
-
-
-@dataclass
-class _Point:
-    x: Any
-    state: str = "unknown"  # unknown | pending | ok (any FEASIBLE status) | oom | error
-    status: str = ""  # the trial's own status
-    peak: float | None = None
-    throughput: float | None = None
-    trial_id: str | None = None
-    predicted: float | None = None  # peak predicted when launched (None: no fit yet)
-    purpose: str = ""  # "oom" | "headroom" | "throughput": which question the probe answers
-    guided: bool = False  # chosen by the prediction (not by bisection)
-    completed: int = -1  # completion order, for the bisection safeguard
-
-
-@dataclass
-class _Line:
-    key: LineKey
-    points: list[_Point]
-
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.key) or "(single line)"
-
-
-@dataclass
-class _Knowledge:
-    """What one line's measurements say, recomputed from the points whenever asked."""
-
-    lo_f: int  # largest feasible index below the OOM boundary (-1: none)
-    hi_f: int  # smallest index known or predicted OOM (n: none)
-    lo_a: int  # largest index measured with headroom (-1: none)
-    hi_a: int  # smallest index known or predicted without headroom (n: none)
-
-
-@dataclass
-class MemoryModel:
-    """What the measurements of a line say about memory: the linear fit of peak against x, and where the OOM and
-    headroom boundaries lie (measured, or predicted past ``limit_gib + margin_gib``)."""
-
-    limit_gib: float | None
-    headroom_gib: float
-    margin: float | None = None
-    """How far above the limit a prediction must be before a point is skipped; None = 5% of the limit."""
-    predict: bool = True
-
-    @property
-    def margin_gib(self) -> float:
-        if self.margin is not None:
-            return self.margin
-        return 0.05 * self.limit_gib if self.limit_gib else 0.0
-
-    def fit(self, line: _Line) -> tuple[float, float] | None:
-        """Least-squares ``peak ≈ intercept + slope·x`` through the line's feasible points (needs two x).
-
-        Near the limit, reserved memory stops growing linearly: the caching allocator frees cached blocks
-        and retries instead of reserving more (the phase-0 study's no-AC run: 38.1 GiB at mb 28, 38.95 at 30, OOM at
-        32). Points within ``margin_gib`` of the limit are therefore left out (no fit without two others).
-        """
-        if not self.predict:
-            return None
-        pts = [(float(p.x), p.peak) for p in line.points if p.state == "ok" and p.peak is not None]
-        if self.limit_gib is not None:
-            pts = [(x, y) for x, y in pts if y <= self.limit_gib - self.margin_gib]
-        if len({x for x, _ in pts}) < 2:
-            return None
-        n = len(pts)
-        mx = sum(x for x, _ in pts) / n
-        my = sum(y for _, y in pts) / n
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-        return slope, my - slope * mx
-
-    def predicted_peak(self, line: _Line, x: Any) -> float | None:
-        f = self.fit(line)
-        return None if f is None else f[1] + f[0] * float(x)
-
-    def knowledge(self, line: _Line) -> _Knowledge:
-        """The line's boundaries as its measurements and the fit place them."""
-        pts = line.points
-        n = len(pts)
-        fit = self.fit(line)
-        rising = fit is not None and fit[0] > 0  # skip by prediction only while memory grows with x
-
-        def predicted_above(i: int, threshold: float) -> bool:
-            return rising and pts[i].state == "unknown" and fit[1] + fit[0] * float(pts[i].x) > threshold
-
-        hi_meas = min((i for i, p in enumerate(pts) if p.state == "oom"), default=n)
-        lo_f = max((i for i, p in enumerate(pts[:hi_meas]) if p.state == "ok"), default=-1)
-        hi_f = hi_meas
-        if self.limit_gib is not None:
-            hi_f = next((i for i in range(lo_f + 1, hi_meas) if predicted_above(i, self.limit_gib + self.margin_gib)),
-                        hi_meas)
-        lo_a, hi_a = -1, n
-        if self.limit_gib is not None:
-            room = self.limit_gib - self.headroom_gib
-            no_room = [i for i, p in enumerate(pts) if p.state == "ok" and p.peak is not None and p.peak > room]
-            hi_a = min([hi_f, *no_room])
-            lo_a = max((i for i, p in enumerate(pts[:hi_a])
-                        if p.state == "ok" and p.peak is not None and p.peak <= room), default=-1)
-            hi_a = next((i for i in range(lo_a + 1, hi_a) if predicted_above(i, room + self.margin_gib)), hi_a)
-        return _Knowledge(lo_f, hi_f, lo_a, hi_a)
-
 
 class _Findings:
     """What a :class:`FrontierPlan` has found, for trials.csv and the tables: the points never launched, the
     predictions made at launch and how they compared with the measurements, the boundaries per line."""
 
-    lines: list[_Line]
+    lines: list[Line]
     x_key: str
     memory: MemoryModel
-    _by_trial: dict[str, tuple[_Line, _Point]]
+    _by_trial: dict[str, tuple[Line, Point]]
 
     def trials_run(self) -> int:
         return len(self._by_trial)
@@ -224,7 +120,6 @@ class _Findings:
         return out
 
 
-
 class FrontierPlan(_Findings):
     """Decide which (line, x) points to run; Ray-free.
 
@@ -273,11 +168,11 @@ class FrontierPlan(_Findings):
                                   predict and numeric)
         self.confirm_throughput = confirm_throughput
         self.verify_predicted = verify_predicted
-        self.lines = [_Line(tuple(line.items()), [_Point(x) for x in xs]) for line in lines]
+        self.lines = [Line(tuple(line.items()), [Point(x) for x in xs]) for line in lines]
         keys = {line.key for line in self.lines}
         if len(keys) != len(self.lines):
             raise ConfigError("the frontier lines are not distinct.")
-        self._by_trial: dict[str, tuple[_Line, _Point]] = {}
+        self._by_trial: dict[str, tuple[Line, Point]] = {}
         self._completed = 0
         self._next_line = 0  # round-robin start, so concurrent probes spread over lines
         self.notes: list[str] = []
@@ -328,13 +223,13 @@ class FrontierPlan(_Findings):
     def grid_size(self) -> int:
         return len(self.xs) * len(self.lines)
 
-    def _guide_next(self, line: _Line, purpose: str) -> bool:
+    def _guide_next(self, line: Line, purpose: str) -> bool:
         """Alternate guided probes with bisection (Dekker's safeguard): the fit can be biased near the limit,
         so after a guided probe that left the interval open, the next probe halves it regardless."""
         done = [p for p in line.points if p.purpose == purpose and p.completed >= 0]
         return not done or not max(done, key=lambda p: p.completed).guided
 
-    def _probe_in(self, line: _Line, lo: int, hi: int, purpose: str) -> tuple[int, bool] | None:
+    def _probe_in(self, line: Line, lo: int, hi: int, purpose: str) -> tuple[int, bool] | None:
         """The next probe strictly between ``lo`` and ``hi`` (None if nothing to probe or one is pending)."""
         inside = range(lo + 1, hi)
         if any(line.points[i].state == "pending" for i in inside):
@@ -349,7 +244,7 @@ class FrontierPlan(_Findings):
         mid = (lo + hi) / 2
         return min(unknown, key=lambda i: (abs(i - mid), i)), False
 
-    def _line_probe(self, line: _Line) -> tuple[int, str, bool] | None:
+    def _line_probe(self, line: Line) -> tuple[int, str, bool] | None:
         """The next probe of one line for its OOM or headroom boundary, or None.
 
         Once the OOM boundary is bracketed, a boundary that rests on a prediction (its smallest OOM point never
@@ -370,13 +265,13 @@ class FrontierPlan(_Findings):
             return k.hi_f, "verify", False
         return None
 
-    def _throughput_probe(self) -> tuple[_Line, int] | None:
+    def _throughput_probe(self) -> tuple[Line, int] | None:
         """Once every headroom boundary is settled: the unmeasured grid neighbour of the fastest point with
         headroom (over all lines), so the recommended point is a measured local maximum of throughput."""
         if not self.confirm_throughput or self.limit_gib is None:
             return None
         room = self.limit_gib - self.headroom_gib
-        best: tuple[float, _Line, int, _Knowledge] | None = None
+        best: tuple[float, Line, int, Knowledge] | None = None
         for line in self.lines:
             k = self.memory.knowledge(line)
             if any(p.state in ("unknown", "pending") for p in line.points[k.lo_a + 1: k.hi_a]):
@@ -410,7 +305,7 @@ class FrontierPlan(_Findings):
             return None
         return FINISHED
 
-    def _launch(self, trial_id: str, line: _Line, i: int, purpose: str, guided: bool) -> dict[str, Any]:
+    def _launch(self, trial_id: str, line: Line, i: int, purpose: str, guided: bool) -> dict[str, Any]:
         p = line.points[i]
         p.predicted = self.memory.predicted_peak(line, p.x)
         p.state, p.trial_id, p.purpose, p.guided = "pending", trial_id, purpose, guided
@@ -440,7 +335,7 @@ class FrontierPlan(_Findings):
         self._completed += 1
         self._check_monotone(line)
 
-    def _check_monotone(self, line: _Line) -> None:
+    def _check_monotone(self, line: Line) -> None:
         ooms = [p.x for p in line.points if p.state == "oom"]
         oks = [p.x for p in line.points if p.state == "ok"]
         if ooms and oks and max(oks) > min(ooms):

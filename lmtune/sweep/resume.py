@@ -120,17 +120,11 @@ def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger
     reconciler.watch_tune_restore()
     tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
-    scheduler = compat.tuner_scheduler(tuner)
-    scheduler.ledger, ledger.scheduler = ledger, scheduler
-    from lmtune.sweep.callback import ResultsWriter
-    from lmtune.sweep.search import StudySearch
-
-    for searcher in _chain(compat.tuner_search_alg(tuner)):
-        if isinstance(searcher, StudySearch):
-            searcher.ledger = ledger
-    for callback in compat.tuner_callbacks(tuner):
-        if isinstance(callback, ResultsWriter):
-            callback.ledger = ledger
+    ledger.scheduler = compat.tuner_scheduler(tuner)
+    # lmtune's scheduler, Optuna searcher and results writer each declare a ``ledger`` (never pickled).
+    for part in [ledger.scheduler, *_chain(compat.tuner_search_alg(tuner)), *compat.tuner_callbacks(tuner)]:
+        if hasattr(type(part), "ledger"):
+            part.ledger = ledger
     return tuner, reconciler
 
 
@@ -250,9 +244,8 @@ def limiter(controller: Any):
 
 
 def _study_search(controller: Any):
-    from lmtune.sweep.search import StudySearch
-
-    return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, StudySearch)), None)
+    """The searcher that keeps an Optuna study (:class:`lmtune.sweep.search.StudySearch`), None for the planner."""
+    return next((a for a in _chain(compat.search_alg(controller)) if hasattr(type(a), "study")), None)
 
 
 def _trial_point(trial: Any, search: Any) -> dict[str, Any]:
