@@ -220,12 +220,12 @@ def test_every_shipped_sweep_resolves_with_and_without_smoke():
         for smoke in (False, True):
             rs = resolve(sweep, path, smoke=smoke)
             assert rs.export, f"{f.name} declares no export keys"
-            assert rs.num_samples >= 1
+            assert rs.num_trials >= 1
         smoke_rs = resolve(sweep, path, smoke=True)
         assert smoke_rs.base["data.dataset"] == "builtin" and smoke_rs.base["train.dtype"] == "float32", f.name
         # a few minutes on 2 CPUs (width_batch's 24 short trials, enough for TPE to learn where memory runs out)
-        assert smoke_rs.num_samples <= 24, f"{f.name}: the smoke variant runs {smoke_rs.num_samples} trials"
-        assert smoke_rs.num_samples * smoke_rs.base["train.steps"] <= 24 * 30, f.name
+        assert smoke_rs.num_trials <= 24, f"{f.name}: the smoke variant runs {smoke_rs.num_trials} trials"
+        assert smoke_rs.num_trials * smoke_rs.base["train.steps"] <= 24 * 30, f.name
 
 
 def test_resolve_applies_smoke_and_overrides():
@@ -236,9 +236,9 @@ def test_resolve_applies_smoke_and_overrides():
     rs = resolve(sweep, "t.py", smoke=True, overrides=["train.seed=5"])
     assert rs.base["train.steps"] == 7 and rs.base["train.seed"] == 5
     assert rs.space["model.norm_placement"].values == ("post",)
-    assert rs.searcher == "tpe" and rs.num_samples == 2  # one grid point × 2 samples
+    assert rs.searcher == "tpe" and rs.num_trials == 2  # one grid point × 2 samples
     full = resolve(sweep, "t.py")
-    assert full.num_samples == 6 and full.base["train.steps"] == 100
+    assert full.num_trials == 6 and full.base["train.steps"] == 100
     # The locked defaults are the first point where they lie in the space (pre-LN is locked).
     assert full.defaults_point() == {"model.norm_placement": "pre", "train.lr": 6e-4}
 
@@ -249,7 +249,7 @@ def test_several_metrics_use_nsga2_and_grid_only_spaces_use_the_grid_sampler():
     assert resolve(s, "p.py").searcher == "nsga2"
     g = Sweep(name="g", base=dict(TINY_CPU), space={"train.lr": grid([1e-3, 3e-3]), "train.seed": grid([1, 2, 3])})
     rs = resolve(g, "g.py")
-    assert rs.searcher == "grid" and rs.num_samples == 6
+    assert rs.searcher == "grid" and rs.num_trials == 6
 
 
 def test_define_by_run_is_dry_run_at_validation():

@@ -64,7 +64,7 @@ def test_defaults_first_and_searcher_setup(tmp_path):
     mixed = Sweep(name="m", base=dict(TINY_CPU), num_samples=2,
                   space={"train.optimizer": grid(["sgd", "adamw"]), "train.lr": loguniform(1e-4, 1e-2)})
     rs = resolve(mixed, "m.py")
-    assert rs.num_samples == 4
+    assert rs.num_trials == 4
     points = enqueued_points(rs)
     assert points[0] == {"train.optimizer": "adamw", "train.lr": 6e-4}
     assert [p["train.optimizer"] for p in points] == ["adamw", "sgd", "adamw", "sgd"]

@@ -47,8 +47,8 @@ class ResolvedSweep:
     modes: list[str]
     searcher: str
     """Effective searcher: ``grid`` (every axis a grid), ``tpe``, ``nsga2`` or ``frontier``."""
-    num_samples: int
-    """Trials to run (grid: the grid size; tpe/nsga2 with grid axes: grid size × num_samples)."""
+    num_trials: int
+    """Trials to run: the grid size for a grid, × the sweep file's ``num_samples`` (per grid point) for tpe/nsga2."""
     export: list[str] = field(default_factory=list)
     frontier: Frontier | None = None
     """The frontier axes in force (Smoke.frontier under --smoke, else Sweep.frontier)."""
@@ -241,7 +241,7 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
         total = n_grid * num_samples
 
     rs = ResolvedSweep(sweep=sweep, file=file, smoke=smoke, base=base, base_overrides=base_overrides,
-                       space=space, metrics=metrics, modes=modes, searcher=searcher, num_samples=total,
+                       space=space, metrics=metrics, modes=modes, searcher=searcher, num_trials=total,
                        export=list(sweep.export), frontier=frontier,
                        gpus=sweep.gpus if gpus is None else gpus, cpus=sweep.cpus if cpus is None else cpus)
     if rs.gpus == 0 and base.get("system.device") == "cuda":

@@ -25,7 +25,7 @@ def sweep_json(rs: ResolvedSweep, results_dir: Path) -> dict[str, Any]:
         "mode": rs.mode,
         "searcher": rs.searcher,
         "scheduler": rs.sweep.scheduler,
-        "num_trials": rs.num_samples,
+        "num_trials": rs.num_trials,
         "workers": rs.sweep.workers,
         "gpus": rs.gpus,
         "cpus": rs.cpus,

@@ -268,7 +268,7 @@ def run(
     rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
     if not resume:
         write_json(results_dir / SWEEP_JSON, sweep_json(rs, results_dir))
-    print(f"sweep {rs.name}{' (smoke)' if rs.smoke else ''}: {rs.num_samples} trial(s), searcher {rs.searcher}, "
+    print(f"sweep {rs.name}{' (smoke)' if rs.smoke else ''}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
           f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
     print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
                                               device=rs.base.get("system.device")), file=out)
@@ -318,14 +318,14 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         limit = rs.base.get("system.memory_limit_gib") or device_memory(rs).get("device_memory_gib")
         searcher = make_searcher(rs, results_dir, ledger=ledger, limit_gib=limit or None)
         extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
-        total = f"≤{rs.num_samples}" if rs.searcher == "frontier" else rs.num_samples  # the planner skips points
+        total = f"≤{rs.num_trials}" if rs.searcher == "frontier" else rs.num_trials  # the planner skips points
         writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out)
         concurrency = max_concurrent or _default_concurrency(settings)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=make_scheduler(rs, ledger), num_samples=rs.num_samples,
+                search_alg=searcher, scheduler=make_scheduler(rs, ledger), num_samples=rs.num_trials,
                 max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name, reuse_actors=reuse_actors,
             ),
@@ -363,7 +363,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     if rs.searcher == "frontier":
         planned_more = searcher is not None and hasattr(searcher, "plan") and not searcher.plan.done
     else:
-        planned_more = len(grid) < rs.num_samples
+        planned_more = len(grid) < rs.num_trials
     interrupted = grid.num_terminated + grid.num_errors < len(grid) or planned_more
     if rs.searcher == "frontier" and searcher is not None and hasattr(searcher, "implied_rows"):
         predictions = searcher.plan.launch_predictions()

@@ -79,7 +79,7 @@ def enqueued_points(rs: ResolvedSweep) -> list[dict[str, Any]]:
     if not grid:
         return [sampled_defaults] if sampled_defaults else []
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-    repeats = rs.num_samples // len(points)
+    repeats = rs.num_trials // len(points)
     out = [dict(p) for _ in range(repeats) for p in points]
     out[0].update(sampled_defaults)
     return out

@@ -341,11 +341,10 @@ class StepTimer:
     @contextlib.contextmanager
     def excluded(self) -> Iterator[None]:
         """One optimizer step that is not timed (the following :meth:`step` call does not count it)."""
-        paused = self.pause()
         try:
-            yield
+            with self.paused():
+                yield
         finally:
-            self.resume(paused)
             self._skip = True
 
     def wall_clock_s(self) -> float:
