@@ -11,6 +11,7 @@ from lmtune.results.format import finite, short
 from lmtune.results.frontier import FrontierReport
 from lmtune.results.read import Results
 from lmtune.results.summary import experiments, pareto_front
+from lmtune.results.transfer import LR_KEY, curves, transfer
 
 def _pyplot():
     import matplotlib
@@ -34,7 +35,12 @@ def render_plots(results: Results, rep: FrontierReport | None) -> list[Path]:
         pareto = plot_pareto(results, plots / "pareto.png")
         if pareto is not None:
             out.append(pareto)
-    if "norm" in experiments(results.space_keys, results.frontier_spec):
+    kinds = experiments(results.space_keys, results.frontier_spec)
+    if "width" in kinds:
+        written = plot_width_transfer(results, plots / "width_transfer.png")
+        if written is not None:
+            out.append(written)
+    if "norm" in kinds:
         for plot, name in ((plot_grad_norm_layers, "grad_norm_layers.png"),
                            (plot_grad_norm_over_time, "grad_norm_over_time.png")):
             written = plot(results, plots / name)
@@ -202,6 +208,32 @@ def plot_grad_norm_over_time(results: Results, path: Path, max_panels: int = 12)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_width_transfer(results: Results, path: Path) -> Path | None:
+    """One panel per parametrization: the metric against the lr (log axis), one curve per width, each curve's
+    optimum marked (Yang et al. 2021, Fig. 1): under μP the optima line up, under SP they drift with width."""
+    found = curves(results)
+    if not found:
+        return None
+    kinds = [t.parametrization for t in transfer(results)]
+    widths = sorted({c.width for c in found})
+    grid = sorted({lr for c in found for lr, _ in c.points})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.2 * len(kinds), 4.6), sharey=True, squeeze=False)
+    colors = plt.get_cmap("viridis")
+    for ax, kind in zip(axes[0], kinds):
+        for c in (c for c in found if c.parametrization == kind):
+            color = colors(widths.index(c.width) / max(1, len(widths) - 1))
+            ax.plot(*zip(*c.points), "o-", color=color, label=f"width {c.width}")
+            lr, value = c.best(results.mode)
+            ax.plot([lr], [value], "*", color=color, markersize=15, markeredgecolor="black")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # the lr grid's own values label the axis
+        ax.set_xticks(grid, [f"{lr:.3g}" for lr in grid])
+        ax.set(xlabel=LR_KEY, title=f"{kind}: {results.metric} vs lr (★ each width's optimum)")
+    axes[0][0].set_ylabel(f"{results.metric} ({results.mode})")
+    return _save(fig, path, legends=tuple(axes[0]))
 
 
 def _save(fig, path: Path, legends=()) -> Path:

@@ -7,16 +7,14 @@ from typing import Any, Iterable
 
 from lmtune.results.format import fmt, markdown_table, number, short, sort_key, status_label
 from lmtune.results.read import Results
+from lmtune.results.transfer import is_width_transfer, transfer_markdown
 
 NORM_KEYS = ("model.norm_placement", "model.final_norm", "train.warmup_steps")
-
-
 BATCH_KEYS = ("train.micro_batch_size", "train.accumulation_steps", "train.lr_scaling", "train.base_batch_tokens")
-
-
-STUDIED = {"norm": ("grad_norm_spread",), "batch": ("grad_coherence", "noise_scale")}
+STUDIED = {"norm": ("grad_norm_spread",), "batch": ("grad_coherence", "noise_scale"), "width": ()}
 """What the phase-0 study's experiments look at besides the metric: the spread of per-layer gradient norms for norm
-placement × warmup, gradient coherence and the noise scale for effective batch × LR scaling."""
+placement × warmup, gradient coherence and the noise scale for effective batch × LR scaling; a width-transfer
+sweep (width × lr, :mod:`lmtune.results.transfer`) looks at where each width's optimum lr lies."""
 
 
 def experiments(space_keys: Iterable[str], frontier: Any = None) -> list[str]:
@@ -24,7 +22,8 @@ def experiments(space_keys: Iterable[str], frontier: Any = None) -> list[str]:
     frontier over micro-batch sizes is not a batch-size experiment."""
     keys = set(space_keys)
     kinds = ["norm"] if keys & set(NORM_KEYS) else []
-    return kinds + (["batch"] if keys & set(BATCH_KEYS) and not frontier else [])
+    kinds += ["batch"] if keys & set(BATCH_KEYS) and not frontier else []
+    return kinds + (["width"] if is_width_transfer(keys) else [])
 
 
 SUMMARY_METRICS = ("val_loss", "loss", "tokens", "tokens_per_s", "peak_reserved_gib", "wall_clock_s", "device_hours")
@@ -139,6 +138,8 @@ def summary_markdown(results: Results) -> str:
         lines += ["## Batch size × LR scaling", "",
                   f"Validation loss at {at_text}; gradient coherence and the noise scale (McCandlish et al. 2018, "
                   f"B_simple) at the end.", "", markdown_table(headers, body), ""]
+    if "width" in kinds:
+        lines += [transfer_markdown(results)]
     return "\n".join(lines)
 
 
