@@ -4,6 +4,12 @@ Plain math only: torch.compile and activation checkpointing are applied from out
 :mod:`lmtune.training.parallelize` (torchtitan's split), so this file reads top to bottom as the model.
 Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.{i}.attn.c_attn``, ``lm_head``).
 Shapes: B batch, T sequence, C = n_embd, nh = n_head, hs = C // nh, V vocabulary.
+
+``model.parametrization="mup"`` (Yang et al. 2021, "Tensor Programs V"; the ``mup`` package's conventions for
+GPT-2) changes four things, each marked "μP" below, with m = ``cfg.width_mult`` = n_embd / base_width: the
+attention scale (:class:`CausalSelfAttention`), the hidden matrices' init (:meth:`GPT._init_std`), the LM
+head's input multiplier (:meth:`GPT.logits_and_loss`) and the per-group learning rates
+(:meth:`GPT.optim_groups`). Under ``"sp"`` none of them runs.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from torch.nn import functional as F
 
 from lmtune.config import ConfigError, ModelConfig
 
+HIDDEN = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+"""μP's hidden (matrix-like) weights, by name suffix: both of their dimensions grow with width. Every other
+parameter (embeddings, the LM head, biases, LayerNorm) is vector-like: one dimension grows."""
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -25,6 +35,13 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.n_head, self.dropout, self.attention = cfg.n_head, cfg.dropout, cfg.attention
+        # None: 1/sqrt(hs), GPT-2's (and SDPA's default). μP: sqrt(hs0)/hs, hs0 = the base width's head size
+        # (n_head fixed across widths): 1/hs up to a width-independent constant, 1/sqrt(hs) at m = 1. After
+        # training q and k are correlated, so q·k grows like hs, not sqrt(hs) (Yang et al. 2021, section 4).
+        self.scale: float | None = None
+        if cfg.parametrization == "mup":
+            hs, hs0 = cfg.n_embd // cfg.n_head, (cfg.base_width or cfg.n_embd) / cfg.n_head
+            self.scale = math.sqrt(hs0) / hs
         if cfg.attention == "manual":
             # Non-persistent: sdpa and manual models have the same state_dict keys, and it is rebuilt, not loaded.
             mask = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
@@ -39,10 +56,12 @@ class CausalSelfAttention(nn.Module):
         if self.attention == "sdpa":
             # Fused kernel (flash / memory-efficient on CUDA): never materializes the (T, T) matrix.
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                               scale=self.scale)  # (B, nh, T, hs)
         else:
             # softmax(q k^T / sqrt(hs)) v with future positions masked (Vaswani et al. 2017, eq. 1).
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+            scale = 1.0 / math.sqrt(k.size(-1)) if self.scale is None else self.scale
+            att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
             att = att.masked_fill(~self.mask[:, :, :T, :T], float("-inf"))
             # Softmax in fp32 as the fused kernels do; CPU autocast would otherwise run it in bf16.
             att = F.softmax(att.float(), dim=-1).to(v.dtype)
@@ -120,18 +139,25 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             # One matrix embeds tokens and scores them (Press & Wolf 2017); saves V*C parameters.
             self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
+        hidden = {id(p) for name, p in self.named_parameters() if name.endswith(HIDDEN)}
+        self.apply(lambda module: self._init_weights(module, hidden))
         # GPT-2 (Radford et al. 2019, section 2.3): each of the 2*n_layer residual branches adds to the
         # stream's variance, so the projections that write into it start at std 0.02/sqrt(2*n_layer).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=self._init_std(0.02 / math.sqrt(2 * cfg.n_layer), hidden=True))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_std(self, std: float, hidden: bool) -> float:
+        """GPT-2's ``std``; μP: a hidden matrix's divided by sqrt(m), so that its variance goes as 1/fan_in
+        (Yang et al. 2021, Table 8; mup.init.normal_) and it is GPT-2's at the base width."""
+        if self.cfg.parametrization == "mup" and hidden:
+            return std / math.sqrt(self.cfg.width_mult)
+        return std
+
+    def _init_weights(self, module: nn.Module, hidden: set[int]) -> None:
         # GPT-2 / nanoGPT: N(0, 0.02) for every matrix and embedding, zero biases; LayerNorm stays (1, 0).
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self._init_std(0.02, id(module.weight) in hidden))
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -152,7 +178,11 @@ class GPT(nn.Module):
         """Final norm, LM head and loss: x (B, T, C) -> logits (B, T, V) and the mean cross-entropy over the
         targets (B, T) that are not -100 (F.cross_entropy's ignore_index: how the trainer leaves a sequence
         out without changing the batch's shape)."""
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        x = self.transformer.ln_f(x)
+        if self.cfg.parametrization == "mup":
+            # μP readout (mup's MuReadout / MuSharedReadout, output_mult 1): x·W^T/m, W at width-independent std.
+            x = x * (1.0 / self.cfg.width_mult)
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:  # autocast runs cross_entropy in fp32 on CPU and CUDA
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
@@ -168,14 +198,35 @@ class GPT(nn.Module):
                 n -= self.transformer.wte.weight.numel()
         return n
 
-    def optim_groups(self, weight_decay: float) -> list[dict]:
+    def optim_groups(self, weight_decay: float, optimizer: str = "adamw") -> list[dict]:
         """Optimizer parameter groups: weight decay on matrices and embeddings (dim >= 2), none on biases and
-        LayerNorm weights (nanoGPT's configure_optimizers; decaying gains and offsets only shrinks them)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        LayerNorm weights (nanoGPT's configure_optimizers; decaying gains and offsets only shrinks them).
+
+        μP splits them further by learning-rate multiplier, ``lr_mult`` in each group (the optimizer's lr times
+        it is the group's lr; :func:`lmtune.training.optim.build_optimizer` and the trainer's schedule apply
+        it), as mup's MuAdam / MuSGD do (Yang et al. 2021, Tables 3 and 8): for ``adam``/``adamw`` hidden
+        matrices 1/m, the rest 1; for ``sgd`` hidden matrices 1 (fan_in and fan_out grow together), the rest m
+        (the tied embedding counts as an input weight, as MuSharedReadout; an untied LM head is vector-like
+        too, its 1/m being in the forward). A group's weight decay is divided by its multiplier (mup: lr times
+        decay stays width-independent). Under sp: the two groups above, no ``lr_mult``.
+        """
+        if self.cfg.parametrization != "mup":
+            params = [p for p in self.parameters() if p.requires_grad]
+            return [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        m = self.cfg.width_mult
+        hidden_mult, vector_mult = (1.0, m) if optimizer == "sgd" else (1.0 / m, 1.0)
+        groups = [
+            {"params": [p for n, p in named if n.endswith(HIDDEN)], "lr_mult": hidden_mult},
+            {"params": [p for n, p in named if p.dim() >= 2 and not n.endswith(HIDDEN)], "lr_mult": vector_mult},
+            {"params": [p for _, p in named if p.dim() < 2], "lr_mult": vector_mult, "decay": False},
         ]
+        return [{"params": g["params"], "lr_mult": g["lr_mult"],
+                 "weight_decay": weight_decay / g["lr_mult"] if g.get("decay", True) else 0.0}
+                for g in groups if g["params"]]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

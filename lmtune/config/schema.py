@@ -49,6 +49,32 @@ class ModelConfig:
     vocab_size: int = field(default=0, metadata=_range(ge=0))
     """Rows of the embedding and the LM head; 0 = the tokenizer's ids. A larger value pads them (nanoGPT pads
     GPT-2's 50257 to 50304, a multiple of 64) or gives a byte-level model the GPT-2 model's size."""
+    parametrization: Literal["sp", "mup"] = "sp"
+    """`sp`: GPT-2's standard parametrization, N(0, 0.02) init, one lr for every parameter. `mup`: the Maximal
+    Update Parametrization (Yang et al. 2021, "Tensor Programs V"; the `mup` package's conventions), so that the
+    hyper-parameters tuned at base_width hold at any n_embd, with width multiplier m = n_embd / base_width:
+    hidden matrices (c_attn, both c_proj, c_fc) start at std 0.02/sqrt(m) (residual projections keep their
+    1/sqrt(2·n_layer) on top; variance ∝ 1/fan_in, Table 8); the LM head sees its input times 1/m (mup's
+    MuReadout/MuSharedReadout; output weights' 1/fan_in² of Table 8); attention logits are q·k·sqrt(d₀)/d for
+    head size d and base head size d₀ = base_width/n_head (1/d instead of 1/sqrt(d), section 4; the same as
+    GPT-2 at m = 1: this assumes n_head held fixed across widths, so that d grows with n_embd);
+    lr per group (mup's MuAdam / MuSGD; Tables 3 and 8): with adam/adamw hidden matrices lr/m and everything
+    else (embeddings, the tied or untied LM head, biases, LayerNorm) lr; with sgd hidden matrices lr and
+    everything else lr·m. Each group's weight decay is divided by its lr multiplier as mup does (lr·decay is
+    width-independent); what is decayed is as under sp. Embeddings, biases and LayerNorm start as under sp;
+    the query projection and the readout are not zero-initialized. At m = 1 mup is sp: the same init draws,
+    lrs and (to rounding) forward."""
+    base_width: int = field(default=0, metadata=_range(ge=0))
+    """With parametrization=mup: the n_embd at which the hyper-parameters are tuned (the width multiplier is
+    n_embd / base_width); 0 = this model's own n_embd (multiplier 1). Ignored with parametrization=sp, so one
+    sweep file can set it for both."""
+
+    @property
+    def width_mult(self) -> float:
+        """μP's width multiplier m = n_embd / base_width; 1.0 under sp or with base_width 0."""
+        if self.parametrization != "mup" or not self.base_width:
+            return 1.0
+        return self.n_embd / self.base_width
 
 
 @dataclass
@@ -337,6 +363,11 @@ def validate(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}.")
+    if m.parametrization == "mup" and m.base_width % m.n_head:
+        # The base model is this one at n_embd=base_width with the same heads (the attention scale needs its head size).
+        raise ConfigError(f"model.base_width={m.base_width} must be divisible by model.n_head={m.n_head} with "
+                          f"model.parametrization='mup'; accepted: 0 (this model's n_embd) or a multiple of "
+                          f"{m.n_head}.")
     if d.seq_len > m.block_size:
         raise ConfigError(f"data.seq_len={d.seq_len} is above model.block_size={m.block_size}; "
                           f"accepted: data.seq_len <= model.block_size.")

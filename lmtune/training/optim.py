@@ -69,13 +69,24 @@ def lr_at(step: int, peak: float, total: int, cfg: Config) -> float:
 
 
 def build_optimizer(model: GPT, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """The optimizer over ``model.optim_groups``; a group with an ``lr_mult`` (μP) starts at lr·lr_mult, and
+    the trainer's schedule keeps that multiplier (:func:`set_lr`)."""
     t = cfg.train
-    groups = model.optim_groups(t.weight_decay)
+    groups = model.optim_groups(t.weight_decay, t.optimizer)
+    for group in groups:
+        if "lr_mult" in group:
+            group["lr"] = lr * group["lr_mult"]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(t.beta1, t.beta2))
     if t.optimizer == "adam":  # weight decay as an L2 penalty in the gradient (the non-decoupled form)
         return torch.optim.Adam(groups, lr=lr, betas=(t.beta1, t.beta2))
     return torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group of ``optimizer`` to ``lr`` times its ``lr_mult`` (μP's per-group multipliers; 1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from lmtune.training.measure import (
 from lmtune.training.memory import (
     CudaMemory, SteadySteps, TensorMemory, agreed_peaks, device_info, ends_run_as_oom, training_meter,
 )
-from lmtune.training.optim import Plan, build_optimizer, lr_at, seed_everything, set_up_device
+from lmtune.training.optim import Plan, build_optimizer, lr_at, seed_everything, set_lr, set_up_device
 from lmtune.training.reporting import Progress, Report, Reporter
 
 
@@ -155,8 +155,7 @@ class Trainer:
         window_loss, window_n = torch.zeros((), device=self.device), 0
         while self.step < total_steps:
             lr = lr_at(self.step, self.plan.peak_lr, total_steps, self.cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             measuring = bool(t.measure_interval) and (self.step + 1) % t.measure_interval == 0
             log_now = (self.step + 1) % t.log_interval == 0 or self.step + 1 == total_steps
             with steady.step(measuring):
