@@ -1,5 +1,5 @@
 """Export a sweep's winner as locked defaults: ``python -m lmtune.export RESULTS_DIR [--to PATH] [--force]
-[--validate N]``.
+[--trial ID] [--for-width N] [--validate N]``.
 
 Writes the keys the sweep file locks (``Sweep.export``, recorded in sweep.json) with the winner's values:
 
@@ -16,6 +16,11 @@ phase-0-style ``Parameter | Value | Source`` table.
 An existing TOML is never overwritten without ``--force``; either way the command shows what would
 change (old → new per key). With ``--force`` the keys this export does not touch are kept, with their
 provenance, so the locked defaults of several sweeps accumulate in one file.
+
+``--for-width N`` writes them for a model N wide: a μP trial's tuned values hold at any width
+(``model.parametrization="mup"`` with the width it was tuned at as ``model.base_width``, locked with them; the
+provenance says "tuned at width w, transferred to N by μP"); a standard-parametrization trial is refused, since its
+best learning rate moves with the width. In a sweep over both parametrizations the winner is the best μP trial.
 
 ``--validate N`` first runs N fresh steps at the winner's config on this machine and compares tokens/s, peak
 memory and headroom with what the sweep measured; nothing is written when they disagree (exit 1).
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     "holds (exit 1 otherwise)")
     ap.add_argument("--tolerance", type=float, default=VALIDATE_TOLERANCE, metavar="R",
                     help=f"--validate: largest relative drift of tokens/s (default {VALIDATE_TOLERANCE}: ±20%%)")
+    ap.add_argument("--for-width", type=int, metavar="N", help="the winner's values for a model N wide (model.n_embd), "
+                    "carried by μP: only a model.parametrization=mup trial's values hold at another width")
     ap.add_argument("--trial", metavar="ID", help="export this ok trial instead of the winner (required for a sweep "
                                                    "with several metrics: a point of its Pareto front)")
     args = ap.parse_args(argv)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.tolerance < 10:
         raise ConfigError(f"--tolerance {args.tolerance}: expected a relative drift between 0 and 10 (0.2 = ±20%).")
     results = load_results(args.results_dir)
-    plan = plan_export(results, args.to, trial=args.trial)
+    plan = plan_export(results, args.to, trial=args.trial, for_width=args.for_width)
     print(f"{plan.path}: {'would change' if plan.path.exists() and not args.force else 'writing'} "
           f"({'chosen' if args.trial else 'winner'}: trial {plan.winner.row.get('trial_id')} of {results.group}, {plan.winner.metric} = "
           f"{fmt(plan.winner.metric_value, plan.winner.metric)})")

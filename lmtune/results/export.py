@@ -5,6 +5,7 @@ The command is ``python -m lmtune.export`` (lmtune/export.py, which says what it
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -19,6 +20,7 @@ from lmtune.results.format import fmt, gib, markdown_table, short
 from lmtune.results.frontier import frontier_report
 from lmtune.results.read import AC_MODES, Results, load_results
 from lmtune.results.summary import best_trial, pareto_front
+from lmtune.results.transfer import PARAMETRIZATION_KEY, WIDTH_KEY
 
 SECTION_TITLES = {"model": "Architecture", "data": "Data", "train": "Training recipe", "system": "System"}
 
@@ -94,6 +96,38 @@ def winner(results: Results, trial: str | None = None) -> Winner:
     return Winner(row, values, metric, value, source)
 
 
+def _parametrization(results: Results, row: dict[str, Any]) -> str:
+    return str(results.config_of(row).get(PARAMETRIZATION_KEY) or "sp")
+
+
+def transferred(results: Results, w: Winner, width: int) -> tuple[Winner, dict[str, Any]]:
+    """The winner's values for a model ``width`` wide, and the provenance of the transfer.
+
+    Under μP (``model.parametrization="mup"``) the tuned hyper-parameters hold at any width as long as the model keeps
+    the width it was tuned at as its ``model.base_width`` (Yang et al. 2021): so the export locks the parametrization,
+    that base width and the new ``model.n_embd`` next to the tuned values, with the depth and heads the trial had (μP
+    carries width, not depth; its attention scale is for a fixed number of heads). Under the standard
+    parametrization the optimum learning rate moves with the width, and the export is refused."""
+    cfg = results.config_of(w.row)
+    tid, kind, tuned = w.row.get("trial_id"), _parametrization(results, w.row), int(cfg.get(WIDTH_KEY) or 0)
+    if kind != "mup":
+        raise ConfigError(
+            f"--for-width {width}: trial {tid} was trained with {PARAMETRIZATION_KEY}={kind}, where the best learning "
+            f"rate moves with the width (Yang et al. 2021, Fig. 1; summary.md's Width transfer table shows by how much), "
+            f"so values tuned at width {tuned} do not hold at {width}. Sweep at width {width}, or tune with "
+            f"{PARAMETRIZATION_KEY}=mup (sweeps/width_transfer.py) and export a μP trial.")
+    heads = int(cfg.get("model.n_head") or 1)
+    if width < 1 or width % heads:
+        raise ConfigError(f"--for-width {width}: expected a width that model.n_head={heads} divides "
+                          f"(e.g. {max(1, width // heads) * heads or heads}).")
+    base = int(cfg.get("model.base_width") or tuned)
+    values = {**w.values, PARAMETRIZATION_KEY: "mup", "model.base_width": base, WIDTH_KEY: width,
+              "model.n_head": heads, "model.n_layer": int(cfg.get("model.n_layer") or 1)}
+    source = f"{w.source}; tuned at width {tuned}, transferred to width {width} by μP (model.base_width={base})"
+    record = {"transfer": "mup", "tuned_width": tuned, "transferred_to": width}
+    return Winner(w.row, values, w.metric, w.metric_value, source), record
+
+
 def _status_counts(results: Results) -> str:
     counts: dict[str, int] = {}
     for r in results.rows:
@@ -102,10 +136,17 @@ def _status_counts(results: Results) -> str:
 
 
 def plan_export(results: Results, to: str | Path | None = None, *, date: str | None = None,
-                trial: str | None = None) -> ExportPlan:
-    """What :func:`export` would write: the merged values, provenance and the old → new lines."""
+                trial: str | None = None, for_width: int | None = None) -> ExportPlan:
+    """What :func:`export` would write: the merged values, provenance and the old → new lines. ``for_width``: the
+    winner's values carried to a model of that width by μP (:func:`transferred`)."""
     path = Path(to) if to else PROJECT_LOCKED
+    if for_width is not None and trial is None and PARAMETRIZATION_KEY in results.space_keys:
+        # A width-transfer sweep holds both parametrizations: the μP trials are the ones whose values carry.
+        results = dataclasses.replace(results, rows=[r for r in results.rows if _parametrization(results, r) == "mup"])
     w = winner(results, trial)
+    transfer = None
+    if for_width is not None:
+        w, transfer = transferred(results, w, for_width)
     date = date or datetime.date.today().isoformat()
     provenance = {
         key: {"source": w.source, "sweep": results.name, "group": results.group, "metric": w.metric,
@@ -113,6 +154,9 @@ def plan_export(results: Results, to: str | Path | None = None, *, date: str | N
               "results_dir": str(results.dir.resolve())}
         for key in w.values
     }
+    if transfer:
+        for record in provenance.values():
+            record.update(transfer)
     why = rehearsal(results)
     if why:  # said next to every key it locks
         for record in provenance.values():
