@@ -77,10 +77,10 @@ class Transfer:
 
 def transfer(results: Results) -> list[Transfer]:
     """Per parametrization (``sp`` before ``mup``), the optima across widths."""
-    mode, by_kind = results.mode, {}
-    for c in curves(results):
+    mode, by_kind, found = results.mode, {}, curves(results)
+    for c in found:
         by_kind.setdefault(c.parametrization, []).append(c)
-    grid = sorted({lr for c in curves(results) for lr, _ in c.points})
+    grid = sorted({lr for c in found for lr, _ in c.points})
     step = _grid_step(grid)
     out = []
     for kind in sorted(by_kind, key=lambda k: (k != "sp", k)):

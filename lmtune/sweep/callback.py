@@ -22,7 +22,7 @@ from lmtune.contract import (
 )
 from lmtune.results.format import fmt
 from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
-from lmtune.sweep.oom import Ledger
+from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.progress import Progress
 from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
 from lmtune.sweep.resume import drop_reports_from
@@ -40,13 +40,11 @@ def _metrics_only(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in _TUNE_KEYS and not k.startswith("config/")}
 
 
-class ResultsWriter(Callback):
+class ResultsWriter(HoldsLedger, Callback):
     """Writes trials/{id}/metrics.jsonl + summary.json and trials.csv from the driver; one console line
     per trial event (started, finished with status and metric, OOM, pruned, error, retry) with progress.
     """
 
-    ledger: Ledger | None = None
-    """The run's ledger (statuses, errors, snapshot marks); handed over again after a restore (never pickled)."""
 
     def __init__(self, results_dir: Path, space_keys: list[str], metrics: list[str], total: int | str, *,
                  ledger: Ledger, extra_columns: Iterable[str] = (), out: TextIO | None = None):
@@ -82,7 +80,6 @@ class ResultsWriter(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._out = None
-        self.ledger = None
         self._reset()
 
     @property

@@ -156,6 +156,17 @@ class Ledger:
         return "error"  # ended without the trainer's final report
 
 
+class HoldsLedger:
+    """A part of the Tune run that records into the run's :class:`Ledger`: the scheduler, the Optuna searcher, the
+    results writer. Tune pickles them (tuner.pkl, the searcher's snapshot); the ledger is never pickled with them,
+    and after ``Tuner.restore`` the runner hands it over again (:func:`lmtune.sweep.resume.restore`)."""
+
+    ledger: Ledger | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "ledger"}
+
+
 def read_trial_error(trial: Any) -> BaseException | str | None:
     """The exception Tune recorded for a failed trial (its pickled error, else the error file's text)."""
     import os

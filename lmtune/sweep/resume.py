@@ -54,7 +54,7 @@ from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, STATUSES, SUMMARY_JSON, SWEEP_JSON, TUNE_DIR
 from lmtune.results.layout import keep_reports, order, runs_of, trial_dir
 from lmtune.sweep import compat, snapshot
-from lmtune.sweep.oom import Ledger
+from lmtune.sweep.oom import HoldsLedger, Ledger
 
 logger = logging.getLogger("lmtune.sweep")
 
@@ -121,9 +121,8 @@ def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger
     tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     ledger.scheduler = compat.tuner_scheduler(tuner)
-    # lmtune's scheduler, Optuna searcher and results writer each declare a ``ledger`` (never pickled).
     for part in [ledger.scheduler, *_chain(compat.tuner_search_alg(tuner)), *compat.tuner_callbacks(tuner)]:
-        if hasattr(type(part), "ledger"):
+        if isinstance(part, HoldsLedger):  # lmtune's scheduler, Optuna searcher and results writer
             part.ledger = ledger
     return tuner, reconciler
 

@@ -15,13 +15,13 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from lmtune.sweep import compat
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.oom import Ledger, classify_trial_error, was_memory_monitor_kill
+from lmtune.sweep.oom import HoldsLedger, Ledger, classify_trial_error, was_memory_monitor_kill
 from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
 
 logger = logging.getLogger("lmtune.sweep")
 
 
-class _RecordsDecisions:
+class _RecordsDecisions(HoldsLedger):
     """Mixin: note ASHA's stops and OOM failures in the run's ledger, keep OOM-killed trials from re-running,
     run fewer trials at once after a host-memory kill, and keep Tune's experiment snapshot in step with the trials
     (:func:`lmtune.sweep.resume.snapshot_if_due`, at the start of each step of the controller that chooses a trial).
@@ -33,11 +33,6 @@ class _RecordsDecisions:
 
     The ledger is the run's (the runner hands it over, again after a restore: it is not pickled with Tune's state).
     """
-
-    ledger: Ledger | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "ledger"}
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self.ledger.snapshot_due = True

@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lmtune.contract import CHECKPOINT_REPORT, STUDY_DB
 from lmtune.sweep import compat
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.oom import Ledger
+from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.plan import FINISHED, FrontierPlan
 from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
 
@@ -119,7 +119,7 @@ class _GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-class StudySearch(OptunaSearch):
+class StudySearch(HoldsLedger, OptunaSearch):
     """OptunaSearch that records lmtune's trial statuses in the study (see the module docstring).
 
     Memory is a constraint the samplers learn (Optuna 5 ``Trial.set_constraint``; TPE, NSGA-II and GP read the
@@ -131,8 +131,6 @@ class StudySearch(OptunaSearch):
     learns_memory: bool = True
     """False: no constraints, an OOM told as FAIL (what Optuna's samplers leave out of their model). Only the
     baseline of ``benchmarks/oom_aware_search.py`` sets it."""
-    ledger: Ledger | None = None
-    """The run's ledger (statuses, ASHA's rungs to save); handed over again after a restore (never pickled)."""
 
     def __init__(self, *args, ledger: Ledger, enqueue: list[dict] | None = None, limit_gib: float | None = None,
                  headroom_gib: float = 0.0, **kwargs):
@@ -177,7 +175,7 @@ class StudySearch(OptunaSearch):
         # function (a closure, from a module that is not importable), which only cloudpickle can write.
         import ray.cloudpickle
 
-        state = {k: v for k, v in self.__dict__.items() if k != "ledger"}
+        state = self.__getstate__()
         if self.ledger.scheduler is not None and hasattr(self.ledger.scheduler, "snapshot_state"):
             state["_lmtune_scheduler_state"] = self.ledger.scheduler.snapshot_state()  # ASHA's rungs, with it
         with open(checkpoint_path, "wb") as f:
@@ -186,9 +184,6 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.ledger.scheduler_state = self.__dict__.pop("_lmtune_scheduler_state", None)
-
-    def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's tuner.pkl: the ledger is the run's own
-        return {k: v for k, v in self.__dict__.items() if k != "ledger"}
 
     def suggest(self, trial_id: str):
         suggestion = super().suggest(trial_id)
