@@ -274,7 +274,7 @@ def test_a_node_lost_mid_trial_its_trial_continues_on_the_other_from_its_checkpo
     """Takes the worker node away. Both trials train the same model (log_interval differs only in
     how often it reports), so the interrupted one must end with the uninterrupted one's exact val_loss."""
     results, table, victim = _sweep_losing_a_node(cluster, tmp_path, """
-        sweep = Sweep(name="node-loss", base={**TINY_CPU, "train.steps": 1500, "train.eval_interval": 100},
+        sweep = Sweep(name="node-loss", base={**TINY_CPU, "train.steps": 600, "train.eval_interval": 100},
                       space={"train.log_interval": grid([5, 10])}, metric="val_loss", export=["train.lr"])
     """, cluster.worker_id, ready=lambda reports: reports[-1].get("step", 0) >= 200)
     assert table[victim]["node_id"] == cluster.head_id  # it finished on the node that was left
@@ -282,14 +282,14 @@ def test_a_node_lost_mid_trial_its_trial_continues_on_the_other_from_its_checkpo
     assert [a["node_id"] for a in attempts] == [cluster.worker_id, cluster.head_id], attempts
     other = next(t for t in table if t != victim)
     summary = json.loads((results / "trials" / victim / "summary.json").read_text())
-    assert summary["step"] == 1500 and summary["resumed_from_step"] >= 100  # from a checkpoint, not from step 0
+    assert summary["step"] == 600 and summary["resumed_from_step"] >= 100  # from a checkpoint, not from step 0
     assert float(table[victim]["val_loss"]) == float(table[other]["val_loss"])
     # one uninterrupted stream of reports: each (step, kind) once, in order, no step missing around the loss
     reports = _reports(results, victim)
     pairs = [(r["step"], "val_loss" in r) for r in reports]
-    assert pairs == sorted(set(pairs)) and pairs[-1][0] == 1500
+    assert pairs == sorted(set(pairs)) and pairs[-1][0] == 600
     every = int(table[victim]["train.log_interval"])
-    assert {r["step"] for r in reports if "loss" in r and r["step"] < 1500} == set(range(every, 1500, every))
+    assert {r["step"] for r in reports if "loss" in r and r["step"] < 600} == set(range(every, 600, every))
 
 
 def test_a_killed_clusters_leftover_address_does_not_stall_an_embedded_sweep(cluster, tmp_path):
