@@ -137,7 +137,6 @@ def _overlapping(results: Results, row: dict[str, Any]) -> int:
                and where == node)
 
 
-
 # --- command line ------------------------------------------------------------------------------------
 
 

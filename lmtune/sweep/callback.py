@@ -45,7 +45,6 @@ class ResultsWriter(HoldsLedger, Callback):
     per trial event (started, finished with status and metric, OOM, pruned, error, retry) with progress.
     """
 
-
     def __init__(self, results_dir: Path, space_keys: list[str], metrics: list[str], total: int | str, *,
                  ledger: Ledger, extra_columns: Iterable[str] = (), out: TextIO | None = None):
         """``total``: trials to run, or a label such as ``"≤12"`` when the searcher may stop earlier; ``ledger``: the

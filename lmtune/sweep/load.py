@@ -269,12 +269,6 @@ def _cli_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, An
     return config_lib.parse_overrides(list(overrides))
 
 
-# --- paths ------------------------------------------------------------------------------------------
-
-
-# --- the cluster address ----------------------------------------------------------------------------
-
-
 # --- checks of the resolved sweep ---------------------------------------------------------------
 
 

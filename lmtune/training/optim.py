@@ -73,14 +73,14 @@ def build_optimizer(model: GPT, cfg: Config, lr: float) -> torch.optim.Optimizer
     the trainer's schedule keeps that multiplier (:func:`set_lr`)."""
     t = cfg.train
     groups = model.optim_groups(t.weight_decay, t.optimizer)
-    for group in groups:
-        if "lr_mult" in group:
-            group["lr"] = lr * group["lr_mult"]
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(t.beta1, t.beta2))
-    if t.optimizer == "adam":  # weight decay as an L2 penalty in the gradient (the non-decoupled form)
-        return torch.optim.Adam(groups, lr=lr, betas=(t.beta1, t.beta2))
-    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(t.beta1, t.beta2))
+    elif t.optimizer == "adam":  # weight decay as an L2 penalty in the gradient (the non-decoupled form)
+        optimizer = torch.optim.Adam(groups, lr=lr, betas=(t.beta1, t.beta2))
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
+    set_lr(optimizer, lr)
+    return optimizer
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
