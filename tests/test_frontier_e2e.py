@@ -102,7 +102,7 @@ def test_injected_torch_oom_in_trials_is_a_result(tmp_path, monkeypatch):
             max_failures=2,
         )
     """)
-    proc = run_module("lmtune.sweep", str(f), "--storage", str(tmp_path / "results"), "--no-wandb",
+    proc = run_module("lmtune.sweep", str(f), "--storage", str(tmp_path / "results"), "--no-wandb", "--no-dashboard",
                       cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = only_run(tmp_path / "results")

@@ -171,7 +171,7 @@ def test_embedded_ray_is_its_own_next_to_a_running_cluster(cluster, tmp_path):
     """)
     # RAY_ADDRESS names the cluster too: an embedded sweep still does not join it
     proc = subprocess.run([sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(tmp_path / "r"), "--no-wandb",
-                           "--no-report"], cwd=tmp_path, env={**_env(), "RAY_ADDRESS": cluster.address},
+                           "--no-report", "--no-dashboard"], cwd=tmp_path, env={**_env(), "RAY_ADDRESS": cluster.address},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = proc.stdout.splitlines()[0]

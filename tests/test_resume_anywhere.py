@@ -43,7 +43,7 @@ KILLS = ["start", "report", "checkpoint", "end", "snapshot", "report", "start", 
 
 def _args(f: Path, storage: Path, resume: bool) -> list[str]:
     return [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--max-concurrent", "1",
-            "--no-wandb", "--no-report", *(["--resume"] if resume else [])]
+            "--no-wandb", "--no-report", "--no-dashboard", *(["--resume"] if resume else [])]
 
 
 def _env() -> dict:

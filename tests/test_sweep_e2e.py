@@ -151,6 +151,28 @@ def assert_dashboard_serves(command: list[str], study: str, cwd: Path) -> None:
         server.wait()
 
 
+def assert_ray_dashboard_shows_a_trial(ray_line: str) -> None:
+    """The dashboard URL on the sweep's first line serves, with the token `ray get-auth-token` prints, the running
+    trial's actor under its name (``lmtune trial <id>``), as the README says to look for it."""
+    import urllib.request
+
+    assert ray_line.startswith("ray: embedded local Ray") and "dashboard http://" in ray_line, ray_line
+    url = ray_line.split("dashboard ", 1)[1].split()[0]
+    got = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], capture_output=True,
+                         text=True, timeout=60)
+    assert got.returncode == 0, got.stderr[-2000:]
+    request = urllib.request.Request(f"{url}/api/v0/actors?detail=1&limit=100",
+                                     headers={"Authorization": f"Bearer {got.stdout.strip().splitlines()[-1]}"})
+    end, names = time.time() + 60, []
+    while time.time() < end:
+        actors = json.loads(urllib.request.urlopen(request, timeout=10).read())["data"]["result"]["result"]
+        names = [a.get("repr_name") or "" for a in actors if a["state"] == "ALIVE"]
+        if any(n.startswith("lmtune trial ") for n in names):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no live 'lmtune trial <id>' actor on the dashboard at {url}: {names}")
+
+
 def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -195,7 +217,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path, sw
     storage_arg, s3 = sweep_storage
     storage = tmp_path / "results"
     args = [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", storage_arg, "--max-concurrent", "1",
-            "--no-wandb", "--no-report"]
+            "--no-wandb", "--no-report", "--no-dashboard"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -228,7 +250,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path, sw
     before = (results / "trials" / interrupted / "metrics.jsonl").read_text().splitlines()
 
     again = run_module("lmtune.sweep", str(f), "--storage", storage_arg, "--resume", "--no-wandb", "--no-report",
-                       cwd=tmp_path, timeout=600)
+                       "--no-dashboard", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert only_run(storage) == results  # the same results directory, continued
     table = rows(results)
@@ -274,9 +296,12 @@ def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tm
     proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        first = proc.stdout.readline()  # the Ray line: where the dashboard of this (default) run is
+        assert_ray_dashboard_shows_a_trial(first)  # while its first trial runs
         _wait_for(lambda: any(storage.glob("*/trials/*/metrics.jsonl")), 300, proc)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         out, _ = proc.communicate(timeout=120)
+        out = first + out
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -319,7 +344,7 @@ def test_trial_killed_by_rays_memory_monitor_is_oom_and_not_trained_again(tmp_pa
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_memory_usage_threshold": "0.01",
            "RAY_memory_monitor_refresh_ms": "100"}
     proc = subprocess.run([sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--no-wandb",
-                           "--no-report", "--max-concurrent", "2"], cwd=tmp_path, env=env, capture_output=True,
+                           "--no-report", "--no-dashboard", "--max-concurrent", "2"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = only_run(storage)

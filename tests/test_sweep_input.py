@@ -102,6 +102,7 @@ CASES = {
                               [], "scheduler='asha' stops trials on one metric"),
     "unreachable address": (GOOD, ["--address", "127.0.0.1:{port}"], "no Ray cluster answers there"),
     "bad address": (GOOD, ["--address", "nohostport"], "--address nohostport"),
+    "no dashboard on a cluster": (GOOD, ["--address", "auto", "--no-dashboard"], "applies to the embedded Ray only"),
     "resume with nothing to resume": (GOOD, ["--resume", "--storage", "{dir}/empty"], "no earlier run"),
     "unknown option": (GOOD, ["--bogus"], "unrecognized arguments"),
     "bad key in Frontier": (GOOD.replace('num_samples=2,', 'num_samples=2, searcher="frontier", frontier=Frontier('
@@ -141,6 +142,7 @@ ACCEPTED = {
     'asha with two metrics': "Use scheduler='none'",
     'unreachable address': 'leave --address out for an embedded local Ray',
     'bad address': 'expected auto, HOST:PORT',
+    'no dashboard on a cluster': 'accepted: --no-dashboard without --address',
     'resume with nothing to resume': 'run it without --resume first',
     'unknown option': 'accepted: SWEEP.py, section.key=value overrides and the options --smoke, --address',
     'bad key in Frontier': 'Keys of [train]:',

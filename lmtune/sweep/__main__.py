@@ -1,5 +1,5 @@
 """python -m lmtune.sweep SWEEP.py [--smoke] [--address ADDR] [--storage DIR|URI] [--resume]
-[--max-concurrent N] [section.key=value ...]
+[--max-concurrent N] [--no-dashboard] [section.key=value ...]
 
 Everything about the sweep file, the overrides and the cluster address is checked before Ray is
 imported: bad input is one ``error: ...`` line and exit code 2.
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=float, metavar="N", help="CPUs per worker of each trial (default: the sweep file's, 1)")
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs (they are offline without an API key)")
     p.add_argument("--no-report", action="store_true", help="skip the tables and plots of lmtune.report at the end")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="the embedded Ray without its dashboard (a headless run: ~3 CPU-seconds and ten processes "
+                   "fewer; the console, TensorBoard and W&B still show progress)")
     return p
 
 
@@ -52,6 +55,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not accepted: expected an integer >= 1.")
+    if args.no_dashboard and args.address:
+        raise ConfigError("--no-dashboard applies to the embedded Ray only: a cluster's dashboard is the cluster's "
+                          "(include_dashboard in cluster.yaml's `ray start`); accepted: --no-dashboard without --address.")
     if args.gpus is not None and args.gpus != "auto":
         try:
             args.gpus = float(args.gpus)
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmtune.sweep.runner import run  # imports ray: only once the input is known to be good
 
     outcome = run(rs, address=args.address, storage=args.storage, resume=args.resume,
-                  max_concurrent=args.max_concurrent, wandb=not args.no_wandb, render=not args.no_report)
+                  max_concurrent=args.max_concurrent, wandb=not args.no_wandb, render=not args.no_report,
+                  dashboard=not args.no_dashboard)
     if outcome.interrupted:
         again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
         print(f"\ninterrupted: {len(outcome.rows)} trial(s) recorded, the sweep's state is saved. Continue it with:\n"

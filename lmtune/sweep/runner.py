@@ -134,8 +134,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: TextIO) -> bool:
-    """Start (or join) Ray; returns True when this process started the cluster."""
+def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: TextIO, dashboard: bool = True) -> bool:
+    """Start (or join) Ray; returns True when this process started the cluster. ``dashboard=False``: an embedded
+    Ray without its dashboard (its head and nine module processes)."""
     import ray
 
     if ray.is_initialized():
@@ -153,6 +154,9 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
                     "~/.ray/auth_token as on the head)") if "auth" in reason.lower() else ""
             raise ConfigError(f"--address {address}: could not join the Ray cluster: {reason}{hint}") from None
     else:
+        # Ray starts one idle worker process per CPU for the first driver; a sweep's trials are actors, each in
+        # a process of its own, so on 2 CPUs those two imported Ray and waited, unused, until the end.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         # "local": a new instance of our own, always. Without it ray.init() joins whatever cluster RAY_ADDRESS or
         # the last `ray start` on this machine names (and hangs retrying a dead one's address).
         others = _other_clusters()
@@ -162,12 +166,15 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         # address it waits 40 s, and the trial's teardown 12 s. This instance's dashboard answers it at once,
         # so its address is chosen here, before the instance's processes start and inherit the variable. The port
         # is one the OS hands out: Ray's usual 8265 would race another Ray starting at the same moment (two sweeps,
-        # parallel tests), and a dashboard given a port does not try the next one.
+        # parallel tests), and a dashboard given a port does not try the next one. Without a dashboard
+        # (--no-dashboard) the address is set all the same: nothing listens there, so the state API is refused
+        # at once instead of asking some other cluster.
         for attempt in range(5):
             port = _free_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             try:
-                ctx = ray.init(address="local", include_dashboard=True, dashboard_port=port, **kwargs)
+                ctx = ray.init(address="local", include_dashboard=dashboard,
+                               **(dict(dashboard_port=port) if dashboard else {}), **kwargs)
                 break
             except ValueError as e:  # taken since it was found free (another Ray starting): another port
                 if "already occupied" not in str(e) or attempt == 4:
@@ -181,7 +188,8 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
             f"{', '.join(others)}: --address joins one)" if others else ")")
     token = " (it asks for the token that `ray get-auth-token` prints)" if url and os.environ.get(
         "RAY_AUTH_MODE", "").lower() == "token" else ""
-    print(f"ray: {where}; dashboard {'http://' + url if url else 'not running'}{token}", file=out)
+    shown = "http://" + url if url else "off (--no-dashboard)" if not dashboard else "not running"
+    print(f"ray: {where}; dashboard {shown}{token}", file=out)
     session = compat.session_dir() if not address else None
     if session is not None and (session / "logs").is_dir():
         link = log_dir / "ray-session"
@@ -233,6 +241,7 @@ def run(
     ray_train: bool = False,
     render: bool = True,
     reuse_actors: bool | None = None,
+    dashboard: bool = True,
     out: TextIO | None = None,
 ) -> Outcome:
     """Run (or with ``resume`` continue) the sweep; ``reuse_actors=None`` decides by :func:`measures_memory`."""
@@ -254,7 +263,7 @@ def run(
     env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
     try:
-        started = _start_ray(address, env, results_dir / LOG_DIR, out)
+        started = _start_ray(address, env, results_dir / LOG_DIR, out, dashboard=dashboard)
     except ConfigError:
         _close_log(handler)
         if not resume:  # nothing ran: leave no empty results directory behind
