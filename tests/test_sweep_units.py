@@ -8,7 +8,7 @@ import optuna
 import pytest
 from ray.exceptions import OutOfMemoryError, RayTaskError
 
-from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform, randint
+from lmtune.sweep import TINY_CPU, Sweep, compat, grid, loguniform, randint
 from lmtune.sweep.load import resolve
 from lmtune.sweep.oom import Ledger, classify, first_line
 from lmtune.results.layout import group_name, runs_of
@@ -159,12 +159,17 @@ def test_a_driver_killed_inside_optunas_ask_leaves_a_point_the_resume_requeues_w
     searcher.on_trial_complete("t1", {"val_loss": 3.0, "status": "ok"})
     searcher.save(str(tmp_path / "searcher.pkl"))  # the snapshot every resume below restores
 
-    def killed_inside_ask(search) -> None:
+    def killed_inside_ask(search, before_sampler: bool = False) -> None:
         study = search.study
         waiting = study._pop_waiting_trial_id()  # what Study.ask does first: an enqueued trial, else a new one,
         trial = waiting if waiting is not None else study._storage.create_new_trial(study._study_id)
-        study.sampler.before_trial(study, study._storage.get_trial(trial))  # then the sampler's set-up; killed
-        assert study._storage.get_trial(trial).params == {}
+        if not before_sampler:
+            study.sampler.before_trial(study, study._storage.get_trial(trial))  # then the sampler's set-up; killed
+        frozen = study._storage.get_trial(trial)
+        assert frozen.params == {}
+        fixed = frozen.system_attrs.get("fixed_params") or (
+            compat.grid_point(study.sampler, frozen.system_attrs["grid_id"]) if "grid_id" in frozen.system_attrs else {})
+        return fixed.get("train.lr")
 
     def resumed():
         search = make_searcher(rs, tmp_path)
@@ -172,12 +177,15 @@ def test_a_driver_killed_inside_optunas_ask_leaves_a_point_the_resume_requeues_w
         requeue_orphans(search, {"t1"})
         return search
 
-    killed_inside_ask(searcher)  # a new trial, given grid point 1
-    killed_inside_ask(resumed())  # the resume's first ask takes the requeued point 1; killed again
+    # Killed before the sampler gave the new trial a point (seen in the kill-anywhere test: enqueued empty, the
+    # point was refused by GridSampler): closed, nothing requeued, no grid point taken.
+    killed_inside_ask(searcher, before_sampler=True)
+    given = killed_inside_ask(resumed())  # the resume's first ask: a new trial, given a grid point; killed
+    assert killed_inside_ask(resumed()) == given  # the next resume's first ask takes that point, requeued; killed again
     last = resumed()
     again = [last.suggest(f"r{i}")["train.lr"] for i in range(3)]
-    assert again[0] == 2e-3  # the interrupted point, whole,
-    assert sorted(again[1:]) == [3e-3, 4e-3]  # then the rest of the grid
+    assert again[0] == given  # the interrupted point, whole,
+    assert sorted(again) == [2e-3, 3e-3, 4e-3]  # then the rest of the grid
 
 
 def test_restarted_trial_reports_replace_the_steps_it_repeats(tmp_path):

@@ -285,7 +285,8 @@ def requeue_orphans(search: Any, restored: set[str]) -> None:
     """Optuna trials asked after the Tune snapshot being restored was taken: still RUNNING in optuna.db and
     belonging to no restored trial. Each is closed as FAIL (``status=interrupted``) and its point enqueued, so the
     resumed sweep runs that point next instead of losing it (a grid would count it as taken) or leaving it
-    RUNNING forever."""
+    RUNNING forever. One killed inside ``Study.ask`` before its sampler gave it a point is only closed: enqueued
+    empty, a grid sampler would refuse it ("All parameters must be specified …") and the resume would die."""
     from optuna.trial import TrialState
 
     study = search.study
@@ -295,7 +296,12 @@ def requeue_orphans(search: Any, restored: set[str]) -> None:
         if (owner in restored) if owner else (compat.storage_id(t) in mapped):
             continue
         compat.close_interrupted(study, t)
-        study.enqueue_trial(_point_of(study, t), user_attrs={"requeued_from": t.number})
+        point = _point_of(study, t)
+        if not point:  # killed inside Study.ask before the sampler gave it a point: it took none from the sweep
+            logger.info("optuna: trial %d was being asked when the driver stopped, before it had a point; "
+                        "closed as interrupted", t.number)
+            continue
+        study.enqueue_trial(point, user_attrs={"requeued_from": t.number})
         logger.info("optuna: trial %d was asked after the restored snapshot; closed as interrupted, "
                     "its point enqueued again", t.number)
 
