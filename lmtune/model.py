@@ -219,14 +219,16 @@ class GPT(nn.Module):
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         m = self.cfg.width_mult
         hidden_mult, vector_mult = (1.0, m) if optimizer == "sgd" else (1.0 / m, 1.0)
+
+        def group(params: list, lr_mult: float, decay: bool = True) -> dict:
+            return {"params": params, "lr_mult": lr_mult, "weight_decay": weight_decay / lr_mult if decay else 0.0}
+
         groups = [
-            {"params": [p for n, p in named if n.endswith(HIDDEN)], "lr_mult": hidden_mult},
-            {"params": [p for n, p in named if p.dim() >= 2 and not n.endswith(HIDDEN)], "lr_mult": vector_mult},
-            {"params": [p for _, p in named if p.dim() < 2], "lr_mult": vector_mult, "decay": False},
+            group([p for n, p in named if n.endswith(HIDDEN)], hidden_mult),
+            group([p for n, p in named if p.dim() >= 2 and not n.endswith(HIDDEN)], vector_mult),
+            group([p for _, p in named if p.dim() < 2], vector_mult, decay=False),
         ]
-        return [{"params": g["params"], "lr_mult": g["lr_mult"],
-                 "weight_decay": weight_decay / g["lr_mult"] if g.get("decay", True) else 0.0}
-                for g in groups if g["params"]]
+        return [g for g in groups if g["params"]]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
