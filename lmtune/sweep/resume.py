@@ -244,7 +244,9 @@ def limiter(controller: Any):
 
 def _study_search(controller: Any):
     """The searcher that keeps an Optuna study (:class:`lmtune.sweep.search.StudySearch`), None for the planner."""
-    return next((a for a in _chain(compat.search_alg(controller)) if hasattr(type(a), "study")), None)
+    from lmtune.sweep.search import StudySearch  # Ray and Optuna: imported once Tune runs, never on bad input
+
+    return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, StudySearch)), None)
 
 
 def _trial_point(trial: Any, search: Any) -> dict[str, Any]:
