@@ -176,6 +176,7 @@ def test_embedded_ray_is_its_own_next_to_a_running_cluster(cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = proc.stdout.splitlines()[0]
     assert first.startswith("ray: embedded local Ray (a new instance; not the Ray cluster") and cluster.address in first
+    assert first.endswith("dashboard off (--no-dashboard)"), first
     _, table = _rows(tmp_path / "r")
     (row,) = table.values()
     assert row["status"] == "ok" and row["node_id"] not in (cluster.head_id, cluster.worker_id)

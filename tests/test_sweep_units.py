@@ -159,7 +159,7 @@ def test_a_driver_killed_inside_optunas_ask_leaves_a_point_the_resume_requeues_w
     searcher.on_trial_complete("t1", {"val_loss": 3.0, "status": "ok"})
     searcher.save(str(tmp_path / "searcher.pkl"))  # the snapshot every resume below restores
 
-    def killed_inside_ask(search, before_sampler: bool = False) -> None:
+    def killed_inside_ask(search, before_sampler: bool = False) -> float | None:
         study = search.study
         waiting = study._pop_waiting_trial_id()  # what Study.ask does first: an enqueued trial, else a new one,
         trial = waiting if waiting is not None else study._storage.create_new_trial(study._study_id)

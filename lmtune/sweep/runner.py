@@ -173,8 +173,7 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
             port = _free_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             try:
-                ctx = ray.init(address="local", include_dashboard=dashboard,
-                               **(dict(dashboard_port=port) if dashboard else {}), **kwargs)
+                ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_port=port, **kwargs)
                 break
             except ValueError as e:  # taken since it was found free (another Ray starting): another port
                 if "already occupied" not in str(e) or attempt == 4:
@@ -188,7 +187,10 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
             f"{', '.join(others)}: --address joins one)" if others else ")")
     token = " (it asks for the token that `ray get-auth-token` prints)" if url and os.environ.get(
         "RAY_AUTH_MODE", "").lower() == "token" else ""
-    shown = "http://" + url if url else "off (--no-dashboard)" if not dashboard else "not running"
+    if url:
+        shown = "http://" + url
+    else:
+        shown = "not running" if dashboard else "off (--no-dashboard)"
     print(f"ray: {where}; dashboard {shown}{token}", file=out)
     session = compat.session_dir() if not address else None
     if session is not None and (session / "logs").is_dir():
