@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmtune-installed
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test bench gpu-check cuda-coverage clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; install your Python's venv module (Debian/Ubuntu: apt install python3-venv) or set PYTHON=/path/to/python3"; exit 2; }
@@ -39,6 +39,9 @@ bench: install  ## the benchmarks recorded in BENCHMARKS.md (one at a time: they
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:  ## the GPU acceptance checks (benchmarks/gpu_check.py): ≤ 8 minutes on one CUDA GPU
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py
+
+cuda-coverage: install  ## the share of lmtune's CUDA-only lines the CPU tests run (through the fake CUDA backend)
+	$(PY) benchmarks/cuda_coverage.py
 
 clean:  ## what lmtune and Ray leave that can be made again: Ray's session logs, the token cache, Python caches
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m lmtune.clean

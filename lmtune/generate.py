@@ -19,7 +19,7 @@ from lmtune.data import get_tokenizer
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_FILE
 from lmtune.model import GPT
 from lmtune.training.checkpoint import read_checkpoint
-from lmtune.training.optim import resolve_device
+from lmtune.device import accelerator
 
 
 def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[GPT, config_lib.Config]:
@@ -29,7 +29,7 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[GPT, confi
         raise ConfigError(f"{path} is not a checkpoint directory (expected {CHECKPOINT_FILE} and {CHECKPOINT_CONFIG}; "
                           "the trainer writes them to OUT/checkpoint).")
     cfg = config_lib.from_flat(json.loads((path / CHECKPOINT_CONFIG).read_text()))
-    dev = resolve_device(device)
+    dev = accelerator(device).device
     state = read_checkpoint(path)
     model = GPT(cfg.model, state["vocab_size"]).to(dev)
     model.load_state_dict(state["model"])

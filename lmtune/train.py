@@ -22,6 +22,7 @@ from lmtune.cli import check_output_dir, user_errors_exit_2
 from lmtune.config import Config, ConfigError
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_DIR, SUMMARY_JSON
 from lmtune.training import Diverged, Report, Trainer, read_checkpoint
+from lmtune.training.checkpoint import checkpoint_file
 
 __all__ = ["Diverged", "RESUMABLE_KEYS", "Report", "Trainer", "main", "read_checkpoint", "resume_config"]
 
@@ -53,15 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def resume_config(checkpoint: str | Path, overrides: list[str], files: list[str]) -> Config:
+def resume_config(checkpoint: str | Path, overrides: list[str], files: list[str]) -> tuple[Config, int]:
     """The config a checkpoint was saved with (its config.json), with ``overrides`` of :data:`RESUMABLE_KEYS`
-    only; anything else would not fit what the checkpoint holds."""
+    only (anything else would not fit what the checkpoint holds), and the checkpoint's step."""
     path = Path(checkpoint)
     if files:
         raise ConfigError(f"--resume takes the config saved with the checkpoint; config files ({', '.join(files)}) "
                           f"are not accepted. Give only keys such as train.steps=N.")
-    saved = path / CHECKPOINT_CONFIG if path.is_dir() else path.parent / CHECKPOINT_CONFIG
-    read_checkpoint(path)  # a missing or unreadable checkpoint is named before its config
+    step = read_checkpoint(path)["step"]  # a missing or unreadable checkpoint is named before its config
+    saved = checkpoint_file(path).parent / CHECKPOINT_CONFIG
     try:
         flat = json.loads(saved.read_text())
     except (OSError, ValueError):
@@ -73,7 +74,12 @@ def resume_config(checkpoint: str | Path, overrides: list[str], files: list[str]
         key = refused[0]
         raise ConfigError(f"{key} cannot change on --resume: the checkpoint holds a run with {key}={flat.get(key)!r}. "
                           f"Keys --resume accepts: {', '.join(RESUMABLE_KEYS)}.")
-    return config_lib.apply(config_lib.from_flat(flat), changes)
+    return config_lib.apply(config_lib.from_flat(flat), changes), step
+
+
+def finished_line(checkpoint: str, step: int, total: int) -> str:
+    return (f"lmtune.train: {checkpoint} is at step {step} and this run has {total} step(s): nothing to train, "
+            f"nothing changed. Give train.steps=N above {step} to train on.")
 
 
 def _wandb_id(out: Path) -> str:
@@ -87,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     files = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if args.resume:
-        cfg = resume_config(args.resume, overrides, files)
+        cfg, at_step = resume_config(args.resume, overrides, files)
         config_lib.validate(cfg)
+        if not cfg.train.epochs and at_step >= cfg.train.steps:  # (with train.epochs the Trainer finds it out)
+            print(finished_line(args.resume, at_step, cfg.train.steps))
+            return 0
         sources = None
-        checkpoint = Path(args.resume)
-        default_out = (checkpoint if checkpoint.is_dir() else checkpoint.parent).parent
+        default_out = checkpoint_file(args.resume).parent.parent  # RUN/checkpoint(.old)/checkpoint.pt → RUN
     else:
         cfg, sources = config_lib.resolve(files, overrides, locked=args.locked)
         default_out = Path(f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -113,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "id": _wandb_id(out), "resume": "allow"},
     )
     summary = trainer.fit()
+    if trainer.finished_before:
+        print(finished_line(args.resume, trainer.step, trainer.plan.total_steps))
+        return 0
     shown = {k: summary[k] for k in ("status", "step", "tokens", "loss", "val_loss", "val_ppl", "tokens_per_s",
                                      "peak_reserved_gib") if k in summary}
     print(json.dumps(shown, indent=2))

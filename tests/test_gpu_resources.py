@@ -79,3 +79,35 @@ def test_trials_request_their_gpus_run_two_at_a_time_and_see_their_own_device(tm
                 assert g1 != g2, spans  # two at once never share a GPU
     rows = (outcome.results_dir / "trials.csv").read_text().splitlines()
     assert "cuda_visible_devices" in rows[0] and "node_ip" in rows[0]
+
+
+@pytest.mark.slow
+def test_a_trial_that_asked_for_a_gpu_trains_on_the_device_ray_assigned_it(tmp_path, monkeypatch):
+    """On a local Ray that declares two GPUs, with the validating fake CUDA backend in every trial process
+    (lmtune.device, LMTUNE_FAKE_CUDA): each trial's set-up runs lmtune's CUDA branches in a Ray actor, against the
+    CUDA_VISIBLE_DEVICES Ray gave it, and its summary says it trained on the (fake) GPU, not on the CPU."""
+    import ray
+
+    from lmtune.sweep.runner import run
+
+    name = "NVIDIA A100-SXM4-40GB"
+    monkeypatch.setenv("LMTUNE_FAKE_CUDA", f"devices=2,memory_gib=40,name={name}")  # Ray's processes inherit it
+    path = sweep_file(tmp_path, """
+        sweep = Sweep(
+            name="fake-cuda", base={**TINY_CPU, "system.device": "cuda", "train.steps": 20, "train.eval_interval": 10},
+            space={"train.seed": grid([1, 2])}, metric="val_loss", mode="min", gpus=1,
+        )
+    """)
+    sweep, p = load_sweep(path)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = run(resolve(sweep, p), storage=str(tmp_path / "results"), wandb=False, render=False, out=io.StringIO())
+    finally:
+        ray.shutdown()
+    summaries = [json.loads((outcome.results_dir / "trials" / r["trial_id"] / "summary.json").read_text())
+                 for r in outcome.rows]
+    assert [s["status"] for s in summaries] == ["ok", "ok"]
+    for s in summaries:
+        assert s["device_name"] == name and s["memory_model"].startswith("cuda: caching allocator")
+        assert s["cuda_visible_devices"] in {"0", "1"} and s["gpu_ids"] == s["cuda_visible_devices"]
+        assert s["device_memory_gib"] == pytest.approx(40.0) and s["mfu"] > 0

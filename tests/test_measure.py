@@ -20,9 +20,9 @@ from lmtune.training.measure import (
     grad_coherence,
     grad_norm_spread,
     noise_estimates,
-    peak_flops_for,
 )
-from lmtune.training.memory import CudaMemory, TensorMemory, is_oom
+from lmtune.device import TensorMemory, peak_flops_for
+from lmtune.training.memory import is_oom
 
 # --- grad_norm_spread --------------------------------------------------------------------------------
 
@@ -205,42 +205,6 @@ def test_step_timer_leaves_out_its_own_warmup_and_excluded_steps():
 # --- memory -----------------------------------------------------------------------------------------
 
 
-class FakeCuda:
-    """A recording stand-in for torch.cuda's memory API (the seam CudaMemory takes)."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self.stats = {"reserved_bytes.all.peak": 30 * 2**30, "allocated_bytes.all.peak": 20 * 2**30,
-                      "num_alloc_retries": 5}
-
-    def synchronize(self, device):
-        self.calls.append("synchronize")
-
-    def empty_cache(self):
-        self.calls.append("empty_cache")
-
-    def reset_peak_memory_stats(self, device):
-        self.calls.append("reset_peak_memory_stats")
-
-    def memory_stats(self, device):
-        return dict(self.stats)
-
-
-def test_cuda_window_empties_the_cache_before_the_reset_and_counts_retries_from_its_start():
-    cuda = FakeCuda()
-    meter = CudaMemory(torch.device("cpu"), cuda=cuda)
-    meter.begin_window(step=3)
-    assert cuda.calls == ["synchronize", "empty_cache", "reset_peak_memory_stats"]
-    cuda.stats.update({"reserved_bytes.all.peak": 12 * 2**30, "allocated_bytes.all.peak": 10 * 2**30,
-                       "num_alloc_retries": 7})
-    assert meter.peak() == {"peak_reserved_gib": 12.0, "peak_allocated_gib": 10.0, "alloc_retries": 2.0}
-    with meter.excluded():  # a measurement step: its extra buffers are not the steady state
-        cuda.stats.update({"reserved_bytes.all.peak": 16 * 2**30, "allocated_bytes.all.peak": 14 * 2**30})
-    assert cuda.calls[-3:] == ["synchronize", "empty_cache", "reset_peak_memory_stats"]
-    cuda.stats.update({"reserved_bytes.all.peak": 11 * 2**30, "allocated_bytes.all.peak": 9 * 2**30})
-    assert meter.peak()["peak_reserved_gib"] == 12.0 and meter.peak()["peak_allocated_gib"] == 10.0  # carried
-
-
 def test_tensor_memory_counts_live_bytes_and_what_a_probed_step_allocates(tmp_path):
     kept = torch.zeros(2**18)  # 1 MiB alive at the step's start
     meter = TensorMemory(lambda: [kept, kept], clear_refs=tmp_path / "clear_refs")  # the same storage twice: once
@@ -273,11 +237,3 @@ def test_oom_is_decided_by_type_and_torchs_own_allocator_messages():
         pytest.fail("allocation of 4 PiB succeeded")
     assert not is_oom(FileNotFoundError("/data/runs/3-oom-probe/out of memory/metrics.jsonl"))
     assert not is_oom(RuntimeError("cannot open /runs/oom-sweep/trial OOM-1: out of memory? no such file"))
-
-
-def test_device_info_reports_the_cpu_nodes_memory():
-    from lmtune.training.memory import device_info
-
-    info = device_info(torch.device("cpu"))
-    assert info["device_name"] == "cpu" and info["device_memory_gib"] > 0.5
-    assert Path("/proc/meminfo").is_file()

@@ -15,7 +15,9 @@ import torch._functorch.config
 
 from lmtune.config import ConfigError, ModelConfig, TrainConfig
 from lmtune.model import GPT
-from lmtune.training.parallelize import apply_ac, apply_compile, checkpointed_blocks, has_cpp_compiler, parallelize
+from lmtune.device import accelerators
+from lmtune.device.accelerators import has_cpp_compiler
+from lmtune.training.parallelize import apply_ac, apply_compile, checkpointed_blocks, parallelize
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 VOCAB = 64
@@ -273,7 +275,7 @@ def test_budget_one_without_compile_changes_nothing():
 def test_compile_without_cpp_compiler_is_a_config_error(monkeypatch):
     import lmtune.training.parallelize as par
 
-    monkeypatch.setattr(par, "has_cpp_compiler", lambda: False)
+    monkeypatch.setattr(accelerators, "has_cpp_compiler", lambda: False)
     with pytest.raises(ConfigError, match="train.compile"):
         apply_compile(make(tiny()), TrainConfig(compile=True))
 

@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -389,6 +391,31 @@ def test_resume_from_a_checkpoint_alone_continues_the_run_in_its_directory(in_tm
     assert "model.n_embd cannot change on --resume" in line and "train.steps" in line
 
 
+@pytest.mark.parametrize("how", ["train.steps", "train.epochs"])
+def test_resuming_a_run_that_reached_its_steps_changes_nothing(in_tmp, capsys, how):
+    """A finished run resumed (as written: no new length; with epochs, the Trainer finds out) says so in one line,
+    exits 0 and leaves every file as it was, byte for byte; a larger train.steps trains on from there."""
+    from lmtune.train import main
+
+    length = ["train.steps=10"] if how == "train.steps" else ["train.epochs=0.0005"]
+    assert main([*TINY, *length, "train.eval_interval=5", "--out", "run", "--no-wandb"]) == 0
+    files = {p.name: p.read_bytes() for p in (in_tmp / "run").iterdir() if p.is_file()}
+    finished_at = json.loads(files["summary.json"])["step"]
+    capsys.readouterr()
+    for _ in range(2):
+        assert main(["--resume", "run/checkpoint", "--no-wandb"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out[-1] == (f"lmtune.train: run/checkpoint is at step {finished_at} and this run has {finished_at} "
+                           f"step(s): nothing to train, nothing changed. Give train.steps=N above {finished_at} to "
+                           f"train on.")
+        assert {p.name: p.read_bytes() for p in (in_tmp / "run").iterdir() if p.is_file()} == files
+    if how == "train.steps":
+        assert len(out) == 1  # the one line, nothing before it
+        assert main(["--resume", "run/checkpoint", "train.steps=15", "--no-wandb"]) == 0
+        summary = json.loads((in_tmp / "run" / "summary.json").read_text())
+        assert summary["step"] == 15 and summary["resumed_from_step"] == 10 and summary["tokens_per_s"] > 0
+
+
 def test_describe_shows_the_value_a_run_uses_and_its_layer(in_tmp, capsys):
     from lmtune.train import main
 
@@ -412,6 +439,29 @@ def test_checkpoint_replay_window_spans_two_checkpoint_intervals(tmp_path):
     # The final checkpoint (step 30) holds the reports after the step-10 checkpoint through its own.
     assert [(m["step"], m["status"]) for m in state["reports"]][0] == (15, "running")
     assert state["reports"][-1]["step"] == 30 and state["reports"][-1]["status"] == "ok"
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_leaves_the_previous_one_to_resume_from(tmp_path, monkeypatch):
+    """Replacing a checkpoint moves the old one aside before the new one takes its name: a kill between the two
+    renames (emulated: the second rename never happens) leaves checkpoint.old, which --resume then reads."""
+    from lmtune.training import checkpoint as ckpt
+
+    Trainer(tiny("train.steps=10", "train.eval_interval=10"), out_dir=tmp_path).fit()
+    real_rename = Path.rename
+
+    def killed_before_the_new_one_is_in_place(self, target):
+        if self.name == "checkpoint.tmp":
+            raise KeyboardInterrupt  # as if SIGKILLed here: nothing after this line runs
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_new_one_is_in_place)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny("train.steps=20", "train.eval_interval=10"), out_dir=tmp_path, resume_from=tmp_path / "checkpoint").fit()
+    monkeypatch.undo()
+    assert not (tmp_path / "checkpoint").exists() and (tmp_path / "checkpoint.old" / "checkpoint.pt").is_file()
+    assert ckpt.read_checkpoint(tmp_path / "checkpoint")["step"] == 10
+    resumed = Trainer(tiny("train.steps=20", "train.eval_interval=10"), resume_from=tmp_path / "checkpoint").fit()
+    assert resumed["step"] == 20 and resumed["resumed_from_step"] == 10
 
 
 # --- device truth: the paths that differ on a GPU, through their CPU seams --------------------------
@@ -531,7 +581,7 @@ def test_identical_micro_batches_have_coherence_one(monkeypatch):
 
 
 def test_mfu_is_tokens_per_s_times_flops_per_token_over_the_peak(monkeypatch):
-    monkeypatch.setattr("lmtune.training.measure.peak_flops", lambda device: 1e9)
+    monkeypatch.setattr("lmtune.device.CPUAccelerator.peak_flops", lambda self: 1e9)
     summary = Trainer(tiny()).fit()
     flops = 6 * 33_664 + 12 * 2 * 2 * 16 * 32  # 6N + 12·L·H·Q·T: N by hand (test_measure), L=2, H=2, Q=16, T=32
     assert summary["mfu"] == pytest.approx(summary["tokens_per_s"] * flops / 1e9)

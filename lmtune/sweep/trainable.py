@@ -136,7 +136,9 @@ def no_cuda_message(flat: dict[str, Any], gpus: float) -> str | None:
 
     import torch
 
-    if torch.cuda.is_available():
+    from lmtune.device import cuda_available
+
+    if cuda_available():
         return None
     return (f"the trial asked for {gpus:g} GPU per worker and Ray assigned CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, but torch {torch.__version__} sees no CUDA device "
@@ -186,19 +188,10 @@ def _tune_send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
 
 def _release_memory() -> None:
     """Give back what a previous trial in this (reused) process left: Python garbage, freed heap pages
-    (glibc keeps them mapped otherwise) and the CUDA caching allocator's blocks."""
-    import ctypes
-    import gc
+    (glibc keeps them mapped otherwise) and, where there is one, the CUDA caching allocator's blocks."""
+    from lmtune.device import accelerator
 
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    accelerator("auto").release_memory()
 
 
 def _run_in_trial(flat: dict[str, Any], settings: TrialSettings) -> None:

@@ -23,35 +23,63 @@ import torch
 from lmtune.config import Config, ConfigError
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_REPORT
 from lmtune.data import Batches
+from lmtune.device import Accelerator
 from lmtune.model import GPT
 from lmtune.training.measure import GradientNoise
+from lmtune.training.optim import seed_everything
+
+OLD_SUFFIX = ".old"
+"""A checkpoint being replaced is moved aside under this suffix until its successor is in place."""
 
 REPLAY_CHECKPOINTS = 2
 """How many checkpoint intervals of reports a checkpoint holds, sent again on resume (:data:`CHECKPOINT_REPORT`)."""
 
 
-def _rng_state() -> dict:
+def rng_state(accel: Accelerator) -> dict:
+    """This process's RNG states: torch's CPU generator, numpy's, Python's, and the accelerator's device's."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device_state = accel.rng_state()
+    if device_state is not None:
+        state["cuda"] = device_state
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    """Restore RNG states saved by :func:`_rng_state`. The setters take CPU ByteTensors only, whatever device
+def set_rng_state(state: dict, accel: Accelerator) -> None:
+    """Restore RNG states saved by :func:`rng_state`. The setters take CPU ByteTensors only, whatever device
     the model trains on (a checkpoint read with ``map_location=<cuda device>`` would hold CUDA ones)."""
     torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state:
+        accel.set_rng_state(state["cuda"])
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """``tmp`` becomes ``final`` with a complete checkpoint at every instant: the old one is moved aside first and
+    removed last, so a kill between the renames (a spot reclaim, a lost Ray node) leaves ``final.old``, which
+    :func:`read_checkpoint` falls back to. (Removing ``final`` before the rename left no checkpoint at all.)"""
+    old = final.with_name(final.name + OLD_SUFFIX)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file of the checkpoint at ``path`` (a directory or the file itself); where a replacement was cut short
+    between its two renames, the previous checkpoint's (``path.old``)."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    aside = path.with_name(path.name + OLD_SUFFIX) / CHECKPOINT_FILE
+    return aside if not file.is_file() and aside.is_file() else file
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's state, read onto the CPU (``load_state_dict`` then copies each tensor to where its
     parameter lives); a file that cannot be read is one ConfigError naming it."""
     path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    file = checkpoint_file(path)
     if not file.is_file():
         raise ConfigError(f"no checkpoint at {path} (expected a directory holding {CHECKPOINT_FILE}, "
                           f"e.g. OUT/checkpoint).")
@@ -101,9 +129,11 @@ class Checkpoints:
         return [{**report, CHECKPOINT_REPORT: True} for report in self.replay]
 
     def save(self, *, model: GPT, optimizer: torch.optim.Optimizer, step: int, first_loss: float | None,
-             batches: Batches, noise: GradientNoise, vocab_size: int, reports: list[dict[str, Any]]) -> str | None:
+             batches: Batches, noise: GradientNoise, vocab_size: int, reports: list[dict[str, Any]],
+             rng: list[dict]) -> str | None:
         """Model, optimizer, step, RNG, data position and ``reports``, written atomically; returns the checkpoint's
-        directory (None when this process writes none)."""
+        directory (None when this process writes none). ``rng``: every rank's RNG states (:func:`rng_state`), rank
+        0's first: ranks draw different dropout masks, and each resumes its own."""
         if not self.enabled:
             return None
         if self.out_dir and not self.stage:
@@ -120,7 +150,8 @@ class Checkpoints:
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "first_loss": first_loss,
-                "rng": _rng_state(),
+                "rng": rng[0],
+                "rng_ranks": rng,
                 "data": batches.state_dict(),
                 "noise": noise.state_dict(),
                 "vocab_size": vocab_size,
@@ -129,14 +160,17 @@ class Checkpoints:
             tmp / CHECKPOINT_FILE,
         )
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(self.cfg.flat(), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        _replace_dir(tmp, final)
         return str(final)
 
     def load(self, path: Path, *, model: GPT, optimizer: torch.optim.Optimizer, batches: Batches,
-             noise: GradientNoise) -> dict[str, Any]:
+             noise: GradientNoise, accel: Accelerator, rank: int = 0, world: int = 1) -> dict[str, Any]:
         """Restore model, optimizer, data position, gradient-noise state and RNG from ``path``, and its reports
-        into :attr:`replay`; returns the checkpoint's state (``step``, ``first_loss``, …)."""
+        into :attr:`replay`; returns the checkpoint's state (``step``, ``first_loss``, …).
+
+        The RNG: this rank's own where the checkpoint holds one per rank of the same group size; in a group of
+        another size, rank 0's for rank 0 and, for the others, a stream seeded from (seed, rank, step), since there is
+        no saved stream to continue."""
         state = read_checkpoint(path)
         try:
             model.load_state_dict(state["model"])
@@ -146,7 +180,11 @@ class Checkpoints:
             raise ConfigError(f"checkpoint {path} does not fit this config ({str(e).splitlines()[0][:160]}); "
                               f"resume with the config it was saved with (its config.json).") from None
         noise.load_state_dict(state["noise"])
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        if len(per_rank) == world or rank == 0:
+            set_rng_state(per_rank[rank], accel)
+        else:
+            seed_everything(self.cfg.train.seed + 1_000_003 * rank + state["step"])
         self.replay = list(state.get("reports") or [])
         # The history starts with these: the next checkpoint's window reaches back before the resume.
         self._marks = [len(self.replay) - 1] if self.replay else []

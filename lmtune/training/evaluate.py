@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,11 +19,11 @@ from lmtune.model import GPT
 @torch.no_grad()
 def validation_loss(model: nn.Module, val: np.ndarray, cfg: Config, sequences: int, *, device: torch.device,
                     autocast: contextlib.AbstractContextManager, rank: int = 0, world: int = 1,
-                    limit: int | None = None) -> dict[str, float]:
+                    limit: int | None = None, before_forward: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Mean loss over the validation set: the first ``sequences`` windows of ``val``, in micro-batches of
     ``train.micro_batch_size`` that the ranks stride over, so N workers at micro-batch m and one worker at N·m (or
     any micro-batch) are scored on the same text. ``limit``: only that many micro-batches on every rank, nothing
-    returned (compiling the graphs)."""
+    returned (compiling the graphs). ``before_forward``: called before each forward (a CUDA-graph step marker)."""
     model.eval()
     batches = eval_batches(val, cfg.data.seq_len, cfg.train.micro_batch_size, sequences)
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -32,6 +33,7 @@ def validation_loss(model: nn.Module, val: np.ndarray, cfg: Config, sequences: i
                 break
         elif i % world != rank:
             continue
+        before_forward()
         with autocast:
             _, loss = model(x.to(device), y.to(device))
         total[0] += loss.double() * valid  # the loss is the mean over the valid rows' tokens

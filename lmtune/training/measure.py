@@ -1,16 +1,15 @@
 """The phase-0 study's measurements: per-layer gradient norms, gradient coherence and noise scale, step timing, MFU.
 
 Everything here is cheap enough to run inside the training loop at the configured intervals, and
-none of it changes the training trajectory. Device-only logic (device syncs) goes through small seams
-(:class:`StepTimer` takes a ``sync`` and a ``clock``) so that the CPU test suite can drive it. Memory
-(the CUDA allocator's statistics, the CPU's tensor bytes, OOM detection) is :mod:`lmtune.training.memory`.
+none of it changes the training trajectory. The device's part (syncs, peak FLOP/s) is the accelerator's
+(:mod:`lmtune.device`); :class:`StepTimer` takes a ``sync`` and a ``clock`` so that tests can drive it. Memory
+(the meters, the emulated limit, OOM detection) is :mod:`lmtune.training.memory`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmtune.contract import layer_metric
+from lmtune.device import Accelerator
 from lmtune.data import IGNORE_INDEX
 
 
@@ -176,42 +176,6 @@ class GradientNoise:
 
 # --- throughput, MFU and step times --------------------------------------------------------------
 
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s with FP32 accumulate, by device name (vendor datasheets and
-# architecture whitepapers). GeForce parts run FP32 accumulate at half their FP16-accumulate rate: the RTX 3090's
-# 71 TFLOPS is its BF16/FP32-accumulate figure (GA102 whitepaper, App. A: 142 is FP16-accumulate), the 4090's 165.
-PEAK_BF16_FLOPS = {
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-    "A100": 312e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "L40S": 362e12,
-    "L40": 181e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16 tensor cores; V100 has no bf16
-    "T4": 65e12,
-}
-
-
-def peak_flops_for(name: str) -> float | None:
-    """The table's entry whose name appears in ``name`` as a whole word ("L4" is not inside "L40S");
-    entries are ordered more specific first."""
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
-            return flops
-    return None
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return peak_flops_for(torch.cuda.get_device_name(device))
-
-
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B), N the
     non-embedding parameters (the LM head's matmul counts; a lookup costs nothing)."""
@@ -229,11 +193,11 @@ class Throughput:
         self.world = world
 
     @classmethod
-    def of(cls, model: nn.Module, cfg: Any, device: torch.device, batch_tokens: int, world: int = 1) -> Throughput:
-        """For a GPT (``num_params()``) with ``cfg``'s model and sequence length, trained on ``device``."""
+    def of(cls, model: nn.Module, cfg: Any, accel: Accelerator, batch_tokens: int, world: int = 1) -> Throughput:
+        """For a GPT (``num_params()``) with ``cfg``'s model and sequence length, trained on ``accel``."""
         m = cfg.model
         flops = flops_per_token(model.num_params(), m.n_layer, m.n_head, m.n_embd // m.n_head, cfg.data.seq_len)
-        return cls(batch_tokens, flops, peak_flops(device), world)
+        return cls(batch_tokens, flops, accel.peak_flops(), world)
 
     def metrics(self, timing: dict[str, float]) -> dict[str, float]:
         """From the steady state's average step time, else this window's (none before the first window)."""
@@ -246,18 +210,6 @@ class Throughput:
         return out
 
 
-def devices_held(device: torch.device | None, world: int) -> int:
-    """What a run occupies, for ``device_hours``: a GPU per rank on CUDA, else each rank's CPU threads."""
-    return world * (1 if device is not None and device.type == "cuda" else torch.get_num_threads())
-
-
-def device_sync(device: torch.device) -> Callable[[], None]:
-    """What waits for ``device``'s queued work (a :class:`StepTimer`'s ``sync``): nothing on the CPU."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
 class StepTimer:
     """Step times without a device sync per step: syncs only when a window is read or a step is excluded.
 
@@ -265,7 +217,7 @@ class StepTimer:
     warm-up; a resumed run compiles again), which the phase-0 study found make step averages 2–4× off otherwise,
     and the steps run under :meth:`excluded` (gradient-noise measurements, memory probes).
 
-    ``sync`` waits for the device (``torch.cuda.synchronize`` on CUDA); ``clock`` is ``time.perf_counter``:
+    ``sync`` waits for the device (the accelerator's ``synchronize``); ``clock`` is ``time.perf_counter``:
     both are seams for tests.
     """
 

@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from lmtune.config import Config, ConfigError
+from lmtune.config import Config
+from lmtune.device import Accelerator, accelerator
 from lmtune.model import GPT
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("system.device='cuda' but no CUDA device is available; accepted here: auto, cpu.")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def set_up_device(cfg: Config, device: torch.device | str | None = None) -> torch.device:
-    """The device to train on (``device``, else ``system.device``), made current on CUDA, with
-    ``system.threads`` CPU threads."""
-    device = torch.device(device) if device is not None else resolve_device(cfg.system.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL and the caching allocator work on the current device
+def set_up_device(cfg: Config, device: torch.device | str | None = None) -> Accelerator:
+    """The accelerator to train on (``device``, else ``system.device``), with ``system.threads`` CPU threads. The
+    device is made current when the run's session starts (:meth:`~lmtune.device.Accelerator.session`)."""
+    accel = accelerator(cfg.system.device, device)
     if cfg.system.threads:
         torch.set_num_threads(cfg.system.threads)
-    return device
+    return accel
 
 
 def seed_everything(seed: int) -> None:
@@ -68,17 +55,19 @@ def lr_at(step: int, peak: float, total: int, cfg: Config) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: GPT, cfg: Config, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: GPT, cfg: Config, lr: float, *, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer over ``model.optim_groups``; a group with an ``lr_mult`` (μP) starts at lr·lr_mult, and
-    the trainer's schedule keeps that multiplier (:func:`set_lr`)."""
+    the trainer's schedule keeps that multiplier (:func:`set_lr`). ``fused``: one fused kernel for every parameter
+    (the accelerator's choice: on CUDA, where the per-parameter kernel launches of foreach cost real time)."""
     t = cfg.train
     groups = model.optim_groups(t.weight_decay, t.optimizer)
+    fused_kw = {"fused": True} if fused else {}  # absent, not False: torch then keeps its own default (foreach)
     if t.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(t.beta1, t.beta2))
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(t.beta1, t.beta2), **fused_kw)
     elif t.optimizer == "adam":  # weight decay as an L2 penalty in the gradient (the non-decoupled form)
-        optimizer = torch.optim.Adam(groups, lr=lr, betas=(t.beta1, t.beta2))
+        optimizer = torch.optim.Adam(groups, lr=lr, betas=(t.beta1, t.beta2), **fused_kw)
     else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=t.momentum, **fused_kw)
     set_lr(optimizer, lr)
     return optimizer
 

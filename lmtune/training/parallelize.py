@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
-from typing import Callable, ContextManager, Iterable, TypeVar
+from typing import Any, Callable, ContextManager, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +38,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from lmtune.config import ConfigError, TrainConfig
+from lmtune.device import Accelerator, accelerator
 from lmtune.model import GPT
 
 T = TypeVar("T")
@@ -81,19 +81,7 @@ def apply_ac(model: GPT, train: TrainConfig) -> None:
                                            preserve_rng_state=True)
 
 
-def has_cpp_compiler() -> bool:
-    """Whether inductor finds a C++ compiler (it needs one for CPU kernels)."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return bool(get_cpp_compiler())
-    except ImportError:  # a torch without this helper: the usual names
-        return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-    except Exception:  # inductor's search raises when it finds none
-        return False
-
-
-def apply_compile(model: GPT, train: TrainConfig) -> GPT:
+def apply_compile(model: GPT, train: TrainConfig, accel: Accelerator | None = None) -> GPT:
     """``torch.compile`` each block and the head (final norm, LM head, loss) in place; returns ``model``.
 
     Per region, as torchtitan compiles per block, and not the whole model as one graph: measured on CPU
@@ -108,13 +96,16 @@ def apply_compile(model: GPT, train: TrainConfig) -> GPT:
     is no ``_orig_mod`` wrapper, so ``model.state_dict()`` keys, ``isinstance(model, GPT)`` and its methods
     are unchanged. Code that runs the model at varying lengths (sampling) runs it under
     ``torch.compiler.set_stance("force_eager")`` instead of recompiling.
+
+    What the compiler needs on ``accel`` (by default the device of the model's parameters) is checked first, so that
+    a machine without it gets one line instead of an inductor traceback at the first step.
     """
     if not train.compile:
         return model
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if on_cpu and not has_cpp_compiler():
-        raise ConfigError("train.compile=true needs a C++ compiler for torch.compile on CPU "
-                          "(install g++ or set CXX), or set train.compile=false.")
+    accel = accel or accelerator(device=next(model.parameters()).device)
+    missing = accel.compile_missing()
+    if missing:
+        raise ConfigError(f"train.compile=true needs {missing} on this machine, or set train.compile=false.")
     for block in model.transformer.h:
         block.compile(mode=train.compile_mode)
     model.logits_and_loss = torch.compile(model.logits_and_loss, mode=train.compile_mode)
@@ -128,20 +119,21 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def apply_ddp(model: GPT, device: torch.device) -> nn.Module:
-    """DistributedDataParallel over the initialized process group (gloo on CPU, NCCL on CUDA)."""
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+def apply_ddp(model: GPT, accel: Accelerator) -> nn.Module:
+    """DistributedDataParallel over the initialized process group (gloo on CPU, NCCL on CUDA), with the
+    accelerator's device ids and gradients as views into the all-reduce buckets."""
+    return nn.parallel.DistributedDataParallel(model, **accel.ddp_kwargs())
 
 
-def parallelize(model: GPT, train: TrainConfig, *, device: torch.device | None = None,
-                world_size: int = 1) -> nn.Module:
+def parallelize(model: GPT, train: TrainConfig, *, accel: Accelerator | None = None, world_size: int = 1) -> nn.Module:
     """Activation checkpointing, then compile (torchtitan's order), then DDP when ``world_size > 1``.
-    Returns ``model`` itself on a single process, its DDP wrapper otherwise."""
+    Returns ``model`` itself on a single process, its DDP wrapper otherwise. ``accel``: where it trains (by default
+    the device of its parameters)."""
+    accel = accel or accelerator(device=next(model.parameters()).device)
     apply_ac(model, train)
-    apply_compile(model, train)
+    apply_compile(model, train, accel)
     if world_size > 1:
-        return apply_ddp(model, device or next(model.parameters()).device)
+        return apply_ddp(model, accel)
     return model
 
 
@@ -183,3 +175,12 @@ def average_gradients(params: Iterable[nn.Parameter], world_size: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world_size
+
+
+def gather_objects(obj: T, world_size: int) -> list[T]:
+    """``obj`` of every rank, rank 0's first (``[obj]`` alone); every rank must call it."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out

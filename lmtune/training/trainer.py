@@ -26,12 +26,10 @@ from lmtune.training import parallelize as par
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.faults import Faults
 from lmtune.training.evaluate import sample_text, validation_loss
-from lmtune.training.measure import (
-    GradientNoise, StepTimer, Throughput, device_sync, devices_held, layer_metrics, split_in_halves,
-)
-from lmtune.training.memory import (
-    CudaMemory, SteadySteps, TensorMemory, agreed_peaks, device_info, ends_run_as_oom, training_meter,
-)
+from lmtune.device import CUDAGRAPH_COMPILE_MODES, CudaMemory, TensorMemory
+from lmtune.training.checkpoint import rng_state
+from lmtune.training.measure import GradientNoise, StepTimer, Throughput, layer_metrics, split_in_halves
+from lmtune.training.memory import SteadySteps, agreed_peaks, ends_run_as_oom, training_meter
 from lmtune.training.optim import Plan, build_optimizer, lr_at, seed_everything, set_lr, set_up_device
 from lmtune.training.reporting import Progress, Report, Reporter
 
@@ -43,7 +41,8 @@ class Diverged(Exception):
 class Trainer:
     """Train one configuration; see docs/CONTRACTS.md for the report/checkpoint contract.
 
-    ``device`` overrides ``system.device`` (the Ray Train worker passes the GPU Ray assigned it); ``clock`` is the
+    ``device`` overrides ``system.device`` (the Ray Train worker passes the GPU Ray assigned it): every device
+    question goes to the run's accelerator (:mod:`lmtune.device`), never to ``torch.cuda``; ``clock`` is the
     step timer's clock and ``faults`` the faults to inject (seams for tests; by default those the environment
     sets, :mod:`lmtune.training.faults`); ``stage_checkpoints``: see :class:`~lmtune.training.checkpoint.Checkpoints`.
     The expensive set-up runs at the start of :meth:`fit`; until then what it builds is None.
@@ -63,9 +62,10 @@ class Trainer:
         out = Path(out_dir) if out_dir else None
         self.reporter = Reporter(cfg, out, report, wandb, is_main=self.is_main)
         self.checkpoints = Checkpoints(cfg, out, enabled=self.is_main and cfg.train.checkpoint, stage=stage_checkpoints)
-        self._device_arg = device
+        self.accel = set_up_device(cfg, device)
+        self.device = self.accel.device  # where the run's tensors live
+        self.cudagraphs = cfg.train.compile and cfg.train.compile_mode in CUDAGRAPH_COMPILE_MODES
         # Built by _setup():
-        self.device: torch.device | None = None
         self.tokens: TokenSplits | None = None
         self.tokenizer: Tokenizer | None = None
         self.raw_model: GPT | None = None
@@ -78,10 +78,13 @@ class Trainer:
         self.noise: GradientNoise | None = None
         self.throughput: Throughput | None = None
         self.timer: StepTimer | None = None  # made when training starts: this process's warmup and wall clock
+        self.steady: SteadySteps | None = None
         # Where the run is:
         self.step = 0
         self.first_loss: float | None = None
         self.resumed_from_step = 0
+        self.finished_before = False
+        """Resumed from a checkpoint at or past the run's last step: nothing to train, and nothing is rewritten."""
         self.measured: dict[str, float] = {}  # the latest gradient measurements, in every report until measured again
         self._graphs_at_window: int | None = None
 
@@ -93,37 +96,52 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        self.device = set_up_device(cfg, self._device_arg)
         seed_everything(t.seed)
         self.tokens = par.rank_zero_first(lambda: load_tokens(cfg.data), is_main=self.is_main, world_size=self.world)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.raw_model = GPT(cfg.model, self.tokens.vocab_size).to(self.device)
-        self.model = par.parallelize(self.raw_model, t, device=self.device, world_size=self.world)
+        if self.world > 1:  # the same weights on every rank (DDP broadcasts rank 0's), a dropout stream of its own
+            seed_everything(t.seed + self.rank)
+        self.model = par.parallelize(self.raw_model, t, accel=self.accel, world_size=self.world)
         self.plan = Plan.of(cfg, len(self.tokens.train), self.world)
-        self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr)
+        self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr, fused=self.accel.fused_optimizer)
         self.batches = Batches(self.tokens.train, cfg.data.seq_len, t.micro_batch_size, t.seed,
                                rank=self.rank, world_size=self.world)
         if t.dtype == "bfloat16":
-            self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
-        self.memory = training_meter(self.raw_model, self.optimizer, cfg, self.device, self.world)
+            self.autocast = self.accel.autocast(torch.bfloat16)
+        self.memory = training_meter(self.raw_model, self.optimizer, cfg, self.accel, self.world)
         self.noise = GradientNoise([p for p in self.raw_model.parameters() if p.requires_grad])
-        self.throughput = Throughput.of(self.raw_model, cfg, self.device, self.plan.batch_tokens, self.world)
+        self.throughput = Throughput.of(self.raw_model, cfg, self.accel, self.plan.batch_tokens, self.world)
         if self.resume_from:
             state = self.checkpoints.load(self.resume_from, model=self.raw_model, optimizer=self.optimizer,
-                                          batches=self.batches, noise=self.noise)
+                                          batches=self.batches, noise=self.noise, accel=self.accel, rank=self.rank,
+                                          world=self.world)
             self.step, self.first_loss = state["step"], state["first_loss"]
         self.resumed_from_step = self.step  # 0 for a fresh start
-        self.reporter.start(self.checkpoints.replay)
+        self.finished_before = bool(self.resume_from) and self.step >= self.plan.total_steps
 
     # --- the run ----------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end (or to an OOM / divergence); returns the summary."""
-        self._setup()
-        try:
-            return self._fit()
-        finally:  # a trial stopped by its scheduler still leaves a complete W&B run behind
-            self.reporter.close()
+        """Train to the end (or to an OOM / divergence); returns the summary. The whole run is one session of its
+        accelerator (the device made current, an emulated limit set and undone at the end)."""
+        with self.accel.session(self.cfg.system.memory_limit_gib):
+            self._setup()
+            if self.finished_before:
+                return self._summary_of_finished_run()
+            self.reporter.start(self.checkpoints.replay)
+            try:
+                return self._fit()
+            finally:  # a trial stopped by its scheduler still leaves a complete W&B run behind
+                self.reporter.close()
+
+    def _summary_of_finished_run(self) -> dict[str, Any]:
+        """A resume of a run that already reached its steps: its reports are sent again (a Ray trial's result), its
+        files and its W&B run are left as they are, and its summary is its final report's."""
+        self.reporter.resend(self.checkpoints.replayed())
+        reports = self.checkpoints.replay
+        final = next((r for r in reversed(reports) if r.get("status", "running") != "running"), None)
+        return {**(final or (reports[-1] if reports else {"step": self.step})), "config": self.cfg.flat()}
 
     def _fit(self) -> dict[str, Any]:
         status = "ok"
@@ -131,13 +149,15 @@ class Trainer:
             self._train()
         except Diverged:
             status = "diverged"
-        except Exception as exc:  # noqa: BLE001 — classify, re-raise what does not end the run as an OOM
+        except Exception as exc:  # classify, re-raise what does not end the run as an OOM
             if not ends_run_as_oom(exc, self.world):
                 raise
             status = "oom"
             self.reporter.last["oom_reason"] = str(exc).splitlines()[0][:200]
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if status == "oom":
+            # Only here, after the except clause: the exception's traceback held the failed step's frames, and with
+            # them its activations, which the allocator could not have given back.
+            self.accel.release_memory()
         if status == "ok":
             self.reporter.last.update(self._evaluate())
             self._sample()
@@ -147,8 +167,8 @@ class Trainer:
         t, total_steps = self.cfg.train, self.plan.total_steps
         self.reporter.resend(self.checkpoints.replayed())
         self.model.train()
-        self.timer = StepTimer(t.compile_warmup_steps, sync=device_sync(self.device), clock=self.clock)
-        steady = SteadySteps(self.memory, self.timer, world=self.world, device=self.device)
+        self.timer = StepTimer(t.compile_warmup_steps, sync=self.accel.synchronize, clock=self.clock)
+        self.steady = steady = SteadySteps(self.memory, self.timer, world=self.world, device=self.device)
         if t.compile_warmup_steps == 0:
             self._begin_memory_window()
         bar = Progress(self.progress and self.is_main, total_steps, self.step)
@@ -196,6 +216,7 @@ class Trainer:
             self._evaluate(limit=1)  # eval-mode graphs compile here, not in the first eval of the window
             self._graphs_at_window = par.compiled_graphs()
         self.memory.begin_window(self.timer.process_steps)
+        self.steady.window_began()
 
     # --- the optimizer step -----------------------------------------------------------------------
 
@@ -235,8 +256,9 @@ class Trainer:
             self.noise.begin()
         total = torch.zeros((), device=self.device)
         for i, ((x, y), w) in enumerate(zip(chunks, weights)):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.accel.to_device(x), self.accel.to_device(y)
             with par.grad_sync(self.model, sync=not measuring and i == len(chunks) - 1):
+                self._mark_step_begin()
                 with self.autocast:
                     _, loss = self.model(x, y)
                 (loss * w).backward()
@@ -246,6 +268,12 @@ class Trainer:
         if measuring and par.is_ddp(self.model):
             par.average_gradients(self.raw_model.parameters(), self.world)
         return total
+
+    def _mark_step_begin(self) -> None:
+        """A new CUDA-graph step before each forward in a graph-capturing compile mode: a replay then may overwrite
+        the previous step's outputs, which nothing still reads."""
+        if self.cudagraphs:
+            self.accel.mark_step_begin()
 
     def _train_metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict[str, Any]:
         loss = par.mean_over_ranks(loss, self.world)  # before the timer reads: the all-reduce is the step's
@@ -268,7 +296,8 @@ class Trainer:
     def _evaluate(self, limit: int | None = None) -> dict[str, float]:
         """val_loss and val_ppl (:func:`~lmtune.training.evaluate.validation_loss`); ``limit``: compiling only."""
         return validation_loss(self.model, self.tokens.val, self.cfg, self.plan.eval_sequences, device=self.device,
-                               autocast=self.autocast, rank=self.rank, world=self.world, limit=limit)
+                               autocast=self.autocast, rank=self.rank, world=self.world, limit=limit,
+                               before_forward=self._mark_step_begin)
 
     def _sample(self) -> None:
         if self.is_main:
@@ -281,19 +310,20 @@ class Trainer:
         """Report ``metrics`` with the run's position; with ``checkpoint``, a checkpoint holding it goes with it."""
         wall = self.timer.wall_clock_s() if self.timer is not None else 0.0
         position = {"step": self.step, "tokens": self.step * self.plan.batch_tokens, "epoch": self.batches.epoch,
-                    "wall_clock_s": wall, "device_hours": wall * devices_held(self.device, self.world) / 3600,
+                    "wall_clock_s": wall, "device_hours": wall * self.accel.devices_held(self.world) / 3600,
                     "status": status}
         self.reporter.emit({**metrics, **position}, self.step, self._save_checkpoint if checkpoint else None)
 
     def _save_checkpoint(self, history: list[dict[str, Any]]) -> str | None:
         return self.checkpoints.save(model=self.raw_model, optimizer=self.optimizer, step=self.step,
                                      first_loss=self.first_loss, batches=self.batches, noise=self.noise,
-                                     vocab_size=self.tokens.vocab_size, reports=self.checkpoints.window(history))
+                                     vocab_size=self.tokens.vocab_size, reports=self.checkpoints.window(history),
+                                     rng=par.gather_objects(rng_state(self.accel), self.world))
 
     def _finish(self, status: str) -> dict[str, Any]:
         final = self.reporter.final_metrics()
         final.update(agreed_peaks(self.memory, self.world, self.device))  # also for a run that ended before a report
-        final.update({**device_info(self.device), **self.memory.summary(), "ac_mode": self.cfg.train.ac_mode,
+        final.update({**self.accel.info(), **self.memory.summary(), "ac_mode": self.cfg.train.ac_mode,
                       "resumed_from_step": self.resumed_from_step})  # this process's start: a checkpoint's step
         if self._graphs_at_window is not None:  # a compile after warmup lands in the timings and peaks
             final["compiles_after_warmup"] = par.compiled_graphs() - self._graphs_at_window
