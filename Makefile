@@ -37,8 +37,9 @@ bench: install  ## the benchmarks recorded in BENCHMARKS.md (one at a time: they
 # The GPU acceptance run needs no environment: torch, numpy and tiktoken of whatever Python has them (a GPU
 # machine's own), from this source tree. Without a CUDA device it says so and exits 0.
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
-gpu-check:  ## the GPU acceptance checks (benchmarks/gpu_check.py): ≤ 8 minutes on one CUDA GPU
-	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py
+OUT ?= benchmarks/results
+gpu-check:  ## the GPU acceptance checks against the phase-0 table (benchmarks/gpu_check.py): ≤ 8 minutes on one CUDA GPU; OUT=DIR for the report
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 cuda-coverage: install  ## the share of lmtune's CUDA-only lines the CPU tests run (through the fake CUDA backend)
 	$(PY) benchmarks/cuda_coverage.py

@@ -96,6 +96,7 @@ def test_the_fake_counts_real_bytes_reserves_segments_and_raises_torchs_oom(fake
             torch.ones(2 * MiB)  # 8 MiB more than the 1 MiB in use
         assert fake.ooms == 1 and fake.retries == 1  # the cache was freed and the allocation retried first
         assert fake.reserved == 2 * MiB  # what the retry left: the cache given back
+        assert accelerator("cuda").free_memory_gib() * 2**30 == 80 * 2**30 - 2 * MiB  # what the driver has left
         del b, view
     assert fake.allocated == 0
     fake.empty_cache()
@@ -248,6 +249,7 @@ def test_compiling_on_a_gpu_without_a_c_compiler_or_pythons_headers_is_one_line(
 def test_the_cpu_accelerator_reports_the_nodes_memory():
     info = CPUAccelerator().info()
     assert info["device_name"] == "cpu" and info["device_memory_gib"] > 0.5
+    assert 0 < CPUAccelerator().free_memory_gib() <= info["device_memory_gib"]
     assert Path("/proc/meminfo").is_file()
 
 

@@ -228,12 +228,14 @@ def test_each_budget_is_measured_independently():
     assert {r[B] for r in plan.implied_rows()} == {1.0}
 
 
-def test_an_errored_trial_is_not_retried_and_the_plan_finishes():
+@pytest.mark.parametrize("crash", [{"status": "error"}, {}, {"returncode": 1, "stderr": "Traceback ..."}])
+def test_an_errored_trial_is_not_retried_and_the_plan_finishes(crash):
+    """An error, or a process that crashed before it wrote a status (no summary), is no evidence that it fits."""
     plan = FrontierPlan(list(range(1, 17)), [{}], limit_gib=None, predict=False)
 
     def measure(cfg):
         if cfg[X] == 8:
-            return {"status": "error"}
+            return crash
         return {"status": "ok" if cfg[X] <= 10 else "oom", "peak_reserved_gib": cfg[X] / 10}
 
     launched = simulate(plan, measure)

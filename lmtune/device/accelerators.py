@@ -137,6 +137,10 @@ class Accelerator:
         """The memory and name of the device trained on (the frontier's limit when no emulated limit is set)."""
         raise NotImplementedError
 
+    def free_memory_gib(self) -> float:
+        """Memory free on the device now (for a preflight: other processes use it too)."""
+        raise NotImplementedError
+
     def peak_flops(self) -> float | None:
         raise NotImplementedError
 
@@ -196,12 +200,10 @@ class CPUAccelerator(Accelerator):
         return TensorMemory(live, limit_gib=limit_gib, probe_interval=probe_interval, extra_bytes=extra_bytes)
 
     def info(self) -> dict[str, float | str]:
-        total = 0
-        try:
-            total = int(re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1))
-        except (OSError, AttributeError):
-            pass
-        return {"device_memory_gib": total / 1024**2, "device_name": "cpu"}
+        return {"device_memory_gib": _meminfo_gib("MemTotal"), "device_name": "cpu"}
+
+    def free_memory_gib(self) -> float:
+        return _meminfo_gib("MemAvailable")
 
     def peak_flops(self) -> float | None:
         return None
@@ -284,6 +286,10 @@ class CUDAAccelerator(Accelerator):
         props = self.backend.get_device_properties(self.index)
         return {"device_memory_gib": props.total_memory / GIB, "device_name": props.name}
 
+    def free_memory_gib(self) -> float:
+        free, _total = self.backend.mem_get_info(self.index)
+        return free / GIB
+
     def peak_flops(self) -> float | None:
         return peak_flops_for(self.backend.get_device_name(self.index))
 
@@ -312,6 +318,14 @@ class CUDAAccelerator(Accelerator):
         if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
             missing.append("Python's headers (Python.h; on Debian/Ubuntu: apt install python3-dev)")
         return " and ".join(missing) + " for Triton's kernels" if missing else None
+
+
+def _meminfo_gib(field: str) -> float:
+    """A /proc/meminfo field in GiB (0 where there is none)."""
+    try:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1)) / 1024**2
+    except (OSError, AttributeError):
+        return 0.0
 
 
 def has_cpp_compiler() -> bool:

@@ -248,6 +248,11 @@ class FakeCuda:
                 "reserved_bytes.all.current": self.reserved, "reserved_bytes.all.peak": self.peak_reserved,
                 "num_alloc_retries": self.retries, "num_ooms": self.ooms}
 
+    def mem_get_info(self, device: Any = None) -> tuple[int, int]:
+        """(free, total) bytes of the device, as the driver sees it: what this process has not reserved."""
+        self._ordinal(self._index(device))
+        return self.properties.total_memory - self.reserved, self.properties.total_memory
+
     def max_memory_reserved(self, device: Any = None) -> int:
         return self.memory_stats(device)["reserved_bytes.all.peak"]
 

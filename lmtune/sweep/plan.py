@@ -319,7 +319,8 @@ class FrontierPlan(_Findings):
         result = result or {}
         if self.limit_gib is None and number(result.get("device_memory_gib")):
             self.memory.limit_gib = number(result.get("device_memory_gib"))  # no emulated limit: the device's memory
-        status = str(result.get("status", "error" if error else "ok"))
+        # No status: the process died before it said how it ended (a crash), which is no evidence that it fits.
+        status = str(result.get("status") or "error")
         p.status = status
         p.peak = number(result.get(PEAK_KEY))
         p.throughput = number(result.get(THROUGHPUT_KEY))
