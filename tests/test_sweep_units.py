@@ -294,6 +294,61 @@ def test_resume_reconciles_the_limiter_and_the_study_with_what_tune_restored(tmp
     assert by_id["rc"].state == optuna.trial.TrialState.FAIL and by_id["rc"].user_attrs["status"] == "interrupted"
 
 
+def test_resume_reconciles_a_frontier_plan_with_the_trials_tune_restored_and_trials_csv(tmp_path):
+    """A frontier sweep resumed from an experiment state newer than its searcher state (the searcher's file cut
+    short, an older session's taken): the plan's pending trial had ended (its row is in trials.csv) and Tune
+    restored the next one running. The plan takes both, so it neither launches that point again (two rows for one
+    grid point) nor waits for a result that never comes; a planner's row in trials.csv is no trial. A plan whose
+    trial no restored snapshot has, with nothing restored at all, gives it up and plans its point again."""
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+
+    from lmtune.results.layout import csv_columns, write_trials_csv
+    from lmtune.sweep.resume import Reconciler
+    from lmtune.sweep.spec import Frontier
+
+    x, b = "train.micro_batch_size", "train.ac_budget"
+    s = Sweep(name="fr", base=dict(TINY_CPU), space={x: grid([2, 4, 8, 16]), b: grid([1.0])}, searcher="frontier",
+              frontier=Frontier(headroom_gib=0.0), metric="tokens_per_s", mode="max")
+    rs = resolve(s, "fr.py")
+
+    def searcher_at(n_done: int):
+        searcher = make_searcher(rs, tmp_path, limit_gib=1.0)
+        points = []
+        for n in range(n_done + 1):
+            points.append(searcher.suggest(f"f{n}"))
+            if n < n_done:
+                searcher.on_trial_complete(f"f{n}", {"status": "ok", "peak_reserved_gib": 0.1, "tokens_per_s": 9.0})
+        return searcher, points
+
+    searcher, points = searcher_at(0)  # the saved plan: f0 running
+    ended = {"trial_id": "f0", "status": "ok", "source": "run", **points[0], "peak_reserved_gib": 0.1, "tokens_per_s": 9.0}
+    ahead, more = searcher_at(1)  # what the driver did after that save: f0 ended, f1 started
+    implied = {"trial_id": "implied-001", "status": "oom", "source": "implied", b: 1.0, x: 16}
+    write_trials_csv(tmp_path / "trials.csv", csv_columns([x, b]), [ended, implied])
+
+    class Controller:
+        _search_alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=1))
+
+    rec = Reconciler(results_dir=tmp_path)
+    rec.planner = searcher
+    rec.on_restored_trial(Controller, _Trial("f0", points[0], finished=True))
+    rec.on_restored_trial(Controller, _Trial("f1", more[1], finished=False))
+    rec.after_restore()
+    assert searcher.plan.launch_predictions().keys() == {"f0", "f1"}
+    assert searcher.suggest("f2") is None  # f1's point is running: the plan waits for it, not launches it again
+    for same in (searcher, ahead):
+        same.on_trial_complete("f1", {"status": "ok", "peak_reserved_gib": 0.2, "tokens_per_s": 9.5})
+    assert ahead.suggest("g") == searcher.suggest("f3")  # and goes on as the uninterrupted plan does
+    assert ahead.implied_rows() == searcher.implied_rows()
+
+    lost, points = searcher_at(0)
+    (tmp_path / "trials.csv").unlink()
+    rec = Reconciler(results_dir=tmp_path)
+    rec.planner = lost
+    rec.after_restore()  # nothing restored: no controller ever seen
+    assert lost.suggest("g0") == points[0]
+
+
 def test_resume_sets_aside_a_snapshot_the_interruption_cut_short(tmp_path):
     """Tune copies its snapshot into the storage file by file: a driver killed during the copy leaves the newest
     session's files cut short or missing. The newest session with a whole experiment state is resumed; newer
