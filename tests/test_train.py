@@ -187,6 +187,52 @@ def test_lr_scaling_and_schedule():
     assert lr_at(54, 1.0, 100, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
 
 
+def check_cosine_schedule(schedule, monkeypatch) -> None:
+    """Known answers of the cosine at a peak lr that is not 1 (at 1 a floor of min_lr_ratio and one of
+    min_lr_ratio·peak are the same number), by hand; then a real run with the trainer on ``schedule`` ends at
+    min_lr_ratio·peak, in its last report and in its optimizer."""
+    import lmtune.training.trainer as trainer_module
+
+    cfg = tiny("train.warmup_steps=10", "train.schedule=cosine", "train.min_lr_ratio=0.1")
+    peak = 3e-3
+    assert schedule(0, peak, 100, cfg) == pytest.approx(3e-4)  # warmup: 1/10 of the peak
+    assert schedule(9, peak, 100, cfg) == pytest.approx(3e-3)
+    assert schedule(54, peak, 100, cfg) == pytest.approx(3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+    assert schedule(99, peak, 100, cfg) == pytest.approx(3e-4)  # the floor: 0.1·peak, at the last step
+    monkeypatch.setattr(trainer_module, "lr_at", schedule)
+    run = Trainer(tiny("train.steps=4", "train.warmup_steps=1", "train.schedule=cosine", "train.min_lr_ratio=0.2",
+                       "train.lr=3e-3", "train.lr_scaling=none", "train.eval_interval=4", "train.log_interval=1"))
+    assert run.fit()["lr"] == pytest.approx(0.2 * 3e-3)
+    assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([0.2 * 3e-3] * len(run.optimizer.param_groups))
+
+
+def test_cosine_schedule_ends_at_its_floor_relative_to_the_peak(monkeypatch):
+    from lmtune.training.optim import lr_at
+
+    check_cosine_schedule(lr_at, monkeypatch)
+
+
+def _floor_not_scaled(step, peak, total, cfg):
+    """Broken on purpose: the cosine decays to min_lr_ratio itself, not to min_lr_ratio·peak (the same at peak 1)."""
+    from lmtune.training.optim import lr_at
+
+    r, at_one = cfg.train.min_lr_ratio, lr_at(step, 1.0, total, cfg)  # at peak 1 the cosine is r + (1 - r)·c
+    return peak * at_one if step < cfg.train.warmup_steps else r + (peak - r) * (at_one - r) / (1 - r)
+
+
+def _floor_one_step_late(step, peak, total, cfg):
+    """Broken on purpose: the cosine reaches its floor one step after the run's last step."""
+    from lmtune.training.optim import lr_at
+
+    return lr_at(step, peak, total + 1, cfg)
+
+
+@pytest.mark.parametrize("broken", [_floor_not_scaled, _floor_one_step_late], ids=lambda f: f.__name__.strip("_"))
+def test_schedule_check_catches_a_wrong_floor(broken, monkeypatch):
+    with pytest.raises(AssertionError):
+        check_cosine_schedule(broken, monkeypatch)
+
+
 class LastMicroBatchOnly(Trainer):
     """Broken on purpose: keeps only the last micro-batch's gradient."""
 
