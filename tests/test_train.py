@@ -322,17 +322,56 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path, no_wandb_env):
     assert run.summary["status"] == "ok" and run.summary["val_loss"] == pytest.approx(run.history[-1]["val_loss"])
 
 
-def test_resumed_run_continues_its_wandb_run(tmp_path, no_wandb_env):
+def check_trial_continues_its_wandb_run(wandb_kwargs, tmp_path) -> None:
+    """A sweep trial's W&B settings (``TrialSettings.wandb_kwargs``) name its run by the trial and ask W&B to
+    continue that run where it exists; a trial resumed from its checkpoint with them (a retry, a resumed sweep) logs
+    into the same run, from the step after the checkpoint. Offline, each attempt is a directory of its own: the
+    run id and the resume flag in each are what `wandb sync` (and an online run at once) joins them by; without
+    the flag a second attempt of the same id is refused online, or replaces the first."""
+    from lmtune.sweep.trainable import TrialSettings, wandb_run_id
     from tests.wandb_log import read_run
 
-    kw = {"project": "lmtune-test", "name": "r", "dir": str(tmp_path), "id": "resume-me-1", "resume": "allow"}
+    settings = TrialSettings(results_dir=str(tmp_path), group="1-sweep-20261201-000000-000000", train_storage="")
+    kw = wandb_kwargs(settings, "1a2b3c4d")
+    run_id = wandb_run_id(settings.group, "1a2b3c4d")
+    assert kw == {"project": "lmtune", "group": settings.group, "name": "1a2b3c4d", "dir": str(tmp_path),
+                  "id": run_id, "resume": "allow"}
     Trainer(tiny("train.steps=10"), out_dir=tmp_path / "part", wandb=kw).fit()
-    Trainer(tiny(), out_dir=tmp_path / "part", wandb=kw, resume_from=tmp_path / "part" / "checkpoint").fit()
+    again = wandb_kwargs(settings, "1a2b3c4d")  # the resumed trial's, made anew in its process
+    Trainer(tiny(), out_dir=tmp_path / "part", wandb=again, resume_from=tmp_path / "part" / "checkpoint").fit()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
-    first, second = (read_run(r) for r in runs)  # two offline directories of one run id: `wandb sync` joins them
-    assert first.run_id == second.run_id == "resume-me-1"
+    first, second = (read_run(r) for r in runs)
+    assert first.run_id == second.run_id == run_id and first.resume and second.resume
     assert max(row["step"] for row in first.history) == 10
     assert min(row["step"] for row in second.history) == 15  # it goes on after the step-10 checkpoint
+
+
+def test_resumed_trial_continues_its_wandb_run(tmp_path, no_wandb_env):
+    from lmtune.sweep.trainable import TrialSettings
+
+    check_trial_continues_its_wandb_run(TrialSettings.wandb_kwargs, tmp_path)
+
+
+def _without_resume(kwargs: dict) -> dict:
+    """Broken on purpose: the trial's run settings without ``resume="allow"`` (offline runs ignore it)."""
+    return {k: v for k, v in kwargs.items() if k != "resume"}
+
+
+def _a_run_per_attempt(kwargs: dict) -> dict:
+    """Broken on purpose: a new run id per attempt (the run is named after the trial, but not continued)."""
+    import uuid
+
+    return {**kwargs, "id": uuid.uuid4().hex[:12]}
+
+
+@pytest.mark.parametrize("broken", [_without_resume, _a_run_per_attempt], ids=lambda f: f.__name__.strip("_"))
+def test_wandb_check_catches_a_trial_that_does_not_continue_its_run(broken, tmp_path, no_wandb_env, monkeypatch):
+    from lmtune.sweep.trainable import TrialSettings
+
+    made = TrialSettings.wandb_kwargs
+    monkeypatch.setattr(TrialSettings, "wandb_kwargs", lambda settings, trial_id: broken(made(settings, trial_id)))
+    with pytest.raises(AssertionError):
+        check_trial_continues_its_wandb_run(TrialSettings.wandb_kwargs, tmp_path)
 
 
 def test_no_wandb_writes_no_run(in_tmp, no_wandb_env):
