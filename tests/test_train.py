@@ -233,6 +233,49 @@ def test_schedule_check_catches_a_wrong_floor(broken, monkeypatch):
         check_cosine_schedule(broken, monkeypatch)
 
 
+def check_epochs_to_steps(plan_of) -> None:
+    """train.epochs counts passes over the training split: windows of seq_len tokens, micro_batch_size ·
+    accumulation_steps · workers of them per optimizer step, rounded up; by hand, on 1, 2 and 4 data-parallel
+    workers (tests/test_ddp.py runs it on two)."""
+    cfg = tiny("train.epochs=1.5", "train.micro_batch_size=4", "train.accumulation_steps=2")  # seq_len 32
+    tokens = 32 * 1000 + 1  # 1000 windows (the last one's targets need a token past it)
+    assert [plan_of(cfg, tokens, world).total_steps for world in (1, 2, 4)] == [188, 94, 47]  # ⌈1500 / (8·world)⌉
+    assert plan_of(tiny("train.steps=7"), tokens, 2).total_steps == 7  # without epochs: the steps as given
+
+
+def test_epochs_turn_into_steps_over_every_worker():
+    from lmtune.training.optim import Plan
+
+    check_epochs_to_steps(Plan.of)
+
+
+def _epochs_per_worker(cfg, train_tokens, world_size):
+    """Broken on purpose: the steps of an epoch counted as if one worker took every window."""
+    import dataclasses
+
+    from lmtune.training.optim import Plan
+
+    return dataclasses.replace(Plan.of(cfg, train_tokens, world_size), total_steps=Plan.of(cfg, train_tokens, 1).total_steps)
+
+
+def _epochs_rounded_down(cfg, train_tokens, world_size):
+    """Broken on purpose: the last, partial step of an epoch dropped."""
+    import dataclasses
+
+    from lmtune.training.optim import Plan
+
+    plan = Plan.of(cfg, train_tokens, world_size)
+    t = cfg.train
+    steps = int(t.epochs * ((train_tokens - 1) // cfg.data.seq_len) / (t.micro_batch_size * t.accumulation_steps * world_size))
+    return dataclasses.replace(plan, total_steps=steps) if t.epochs else plan
+
+
+@pytest.mark.parametrize("broken", [_epochs_per_worker, _epochs_rounded_down], ids=lambda f: f.__name__.strip("_"))
+def test_epochs_check_catches_steps_counted_wrong(broken):
+    with pytest.raises(AssertionError):
+        check_epochs_to_steps(broken)
+
+
 class LastMicroBatchOnly(Trainer):
     """Broken on purpose: keeps only the last micro-batch's gradient."""
 
