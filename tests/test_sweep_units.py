@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import optuna
@@ -35,6 +36,110 @@ def test_oom_classification_sees_through_wrappers():
     assert classify(ValueError("shape mismatch")) == "error"
     assert classify(RuntimeError("Expected all tensors to be on the same device")) == "error"
     assert first_line("Failure # 1 (occurred at x)\nTraceback (most recent call last):\n  File 'a'\nKeyError: 'x'") == "KeyError: 'x'"
+
+
+# What Tune's error file of a failed trial reads (its text is all the driver has when the pickled error does not load).
+TRIAL_ERRORS = {
+    "oom": [
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=4242, "
+        "ip=10.0.0.2, repr=lmtune trial 1a2b3c4d)\n  File \"/venv/ray/tune/trainable/trainable.py\", line 331, in "
+        "train\n    raise skipped from exception_cause(skipped)\ntorch.OutOfMemoryError: CUDA out of memory. Tried to "
+        "allocate 2.00 GiB. GPU 0 has a total capacity of 39.39 GiB of which 1.06 GiB is free.",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nray.exceptions.OutOfMemoryError: Task was killed due to the "
+        "node running low on memory.\nMemory on the node (IP: 10.0.0.2, ID: 4f2a) where the task (actor ID: 9c1e, "
+        "name=ImplicitFunc.__init__, pid=4242, memory used=12.1GB) was running was 14.50GB / 15.00GB (0.966667), "
+        "which exceeds the memory usage threshold of 0.95. Ray killed this worker (ID: 77ab) because it was the "
+        "most recently scheduled task.",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nray.train.v2.api.exceptions.WorkerGroupError: Training "
+        "failed due to worker errors:\n[Rank 1]:\nTraceback (most recent call last):\n  File \"/venv/lmtune/"
+        "training/trainer.py\", line 212, in fit\nRuntimeError: DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)",
+        "Traceback (most recent call last):\n  File \"/venv/lmtune/training/memory.py\", line 90, in check_limit\n"
+        "lmtune.training.memory.EmulatedOOM: peak allocated 0.445 GiB crossed system.memory_limit_gib=0.42",
+    ],
+    "error": [
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nTraceback (most recent call last):\n  File \"/venv/lmtune/"
+        "training/checkpoint.py\", line 40, in read_checkpoint\nFileNotFoundError: [Errno 2] No such file or "
+        "directory: '/runs/out of memory/x/checkpoint.pt'",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=4242, "
+        "repr=lmtune trial out-of-memory-probe)\nValueError: could not read /data/OutOfMemoryError: notes/shard.bin",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nray.exceptions.ActorDiedError: The actor died unexpectedly "
+        "before finishing this task. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits "
+        "with a connection error code 2. End of file. Some common causes include: (1) the process was killed by the "
+        "OOM killer due to high memory usage, (2) ray stop --force was called, or (3) the worker crashed unexpectedly "
+        "due to SIGSEGV or another unexpected error.",
+    ],
+}
+
+
+def check_oom_from_error_text(tmp_path) -> None:
+    """A failed trial known only by its error file's text is oom on evidence (an OOM exception's type line, torch's
+    allocator message, Ray's memory monitor's own report) and never on words in a path, a trial's name or Ray's list
+    of what might have killed a worker."""
+    from lmtune.sweep.oom import classify_trial_error
+
+    class Trial:  # what Tune leaves of a failed trial: its error file
+        pickled_error_file = None
+        error_file = str(tmp_path / "error.txt")
+
+    for kind, texts in TRIAL_ERRORS.items():
+        for text in texts:
+            (tmp_path / "error.txt").write_text(text)
+            assert classify_trial_error(Trial)[0] == kind, text
+
+
+def test_oom_from_an_error_text_known_answers(tmp_path):
+    check_oom_from_error_text(tmp_path)
+
+
+@pytest.mark.parametrize("broken", [
+    lambda text: "out of memory" in text.lower(),  # the words, wherever they are
+    lambda text: "OutOfMemoryError" in text or "memory" in text.lower() and "killed" in text,  # a type's name anywhere
+], ids=["words", "names-anywhere"])
+def test_oom_text_check_catches_words_taken_for_evidence(broken, tmp_path, monkeypatch):
+    from lmtune.sweep import oom
+
+    monkeypatch.setattr(oom, "_oom_text", broken)
+    with pytest.raises(AssertionError):
+        check_oom_from_error_text(tmp_path)
+
+
+def check_tpe_gamma(gamma) -> None:
+    """TPE models a quarter of the finished trials (rounded up) as the good ones, at most 25 (search.tpe_gamma's
+    reason: Optuna's tenth is one to three trials of a small sweep)."""
+    ns = (1, 4, 5, 8, 9, 40, 99, 100, 101, 1000)
+    assert [gamma(n) for n in ns] == [1, 1, 2, 2, 3, 10, 25, 25, 25, 25]
+
+
+def gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path):
+    """The ``gamma`` make_searcher hands to Optuna's TPESampler for a TPE sweep."""
+    built = {}
+    sampler = optuna.samplers.TPESampler
+
+    def spy(*args, **kwargs):
+        built.update(kwargs)
+        return sampler(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", spy)
+    rs = resolve(Sweep(name="g", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}), "g.py")
+    make_searcher(rs, tmp_path)
+    return built["gamma"]
+
+
+def test_tpe_gamma_known_answers(monkeypatch, tmp_path):
+    check_tpe_gamma(gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path))
+
+
+@pytest.mark.parametrize("broken", [
+    lambda n: max(math.ceil(0.25 * n), 25),  # at least 25: every trial of a small sweep is "good"
+    lambda n: min(int(0.25 * n), 25),  # rounded down: no good trial before the fourth
+], ids=["max", "rounded-down"])
+def test_tpe_gamma_check_catches_a_wrong_gamma(broken, monkeypatch, tmp_path):
+    from lmtune.sweep import search
+
+    monkeypatch.setitem(search.TPE_OPTIONS, "gamma", broken)
+    with pytest.raises(AssertionError):
+        check_tpe_gamma(gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path))
 
 
 def test_ledger_status():
