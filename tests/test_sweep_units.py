@@ -426,7 +426,8 @@ def test_resume_reconciles_a_frontier_plan_with_the_trials_tune_restored_and_tri
         return searcher, points
 
     searcher, points = searcher_at(0)  # the saved plan: f0 running
-    ended = {"trial_id": "f0", "status": "ok", "source": "run", **points[0], "peak_reserved_gib": 0.1, "tokens_per_s": 9.0}
+    ended = {"trial_id": "f0", "status": "ok", "source": "run", **points[0], "peak_reserved_gib": 0.1,
+             "tokens_per_s": 9.0}
     ahead, more = searcher_at(1)  # what the driver did after that save: f0 ended, f1 started
     implied = {"trial_id": "implied-001", "status": "oom", "source": "implied", b: 1.0, x: 16}
     write_trials_csv(tmp_path / "trials.csv", csv_columns([x, b]), [ended, implied])

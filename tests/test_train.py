@@ -203,7 +203,8 @@ def check_cosine_schedule(schedule, monkeypatch) -> None:
     run = Trainer(tiny("train.steps=4", "train.warmup_steps=1", "train.schedule=cosine", "train.min_lr_ratio=0.2",
                        "train.lr=3e-3", "train.lr_scaling=none", "train.eval_interval=4", "train.log_interval=1"))
     assert run.fit()["lr"] == pytest.approx(0.2 * 3e-3)
-    assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([0.2 * 3e-3] * len(run.optimizer.param_groups))
+    groups = run.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([0.2 * 3e-3] * len(groups))
 
 
 def test_cosine_schedule_ends_at_its_floor_relative_to_the_peak(monkeypatch):
@@ -255,7 +256,8 @@ def _epochs_per_worker(cfg, train_tokens, world_size):
 
     from lmtune.training.optim import Plan
 
-    return dataclasses.replace(Plan.of(cfg, train_tokens, world_size), total_steps=Plan.of(cfg, train_tokens, 1).total_steps)
+    alone = Plan.of(cfg, train_tokens, 1)
+    return dataclasses.replace(Plan.of(cfg, train_tokens, world_size), total_steps=alone.total_steps)
 
 
 def _epochs_rounded_down(cfg, train_tokens, world_size):
@@ -266,7 +268,8 @@ def _epochs_rounded_down(cfg, train_tokens, world_size):
 
     plan = Plan.of(cfg, train_tokens, world_size)
     t = cfg.train
-    steps = int(t.epochs * ((train_tokens - 1) // cfg.data.seq_len) / (t.micro_batch_size * t.accumulation_steps * world_size))
+    windows = (train_tokens - 1) // cfg.data.seq_len
+    steps = int(t.epochs * windows / (t.micro_batch_size * t.accumulation_steps * world_size))
     return dataclasses.replace(plan, total_steps=steps) if t.epochs else plan
 
 

@@ -3,9 +3,9 @@
 Tune calls it in the driver for every trial event; it writes ``trials/{id}/metrics.jsonl`` (every report),
 ``trials/{id}/summary.json`` (all reported metrics, last value of each, + status + the trial's flat config)
 and rewrites ``trials.csv`` whenever a trial ends, so an interrupted sweep leaves a complete table of what
-finished. A frontier sweep's rows for the points its planner decided without running them are the planner's alone:
-written from what it knows at each write, never kept as trials (a resume read them back as finished trials and the
-planner's current rows were written beside them, two rows for one grid point). Statuses come from the run's :class:`lmtune.sweep.oom.Ledger` and the trial's own final report.
+finished. A frontier sweep's rows for the points its planner decided without running them are the planner's alone,
+written from what it knows at each write and never read back as trials (a resume that did wrote them twice).
+Statuses come from the run's :class:`lmtune.sweep.oom.Ledger` and the trial's own final report.
 """
 
 from __future__ import annotations
