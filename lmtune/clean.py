@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lmtune.cli import user_errors_exit_2
+from lmtune.cli import parse_command_line, user_errors_exit_2
 
 
 def _size(path: Path) -> int:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lmtune.clean", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     ap.add_argument("--results", default="results", help="the results root whose dangling links to remove")
-    args = ap.parse_args(argv)
+    args = parse_command_line(ap, argv)
     from lmtune.config import DataConfig
     from lmtune.data import cache_root
 

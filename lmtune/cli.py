@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -23,6 +24,28 @@ def user_errors_exit_2(main: Callable[..., int | None]) -> Callable[..., int]:
             return 2
 
     return wrapped
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None,
+                       accepted: str | None = None) -> argparse.Namespace:
+    """Every command's arguments: options, config files, ``section.key=value`` overrides and a results directory
+    in any order, as people type them (``python -m lmtune.train model.n_layer=2 --no-wandb train.steps=3``: plain
+    ``parse_args`` takes a positional list in one piece, so the overrides after an option were "unrecognized").
+
+    argparse's own errors (an unknown or abbreviated option, a missing value) become one ``ConfigError`` line that
+    names what the command accepts, exit 2 through :func:`user_errors_exit_2`, instead of its usage block.
+    ``accepted``: what the positionals are, in words (default: their metavars)."""
+    parser.allow_abbrev = False  # `--no-w` is not quietly --no-wandb: a mistyped option is named as such
+    options = ", ".join(a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help")
+    if accepted is None:
+        accepted = ", ".join(a.metavar or a.dest for a in parser._actions if not a.option_strings)
+    what = " and ".join(filter(None, [accepted, options and f"the options {options}"]))
+
+    def error(message: str):
+        raise ConfigError(f"{message}; accepted: {what} ({parser.prog} --help).")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_intermixed_args(argv)
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmtune import config as config_lib
-from lmtune.cli import check_output_file, user_errors_exit_2
+from lmtune.cli import check_output_file, parse_command_line, user_errors_exit_2
 from lmtune.config import PROJECT_LOCKED, ConfigError
 from lmtune.contract import SUMMARY_JSON
 from lmtune.results.export import ExportPlan, check_export, plan_export, write_export
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     "carried by μP: only a model.parametrization=mup trial's values hold at another width")
     ap.add_argument("--trial", metavar="ID", help="export this ok trial instead of the winner (required for a sweep "
                                                    "with several metrics: a point of its Pareto front)")
-    args = ap.parse_args(argv)
+    args = parse_command_line(ap, argv)
     if args.to is not None:
         check_output_file(args.to, "--to")
     if args.validate is not None and args.validate < 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lmtune import config as config_lib
-from lmtune.cli import user_errors_exit_2
+from lmtune.cli import parse_command_line, user_errors_exit_2
 from lmtune.config import ConfigError
 from lmtune.data import get_tokenizer
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_FILE
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a = p.parse_args(argv)
+    a = parse_command_line(p, argv)
     if a.temperature <= 0:
         raise ConfigError(f"--temperature={a.temperature} is not accepted: expected a number > 0.")
     print(generate(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k or None, a.seed, a.device))

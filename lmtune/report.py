@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmtune.cli import user_errors_exit_2
+from lmtune.cli import parse_command_line, user_errors_exit_2
 from lmtune.contract import FRONTIER_STEM, SUMMARY_MD, TRIALS_CSV
 from lmtune.results.read import load_results
 from lmtune.results.report import render
@@ -20,7 +20,7 @@ from lmtune.results.report import render
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lmtune.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's results directory (it has sweep.json)")
-    args = ap.parse_args(argv)
+    args = parse_command_line(ap, argv)
     written = render(args.results_dir)
     results = load_results(args.results_dir)
     running = [r for r in results.rows if r.get("status") == "running"]

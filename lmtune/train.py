@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lmtune import config as config_lib
-from lmtune.cli import check_output_dir, user_errors_exit_2
+from lmtune.cli import check_output_dir, parse_command_line, user_errors_exit_2
 from lmtune.config import Config, ConfigError
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_DIR, SUMMARY_JSON
 from lmtune.training import Diverged, Report, Trainer, read_checkpoint
@@ -89,7 +89,7 @@ def _wandb_id(out: Path) -> str:
 
 @user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_command_line(_parser(), argv, "FILE.toml and section.key=value arguments")
     files = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if args.resume:

@@ -1,12 +1,14 @@
 """The trainer under torch.distributed (gloo on CPU), two processes started here, without Ray.
 
 What a data-parallel group must agree on: an OOM on one rank ends every rank at once (none is left waiting in
-a collective), and the memory peaks a frontier reads are the worst rank's.
+a collective), the memory peaks a frontier reads are the worst rank's, and an epoch is one pass over the training
+split whatever the number of ranks.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -84,3 +86,22 @@ def test_peaks_are_the_maximum_over_ranks(tmp_path):
     assert [s["status"] for s in summaries] == ["ok", "ok"]
     assert summaries[0]["peak_allocated_gib"] == summaries[1]["peak_allocated_gib"]
     assert summaries[0]["loss"] == summaries[1]["loss"]  # one all-reduced loss
+
+
+def test_an_epoch_is_one_pass_over_the_split_on_two_ranks(tmp_path):
+    """train.epochs=1 on one rank and on two: an optimizer step of two ranks takes twice the windows, so the run has
+    half the steps (rounded up) and both see the whole training split once (at most one step's windows more)."""
+    from lmtune import config as config_lib
+    from lmtune.data import load_tokens
+    from lmtune.train import Trainer
+
+    epoch = ["train.epochs=1", "data.fraction=0.01", "train.micro_batch_size=4", "train.eval_interval=100"]
+    cfg = config_lib.load(overrides=[*TINY, *epoch], locked=False)
+    windows = (len(load_tokens(cfg.data).train) - 1) // 32  # data.seq_len=32; a window's targets need a token past it
+    one = Trainer(cfg).fit()
+    two, _ = run_group(tmp_path, {0: epoch, 1: epoch})
+    for world, summaries in ((1, [one]), (2, two)):
+        steps = math.ceil(windows / (4 * world))
+        assert [(s["status"], s["step"]) for s in summaries] == [("ok", steps)] * world, (world, windows)
+        seen = summaries[0]["tokens"] // 32  # windows trained on, over every rank
+        assert windows <= seen < windows + 4 * world, (world, seen, windows)

@@ -5,17 +5,25 @@
   frontier table rows equal to the trial results, a PNG, a recommended point; export writes locked defaults
   that the next ``python -m lmtune.train`` uses; a second export without --force is refused;
 * a real ``torch.OutOfMemoryError`` raised in the trainer at a chosen micro-batch: oom rows, never retried,
-  larger micro-batches implied.
+  larger micro-batches implied;
+* a frontier sweep stopped with Ctrl-C, resumed, SIGKILLed, resumed again: one row per grid point, and the rows,
+  frontier, recommendation and counts of the sweep an uninterrupted driver runs on the same measurements.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from tests.conftest import REPO, TINY, run_module
+from tests.frontier_fixtures import B, X
 from tests.test_sweep_e2e import only_run, rows, sweep_file
 
 pytestmark = pytest.mark.slow
@@ -116,3 +124,120 @@ def test_injected_torch_oom_in_trials_is_a_result(tmp_path, monkeypatch):
     assert _launched(results) == {by_mb[mb]["trial_id"] for mb in (2, 4, 8)}
     lines = (results / "trials" / by_mb[8]["trial_id"] / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(line)["status"] == "oom" for line in lines) == 1  # one attempt, not retried
+
+
+# Peaks (tensor bytes, deterministic) of this model: ac_budget 0.5 → 0.012 GiB at mb 16, 0.022 at 32, 0.042 at 64;
+# ac_budget 1.0 → 0.014, 0.026, 0.050. Under 0.024 GiB the plan runs 16 on both lines, then 32 at 0.5 (ok: the fit
+# through 16 and 32 predicts 64 above the limit, a `predicted` row), then 32 at 1.0 (oom: 64 is `implied`), then
+# verifies 64 at 0.5, then the neighbours of the fastest point with headroom: 5 to 7 trials of ~2 s each.
+RESUMED_FRONTIER = """
+    from lmtune.sweep import Frontier
+    sweep = Sweep(
+        name="frontier-resume",
+        base={**TINY_CPU, "train.steps": 4, "train.eval_interval": 4, "train.log_interval": 2, "train.eval_batches": 1,
+              "train.compile_warmup_steps": 1, "train.measure_interval": 0, "system.memory_limit_gib": 0.024},
+        space={"train.micro_batch_size": grid([4, 8, 16, 32, 64]), "train.ac_budget": grid([0.5, 1.0])},
+        searcher="frontier", frontier=Frontier(headroom_gib=0.002, margin_gib=0.001), metric="tokens_per_s", mode="max",
+    )
+"""
+
+
+def _driver(f, storage, *, resume: bool) -> subprocess.Popen:
+    args = [sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(storage), "--max-concurrent", "1",
+            "--no-wandb", "--no-report", "--no-dashboard", *(["--resume"] if resume else [])]
+    return subprocess.Popen(args, cwd=f.parent, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _interrupt(proc: subprocess.Popen, when, sig: int, lines: list[str], timeout: float = 180) -> None:
+    """Read the driver's console until ``when(line)``, then send ``sig`` (to the driver alone for Ctrl-C, to its
+    process group, the Ray it started included, for SIGKILL: as if the machine went away)."""
+    end = time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if when(line):
+            break
+        assert time.time() < end, "\n".join(lines[-30:])
+    else:
+        raise AssertionError("the sweep ended before it could be interrupted:\n" + "\n".join(lines[-40:]))
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    lines += rest.splitlines()
+
+
+def _uninterrupted(f, results, tmp_path):
+    """The sweep an uninterrupted driver runs when every trial measures what the resumed sweep's trial of the same
+    point measured: the real planner on those measurements (simulate), written as a results directory."""
+    from lmtune.sweep.load import load_sweep, resolve
+    from lmtune.sweep.plan import FrontierPlan, simulate
+    from tests.frontier_fixtures import METRIC_COLUMNS, write_results_dir
+
+    rs = resolve(load_sweep(f)[0], f)
+    measured = {(float(r[B]), int(r[X])): r for r in rows(results).values() if r["source"] == "run"}
+
+    def measure(cfg):
+        point = (cfg[B], cfg[X])
+        assert point in measured, f"an uninterrupted sweep runs {point}, which the resumed one never ran"
+        r = measured[point]
+        return {"status": r["status"], **{k: float(r[k]) for k in METRIC_COLUMNS if r.get(k)}}
+
+    plan = FrontierPlan.from_space(rs.space, rs.frontier, limit_gib=rs.base["system.memory_limit_gib"])
+    launched = simulate(plan, measure)
+    ran = [{"trial_id": t["trial_id"], "source": "run", **t["config"], **t["result"]} for t in launched]
+    sweep = json.loads((results / "sweep.json").read_text())
+    return write_results_dir(tmp_path / "uninterrupted", sweep, ran + plan.implied_rows())
+
+
+def _outcome(results) -> dict:
+    """What a frontier sweep found, trial ids aside: each point's row, the frontier per line, the recommended point,
+    the counts of the frontier table, the console's count line and summary.md's trials."""
+    from lmtune.results.frontier import frontier_report
+    from lmtune.results.read import load_results
+    from lmtune.results.summary import summary_markdown
+
+    loaded = load_results(results)
+    rep = frontier_report(loaded)
+    table = [r for r in loaded.rows if r.get("status")]
+    counts: dict[str, int] = {}
+    for r in table:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    trials_section = summary_markdown(loaded).split("## Trials", 1)[1]
+    return {
+        "rows": sorted((r[B], r[X], r["source"], r["status"]) for r in table),
+        "lines": {t.title: ([(r[X], r["status"]) for r in t.rows], t.largest_feasible, t.smallest_oom)
+                  for t in rep.tables},
+        "recommended": (rep.recommended or {}).get("line"), "at": (rep.recommended or {}).get(X),
+        "counts": rep.counts,
+        "console": f"{len(table)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        "summary_rows": sum(1 for line in trials_section.splitlines() if line.startswith("| ") and "---" not in line),
+    }
+
+
+def test_a_frontier_sweep_stopped_and_killed_then_resumed_ends_as_the_uninterrupted_one(tmp_path):
+    """The issue-23 run: Ctrl-C with the planner's implied and predicted rows in trials.csv, --resume (SIGKILLed as
+    its first trial starts), --resume to the end. Every grid point has at most one row, and the sweep is the one an
+    uninterrupted driver runs on the same measurements: rows, frontier, recommendation and counts."""
+    f = sweep_file(tmp_path, RESUMED_FRONTIER)
+    storage = tmp_path / "results"
+    lines: list[str] = []
+    stopped = _driver(f, storage, resume=False)
+    _interrupt(stopped, lambda line: line.startswith("[ 3/") and " start " not in line, signal.SIGINT, lines)
+    assert stopped.returncode == 130, "\n".join(lines[-40:])
+    results = only_run(storage)
+    assert "predicted" in {r["source"] for r in rows(results).values()}, rows(results)  # the planner's rows too
+    killed = _driver(f, storage, resume=True)
+    _interrupt(killed, lambda line: " start " in line, signal.SIGKILL, lines)
+    final = _driver(f, storage, resume=True)
+    out, _ = final.communicate(timeout=300)
+    lines += out.splitlines()
+    assert final.returncode == 0 and "Traceback" not in "\n".join(lines), "\n".join(lines[-60:])
+    table = rows(results)
+    points = [(r[B], r[X]) for r in table.values()]
+    assert len(points) == len(set(points)), table  # one row per grid point
+    want = _outcome(_uninterrupted(f, results, tmp_path))
+    got = _outcome(results)
+    assert got == want
+    assert want["console"] in out  # the console's own count line says the same

@@ -423,3 +423,90 @@ def test_searcher_state_survives_save_and_restore(tmp_path):
         a.on_trial_complete(f"t{n}", measure(ca))
         b.on_trial_complete(f"t{n}", measure(cb))
     assert ca == "FINISHED" and a.implied_rows() == b.implied_rows()
+
+
+# --- a resumed sweep: the plan and the trials Tune restored ------------------------------------------
+
+
+def _two_lines() -> FrontierPlan:
+    return FrontierPlan(list(range(1, 25)), [{B: 0.5}, {B: 1.0}], limit_gib=20.0, headroom_gib=4.0)
+
+
+def _found(plan: FrontierPlan, launched: list[dict]) -> dict:
+    """What a plan found, trial ids aside: the points run (each once), the rows never launched, the frontier."""
+    points = sorted((c[B], c[X]) for c in launched)
+    assert len(points) == len(set(points)), points  # no grid point ran twice
+    implied = sorted((r[B], r[X], r["source"]) for r in plan.implied_rows())
+    return {"ran": points, "implied": implied, "frontier": plan.frontier()}
+
+
+def curved_memory(cfg):
+    """Memory that grows faster than the linear fit says (the fit's guided probes overshoot, so the plan alternates
+    them with bisection: a resumed plan must know which kind of probe a trial it adopts was)."""
+    x = cfg[X]
+    peak = 1 + {0.5: 0.7, 1.0: 0.9}[cfg[B]] * x + 0.01 * x * x
+    if peak > 20.0:
+        return {"status": "oom", "peak_reserved_gib": 20.0}
+    return {"status": "ok", "peak_reserved_gib": peak, "tokens_per_s": 100.0 * x / (x + 4)}
+
+
+@pytest.mark.parametrize("memory", ["linear", "curved"])
+@pytest.mark.parametrize("snapshot", ["plan behind", "plan ahead", "older session"])
+def test_a_resumed_plan_agrees_with_the_trials_and_ends_as_the_uninterrupted_one(snapshot, memory):
+    """Tune saves the plan (its searcher state) a moment after the experiment's trials, and a resume can fall back to
+    an older whole snapshot; killed anywhere in the sweep, the resumed plan must still run each point once, wait for
+    no trial Tune no longer has, and end with the uninterrupted sweep's points, rows and frontier.
+
+    * plan behind: the trial pending in the saved plan had ended (recorded) and Tune restored the next one running;
+    * plan ahead: the saved plan launched a trial the restored experiment never had;
+    * older session: plan and experiment from before the last trial, which ran and was recorded.
+
+    Every interruption point of the sweep is tried."""
+    import pickle
+
+    measure = linear_memory({0.5: 0.5, 1.0: 0.9}) if memory == "linear" else curved_memory
+
+    def row(config):
+        return {**config, **measure(config)}
+
+    reference = _two_lines()
+    want = _found(reference, [t["config"] for t in simulate(reference, measure)])
+    for k in range(1, len(want["ran"])):
+        plan, launched = _two_lines(), []
+        for n in range(k):  # trials t0..t{k-2} ended, t{k-1} running: the saved plan
+            launched.append(plan.suggest(f"t{n}"))
+            if n < k - 1:
+                plan.complete(f"t{n}", measure(launched[-1]))
+        before = pickle.dumps(plan)
+        last = f"t{k - 1}"
+        ended = {f"t{n}": row(launched[n]) for n in range(k - 1)}  # trials.csv: the point and its result
+        restored = {t: (launched[n], True) for n, t in enumerate(ended)}
+        if snapshot == "plan behind":
+            plan.complete(last, measure(launched[-1]))
+            ended[last] = row(launched[-1])
+            restored[last] = (launched[-1], True)
+            after = plan.suggest(f"t{k}")
+            if isinstance(after, dict):
+                launched.append(after)
+                restored[f"t{k}"] = (after, False)
+        elif snapshot == "plan ahead":
+            launched.pop()  # never run: the resumed plan must give it up and plan its point again
+        else:
+            ended[last] = row(launched[-1])
+            before = pickle.dumps(_replayed(measure, launched[:-1]))
+        resumed: FrontierPlan = pickle.loads(before)
+        resumed.reconcile(restored, ended)
+        for tid, (config, finished) in restored.items():
+            if not finished:  # Tune runs it again
+                resumed.complete(tid, measure(config))
+        launched += [t["config"] for t in simulate(resumed, measure)]  # raises if the plan waits for nothing
+        assert _found(resumed, launched) == want, (snapshot, k)
+
+
+def _replayed(measure, configs: list[dict]) -> FrontierPlan:
+    """The plan that launched and completed ``configs`` in order (an older snapshot)."""
+    plan = _two_lines()
+    for n, config in enumerate(configs):
+        assert plan.suggest(f"t{n}") == config
+        plan.complete(f"t{n}", measure(config))
+    return plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import optuna
@@ -35,6 +36,110 @@ def test_oom_classification_sees_through_wrappers():
     assert classify(ValueError("shape mismatch")) == "error"
     assert classify(RuntimeError("Expected all tensors to be on the same device")) == "error"
     assert first_line("Failure # 1 (occurred at x)\nTraceback (most recent call last):\n  File 'a'\nKeyError: 'x'") == "KeyError: 'x'"
+
+
+# What Tune's error file of a failed trial reads (its text is all the driver has when the pickled error does not load).
+TRIAL_ERRORS = {
+    "oom": [
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=4242, "
+        "ip=10.0.0.2, repr=lmtune trial 1a2b3c4d)\n  File \"/venv/ray/tune/trainable/trainable.py\", line 331, in "
+        "train\n    raise skipped from exception_cause(skipped)\ntorch.OutOfMemoryError: CUDA out of memory. Tried to "
+        "allocate 2.00 GiB. GPU 0 has a total capacity of 39.39 GiB of which 1.06 GiB is free.",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nray.exceptions.OutOfMemoryError: Task was killed due to the "
+        "node running low on memory.\nMemory on the node (IP: 10.0.0.2, ID: 4f2a) where the task (actor ID: 9c1e, "
+        "name=ImplicitFunc.__init__, pid=4242, memory used=12.1GB) was running was 14.50GB / 15.00GB (0.966667), "
+        "which exceeds the memory usage threshold of 0.95. Ray killed this worker (ID: 77ab) because it was the "
+        "most recently scheduled task.",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nray.train.v2.api.exceptions.WorkerGroupError: Training "
+        "failed due to worker errors:\n[Rank 1]:\nTraceback (most recent call last):\n  File \"/venv/lmtune/"
+        "training/trainer.py\", line 212, in fit\nRuntimeError: DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)",
+        "Traceback (most recent call last):\n  File \"/venv/lmtune/training/memory.py\", line 90, in check_limit\n"
+        "lmtune.training.memory.EmulatedOOM: peak allocated 0.445 GiB crossed system.memory_limit_gib=0.42",
+    ],
+    "error": [
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nTraceback (most recent call last):\n  File \"/venv/lmtune/"
+        "training/checkpoint.py\", line 40, in read_checkpoint\nFileNotFoundError: [Errno 2] No such file or "
+        "directory: '/runs/out of memory/x/checkpoint.pt'",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=4242, "
+        "repr=lmtune trial out-of-memory-probe)\nValueError: could not read /data/OutOfMemoryError: notes/shard.bin",
+        "Failure # 1 (occurred at 2026-12-01_10-00-00)\nray.exceptions.ActorDiedError: The actor died unexpectedly "
+        "before finishing this task. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits "
+        "with a connection error code 2. End of file. Some common causes include: (1) the process was killed by the "
+        "OOM killer due to high memory usage, (2) ray stop --force was called, or (3) the worker crashed unexpectedly "
+        "due to SIGSEGV or another unexpected error.",
+    ],
+}
+
+
+def check_oom_from_error_text(tmp_path) -> None:
+    """A failed trial known only by its error file's text is oom on evidence (an OOM exception's type line, torch's
+    allocator message, Ray's memory monitor's own report) and never on words in a path, a trial's name or Ray's list
+    of what might have killed a worker."""
+    from lmtune.sweep.oom import classify_trial_error
+
+    class Trial:  # what Tune leaves of a failed trial: its error file
+        pickled_error_file = None
+        error_file = str(tmp_path / "error.txt")
+
+    for kind, texts in TRIAL_ERRORS.items():
+        for text in texts:
+            (tmp_path / "error.txt").write_text(text)
+            assert classify_trial_error(Trial)[0] == kind, text
+
+
+def test_oom_from_an_error_text_known_answers(tmp_path):
+    check_oom_from_error_text(tmp_path)
+
+
+@pytest.mark.parametrize("broken", [
+    lambda text: "out of memory" in text.lower(),  # the words, wherever they are
+    lambda text: "OutOfMemoryError" in text or "memory" in text.lower() and "killed" in text,  # a type's name anywhere
+], ids=["words", "names-anywhere"])
+def test_oom_text_check_catches_words_taken_for_evidence(broken, tmp_path, monkeypatch):
+    from lmtune.sweep import oom
+
+    monkeypatch.setattr(oom, "_oom_text", broken)
+    with pytest.raises(AssertionError):
+        check_oom_from_error_text(tmp_path)
+
+
+def check_tpe_gamma(gamma) -> None:
+    """TPE models a quarter of the finished trials (rounded up) as the good ones, at most 25 (search.tpe_gamma's
+    reason: Optuna's tenth is one to three trials of a small sweep)."""
+    ns = (1, 4, 5, 8, 9, 40, 99, 100, 101, 1000)
+    assert [gamma(n) for n in ns] == [1, 1, 2, 2, 3, 10, 25, 25, 25, 25]
+
+
+def gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path):
+    """The ``gamma`` make_searcher hands to Optuna's TPESampler for a TPE sweep."""
+    built = {}
+    sampler = optuna.samplers.TPESampler
+
+    def spy(*args, **kwargs):
+        built.update(kwargs)
+        return sampler(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", spy)
+    rs = resolve(Sweep(name="g", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}), "g.py")
+    make_searcher(rs, tmp_path)
+    return built["gamma"]
+
+
+def test_tpe_gamma_known_answers(monkeypatch, tmp_path):
+    check_tpe_gamma(gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path))
+
+
+@pytest.mark.parametrize("broken", [
+    lambda n: max(math.ceil(0.25 * n), 25),  # at least 25: every trial of a small sweep is "good"
+    lambda n: min(int(0.25 * n), 25),  # rounded down: no good trial before the fourth
+], ids=["max", "rounded-down"])
+def test_tpe_gamma_check_catches_a_wrong_gamma(broken, monkeypatch, tmp_path):
+    from lmtune.sweep import search
+
+    monkeypatch.setitem(search.TPE_OPTIONS, "gamma", broken)
+    with pytest.raises(AssertionError):
+        check_tpe_gamma(gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path))
 
 
 def test_ledger_status():
@@ -292,6 +397,62 @@ def test_resume_reconciles_the_limiter_and_the_study_with_what_tune_restored(tmp
     by_id = {t.user_attrs.get("trial_id"): t for t in study.trials if t.user_attrs.get("trial_id")}
     assert by_id["rb"].state == optuna.trial.TrialState.COMPLETE and by_id["rb"].value == 2.0
     assert by_id["rc"].state == optuna.trial.TrialState.FAIL and by_id["rc"].user_attrs["status"] == "interrupted"
+
+
+def test_resume_reconciles_a_frontier_plan_with_the_trials_tune_restored_and_trials_csv(tmp_path):
+    """A frontier sweep resumed from an experiment state newer than its searcher state (the searcher's file cut
+    short, an older session's taken): the plan's pending trial had ended (its row is in trials.csv) and Tune
+    restored the next one running. The plan takes both, so it neither launches that point again (two rows for one
+    grid point) nor waits for a result that never comes; a planner's row in trials.csv is no trial. A plan whose
+    trial no restored snapshot has, with nothing restored at all, gives it up and plans its point again."""
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+
+    from lmtune.results.layout import csv_columns, write_trials_csv
+    from lmtune.sweep.resume import Reconciler
+    from lmtune.sweep.spec import Frontier
+
+    x, b = "train.micro_batch_size", "train.ac_budget"
+    s = Sweep(name="fr", base=dict(TINY_CPU), space={x: grid([2, 4, 8, 16]), b: grid([1.0])}, searcher="frontier",
+              frontier=Frontier(headroom_gib=0.0), metric="tokens_per_s", mode="max")
+    rs = resolve(s, "fr.py")
+
+    def searcher_at(n_done: int):
+        searcher = make_searcher(rs, tmp_path, limit_gib=1.0)
+        points = []
+        for n in range(n_done + 1):
+            points.append(searcher.suggest(f"f{n}"))
+            if n < n_done:
+                searcher.on_trial_complete(f"f{n}", {"status": "ok", "peak_reserved_gib": 0.1, "tokens_per_s": 9.0})
+        return searcher, points
+
+    searcher, points = searcher_at(0)  # the saved plan: f0 running
+    ended = {"trial_id": "f0", "status": "ok", "source": "run", **points[0], "peak_reserved_gib": 0.1,
+             "tokens_per_s": 9.0}
+    ahead, more = searcher_at(1)  # what the driver did after that save: f0 ended, f1 started
+    implied = {"trial_id": "implied-001", "status": "oom", "source": "implied", b: 1.0, x: 16}
+    write_trials_csv(tmp_path / "trials.csv", csv_columns([x, b]), [ended, implied])
+
+    class Controller:
+        _search_alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=1))
+
+    rec = Reconciler(results_dir=tmp_path)
+    rec.planner = searcher
+    rec.on_restored_trial(Controller, _Trial("f0", points[0], finished=True))
+    rec.on_restored_trial(Controller, _Trial("f1", more[1], finished=False))
+    rec.after_restore()
+    assert searcher.plan.launch_predictions().keys() == {"f0", "f1"}
+    assert searcher.suggest("f2") is None  # f1's point is running: the plan waits for it, not launches it again
+    for same in (searcher, ahead):
+        same.on_trial_complete("f1", {"status": "ok", "peak_reserved_gib": 0.2, "tokens_per_s": 9.5})
+    assert ahead.suggest("g") == searcher.suggest("f3")  # and goes on as the uninterrupted plan does
+    assert ahead.implied_rows() == searcher.implied_rows()
+
+    lost, points = searcher_at(0)
+    (tmp_path / "trials.csv").unlink()
+    rec = Reconciler(results_dir=tmp_path)
+    rec.planner = lost
+    rec.after_restore()  # nothing restored: no controller ever seen
+    assert lost.suggest("g0") == points[0]
 
 
 def test_resume_sets_aside_a_snapshot_the_interruption_cut_short(tmp_path):

@@ -189,6 +189,98 @@ def test_lr_scaling_and_schedule():
     assert lr_at(54, 1.0, 100, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
 
 
+def check_cosine_schedule(schedule, monkeypatch) -> None:
+    """Known answers of the cosine at a peak lr that is not 1 (at 1 a floor of min_lr_ratio and one of
+    min_lr_ratio·peak are the same number), by hand; then a real run with the trainer on ``schedule`` ends at
+    min_lr_ratio·peak, in its last report and in its optimizer."""
+    import lmtune.training.trainer as trainer_module
+
+    cfg = tiny("train.warmup_steps=10", "train.schedule=cosine", "train.min_lr_ratio=0.1")
+    peak = 3e-3
+    assert schedule(0, peak, 100, cfg) == pytest.approx(3e-4)  # warmup: 1/10 of the peak
+    assert schedule(9, peak, 100, cfg) == pytest.approx(3e-3)
+    assert schedule(54, peak, 100, cfg) == pytest.approx(3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+    assert schedule(99, peak, 100, cfg) == pytest.approx(3e-4)  # the floor: 0.1·peak, at the last step
+    monkeypatch.setattr(trainer_module, "lr_at", schedule)
+    run = Trainer(tiny("train.steps=4", "train.warmup_steps=1", "train.schedule=cosine", "train.min_lr_ratio=0.2",
+                       "train.lr=3e-3", "train.lr_scaling=none", "train.eval_interval=4", "train.log_interval=1"))
+    assert run.fit()["lr"] == pytest.approx(0.2 * 3e-3)
+    groups = run.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([0.2 * 3e-3] * len(groups))
+
+
+def test_cosine_schedule_ends_at_its_floor_relative_to_the_peak(monkeypatch):
+    from lmtune.training.optim import lr_at
+
+    check_cosine_schedule(lr_at, monkeypatch)
+
+
+def _floor_not_scaled(step, peak, total, cfg):
+    """Broken on purpose: the cosine decays to min_lr_ratio itself, not to min_lr_ratio·peak (the same at peak 1)."""
+    from lmtune.training.optim import lr_at
+
+    r, at_one = cfg.train.min_lr_ratio, lr_at(step, 1.0, total, cfg)  # at peak 1 the cosine is r + (1 - r)·c
+    return peak * at_one if step < cfg.train.warmup_steps else r + (peak - r) * (at_one - r) / (1 - r)
+
+
+def _floor_one_step_late(step, peak, total, cfg):
+    """Broken on purpose: the cosine reaches its floor one step after the run's last step."""
+    from lmtune.training.optim import lr_at
+
+    return lr_at(step, peak, total + 1, cfg)
+
+
+@pytest.mark.parametrize("broken", [_floor_not_scaled, _floor_one_step_late], ids=lambda f: f.__name__.strip("_"))
+def test_schedule_check_catches_a_wrong_floor(broken, monkeypatch):
+    with pytest.raises(AssertionError):
+        check_cosine_schedule(broken, monkeypatch)
+
+
+def check_epochs_to_steps(plan_of) -> None:
+    """train.epochs counts passes over the training split: windows of seq_len tokens, micro_batch_size ·
+    accumulation_steps · workers of them per optimizer step, rounded up; by hand, on 1, 2 and 4 data-parallel
+    workers (tests/test_ddp.py runs it on two)."""
+    cfg = tiny("train.epochs=1.5", "train.micro_batch_size=4", "train.accumulation_steps=2")  # seq_len 32
+    tokens = 32 * 1000 + 1  # 1000 windows (the last one's targets need a token past it)
+    assert [plan_of(cfg, tokens, world).total_steps for world in (1, 2, 4)] == [188, 94, 47]  # ⌈1500 / (8·world)⌉
+    assert plan_of(tiny("train.steps=7"), tokens, 2).total_steps == 7  # without epochs: the steps as given
+
+
+def test_epochs_turn_into_steps_over_every_worker():
+    from lmtune.training.optim import Plan
+
+    check_epochs_to_steps(Plan.of)
+
+
+def _epochs_per_worker(cfg, train_tokens, world_size):
+    """Broken on purpose: the steps of an epoch counted as if one worker took every window."""
+    import dataclasses
+
+    from lmtune.training.optim import Plan
+
+    alone = Plan.of(cfg, train_tokens, 1)
+    return dataclasses.replace(Plan.of(cfg, train_tokens, world_size), total_steps=alone.total_steps)
+
+
+def _epochs_rounded_down(cfg, train_tokens, world_size):
+    """Broken on purpose: the last, partial step of an epoch dropped."""
+    import dataclasses
+
+    from lmtune.training.optim import Plan
+
+    plan = Plan.of(cfg, train_tokens, world_size)
+    t = cfg.train
+    windows = (train_tokens - 1) // cfg.data.seq_len
+    steps = int(t.epochs * windows / (t.micro_batch_size * t.accumulation_steps * world_size))
+    return dataclasses.replace(plan, total_steps=steps) if t.epochs else plan
+
+
+@pytest.mark.parametrize("broken", [_epochs_per_worker, _epochs_rounded_down], ids=lambda f: f.__name__.strip("_"))
+def test_epochs_check_catches_steps_counted_wrong(broken):
+    with pytest.raises(AssertionError):
+        check_epochs_to_steps(broken)
+
+
 class LastMicroBatchOnly(Trainer):
     """Broken on purpose: keeps only the last micro-batch's gradient."""
 
@@ -278,17 +370,56 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path, no_wandb_env):
     assert run.summary["status"] == "ok" and run.summary["val_loss"] == pytest.approx(run.history[-1]["val_loss"])
 
 
-def test_resumed_run_continues_its_wandb_run(tmp_path, no_wandb_env):
+def check_trial_continues_its_wandb_run(wandb_kwargs, tmp_path) -> None:
+    """A sweep trial's W&B settings (``TrialSettings.wandb_kwargs``) name its run by the trial and ask W&B to
+    continue that run where it exists; a trial resumed from its checkpoint with them (a retry, a resumed sweep) logs
+    into the same run, from the step after the checkpoint. Offline, each attempt is a directory of its own: the
+    run id and the resume flag in each are what `wandb sync` (and an online run at once) joins them by; without
+    the flag a second attempt of the same id is refused online, or replaces the first."""
+    from lmtune.sweep.trainable import TrialSettings, wandb_run_id
     from tests.wandb_log import read_run
 
-    kw = {"project": "lmtune-test", "name": "r", "dir": str(tmp_path), "id": "resume-me-1", "resume": "allow"}
+    settings = TrialSettings(results_dir=str(tmp_path), group="1-sweep-20261201-000000-000000", train_storage="")
+    kw = wandb_kwargs(settings, "1a2b3c4d")
+    run_id = wandb_run_id(settings.group, "1a2b3c4d")
+    assert kw == {"project": "lmtune", "group": settings.group, "name": "1a2b3c4d", "dir": str(tmp_path),
+                  "id": run_id, "resume": "allow"}
     Trainer(tiny("train.steps=10"), out_dir=tmp_path / "part", wandb=kw).fit()
-    Trainer(tiny(), out_dir=tmp_path / "part", wandb=kw, resume_from=tmp_path / "part" / "checkpoint").fit()
+    again = wandb_kwargs(settings, "1a2b3c4d")  # the resumed trial's, made anew in its process
+    Trainer(tiny(), out_dir=tmp_path / "part", wandb=again, resume_from=tmp_path / "part" / "checkpoint").fit()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
-    first, second = (read_run(r) for r in runs)  # two offline directories of one run id: `wandb sync` joins them
-    assert first.run_id == second.run_id == "resume-me-1"
+    first, second = (read_run(r) for r in runs)
+    assert first.run_id == second.run_id == run_id and first.resume and second.resume
     assert max(row["step"] for row in first.history) == 10
     assert min(row["step"] for row in second.history) == 15  # it goes on after the step-10 checkpoint
+
+
+def test_resumed_trial_continues_its_wandb_run(tmp_path, no_wandb_env):
+    from lmtune.sweep.trainable import TrialSettings
+
+    check_trial_continues_its_wandb_run(TrialSettings.wandb_kwargs, tmp_path)
+
+
+def _without_resume(kwargs: dict) -> dict:
+    """Broken on purpose: the trial's run settings without ``resume="allow"`` (offline runs ignore it)."""
+    return {k: v for k, v in kwargs.items() if k != "resume"}
+
+
+def _a_run_per_attempt(kwargs: dict) -> dict:
+    """Broken on purpose: a new run id per attempt (the run is named after the trial, but not continued)."""
+    import uuid
+
+    return {**kwargs, "id": uuid.uuid4().hex[:12]}
+
+
+@pytest.mark.parametrize("broken", [_without_resume, _a_run_per_attempt], ids=lambda f: f.__name__.strip("_"))
+def test_wandb_check_catches_a_trial_that_does_not_continue_its_run(broken, tmp_path, no_wandb_env, monkeypatch):
+    from lmtune.sweep.trainable import TrialSettings
+
+    made = TrialSettings.wandb_kwargs
+    monkeypatch.setattr(TrialSettings, "wandb_kwargs", lambda settings, trial_id: broken(made(settings, trial_id)))
+    with pytest.raises(AssertionError):
+        check_trial_continues_its_wandb_run(TrialSettings.wandb_kwargs, tmp_path)
 
 
 def test_no_wandb_writes_no_run(in_tmp, no_wandb_env):

@@ -49,6 +49,9 @@ def records(path: Path) -> Iterator[Any]:
 @dataclass
 class OfflineRun:
     run_id: str
+    resume: bool = False
+    """The run was started to continue a run of the same id where one exists (``wandb.init(resume="allow")``):
+    what ``wandb sync`` of an offline run, and an online run at once, does with it."""
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +80,7 @@ def read_run(run_dir: Path) -> OfflineRun:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run.run_id = rec.run.run_id
+            run.resume = rec.run.resume
             run.config.update(_items(rec.run.config.update))
         elif kind == "config":
             run.config.update(_items(rec.config.update))

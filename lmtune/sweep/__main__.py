@@ -11,7 +11,7 @@ import argparse
 import shlex
 import sys
 
-from lmtune.cli import user_errors_exit_2
+from lmtune.cli import parse_command_line, user_errors_exit_2
 from lmtune.config import ConfigError
 
 
@@ -19,7 +19,6 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lmtune.sweep",
         description="Run a sweep file on Ray Tune + Optuna (embedded local Ray unless --address is given).",
-        allow_abbrev=False,
     )
     p.add_argument("sweep_file", metavar="SWEEP.py", help="a sweep file, e.g. sweeps/norm_warmup.py")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -43,16 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = _parser()
-    # argparse's own errors exit 2 with usage; keep them to one line like every other bad input.
-    options = ", ".join(a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help")
-
-    def error(message: str):
-        raise ConfigError(f"{message}; accepted: SWEEP.py, section.key=value overrides and the options {options} "
-                          f"(python -m lmtune.sweep --help).")
-
-    parser.error = error  # type: ignore[method-assign]
-    args = parser.parse_intermixed_args(argv)
+    args = parse_command_line(_parser(), argv, "SWEEP.py, section.key=value overrides")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not accepted: expected an integer >= 1.")
     if args.no_dashboard and args.address:

@@ -3,7 +3,9 @@
 Tune calls it in the driver for every trial event; it writes ``trials/{id}/metrics.jsonl`` (every report),
 ``trials/{id}/summary.json`` (all reported metrics, last value of each, + status + the trial's flat config)
 and rewrites ``trials.csv`` whenever a trial ends, so an interrupted sweep leaves a complete table of what
-finished. Statuses come from the run's :class:`lmtune.sweep.oom.Ledger` and the trial's own final report.
+finished. A frontier sweep's rows for the points its planner decided without running them are the planner's alone,
+written from what it knows at each write and never read back as trials (a resume that did wrote them twice).
+Statuses come from the run's :class:`lmtune.sweep.oom.Ledger` and the trial's own final report.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Protocol, TextIO
 
 from ray.tune import Callback
 
@@ -36,6 +38,14 @@ _TUNE_KEYS = {
 }
 
 
+class Planner(Protocol):
+    """What the writer asks of a frontier sweep's searcher (:class:`lmtune.sweep.search.FrontierSearcher`)."""
+
+    def implied_rows(self) -> list[dict[str, Any]]: ...
+
+    def launch_predictions(self) -> dict[str, float | None]: ...
+
+
 def _metrics_only(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in _TUNE_KEYS and not k.startswith("config/")}
 
@@ -57,6 +67,8 @@ class ResultsWriter(HoldsLedger, Callback):
         self.extra_columns = list(extra_columns)
         self.columns = csv_columns(self.space_keys, self.extra_columns)
         self._out = out
+        self.planner: Planner | None = None
+        """A frontier sweep's searcher, set by the runner (not pickled): the rows of the points never launched."""
         self._reset()
 
     def _reset(self) -> None:
@@ -79,6 +91,7 @@ class ResultsWriter(HoldsLedger, Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._out = None
+        self.planner = None
         self._reset()
 
     @property
@@ -98,6 +111,8 @@ class ResultsWriter(HoldsLedger, Callback):
     def setup(self, **info) -> None:
         (self.results_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
         for row in read_trials_csv(self.results_dir / TRIALS_CSV, typed=False):  # a resumed sweep keeps its finished rows
+            if (row.get("source") or "run") != "run":
+                continue  # a planner's row: the planner writes its rows as it knows them now
             self.rows[row["trial_id"]] = dict(row)
             self.finished_before.add(row["trial_id"])
 
@@ -189,6 +204,8 @@ class ResultsWriter(HoldsLedger, Callback):
         self.ended[tid] = time.time()
         row["wall_time_s"] = round(time.time() - started, 3) if started else None
         row.update({k: last.get(k) for k in PLACEMENT})
+        if self.planner is not None:
+            row["predicted_peak_gib"] = self.planner.launch_predictions().get(tid)
         message = ""
         if status in FAILED and tid in self.ledger.errors:
             message = self.ledger.errors[tid][1]
@@ -228,9 +245,10 @@ class ResultsWriter(HoldsLedger, Callback):
             parts.append(row["error"])
         return "  ".join(parts)
 
-    def write_csv(self, extra_rows: Iterable[dict[str, Any]] = ()) -> None:
-        rows = list(self.rows.values()) + list(extra_rows)
-        write_trials_csv(self.results_dir / TRIALS_CSV, self.columns, rows)
+    def write_csv(self) -> None:
+        """trials.csv: one row per trial, then the planner's rows for the points it decided without running them."""
+        planned = self.planner.implied_rows() if self.planner is not None else []
+        write_trials_csv(self.results_dir / TRIALS_CSV, self.columns, [*self.rows.values(), *planned])
 
     def done(self) -> int:
         return len(self.rows)

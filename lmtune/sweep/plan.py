@@ -351,6 +351,77 @@ class FrontierPlan(_Findings):
         return (all(p.state != "pending" for line in self.lines for p in line.points)
                 and all(self._line_probe(line) is None for line in self.lines) and self._throughput_probe() is None)
 
+    # --- a resumed sweep --------------------------------------------------------------------------
+
+    def reconcile(self, restored: Mapping[str, tuple[Mapping[str, Any], bool]],
+                  recorded: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """After ``--resume``: make the plan agree with the trials Tune restored and those the driver recorded.
+
+        The plan is saved with Tune's searcher state, a moment after the experiment's trials, and a driver killed
+        between the two writes (or while Tune copied them to the storage, when the resume falls back to an older
+        whole snapshot) resumes a plan a step behind or ahead of them. Left so, the plan launches a point once more
+        under a new id while its first trial runs or has its row (two rows for one grid point), or waits forever
+        for a trial Tune no longer has. The trials decide: every trial Tune restored or the driver recorded holds
+        its point, and only a pending trial that neither knows is given up (its point is planned again).
+
+        ``restored``: trial id → (its config, finished) for every trial Tune restored; ``recorded``: trial id →
+        the row (status and metrics, typed) of every trial the driver recorded as ended. Returns what changed, one
+        line each.
+        """
+        changes = []
+        for tid, (line, p) in list(self._by_trial.items()):
+            if p.state != "pending" or (tid in restored and not restored[tid][1]):
+                continue  # settled, or Tune runs it again and its result comes back as it does for any trial
+            if tid in recorded:
+                self.complete(tid, recorded[tid])
+                changes.append(f"{line.label()}, {self.x_key}={p.x}: trial {tid} ended before the interruption "
+                               f"({p.status})")
+            else:
+                self._give_up(tid)
+                changes.append(f"{line.label()}, {self.x_key}={p.x}: trial {tid} is in no restored snapshot; "
+                               f"the point is planned again")
+        for tid, config in [*((t, c) for t, (c, _) in restored.items()), *recorded.items()]:
+            found = self._point_at(config)
+            if tid in self._by_trial or found is None or found[1].state != "unknown":
+                continue
+            line, p = found
+            self._adopt(tid, line, p)
+            if tid in restored and not restored[tid][1]:
+                pass  # Tune runs it again: its result comes back as any trial's does
+            elif tid in recorded:
+                self.complete(tid, recorded[tid])
+            else:  # Tune keeps it finished but nothing says how it ended: the point runs again
+                self._give_up(tid)
+                continue
+            changes.append(f"{line.label()}, {self.x_key}={p.x}: trial {tid}, unknown to the saved plan, holds the "
+                           f"point ({p.status or 'running'})")
+        return changes
+
+    def _adopt(self, trial_id: str, line: Line, p: Point) -> None:
+        """Take a trial the plan has no record of as its point's. When it is the probe the plan would launch now (a
+        plan one step behind the trials), it is launched as that probe, with its purpose and prediction, and the
+        search goes on as if the plan had launched it; otherwise as a point of no purpose."""
+        turn = self._next_line
+        if self.suggest(trial_id) == {**dict(line.key), self.x_key: p.x}:
+            return
+        if trial_id in self._by_trial:  # it chose another point: not launched after all
+            self._give_up(trial_id)
+        self._next_line = turn
+        p.state, p.trial_id, p.purpose, p.guided, p.predicted = "pending", trial_id, "resumed", False, None
+        self._by_trial[trial_id] = (line, p)
+
+    def _point_at(self, config: Mapping[str, Any]) -> tuple[Line, Point] | None:
+        """The (line, point) of a trial's config, None when it is not a point of this grid."""
+        for line in self.lines:
+            if all(k in config and config[k] == v for k, v in line.key):
+                return next(((line, p) for p in line.points if p.x == config.get(self.x_key)), None)
+        return None
+
+    def _give_up(self, trial_id: str) -> None:
+        """The pending trial will never report: its point is unknown again (the plan may launch it anew)."""
+        _, p = self._by_trial.pop(trial_id)
+        p.state, p.trial_id, p.purpose, p.guided, p.predicted = "unknown", None, "", False, None
+
 def prediction_summary(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean/max absolute error over the feasible points, and how many OOM points the fit saw coming."""
     errs = [abs(e["error_gib"]) for e in errors if e.get("error_gib") is not None]

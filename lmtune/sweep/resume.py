@@ -29,7 +29,9 @@ trials asked after the snapshot and never told. The protocol, in the order it ru
 4. **Before the first new suggestion** (:meth:`Reconciler.after_restore`, from the results writer's first
    ``on_step_begin``): Optuna trials still RUNNING that belong to no restored trial were asked after the snapshot:
    they are closed as FAIL (``status=interrupted``) and their point enqueued, so that the sweep runs it next
-   (:func:`requeue_orphans`).
+   (:func:`requeue_orphans`). A frontier sweep's plan is made to agree with the restored trials and the rows the
+   driver recorded in the same way (:meth:`lmtune.sweep.plan.FrontierPlan.reconcile`), so that no grid point runs
+   twice and the plan waits for no trial that will never report.
 5. **Trials** restarted by the resume: one the driver had recorded as finished replays its recorded result
    instead of training again (:func:`finished_before`, marked ``REPLAYED``); one restarted from a checkpoint
    sends the reports its checkpoint holds again, and what the earlier attempt recorded from there on is
@@ -51,8 +53,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmtune.config import ConfigError
-from lmtune.contract import LOG_DIR, STATUSES, SUMMARY_JSON, SWEEP_JSON, TUNE_DIR
-from lmtune.results.layout import keep_reports, order, runs_of, trial_dir
+from lmtune.contract import LOG_DIR, STATUSES, SUMMARY_JSON, SWEEP_JSON, TRIALS_CSV, TUNE_DIR
+from lmtune.results.layout import keep_reports, order, read_trials_csv, runs_of, trial_dir
 from lmtune.sweep import compat, snapshot
 from lmtune.sweep.oom import HoldsLedger, Ledger
 
@@ -107,13 +109,13 @@ def find_resumable(local_root: Path, name: str, smoke: bool, remote: str | None)
                       f"run it without --resume first.")
 
 
-def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger, out: TextIO):
+def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger, results_dir: Path, out: TextIO):
     """(the restored Tuner, the resume's :class:`Reconciler`) for the experiment at ``tune_path``."""
     from ray import tune
 
     if not tune.Tuner.can_restore(tune_path):
         raise ConfigError(f"--resume: {tune_path} holds no Tune experiment to continue.")
-    reconciler = ledger.reconciler = Reconciler(tune_path)
+    reconciler = ledger.reconciler = Reconciler(tune_path, results_dir)
     snapshot.repair_tuner_file(tune_path, out)
     snapshot.repair_snapshot(tune_path, out)
     reconciler.files_before = snapshot.files(tune_path)
@@ -121,6 +123,7 @@ def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger
     tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     ledger.scheduler = compat.tuner_scheduler(tuner)
+    reconciler.planner = _frontier_search(compat.tuner_search_alg(tuner))
     for part in [ledger.scheduler, *_chain(compat.tuner_search_alg(tuner)), *compat.tuner_callbacks(tuner)]:
         if isinstance(part, HoldsLedger):  # lmtune's scheduler, Optuna searcher and results writer
             part.ledger = ledger
@@ -137,8 +140,11 @@ class RestoreFailed(RuntimeError):
 class Reconciler:
     """The state of one resume (made by :func:`restore`)."""
 
-    def __init__(self, tune_path: str = ""):
+    def __init__(self, tune_path: str = "", results_dir: Path | None = None):
         self.tune_path = tune_path
+        self.results_dir = results_dir
+        self.planner: Any = None
+        """A frontier sweep's searcher (its plan is reconciled with what Tune restored), None otherwise."""
         self.controller: Any = None
         self.restored: list[Any] = []
         self.done = False
@@ -192,6 +198,10 @@ class Reconciler:
         if self.done:
             return
         self.done = True
+        if self.planner is not None:  # even with no trial restored: the plan may wait for one
+            restored = {t.trial_id: (getattr(t, "config", None) or {}, t.is_finished()) for t in self.restored}
+            for change in self.planner.plan.reconcile(restored, recorded_trials(self.results_dir)):
+                logger.info("resume: frontier plan: %s", change)
         if self.controller is None:
             return
         search = _study_search(self.controller)
@@ -247,6 +257,22 @@ def _study_search(controller: Any):
     from lmtune.sweep.search import StudySearch  # Ray and Optuna: imported once Tune runs, never on bad input
 
     return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, StudySearch)), None)
+
+
+def _frontier_search(search_alg: Any):
+    """The frontier planner's searcher (:class:`lmtune.sweep.search.FrontierSearcher`) in a search algorithm's chain."""
+    from lmtune.sweep.search import FrontierSearcher
+
+    return next((a for a in _chain(search_alg) if isinstance(a, FrontierSearcher)), None)
+
+
+def recorded_trials(results_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """trial id → trials.csv row (typed) of every trial the driver recorded as ended; host_oom is retried, not ended
+    (as :func:`finished_before` reads it), and planner rows are no trials."""
+    if results_dir is None:
+        return {}
+    return {r["trial_id"]: r for r in read_trials_csv(Path(results_dir) / TRIALS_CSV)
+            if r["source"] == "run" and r.get("status") in STATUSES and r["status"] != "host_oom"}
 
 
 def _trial_point(trial: Any, search: Any) -> dict[str, Any]:

@@ -324,7 +324,11 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     reconciler = None
     if resume:
         tuner, reconciler = resume_protocol.restore(tune_path, trainable=trainable, param_space=param_space,
-                                                    ledger=ledger, out=out)
+                                                    ledger=ledger, results_dir=results_dir, out=out)
+        # Tune restores them from its tuner.pkl (the writer) and its searcher snapshot (the searcher's state, into
+        # this same object when the run starts)
+        writer = next(cb for cb in compat.tuner_callbacks(tuner) if isinstance(cb, ResultsWriter))
+        searcher = resume_protocol.innermost(compat.tuner_search_alg(tuner))
     else:
         limit = rs.base.get("system.memory_limit_gib") or device_memory(rs).get("device_memory_gib")
         searcher = make_searcher(rs, results_dir, ledger=ledger, limit_gib=limit or None)
@@ -346,6 +350,8 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
+    if rs.searcher == "frontier":
+        writer.planner = searcher  # the rows of the points it never launched, in trials.csv at every write
     snapshot.keep_tuner_file(tune_path)
     if resume and max_concurrent:
         print("note: --max-concurrent is fixed when a sweep starts; the resumed run keeps its value.", file=out)
@@ -366,9 +372,6 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
             "experiment snapshots (trial added / checkpointed / ended): %d, %.2f s in all, longest %.3f s",
             len(ledger.snapshots), sum(ledger.snapshots), max(ledger.snapshots))
 
-    if resume:  # Tune restored them from its tuner.pkl and searcher snapshot
-        writer = next(cb for cb in compat.tuner_callbacks(tuner) if isinstance(cb, ResultsWriter))
-        searcher = resume_protocol.innermost(compat.tuner_search_alg(tuner))
     # Ctrl-C ends Tune's loop early (the state is saved): trials left running or pending, or fewer than the
     # sweep asks for (the frontier planner may rightly stop early: its plan says whether it is done).
     if rs.searcher == "frontier":
@@ -376,13 +379,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     else:
         planned_more = len(grid) < rs.num_trials
     interrupted = grid.num_terminated + grid.num_errors < len(grid) or planned_more
-    if rs.searcher == "frontier" and searcher is not None and hasattr(searcher, "implied_rows"):
-        predictions = searcher.plan.launch_predictions()
-        for tid, row in writer.rows.items():
-            row.setdefault("predicted_peak_gib", predictions.get(tid))
-        writer.write_csv(searcher.implied_rows())
-    else:
-        writer.write_csv()
+    writer.write_csv()
     rows = read_trials_csv(results_dir / TRIALS_CSV)
     best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=space_keys,
                                  searcher=rs.searcher, frontier=rs.frontier, tune_dir=tune_path)

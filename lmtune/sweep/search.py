@@ -304,8 +304,7 @@ class FrontierSearcher(Searcher):
         searcher = FrontierSearcher(plan, metric=metric, mode=mode)
         tune.TuneConfig(search_alg=searcher, num_samples=plan.grid_size, max_concurrent_trials=N)
         ...
-        rows = searcher.plan.implied_rows()                 # append to trials.csv
-        predicted = searcher.plan.launch_predictions()      # trials.csv column predicted_peak_gib
+        writer.planner = searcher   # trials.csv: implied_rows() after the trials, launch_predictions() per trial
 
     Tune's ``param_space`` must not hold the frontier's grid axes (the searcher suggests them as flat
     dotted keys, merged into the param_space by Tune). A trial's final result must carry ``status``
@@ -328,6 +327,9 @@ class FrontierSearcher(Searcher):
 
     def implied_rows(self) -> list[dict[str, Any]]:
         return self.plan.implied_rows()
+
+    def launch_predictions(self) -> dict[str, float | None]:
+        return self.plan.launch_predictions()
 
     def prediction_errors(self) -> list[dict[str, Any]]:
         return self.plan.prediction_errors()
