@@ -299,3 +299,38 @@ def test_prepare_refuses_what_it_cannot_read_in_one_line(tmp_path, capsys):
     assert "is not accepted" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         source("files", [])
+
+
+def test_shards_on_an_object_store_are_copied_once_per_node_and_checked(tmp_path, monkeypatch, prepared):
+    """prepare --out s3://… uploads; a run with data.prepared=s3://… copies them into its node's cache once (the next
+    run reads the copy), each shard checked against its digest."""
+    from lmtune.data.__main__ import _upload
+    from lmtune.data.prepared import local_copy
+    from lmtune.train import Trainer
+    from tests.s3 import CREDENTIALS, local_s3
+
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    with local_s3("lmtune") as endpoint:
+        uri = f"s3://lmtune/prepared/builtin?endpoint_override={endpoint}&scheme=http"
+        _upload(prepared, uri)
+        cache = tmp_path / "cache"
+        first = Trainer(tiny(f"data.prepared={uri}", f"data.cache_dir={cache}", "train.steps=4")).fit()
+        copy = local_copy(uri, cache)
+        assert first["status"] == "ok" and sorted(p.name for p in copy.glob("*.bin")) == \
+            sorted(p.name for p in prepared.glob("*.bin"))
+        stamps = {p.name: p.stat().st_mtime_ns for p in copy.glob("*.bin")}
+        Trainer(tiny(f"data.prepared={uri}", f"data.cache_dir={cache}", "train.steps=4")).fit()
+        assert {p.name: p.stat().st_mtime_ns for p in copy.glob("*.bin")} == stamps  # read, not fetched again
+
+
+def test_auto_prepares_the_dataset_once_and_reads_the_shards_after(tmp_path, capsys):
+    from lmtune.train import Trainer
+
+    cache = tmp_path / "cache"
+    first = Trainer(tiny("data.prepared=auto", f"data.cache_dir={cache}", "train.steps=4")).fit()
+    assert "data.prepared=auto: preparing builtin once into" in capsys.readouterr().err
+    (directory,) = (cache / "prepared").iterdir()
+    assert first["data_source"].startswith(f"prepared {directory}:") and not (cache / "tokens").exists()
+    again = Trainer(tiny("data.prepared=auto", f"data.cache_dir={cache}", "train.steps=4")).fit()
+    assert "preparing" not in capsys.readouterr().err and again["val_loss"] == first["val_loss"]

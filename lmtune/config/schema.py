@@ -99,7 +99,8 @@ class DataConfig:
     prepared: str = ""
     """Token shards prepared once (`python -m lmtune.data prepare DATASET --out DIR`, or llm.c's / modded-nanogpt's
     .bin shards): a directory or an object-store URI (s3://…, copied once per node). Every run reads them memory-mapped
-    and never tokenizes; data.dataset, files, fraction and val_fraction are then the prepare's business."""
+    and never tokenizes; data.dataset, files, fraction and val_fraction are then the prepare's business. `auto`:
+    data.dataset is prepared once (into the cache; a sweep's driver prepares it into its storage before any trial)."""
     limit_tokens: int = field(default=0, metadata=_range(ge=0))
     """With data.prepared: train on the first N tokens of the training shards only (a data-constrained study repeats
     epochs over a fixed subset); 0 = all."""

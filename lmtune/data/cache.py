@@ -6,6 +6,7 @@ next run; the key hashes everything that decides them, found without reading the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 
 from lmtune.config import ConfigError, DataConfig
 from lmtune.data.corpora import _chars, _source_identity, _split_at, load_corpus
-from lmtune.data.prepared import locate, open_splits
+from lmtune.data.prepared import AUTO, auto_prepared, locate, open_splits
 from lmtune.data.tokenizers import TOKENIZERS, get_tokenizer, tokenize_documents
 
 CACHE_ENV = "LMTUNE_CACHE"
@@ -94,7 +95,10 @@ def _write_cache(final: Path, train: np.ndarray, val: np.ndarray, meta: dict[str
 
 
 def load_prepared(cfg: DataConfig) -> TokenSplits:
-    """The splits of ``data.prepared``'s shards, memory-mapped (:mod:`lmtune.data.prepared`)."""
+    """The splits of ``data.prepared``'s shards, memory-mapped (:mod:`lmtune.data.prepared`); ``auto``: data.dataset
+    prepared once into the cache first."""
+    if cfg.prepared == AUTO:
+        cfg = dataclasses.replace(cfg, prepared=str(auto_prepared(cfg, cache_root(cfg))))
     directory, index = locate(cfg, cache_root(cfg))
     train, val = open_splits(directory, index, cfg.limit_tokens)
     limit = f" (its first {len(train):,}: data.limit_tokens)" if cfg.limit_tokens else ""

@@ -10,15 +10,45 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import os
+import sys
 from pathlib import Path
+from typing import TextIO
 
 from lmtune.config import ConfigError, DataConfig
+from lmtune.data.corpora import _source_identity
 from lmtune.data.shards import INDEX, Index, ShardedTokens, file_sha256, llmc_index, read_header
+
+AUTO = "auto"
+"""``data.prepared=auto``: data.dataset prepared once into ``<root>/prepared/`` (the cache, or a sweep's storage), then
+read from there."""
 
 
 def prepare_command(cfg: DataConfig, where: str) -> str:
     files = " --files " + " ".join(cfg.files) if cfg.dataset == "files" and cfg.files else ""
     return f"python -m lmtune.data prepare {cfg.dataset}{files} --tokenizer {cfg.tokenizer} --out {where}"
+
+
+def auto_prepared(cfg: DataConfig, root: Path, *, out: TextIO | None = None) -> Path:
+    """The directory of ``data.dataset``'s shards under ``root/prepared``, prepared first where they are not (by this
+    process, once: a second one waits on the prepare's lock and then finds them). The directory's name holds a digest
+    of what decides the shards (the source's identity, the tokenizer, the validation rule)."""
+    from lmtune.data.prepare import Settings, prepare, source
+
+    out = out or sys.stderr
+    identity = {"source": _source_identity(cfg), "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction,
+                "val_tokens": cfg.val_tokens}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.dataset.rstrip("/").split("/")[-1])
+    directory = root / "prepared" / f"{slug}-{cfg.tokenizer}-{digest}"
+    index = Index.read(directory)
+    if index is None or not index.complete:
+        print(f"data.prepared=auto: preparing {cfg.dataset} once into {directory}", file=out, flush=True)
+        settings = Settings(tokenizer=cfg.tokenizer, workers=max(1, min(8, os.cpu_count() or 1)),
+                            val_fraction=cfg.val_fraction, val_tokens=cfg.val_tokens)
+        prepare(source(cfg.dataset, cfg.files), directory, settings, progress=out.isatty())
+    return directory
 
 
 def local_copy(uri: str, cache: Path) -> Path:
