@@ -96,6 +96,16 @@ class DataConfig:
     """Share of the text held out for validation when no validation split exists."""
     cache_dir: str = ""
     """Where tokenized arrays are cached; empty means $LMTUNE_CACHE or ~/.cache/lmtune."""
+    prepared: str = ""
+    """Token shards prepared once (`python -m lmtune.data prepare DATASET --out DIR`, or llm.c's / modded-nanogpt's
+    .bin shards): a directory or an object-store URI (s3://…, copied once per node). Every run reads them memory-mapped
+    and never tokenizes; data.dataset, files, fraction and val_fraction are then the prepare's business. `auto`:
+    data.dataset is prepared once (into the cache; a sweep's driver prepares it into its storage before any trial)."""
+    limit_tokens: int = field(default=0, metadata=_range(ge=0))
+    """With data.prepared: train on the first N tokens of the training shards only (a data-constrained study repeats
+    epochs over a fixed subset); 0 = all."""
+    val_tokens: int = field(default=10_000_000, metadata=_range(ge=1))
+    """Validation tokens a prepare holds out at most (from the validation split, or documents held out by hash)."""
 
 
 @dataclass

@@ -21,37 +21,56 @@ cache, load_tokens) and :mod:`~lmtune.data.sampler` (Batches, eval_batches). Thi
 their public names; a test that patches a name patches it in the module that looks it up.
 """
 
-from lmtune.data.cache import CACHE_ENV, CACHE_FORMAT, TokenSplits, cache_key, cache_root, load_tokens
-from lmtune.data.corpora import (
-    FILE_SUFFIXES,
-    HUB_ALIASES,
-    HUB_ROOT_ENV,
-    LINE_REPOS,
-    Corpus,
-    HubSource,
-    load_corpus,
-    resolve_hub,
-)
-from lmtune.data.sampler import IGNORE_INDEX, Batches, eval_batches
-from lmtune.data.tokenizers import (
-    BATCH_CHARS,
-    CHUNK_CHARS,
-    ENDOFTEXT,
-    GPT2_ENCODER_JSON_SHA256,
-    GPT2_EOT,
-    GPT2_PAT_STR,
-    GPT2_VOCAB_BPE_SHA256,
-    GPT2_VOCAB_SIZE,
-    PROGRESS_MIN_CHARS,
-    TOKENIZERS,
-    ByteTokenizer,
-    GPT2Tokenizer,
-    Tokenizer,
-    get_tokenizer,
-    gpt2_encoding,
-    token_dtype,
-    tokenize_documents,
-)
+import importlib
+from typing import Any
+
+# Imported when first asked for (PEP 562): a tokenizing worker process imports lmtune.data.prepare without torch,
+# which the sampler needs and the tokenizer does not.
+_PUBLIC = {
+    'BATCH_CHARS': 'lmtune.data.tokenizers',
+    'Batches': 'lmtune.data.sampler',
+    'ByteTokenizer': 'lmtune.data.tokenizers',
+    'CACHE_ENV': 'lmtune.data.cache',
+    'CACHE_FORMAT': 'lmtune.data.cache',
+    'CHUNK_CHARS': 'lmtune.data.tokenizers',
+    'Corpus': 'lmtune.data.corpora',
+    'ENDOFTEXT': 'lmtune.data.tokenizers',
+    'FILE_SUFFIXES': 'lmtune.data.corpora',
+    'GPT2Tokenizer': 'lmtune.data.tokenizers',
+    'GPT2_ENCODER_JSON_SHA256': 'lmtune.data.tokenizers',
+    'GPT2_EOT': 'lmtune.data.tokenizers',
+    'GPT2_PAT_STR': 'lmtune.data.tokenizers',
+    'GPT2_VOCAB_BPE_SHA256': 'lmtune.data.tokenizers',
+    'GPT2_VOCAB_SIZE': 'lmtune.data.tokenizers',
+    'HUB_ALIASES': 'lmtune.data.corpora',
+    'HUB_ROOT_ENV': 'lmtune.data.corpora',
+    'HubSource': 'lmtune.data.corpora',
+    'IGNORE_INDEX': 'lmtune.data.sampler',
+    'LINE_REPOS': 'lmtune.data.corpora',
+    'PROGRESS_MIN_CHARS': 'lmtune.data.tokenizers',
+    'TOKENIZERS': 'lmtune.data.tokenizers',
+    'TokenSplits': 'lmtune.data.cache',
+    'Tokenizer': 'lmtune.data.tokenizers',
+    'cache_key': 'lmtune.data.cache',
+    'cache_root': 'lmtune.data.cache',
+    'eval_batches': 'lmtune.data.sampler',
+    'get_tokenizer': 'lmtune.data.tokenizers',
+    'gpt2_encoding': 'lmtune.data.tokenizers',
+    'load_corpus': 'lmtune.data.corpora',
+    'load_tokens': 'lmtune.data.cache',
+    'resolve_hub': 'lmtune.data.corpora',
+    'token_dtype': 'lmtune.data.tokenizers',
+    'tokenize_documents': 'lmtune.data.tokenizers',
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'lmtune.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BATCH_CHARS", "CACHE_ENV", "CACHE_FORMAT", "CHUNK_CHARS", "ENDOFTEXT", "FILE_SUFFIXES",
@@ -61,3 +80,7 @@ __all__ = [
     "cache_key", "cache_root", "eval_batches", "get_tokenizer", "gpt2_encoding", "load_corpus",
     "load_tokens", "resolve_hub", "token_dtype", "tokenize_documents",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

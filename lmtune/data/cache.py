@@ -6,6 +6,7 @@ next run; the key hashes everything that decides them, found without reading the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import numpy as np
 
 from lmtune.config import ConfigError, DataConfig
 from lmtune.data.corpora import _chars, _source_identity, _split_at, load_corpus
+from lmtune.data.prepared import AUTO, auto_prepared, locate, open_splits
 from lmtune.data.tokenizers import TOKENIZERS, get_tokenizer, tokenize_documents
 
 CACHE_ENV = "LMTUNE_CACHE"
@@ -38,8 +40,11 @@ class TokenSplits:
     source: str
     """Where the text came from and how validation was chosen."""
     cache_hit: bool
-    """True when the tokens were read from the cache without tokenizing."""
+    """True when the tokens were read from the cache (or prepared shards) without tokenizing."""
     cache_path: Path
+    streamed: bool = False
+    """The splits are prepared shards (:class:`~lmtune.data.shards.ShardedTokens`): the sampler then draws its order in
+    constant memory."""
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -89,8 +94,31 @@ def _write_cache(final: Path, train: np.ndarray, val: np.ndarray, meta: dict[str
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_prepared(cfg: DataConfig) -> TokenSplits:
+    """The splits of ``data.prepared``'s shards, memory-mapped (:mod:`lmtune.data.prepared`); ``auto``: data.dataset
+    prepared once into the cache first."""
+    if cfg.prepared == AUTO:
+        cfg = dataclasses.replace(cfg, prepared=str(auto_prepared(cfg, cache_root(cfg))))
+    directory, index = locate(cfg, cache_root(cfg))
+    train, val = open_splits(directory, index, cfg.limit_tokens)
+    limit = f" (its first {len(train):,}: data.limit_tokens)" if cfg.limit_tokens else ""
+    shards = len(index.splits["train"])
+    source = (f"prepared {cfg.prepared}: {index.tokens('train'):,} training tokens in {shards} shard(s){limit}, "
+              f"prepared from {json.dumps(index.source)[:160]}; validation: {index.validation}")
+    splits = TokenSplits(train=train, val=val, vocab_size=get_tokenizer(index.tokenizer).vocab_size,
+                         tokenizer_name=index.tokenizer, source=source, cache_hit=True, cache_path=directory,
+                         streamed=True)
+    for split, tokens in (("train", splits.train), ("validation", splits.val)):
+        if len(tokens) < cfg.seq_len + 1:
+            raise _too_few_tokens(split, len(tokens), cfg.seq_len)
+    return splits
+
+
 def load_tokens(cfg: DataConfig) -> TokenSplits:
-    """Tokenized train and validation splits for ``cfg``, from the cache when possible."""
+    """Tokenized train and validation splits for ``cfg``: prepared shards (``data.prepared``), else from the token
+    cache when possible."""
+    if cfg.prepared:
+        return load_prepared(cfg)
     key = cache_key(cfg)
     path = cache_root(cfg) / "tokens" / key
     hit = (path / "meta.json").is_file()

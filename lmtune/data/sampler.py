@@ -28,6 +28,42 @@ def _n_windows(tokens: np.ndarray, seq_len: int) -> int:
     return n
 
 
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _round(right: np.ndarray, key: np.uint64, mask: np.uint64) -> np.ndarray:
+    """A Feistel round function: splitmix64's finalizer of (right + key), cut to the half width."""
+    with np.errstate(over="ignore"):
+        h = (right + key) * _MIX[0]
+        h = (h ^ (h >> np.uint64(30))) * _MIX[1]
+        h = (h ^ (h >> np.uint64(27))) * _MIX[2]
+    return (h ^ (h >> np.uint64(31))) & mask
+
+
+def feistel_order(offsets: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation of range(n) for ``epoch``, evaluated at ``offsets``, in constant memory (a corpus of
+    10^10 tokens has 10^7 windows: a permutation array of them would be 80 MB per epoch, growing with the corpus).
+
+    A 6-round Feistel network on the smallest even number of bits that covers n is a permutation of that power of
+    two; cycle-walking (apply it again until the value falls below n) makes it one of range(n) (Black & Rogaway,
+    "Ciphers with Arbitrary Finite Domains", 2002)."""
+    bits = max(2, (n - 1).bit_length())
+    bits += bits & 1
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = np.random.SeedSequence((seed, epoch)).generate_state(6, dtype=np.uint64)
+    out = np.asarray(offsets, dtype=np.uint64).copy()
+    todo = np.ones(out.shape, dtype=bool)
+    while todo.any():
+        x = out[todo]
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ _round(right, k, mask)
+        out[todo] = (left << half) | right
+        todo &= out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
 class Batches:
     """Seeded, resumable sampling of non-overlapping windows, shared out across data-parallel ranks.
 
@@ -37,10 +73,14 @@ class Batches:
     starting at g, and rank r takes positions ``g + r + world_size·j`` for j < micro_batch_size. So
     the ranks of one step together see exactly what one worker with world_size·micro_batch_size
     would, and the state to resume (on any number of ranks) is the single position g.
+
+    ``order="feistel"`` (prepared shards, corpora larger than memory) draws each epoch's order from
+    :func:`feistel_order` instead, in constant memory; ``permutation`` (the default) keeps the order every
+    in-memory corpus has always had.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, order: str = "permutation") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.tokens, self.seq_len = tokens, seq_len
@@ -50,6 +90,9 @@ class Batches:
         self.position = 0
         """Global stream positions consumed so far (by all ranks together)."""
         self._orders: dict[int, np.ndarray] = {}
+        if order not in ("permutation", "feistel"):
+            raise ValueError(f"order {order!r}: expected 'permutation' or 'feistel'")
+        self.order = order
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -63,6 +106,11 @@ class Batches:
         g = self.position if position is None else position
         positions = g + self.rank + self.world_size * np.arange(self.micro_batch_size)
         epochs, offsets = np.divmod(positions, self.n_windows)
+        if self.order == "feistel":
+            out = np.empty(len(offsets), dtype=np.int64)
+            for e in np.unique(epochs):
+                out[epochs == e] = feistel_order(offsets[epochs == e], self.n_windows, self.seed, int(e))
+            return out
         return np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,8 @@ class Trainer:
         self.plan = Plan.of(cfg, len(self.tokens.train), self.world)
         self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr, fused=self.accel.fused_optimizer)
         self.batches = Batches(self.tokens.train, cfg.data.seq_len, t.micro_batch_size, t.seed,
-                               rank=self.rank, world_size=self.world)
+                               rank=self.rank, world_size=self.world,
+                               order="feistel" if self.tokens.streamed else "permutation")
         if t.dtype == "bfloat16":
             self.autocast = self.accel.autocast(torch.bfloat16)
         self.memory = training_meter(self.raw_model, self.optimizer, cfg, self.accel, self.world)
@@ -324,6 +325,7 @@ class Trainer:
         final = self.reporter.final_metrics()
         final.update(agreed_peaks(self.memory, self.world, self.device))  # also for a run that ended before a report
         final.update({**self.accel.info(), **self.memory.summary(), "ac_mode": self.cfg.train.ac_mode,
+                      "data_source": self.tokens.source,
                       "resumed_from_step": self.resumed_from_step})  # this process's start: a checkpoint's step
         if self._graphs_at_window is not None:  # a compile after warmup lands in the timings and peaks
             final["compiles_after_warmup"] = par.compiled_graphs() - self._graphs_at_window
