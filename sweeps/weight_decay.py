@@ -21,6 +21,6 @@ sweep = Sweep(
     export=["train.weight_decay"],
     smoke=Smoke(
         base={**TINY_CPU, "train.lr": 3e-3},
-        space={"train.weight_decay": grid([0.0, 0.1]), "train.seed": grid([1337])},
+        space={"train.weight_decay": grid([0.0, 0.1]), "train.seed": grid([1337, 1338])},
     ),
 )

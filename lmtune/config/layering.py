@@ -9,6 +9,9 @@ Resolution order (later wins)::
       < config files given on the command line (in order)
       < section.key=value overrides
 
+then ``model.preset`` (llama: rope, rmsnorm, swiglu, GQA, no bias) sets the model keys that no config file and no
+override gave, over the built-in and locked defaults.
+
 :func:`resolve` also says, for every key, the layer its value comes from (what ``--describe`` shows).
 
 This module imports only the standard library.
@@ -114,6 +117,20 @@ def _shown(path: Path) -> str:
     return str(path)
 
 
+def preset_values(cfg: Config) -> dict[str, Any]:
+    """The model keys ``model.preset`` sets (those given explicitly win: :func:`resolve`)."""
+    if cfg.model.preset == "llama":  # Touvron et al. 2023; Llama 3's 4 query heads per key/value head
+        heads = cfg.model.n_head
+        return {"model.position": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.bias": False,
+                "model.n_kv_head": heads // 4 if heads % 4 == 0 else 0}
+    return {}
+
+
+def _explicit(layer: Layer) -> bool:
+    """Whether a layer's values were given for this run (a config file, the command line), not defaults."""
+    return not layer.name.startswith("locked ")
+
+
 def resolve(
     files: list[str | Path] = (),
     overrides: dict[str, Any] | list[str] | None = None,
@@ -131,10 +148,15 @@ def resolve(
     skipped: dict[tuple[int, str], str] = {}
     while True:
         cfg, sources = Config(), {k: "built-in" for k in all_keys()}
+        explicit: set[str] = set()
         for i, layer in enumerate(stack):
             updates = {k: v for k, v in layer.values.items() if (i, k) not in skipped}
             cfg = apply(cfg, updates, layer.error_prefix)
             sources.update({k: layer.name for k in updates})
+            explicit |= set(updates) if _explicit(layer) else set()
+        preset = {k: v for k, v in preset_values(cfg).items() if k not in explicit}
+        cfg = apply(cfg, preset)
+        sources.update({k: f"preset {cfg.model.preset}" for k in preset})
         mismatched = None
         for i, layer in enumerate(stack):
             for key, record in layer.provenance.items():

