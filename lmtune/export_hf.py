@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lmtune import config as config_lib
-from lmtune.cli import check_output_dir, user_errors_exit_2
+from lmtune.cli import check_output_dir, parse_command_line, user_errors_exit_2
 from lmtune.config import ConfigError
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_DIR
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--to", required=True, metavar="DIR", help="the transformers model directory to write")
     p.add_argument("--force", action="store_true", help="write into a DIR that already holds files")
-    a = p.parse_args(argv)
+    a = parse_command_line(p, argv)
     to = Path(a.to)
     check_output_dir(to, "--to")
     if to.is_dir() and any(to.iterdir()) and not a.force:

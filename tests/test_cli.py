@@ -98,3 +98,16 @@ def test_an_unknown_or_shortened_option_is_one_line_and_exit_2(command, capsys, 
         assert main([*positional, bad]) == 2
         line = one_error_line(capsys.readouterr().err)
         assert f"unrecognized arguments: {bad}; accepted: " in line and f"(python -m lmtune.{command} --help)" in line
+
+
+def test_the_data_and_export_hf_commands_take_options_in_any_order(tmp_path, capsys):
+    from lmtune.data.__main__ import main as data_main
+    from lmtune.export_hf import main as export_hf_main
+
+    out = tmp_path / "p"
+    assert data_main(["prepare", "--tokenizer", "byte", "builtin", "--shard-tokens", "50000", "--out", str(out)]) == 0
+    assert (out / "index.json").is_file()
+    assert data_main(["split", "builtin"]) == 2
+    assert "'split' is not a command; accepted: prepare" in capsys.readouterr().err
+    assert export_hf_main(["--to", str(tmp_path / "hf"), str(tmp_path / "no-run")]) == 2  # positional after option
+    assert "no checkpoint there" in capsys.readouterr().err

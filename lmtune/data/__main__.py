@@ -19,19 +19,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmtune.cli import check_output_dir, user_errors_exit_2
+from lmtune.cli import check_output_dir, parse_command_line, user_errors_exit_2
 from lmtune.config import ConfigError, DataConfig
 from lmtune.data.cache import cache_root
 from lmtune.data.prepare import DEFAULT_SHARD_TOKENS, Settings, prepare, prepared_files, source
 from lmtune.data.tokenizers import TOKENIZERS
 
 
+COMMANDS = ("prepare",)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lmtune.data", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="prepare")
-    q = sub.add_parser("prepare", help="stream, tokenize and shard a dataset (see python -m lmtune.data prepare -h)",
-                       description="Stream DATASET's documents, tokenize them in worker processes and write token "
-                                   "shards (llm.c's format) and an index; a killed prepare started again resumes.")
+    q = argparse.ArgumentParser(prog="python -m lmtune.data prepare",
+                                description="Stream DATASET's documents, tokenize them in worker processes and write "
+                                            "token shards (llm.c's format) and an index; a killed prepare started "
+                                            "again resumes.")
     q.add_argument("dataset", metavar="DATASET")
     q.add_argument("--files", nargs="+", default=[], help="for DATASET=files: paths or globs of .txt/.jsonl/.parquet")
     q.add_argument("--out", help="a directory, or an object-store URI (s3://…) the shards are uploaded to "
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="without a validation split: the share of documents held out by hash (default: %(default)s)")
     q.add_argument("--val-tokens", type=int, default=DataConfig.val_tokens,
                    help="validation tokens at most (default: %(default)s)")
-    return p
+    return q
 
 
 def _upload(local: Path, uri: str) -> None:
@@ -61,7 +63,11 @@ def _upload(local: Path, uri: str) -> None:
 
 @user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        given = f"{argv[0]!r} is not a command" if argv else "no command given"
+        raise ConfigError(f"{given}; accepted: {', '.join(COMMANDS)} (python -m lmtune.data prepare --help).")
+    a = parse_command_line(_parser(), argv[1:])
     for name, value, low in (("--tokens", a.tokens, 0), ("--workers", a.workers, 1), ("--shard-tokens", a.shard_tokens, 1),
                              ("--val-tokens", a.val_tokens, 1)):
         if value < low:

@@ -277,13 +277,18 @@ class SplitWriter:
         self.shards.append(ShardInfo(name, int(self.filled), documents, digest))
         self.filled = 0
 
-    def state(self, directory: Path) -> dict[str, Any]:
-        np.save(directory / f"{self.split}.partial.npy", self.buffer[:self.filled])
-        return {"shards": [vars(s) for s in self.shards]}
+    def state(self, directory: Path, tag: int) -> dict[str, Any]:
+        """The split's state after document ``tag``: its shards, and its unwritten tokens in a file of that tag's own
+        (the state file names it: a kill while these are written leaves the previous state and its files whole)."""
+        name = f"{self.split}.partial.{tag}.npy"
+        with open(directory / f".{name}.tmp", "wb") as f:
+            np.save(f, self.buffer[:self.filled])
+        os.replace(directory / f".{name}.tmp", directory / name)
+        return {"shards": [vars(s) for s in self.shards], "partial": name}
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         self.shards = [ShardInfo(**s) for s in state["shards"]]
-        partial = np.load(directory / f"{self.split}.partial.npy")
+        partial = np.load(directory / state["partial"])
         self.buffer[:len(partial)] = partial
         self.filled = len(partial)
 
@@ -391,10 +396,14 @@ def _prepare(src: Source, out: Path, settings: Settings, progress: bool) -> Inde
     budget = settings.max_tokens or None
 
     def save() -> None:
+        splits = {s: w.state(state_dir, done_docs) for s, w in writers.items()}
         tmp = state_dir / "state.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "documents": done_docs,
-                                   "splits": {s: w.state(state_dir) for s, w in writers.items()}}))
-        os.replace(tmp, state_file)
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "documents": done_docs, "splits": splits}))
+        os.replace(tmp, state_file)  # the one step that moves the saved state forward
+        kept = {v["partial"] for v in splits.values()}
+        for old in state_dir.glob("*.partial.*.npy"):
+            if old.name not in kept:
+                old.unlink()
 
     for split, ids, held, chars in tokenized(stream, settings.tokenizer, settings.workers, settings.val_fraction):
         if split is None:  # no validation split: held out by hash, until val_tokens are
