@@ -31,7 +31,7 @@ MEASURED_EVERY = ("grad_coherence", "noise_scale")
 TRIAL_METRICS = (
     "val_loss", "val_ppl", "loss", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s", "device_hours",
     "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread",
-    "grad_coherence", "noise_scale", "mfu", "ac_mode",
+    "grad_coherence", "noise_scale", "mfu", "ac_mode", "flops",
 )
 """trials.csv's metric columns, in order."""
 

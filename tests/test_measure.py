@@ -146,7 +146,7 @@ def test_gradient_noise_bookkeeping_recovers_the_samples_from_accumulated_grads(
 # --- FLOPs, MFU table -----------------------------------------------------------------------------
 
 
-def test_flops_per_token_by_hand_for_a_small_gpt():
+def check_flops(count) -> None:
     """2 layers, d=32, 2 heads, vocab 256 (tied), T=16, with biases; N excludes the position embedding."""
     from lmtune import config as config_lib
     from lmtune.model import GPT
@@ -157,8 +157,36 @@ def test_flops_per_token_by_hand_for_a_small_gpt():
     block = (32 + 32) + (32 * 96 + 96) + (32 * 32 + 32) + (32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)  # 12,704
     n = 2 * block + (32 + 32) + 256 * 32  # blocks, ln_f, wte = lm_head: 33,664
     assert GPT(cfg.model, 256).num_params() == n == 33_664
-    assert flops_per_token(n, n_layer=2, n_head=2, head_dim=16, seq_len=16) == 6 * 33_664 + 12 * 2 * 2 * 16 * 16
-    assert flops_per_token(n, 2, 2, 16, 16) == 214_272
+    assert count(n, n_layer=2, n_head=2, head_dim=16, seq_len=16) == 6 * 33_664 + 12 * 2 * 2 * 16 * 16
+    assert count(n, 2, 2, 16, 16) == 214_272
+
+
+def test_flops_per_token_by_hand_for_a_small_gpt():
+    check_flops(flops_per_token)
+
+
+@pytest.mark.parametrize("broken", [
+    lambda n, n_layer, n_head, head_dim, seq_len: 6 * n,  # no attention term
+    lambda n, n_layer, n_head, head_dim, seq_len: 2 * n + 4 * n_layer * n_head * head_dim * seq_len,  # forward only
+], ids=["no-attention-term", "forward-only"])
+def test_the_flops_check_catches_a_wrong_count(broken):
+    with pytest.raises(AssertionError):
+        check_flops(broken)
+
+
+def test_a_token_budget_sets_the_runs_length_and_the_summary_its_compute():
+    from lmtune import config as config_lib
+    from lmtune.train import Trainer
+    from tests.conftest import TINY
+
+    cfg = config_lib.load(overrides=[*TINY, "train.tokens=2000", "train.schedule=cosine"], locked=False)
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary["step"] == 16  # ceil(2000 / (4 sequences × 32 tokens))
+    assert summary["flops_per_token"] == trainer.throughput.flops_per_token
+    assert summary["flops"] == trainer.throughput.flops_per_token * 16 * 128
+    lrs = [r["lr"] for r in trainer.history if "lr" in r]
+    assert lrs[-1] == pytest.approx(0.1 * 3e-3)  # the schedule decayed to its floor over exactly those steps
 
 
 @pytest.mark.parametrize("name, flops", [

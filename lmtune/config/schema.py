@@ -178,6 +178,10 @@ class TrainConfig:
     """Optimizer steps to run (ignored when epochs is set)."""
     epochs: float = field(default=0.0, metadata=_range(ge=0.0))
     """When > 0, train for this many passes over the training tokens instead of `steps`."""
+    tokens: int = field(default=0, metadata=_range(ge=0))
+    """When > 0, the run's length in training tokens (all workers): ceil(tokens / tokens per optimizer step) steps,
+    over which the lr schedule warms up and decays; wins over epochs and steps (a compute budget's runs: tokens =
+    FLOPs ÷ FLOPs per token)."""
     eval_interval: int = field(default=100, metadata=_range(ge=1))
     """Optimizer steps between validation passes (and checkpoints); the last step is always evaluated."""
     eval_batches: int = field(default=20, metadata=_range(ge=1))

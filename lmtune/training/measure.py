@@ -177,8 +177,13 @@ class GradientNoise:
 # --- throughput, MFU and step times --------------------------------------------------------------
 
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B), N the
-    non-embedding parameters (the LM head's matmul counts; a lookup costs nothing)."""
+    """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B).
+
+    6N: forward (2 per weight) and backward (4) of every matmul weight N (``GPT.num_params()``: every block's, each
+    architecture variant's own (GQA's narrower key/value projection, SwiGLU's three matrices), and the LM head's,
+    tied or not; the token and position embeddings are lookups and cost nothing). 12·L·H·Q·T: the attention matmuls
+    q·kᵀ and scores·v, 2·2·T·(H·Q) a token forward, ×3 with backward, per layer (GQA shares keys, not this work).
+    Element-wise work (norms, activations, RoPE, ALiBi's bias, softmax) is left out, as PaLM and Chinchilla do."""
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
 
 

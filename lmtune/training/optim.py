@@ -90,12 +90,17 @@ class Plan:
 
     @classmethod
     def of(cls, cfg: Config, train_tokens: int, world_size: int) -> Plan:
-        """For ``cfg`` on ``world_size`` ranks over a training split of ``train_tokens`` tokens (``train.epochs``
-        turns into steps here)."""
+        """For ``cfg`` on ``world_size`` ranks over a training split of ``train_tokens`` tokens (``train.tokens`` and
+        ``train.epochs`` turn into steps here)."""
         t = cfg.train
         batch_tokens = t.micro_batch_size * t.accumulation_steps * world_size * cfg.data.seq_len
         windows_per_step = t.micro_batch_size * t.accumulation_steps * world_size
         n_windows = (train_tokens - 1) // cfg.data.seq_len
-        total_steps = max(1, math.ceil(t.epochs * n_windows / windows_per_step)) if t.epochs else t.steps
+        if t.tokens:
+            total_steps = max(1, math.ceil(t.tokens / batch_tokens))
+        elif t.epochs:
+            total_steps = max(1, math.ceil(t.epochs * n_windows / windows_per_step))
+        else:
+            total_steps = t.steps
         return cls(batch_tokens=batch_tokens, peak_lr=effective_lr(cfg, batch_tokens), total_steps=total_steps,
                    eval_sequences=t.eval_sequences or t.eval_batches * t.micro_batch_size * world_size)

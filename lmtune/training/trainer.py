@@ -326,6 +326,9 @@ class Trainer:
         final.update(agreed_peaks(self.memory, self.world, self.device))  # also for a run that ended before a report
         final.update({**self.accel.info(), **self.memory.summary(), "ac_mode": self.cfg.train.ac_mode,
                       "data_source": self.tokens.source,
+                      # the run's compute: the trainer's own count per token (measure.flops_per_token) × tokens trained
+                      "flops_per_token": self.throughput.flops_per_token,
+                      "flops": self.throughput.flops_per_token * self.step * self.plan.batch_tokens,
                       "resumed_from_step": self.resumed_from_step})  # this process's start: a checkpoint's step
         if self._graphs_at_window is not None:  # a compile after warmup lands in the timings and peaks
             final["compiles_after_warmup"] = par.compiled_graphs() - self._graphs_at_window
