@@ -8,7 +8,8 @@ Two fits of Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Model
   (:func:`power_law`).
 * approach 3, :func:`fit_loss`: L(N, D) = E + A/N^α + B/D^β, fitted on every trial at once by minimizing the Huber
   loss (δ = 10⁻³) between log L and log L̂, with L̂ = LSE(a − α log N, b − β log D, e) (A = eᵃ, B = eᵇ, E = eᵉ),
-  by L-BFGS from several starting points: the best (α, β) pairs of a grid, each with E, A, B from linear least squares
+  by Levenberg-Marquardt (iteratively reweighted for Huber's loss) from several starting points: the best (α, β)
+  pairs of a grid, each with E, A, B from linear least squares
   (the model is linear in them once α and β are fixed); Hoffmann et al. (section D.2) started from a grid too, and
   Besiroglu et al. show that a fit from one start is not the fit.
 
@@ -154,7 +155,7 @@ def _huber(r: torch.Tensor, delta: float = HUBER_DELTA) -> torch.Tensor:
     return torch.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
 
 
-EXPONENTS = torch.arange(0.02, 1.21, 0.02, dtype=torch.float64)
+EXPONENTS = torch.arange(0.05, 1.21, 0.05, dtype=torch.float64)
 """The grid of α and β the starting points are searched on."""
 
 
@@ -190,35 +191,50 @@ def _grid_starts(log_n, log_d, log_l, w, keep: int) -> torch.Tensor:
     return torch.gather(theta, 1, best[..., None].expand(-1, -1, 5))
 
 
+def _residuals_and_jacobian(theta: torch.Tensor, log_n, log_d, log_l) -> tuple[torch.Tensor, torch.Tensor]:
+    """r = log L̂ − log L (K, P) and its Jacobian in (α, β, e, a, b) (K, P, 5), analytically: log L̂ is a
+    log-sum-exp of three terms, whose softmax weights are the terms' shares of L̂."""
+    alpha, beta, e, a, b = theta.unbind(-1)
+    terms = torch.stack([a[:, None] - alpha[:, None] * log_n, b[:, None] - beta[:, None] * log_d,
+                         e[:, None].expand_as(log_n)])
+    pred = torch.logsumexp(terms, dim=0)
+    s = torch.softmax(terms, dim=0)  # (3, K, P)
+    jac = torch.stack([-s[0] * log_n, -s[1] * log_d, s[2], s[0], s[1]], dim=-1)
+    return pred - log_l, jac
+
+
 def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tensor, weights: torch.Tensor,
-                     keep: int = 4, chunk: int = 64) -> torch.Tensor:
+                     keep: int = 4, chunk: int = 256, iterations: int = 200) -> torch.Tensor:
     """Approach 3 for K problems (each a row of data and of trial weights, (K, P)): starting points from the α, β
-    grid (:func:`_grid_starts`), each refined by L-BFGS on the Huber loss of log L, the best kept; (K, 5)."""
+    grid (:func:`_grid_starts`), each refined by Levenberg-Marquardt on iteratively reweighted least squares (Huber's
+    weights: 1 within δ, δ/|r| beyond; a step is kept only when it lowers the Huber loss itself), the best kept; (K, 5)."""
     out = []
+    eye = torch.eye(5, dtype=torch.float64)
     for s in range(0, log_n.shape[0], chunk):
         sl = slice(s, s + chunk)
         n, d, l, w = log_n[sl], log_d[sl], log_l[sl], weights[sl] / weights[sl].sum(1, keepdim=True)
         K = n.shape[0]
-        with torch.no_grad():
-            starts = _grid_starts(n, d, l, w, keep).reshape(K * keep, 5)
-        rep = lambda t: t.repeat_interleave(keep, 0)  # noqa: E731
-        theta = starts.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                history_size=20, line_search_fn="strong_wolfe")
-        args = (rep(n), rep(d), rep(l), rep(w))
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            value = _objective(theta, *args).sum()  # independent problems: the sum's gradient is each one's
-            value.backward()
-            return value
-
-        opt.step(closure)
-        with torch.no_grad():
-            values = _objective(theta, *args).view(K, keep)
-            values = torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
-            best = values.argmin(1)
-            out.append(theta.detach().view(K, keep, 5)[torch.arange(K), best])
+        starts = _grid_starts(n, d, l, w, keep).reshape(K * keep, 5)
+        n, d, l, w = (t.repeat_interleave(keep, 0) for t in (n, d, l, w))
+        theta = torch.where(torch.isfinite(starts), starts, torch.zeros_like(starts))
+        lam = torch.full((theta.shape[0],), 1e-2, dtype=torch.float64)
+        value = _objective(theta, n, d, l, w)
+        for _ in range(iterations):
+            r, jac = _residuals_and_jacobian(theta, n, d, l)
+            hw = w * torch.where(r.abs() <= HUBER_DELTA, torch.ones_like(r), HUBER_DELTA / r.abs().clamp_min(1e-300))
+            jw = jac * hw[..., None]
+            hess = jw.transpose(-1, -2) @ jac  # (K, 5, 5)
+            grad = (jw * r[..., None]).sum(1)  # (K, 5)
+            damp = lam[:, None, None] * (torch.diagonal(hess, dim1=-2, dim2=-1)[..., None] * eye + 1e-12 * eye)
+            step = torch.linalg.solve(hess + damp, -grad[..., None])[..., 0]
+            trial = theta + step
+            new = _objective(trial, n, d, l, w)
+            better = torch.isfinite(new) & (new < value)
+            theta = torch.where(better[:, None], trial, theta)
+            value = torch.where(better, new, value)
+            lam = torch.where(better, lam / 3, lam * 4).clamp(1e-12, 1e12)
+        values = torch.where(torch.isfinite(value), value, torch.full_like(value, math.inf)).view(K, keep)
+        out.append(theta.view(K, keep, 5)[torch.arange(K), values.argmin(1)])
     return torch.cat(out)
 
 
