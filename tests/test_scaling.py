@@ -37,10 +37,10 @@ def check_coverage(fit_fn, draws: int = 100) -> float:
     rng = np.random.default_rng(1)
     covered = []
     for _ in range(draws):
-        f = fit_fn(draw(rng), replicates=100, seed=int(rng.integers(1 << 31)))
+        f = fit_fn(draw(rng), replicates=50, seed=int(rng.integers(1 << 31)))
         covered += [TRUTH["alpha"] in f.intervals["alpha"], TRUTH["beta"] in f.intervals["beta"]]
     share = float(np.mean(covered))
-    assert 0.80 <= share <= 0.98, share
+    assert 0.80 <= share <= 0.98, share  # 50 replicates a draw: percentile intervals, a little noisy
     return share
 
 

@@ -219,7 +219,10 @@ def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tens
         theta = torch.where(torch.isfinite(starts), starts, torch.zeros_like(starts))
         lam = torch.full((theta.shape[0],), 1e-2, dtype=torch.float64)
         value = _objective(theta, n, d, l, w)
+        stalled = 0
         for _ in range(iterations):
+            if stalled >= 8:  # no problem of the batch has moved for a while: converged
+                break
             r, jac = _residuals_and_jacobian(theta, n, d, l)
             hw = w * torch.where(r.abs() <= HUBER_DELTA, torch.ones_like(r), HUBER_DELTA / r.abs().clamp_min(1e-300))
             jw = jac * hw[..., None]
@@ -230,6 +233,7 @@ def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tens
             trial = theta + step
             new = _objective(trial, n, d, l, w)
             better = torch.isfinite(new) & (new < value)
+            stalled = 0 if (better & (new < value * (1 - 1e-10))).any() else stalled + 1
             theta = torch.where(better[:, None], trial, theta)
             value = torch.where(better, new, value)
             lam = torch.where(better, lam / 3, lam * 4).clamp(1e-12, 1e12)
