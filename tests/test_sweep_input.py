@@ -245,6 +245,30 @@ def test_resolve_applies_smoke_and_overrides():
     assert full.defaults_point() == {"model.norm_placement": "pre", "train.lr": 6e-4}
 
 
+def test_smoke_of_a_file_without_a_smoke_variant_is_cpu_sized_and_says_so():
+    """The three-line sweep README step 5 invites: --smoke used to apply nothing and run GPT-2 small, 16 trials."""
+    from lmtune.results.console import trial_text
+    from lmtune.sweep.runner import _smoke_label
+
+    plain = Sweep(name="nosmoke", space={"train.lr": loguniform(1e-4, 1e-2), "train.seed": grid([1, 2])},
+                  metric="val_loss", mode="min")
+    rs = resolve(plain, "nosmoke.py", smoke=True)
+    assert rs.smoke_default and {k: rs.base[k] for k in TINY_CPU} == TINY_CPU
+    assert rs.num_trials == 2 * 2  # the seed grid kept, 2 samples per point instead of 16
+    assert "no smoke= variant, so lmtune's default: base TINY_CPU" in _smoke_label(rs)
+    assert trial_text(rs.base, list(rs.space)).startswith("2 layers × 64 wide (2 heads), seq 64, byte tokens of builtin")
+    full = resolve(plain, "nosmoke.py")
+    assert not full.smoke_default and full.num_trials == 32 and _smoke_label(full) == ""
+    assert trial_text(full.base).startswith("12 layers × 768 wide (12 heads), seq 1024, gpt2 tokens")
+    # A file's own variant is its own, however small its change.
+    own = resolve(Sweep(name="own", space={"train.lr": loguniform(1e-4, 1e-2)}, smoke=Smoke(num_samples=1)),
+                  "own.py", smoke=True)
+    assert not own.smoke_default and own.base["model.n_layer"] == 12 and _smoke_label(own) == " (smoke)"
+    # A problem the default variant causes says where it comes from.
+    with pytest.raises(ConfigError, match=r"lmtune's default, base TINY_CPU.*model.n_embd=64 must be divisible"):
+        resolve(Sweep(name="h", space={"model.n_head": grid([3])}), "h.py", smoke=True)
+
+
 def test_several_metrics_use_nsga2_and_grid_only_spaces_use_the_grid_sampler():
     s = Sweep(name="p", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)},
               metric=["val_loss", "tokens_per_s"], mode=["min", "max"])

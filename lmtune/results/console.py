@@ -29,6 +29,21 @@ def resources_text(*, cpus: float, gpus: float, workers: int, asked: float | str
     return f"{per_trial} each ({why}; --gpus/--cpus change it)"
 
 
+def trial_text(base: dict[str, Any], swept: Sequence[str] = ()) -> str:
+    """What each trial trains (the resolved base config; a key the space sweeps says so): said before the first
+    trial starts, so that a run's size is never a surprise (a --smoke that shrank nothing showed GPT-2 small only
+    in the trial's own logs)."""
+    def v(key: str) -> str:
+        return "swept" if key in swept else str(base.get(key))
+
+    length = f"{base.get('train.epochs'):g} epochs" if base.get("train.epochs") else f"{v('train.steps')} steps"
+    return (f"{v('model.n_layer')} layers × {v('model.n_embd')} wide ({v('model.n_head')} heads), seq "
+            f"{v('data.seq_len')}, {v('data.tokenizer')} tokens of {v('data.dataset')}, {length}, micro-batch "
+            f"{v('train.micro_batch_size')}, {v('train.dtype')} "
+            f"{'compiled' if base.get('train.compile') else 'eager'}{' (swept)' if 'train.compile' in swept else ''}, "
+            f"device {v('system.device')}")
+
+
 def print_summary(results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *, metrics: Sequence[str],
                   modes: Sequence[str], space_keys: Sequence[str], searcher: str, frontier: Any,
                   tune_dir: str) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from lmtune.results import console
 from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
 from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import compat, snapshot
-from lmtune.sweep.load import ResolvedSweep, resolve_gpus
+from lmtune.sweep.load import DEFAULT_SMOKE_SAMPLES, ResolvedSweep, resolve_gpus
 from lmtune.sweep.record import check_same_sweep, device_memory, sweep_json
 
 
@@ -279,8 +279,9 @@ def run(
     rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
     if not resume:
         write_json(results_dir / SWEEP_JSON, sweep_json(rs, results_dir))
-    print(f"sweep {rs.name}{' (smoke)' if rs.smoke else ''}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
+    print(f"sweep {rs.name}{_smoke_label(rs)}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
           f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
+    print("each trial: " + console.trial_text(rs.base, _space_keys(rs)), file=out)
     print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
                                               device=rs.base.get("system.device")), file=out)
     try:
@@ -393,6 +394,15 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         print(f"uploaded to {base_uri}", file=out)
     return Outcome(results_dir=results_dir, rows=rows, wall_s=wall, time_in_trainer_s=dict(writer.trainer_s), fit_start=fit_start,
                    trial_end=dict(writer.ended), best=best, interrupted=interrupted)
+
+
+def _smoke_label(rs: ResolvedSweep) -> str:
+    if not rs.smoke:
+        return ""
+    if rs.smoke_default:
+        return (f" (smoke: the file has no smoke= variant, so lmtune's default: base TINY_CPU, at most "
+                f"{DEFAULT_SMOKE_SAMPLES} sample(s) per grid point, the space's axes kept)")
+    return " (smoke)"
 
 
 def measures_memory(rs: ResolvedSweep) -> bool:
