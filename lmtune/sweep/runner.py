@@ -15,9 +15,12 @@ The flow of :func:`run`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,7 +51,9 @@ class Outcome:
     """Per trial: time.time() when the driver saw it end."""
     best: dict[str, Any] | None = None
     interrupted: bool = False
-    """Stopped before the sweep's end (Ctrl-C: Tune saved its state, ``--resume`` continues it)."""
+    """Stopped before the sweep's end (Ctrl-C or SIGTERM: Tune saved its state, ``--resume`` continues it)."""
+    signal: int | None = None
+    """The signal that stopped it when it was SIGTERM (``signal.SIGTERM``); None for Ctrl-C or no stop."""
 
 
 # --- environment --------------------------------------------------------------------------------------
@@ -173,7 +178,8 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
             port = _free_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             try:
-                ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_port=port, **kwargs)
+                with _apart_from_our_process_group():
+                    ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_port=port, **kwargs)
                 break
             except ValueError as e:  # taken since it was found free (another Ray starting): another port
                 if "already occupied" not in str(e) or attempt == 4:
@@ -198,6 +204,70 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         if not link.exists():
             link.symlink_to(session / "logs", target_is_directory=True)
     return not address
+
+
+@contextlib.contextmanager
+def _apart_from_our_process_group():
+    """The embedded Ray's processes (GCS, raylet, their workers: the trials) start in a process group of their own.
+
+    ``timeout`` stops a job by sending SIGTERM to its whole process group, as ``kill -- -PGID`` and some batch
+    systems do. In the driver's group the GCS died of it at once, the trials with it, and the driver, whose SIGTERM
+    takes Ctrl-C's path (:class:`_StopSignals`), waited 60 s for the dead GCS and was then ended by Ray without its
+    state saved. Apart, only the driver gets the signal; it stops the trials and shuts its Ray down itself (and
+    Ray's fate-sharing still ends those processes if the driver is killed outright). Ray already keeps its processes
+    out of a terminal's Ctrl-C (they block SIGINT); SIGTERM cannot be blocked the same way, since Ray's own
+    shutdown stops them with it.
+
+    The driver moves into a new group while ``ray.init`` starts the processes (they inherit it) and back at once:
+    it stays in the terminal's foreground group, so Ctrl-C and the terminal's own signals still reach it. A driver
+    that leads its group already (a shell's job, ``setsid``) stays as it is: whoever signals its group means
+    everything in it."""
+    ours = os.getpgrp()
+    if ours == os.getpid():
+        yield
+        return
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not allowed here (a session leader): as above
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.setpgid(0, ours)
+
+
+class _StopSignals:
+    """SIGTERM to the driver takes Ctrl-C's path while the sweep runs: Tune stops its trials, saves the experiment
+    one last time and returns, and the command prints how to continue (exit 143). Tune handles SIGINT so but not
+    SIGTERM, which Ray's handler turned into an exit with Ray's stack lines and no state saved; a batch system, a
+    ``timeout`` and ``ray job stop`` all stop a job with SIGTERM.
+
+    The handler calls whatever handles SIGINT when the signal comes: Tune's during ``Tuner.fit`` (a second signal
+    then finds Python's own, as a second Ctrl-C does), Python's KeyboardInterrupt before and after it."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signals are the main thread's (a test may not be)
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+            self._installed = True
+        return self
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored or left to the system: the interrupt is ours to raise
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            # a handler set from C (Ray's core worker installs one) reads as None: the default takes its place
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
 def _cluster_messages_to_log() -> None:
@@ -284,16 +354,29 @@ def run(
     print("each trial: " + console.trial_text(rs.base, _space_keys(rs)), file=out)
     print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
                                               device=rs.base.get("system.device")), file=out)
-    try:
-        return _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
-                         wandb=wandb, ray_train=ray_train, render=render, remote=remote, reuse_actors=reuse_actors,
-                         out=out)
-    finally:
-        if started:
-            import ray
+    with _StopSignals() as stop:
+        try:
+            outcome = _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
+                                wandb=wandb, ray_train=ray_train, render=render, remote=remote,
+                                reuse_actors=reuse_actors, out=out)
+        except KeyboardInterrupt:  # before Tune's loop took the signal over: nothing ran that a resume could continue
+            raise StoppedEarly(stop.received or signal.SIGINT) from None
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
-        _close_log(handler)
+                ray.shutdown()
+            _close_log(handler)
+    outcome.signal = stop.received
+    return outcome
+
+
+class StoppedEarly(Exception):
+    """Ctrl-C or SIGTERM before the sweep's first trial (while Ray started or Tune set up): nothing to continue."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str, resume: bool,
