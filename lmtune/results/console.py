@@ -16,10 +16,15 @@ from lmtune.results.read import load_results
 from lmtune.results.summary import STUDIED, best_trial, cost_text, experiments, oom_by_half_text, pareto_front
 
 
+def request_text(cpus: float, gpus: float, workers: int) -> str:
+    """What each trial asks Ray for: ``1 CPU + 1 GPU``, or ``2 workers × (1 CPU)`` for a Ray Train trial."""
+    per = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    return f"{workers} workers × ({per})" if workers > 1 else per
+
+
 def resources_text(*, cpus: float, gpus: float, workers: int, asked: float | str, device: str) -> str:
     """What each trial asks Ray for (``asked``: the sweep's ``gpus`` before "auto" was resolved), and why."""
-    per = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
-    per_trial = f"{workers} workers × ({per})" if workers > 1 else per
+    per_trial = request_text(cpus, gpus, workers)
     if asked == "auto":
         why = ("gpus='auto': the cluster has GPUs" if gpus else
                "gpus='auto': the trials train on the CPU (system.device='cpu')" if device == "cpu"

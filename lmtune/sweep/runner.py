@@ -33,6 +33,7 @@ from lmtune.results import console
 from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
 from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import compat, snapshot
+from lmtune.sweep.checks import check_placeable, worker_bundle
 from lmtune.sweep.load import DEFAULT_SMOKE_SAMPLES, ResolvedSweep, resolve_gpus
 from lmtune.sweep.record import check_same_sweep, device_memory, sweep_json
 
@@ -270,6 +271,18 @@ class _StopSignals:
             signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
+def _check_placeable(rs: ResolvedSweep, address: str | None) -> str | None:
+    """:func:`lmtune.sweep.checks.check_placeable` on this cluster's live nodes (and, for a joined cluster, its
+    autoscaler's node types: this machine's embedded Ray grows no nodes)."""
+    import ray
+
+    nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    if address is None:
+        return check_placeable(worker_bundle(rs.cpus, rs.gpus), rs.sweep.workers, nodes, "this machine's embedded Ray")
+    return check_placeable(worker_bundle(rs.cpus, rs.gpus), rs.sweep.workers, nodes, f"the one at --address {address}",
+                           node_types=compat.autoscaler_node_types(), can_grow=True)
+
+
 def _cluster_messages_to_log() -> None:
     """The cluster's error messages (a node marked dead, a worker killed, …) go to logs/driver.log, not the
     console. ``log_to_driver=False`` keeps the workers' output away, but every driver also gets a thread that
@@ -334,19 +347,23 @@ def run(
 
     env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
+    asked = rs.gpus
+    started = False
     try:
         started = _start_ray(address, env, results_dir / LOG_DIR, out, dashboard=dashboard)
+        import ray
+
+        rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
+        placement_note = _check_placeable(rs, address)
     except ConfigError:
+        if started:
+            ray.shutdown()
         _close_log(handler)
         if not resume:  # nothing ran: leave no empty results directory behind
             import shutil
 
             shutil.rmtree(results_dir, ignore_errors=True)
         raise
-    import ray
-
-    asked = rs.gpus
-    rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
     if not resume:
         write_json(results_dir / SWEEP_JSON, sweep_json(rs, results_dir))
     print(f"sweep {rs.name}{_smoke_label(rs)}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
@@ -354,6 +371,8 @@ def run(
     print("each trial: " + console.trial_text(rs.base, _space_keys(rs)), file=out)
     print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
                                               device=rs.base.get("system.device")), file=out)
+    if placement_note:
+        print(placement_note, file=out)
     with _StopSignals() as stop:
         try:
             outcome = _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
@@ -414,7 +433,8 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         searcher = make_searcher(rs, results_dir, ledger=ledger, limit_gib=limit or None)
         extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
         total = f"≤{rs.num_trials}" if rs.searcher == "frontier" else rs.num_trials  # the planner skips points
-        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out)
+        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out,
+                               resources=worker_bundle(rs.cpus, rs.gpus), workers=rs.sweep.workers)
         concurrency = max_concurrent or _default_concurrency(settings)
         tuner = tune.Tuner(
             trainable,
