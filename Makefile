@@ -40,5 +40,5 @@ GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:  ## the GPU acceptance checks (benchmarks/gpu_check.py): ≤ 8 minutes on one CUDA GPU
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py
 
-clean:  ## what lmtune and Ray leave that can be made again: Ray's session logs, the token cache, Python caches
+clean:  ## what lmtune and Ray leave that can be made again: Ray's session logs and the token cache (python -m lmtune.clean)
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m lmtune.clean

@@ -72,6 +72,8 @@ def closed_port() -> int:
 
 CASES = {
     "missing file": (None, ["{dir}/nope.py"], "sweep file not found"),
+    "not a python file": ("# lmtune\n\nRun LM-pretraining experiments as short sweep files.\n", [],
+                          "README.md is not a sweep file"),
     "syntax error": ("sweep = Sweep(name='x'\n", [], "syntax error"),
     "error while loading": ("from lmtune.sweep import Sweep\nsweep = Sweep(name='x', spce={})\n", [], "TypeError"),
     "no sweep object": ("x = 1\n", [], "defines no Sweep object"),
@@ -123,6 +125,7 @@ CASES = {
 
 ACCEPTED = {
     'missing file': 'expected a Python file that defines a Sweep',
+    'not a python file': 'expected a Python file (.py) that defines a Sweep',
     'syntax error': 'syntax error',
     'error while loading': 'Sweep accepts: name, space, base,',
     'no sweep object': 'declare one, e.g. `sweep = Sweep(',
@@ -157,10 +160,14 @@ ACCEPTED = {
 """What each message says is accepted (beside naming what is wrong, CASES)."""
 
 
+def _name(case: str) -> str:
+    return "README.md" if case == "not a python file" else "s.py"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_without_ray(case, tmp_path, capsys, no_ray):
     text, extra, expected = CASES[case]
-    path = write(tmp_path, text) if text is not None else tmp_path / "nope.py"
+    path = write(tmp_path, text, _name(case)) if text is not None else tmp_path / "nope.py"
     argv = [str(path)] + [a.format(dir=tmp_path, port=closed_port()) for a in extra]
     if case == "missing file":
         argv = argv[1:]
@@ -192,7 +199,7 @@ def test_no_bad_input_imports_any_ray_module_in_a_fresh_process(tmp_path):
     for case, (text, extra, expected) in CASES.items():
         case_dir = tmp_path / f"case{len(cases)}"
         case_dir.mkdir()
-        path = write(case_dir, text) if text is not None else case_dir / "nope.py"
+        path = write(case_dir, text, _name(case)) if text is not None else case_dir / "nope.py"
         argv = [str(path)] + [a.format(dir=case_dir, port=closed_port()) for a in extra]
         cases[case] = argv[1:] if case == "missing file" else argv
     code = FRESH_PROCESS.format(repo=str(REPO), cases=json.dumps(cases))

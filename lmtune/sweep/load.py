@@ -121,6 +121,9 @@ def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
                           f"e.g. sweeps/norm_warmup.py.")
     if not p.is_file():
         raise ConfigError(f"{p} is not a file (expected a sweep file such as sweeps/norm_warmup.py).")
+    if p.suffix != ".py":  # a README or a TOML given by mistake read as "syntax error" at its first line
+        raise ConfigError(f"{p} is not a sweep file: expected a Python file (.py) that defines a Sweep, e.g. "
+                          f"sweeps/norm_warmup.py (README.md step 5 shows one).")
     try:
         source = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
