@@ -376,12 +376,20 @@ def test_sigterm_from_timeout_stops_the_sweep_as_ctrl_c_does_and_it_resumes(tmp_
     assert len(table) == 2 and all(r["status"] == "ok" for r in table.values()), table
     summary = json.loads((results / "trials" / stopped / "summary.json").read_text())
     assert summary["step"] == 200 and summary["resumed_from_step"] >= 10, summary  # from its checkpoint, own id
+    # its line says where it goes on from, not "start"
+    assert f"resume   {stopped}  from step {summary['resumed_from_step']} (its last checkpoint)" in again.stdout, again.stdout
+    assert f"start    {stopped}" not in again.stdout
     def sequence(tid):
         lines = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
         return [(json.loads(line)["step"], "val_loss" in json.loads(line)) for line in lines]
 
     (other,) = set(table) - {stopped}
     assert sequence(stopped) == sequence(other)  # one uninterrupted run's reports, as the trial never stopped
+    # A --resume of the finished run has nothing to continue: its table, without starting Ray (~10 s before).
+    done = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"resume: {results} finished at ") and "Ray not started" in done.stdout, done.stdout
+    assert "ray: " not in done.stdout and f"{other}  ok" in done.stdout and rows(results) == table
 
 
 def test_trial_killed_by_rays_memory_monitor_is_oom_and_not_trained_again(tmp_path):

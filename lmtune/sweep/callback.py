@@ -23,6 +23,7 @@ from lmtune.contract import (
 from lmtune.results.console import request_text
 from lmtune.results.format import fmt
 from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
+from lmtune.sweep import compat
 from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.progress import Progress
 from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
@@ -142,7 +143,11 @@ class ResultsWriter(HoldsLedger, Callback):
             return
         self.progress.start(tid, trial_config(trial.config).get("train.steps"))
         point = "  ".join(f"{k}={fmt(trial.config.get(k), k)}" for k in self.space_keys if k in trial.config)
-        self._line("start", tid, point)
+        step = compat.checkpoint_step(trial)  # a retried or resumed trial goes on from its last checkpoint
+        if step is None:
+            self._line("start", tid, point)
+        else:
+            self._line("resume", tid, f"from step {step} (its last checkpoint)  {point}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tid = trial.trial_id

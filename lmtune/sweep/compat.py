@@ -115,6 +115,15 @@ def autoscaler_node_types() -> list[tuple[str, dict[str, float] | None, int]] | 
 # --- Ray Tune ---------------------------------------------------------------------------------------
 
 
+def checkpoint_step(trial: Any) -> int | None:
+    """The ``step`` of the report that carried a Tune trial's latest checkpoint (where a retried or resumed trial
+    starts again), None without one. ``Trial.latest_checkpoint_result`` is a public property, but what it returns
+    (``ray.train._internal.session._TrainingResult`` and its ``metrics``) is not."""
+    result = getattr(trial, "latest_checkpoint_result", None)
+    step = (getattr(result, "metrics", None) or {}).get("step") if result is not None else None
+    return step if isinstance(step, int) else None
+
+
 def controller(tune_controller: Any) -> Any:
     """The TuneController itself: schedulers are handed a wrapper (``_tune_controller`` inside) that warns about
     attributes outside a whitelist, which would hide the controller's own."""

@@ -35,7 +35,7 @@ from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import compat, snapshot
 from lmtune.sweep.checks import check_placeable, worker_bundle
 from lmtune.sweep.load import DEFAULT_SMOKE_SAMPLES, ResolvedSweep, resolve_gpus
-from lmtune.sweep.record import check_same_sweep, device_memory, sweep_json
+from lmtune.sweep.record import check_same_sweep, device_memory, finished_at, mark_finished, sweep_json
 
 
 @dataclass
@@ -344,6 +344,8 @@ def run(
         results_dir = new_results_dir(local_root, rs.name)
     group = results_dir.name
     base_uri = uri_join(remote, group) if remote else str(results_dir)
+    if resume and finished_at(results_dir):  # nothing to continue: the table, without Ray's ~10 s start
+        return _finished(rs, results_dir, base_uri, out)
 
     env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
@@ -396,6 +398,16 @@ class StoppedEarly(Exception):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def _finished(rs: ResolvedSweep, results_dir: Path, base_uri: str, out: TextIO) -> Outcome:
+    """``--resume`` of a run that reached its end: say so, and show its table as the run ended."""
+    print(f"resume: {results_dir} finished at {finished_at(results_dir)}; nothing to continue (Ray not started). "
+          f"Run it again without --resume for a new run.", file=out)
+    rows = read_trials_csv(results_dir / TRIALS_CSV)
+    best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=_space_keys(rs),
+                                 searcher=rs.searcher, frontier=rs.frontier, tune_dir=uri_join(base_uri, TUNE_DIR))
+    return Outcome(results_dir=results_dir, rows=rows, wall_s=0.0, best=best)
 
 
 def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str, resume: bool,
@@ -487,6 +499,8 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         writer.write_csv(searcher.implied_rows())
     else:
         writer.write_csv()
+    if not interrupted:
+        mark_finished(results_dir)
     rows = read_trials_csv(results_dir / TRIALS_CSV)
     best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=space_keys,
                                  searcher=rs.searcher, frontier=rs.frontier, tune_dir=tune_path)
