@@ -44,5 +44,5 @@ gpu-check:  ## the GPU acceptance checks against the phase-0 table (benchmarks/g
 cuda-coverage: install  ## the share of lmtune's CUDA-only lines the CPU tests run (through the fake CUDA backend)
 	$(PY) benchmarks/cuda_coverage.py
 
-clean:  ## what lmtune and Ray leave that can be made again: Ray's session logs, the token cache, Python caches
+clean:  ## what lmtune and Ray leave that can be made again: Ray's session logs and the token cache (python -m lmtune.clean)
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m lmtune.clean

@@ -15,11 +15,14 @@ phase-0-style ``Parameter | Value | Source`` table.
 
 An existing TOML is never overwritten without ``--force``; either way the command shows what would
 change (old → new per key). With ``--force`` the keys this export does not touch are kept, with their
-provenance, so the locked defaults of several sweeps accumulate in one file.
+provenance, so the locked defaults of several sweeps accumulate in one file. A file that already holds the
+winner's values, from the same trial, is left as it is (no ``--force`` needed: nothing changes). The command ends
+with the trainer command that uses the values, on the model they were measured with (:func:`trainer_command`).
 
 ``--for-width N`` writes them for a model N wide: a μP trial's tuned values hold at any width
-(``model.parametrization="mup"`` with the width it was tuned at as ``model.base_width``, locked with them; the
-provenance says "tuned at width w, transferred to N by μP"); a standard-parametrization trial is refused, since its
+(``model.parametrization="mup"`` with the base width they are relative to as ``model.base_width``: the trial's own,
+else its width; locked with them; the provenance says "tuned at width w, transferred to N by μP (model.base_width=b)");
+a standard-parametrization trial is refused, since its
 best learning rate moves with the width. In a sweep over both parametrizations the winner is the best μP trial.
 
 ``--validate N`` first runs N fresh steps at the winner's config on this machine and compares tokens/s, peak
@@ -29,6 +32,7 @@ memory and headroom with what the sweep measured; nothing is written when they d
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +53,11 @@ from lmtune.results.read import Results, load_results
 
 VALIDATE_TOLERANCE = 0.2
 """Default largest relative drift of tokens/s between the sweep's measurement and the validation run."""
+
+
+def percent(r: float) -> str:
+    """A relative tolerance in percent, as precise as given: 0.2 → ``20``, 0.001 → ``0.1`` (``:.0%`` said ±0%)."""
+    return f"{r * 100:.6g}"
 
 
 @dataclass
@@ -105,7 +114,7 @@ def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float
     if drift is None:
         problems.append("tokens/s could not be compared (missing on one side)")
     elif abs(drift) > tolerance:
-        problems.append(f"tokens/s drifted {drift:+.1%} (tolerance ±{tolerance:.0%})")
+        problems.append(f"tokens/s drifted {drift:+.1%} (tolerance ±{percent(tolerance)}%)")
     room = headroom(fresh_peak)
     if room is not None and room < keep:
         problems.append(f"{room:.3f} GiB headroom left, the sweep keeps {keep:g} GiB")
@@ -150,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--validate", type=int, metavar="N", help="first run N fresh steps at the winner's config on "
                     "this machine and compare tokens/s, peak memory and headroom with the sweep's; write only if it "
                     "holds (exit 1 otherwise)")
-    ap.add_argument("--tolerance", type=float, default=VALIDATE_TOLERANCE, metavar="R",
-                    help=f"--validate: largest relative drift of tokens/s (default {VALIDATE_TOLERANCE}: ±20%%)")
+    ap.add_argument("--tolerance", type=float, default=None, metavar="R",
+                    help=f"with --validate: largest relative drift of tokens/s (default {VALIDATE_TOLERANCE}: "
+                    f"±{percent(VALIDATE_TOLERANCE)}%%)")
     ap.add_argument("--for-width", type=int, metavar="N", help="the winner's values for a model N wide (model.n_embd), "
                     "carried by μP: only a model.parametrization=mup trial's values hold at another width")
     ap.add_argument("--trial", metavar="ID", help="export this ok trial instead of the winner (required for a sweep "
@@ -161,30 +171,79 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.to, "--to")
     if args.validate is not None and args.validate < 1:
         raise ConfigError(f"--validate {args.validate}: expected a number of steps (an integer >= 1, e.g. 200).")
-    if not 0 < args.tolerance < 10:
-        raise ConfigError(f"--tolerance {args.tolerance}: expected a relative drift between 0 and 10 (0.2 = ±20%).")
+    if args.tolerance is not None and args.validate is None:
+        raise ConfigError(f"--tolerance {args.tolerance}: it is the drift --validate allows, and there is no --validate; "
+                          f"accepted: --validate N --tolerance R.")
+    tolerance = VALIDATE_TOLERANCE if args.tolerance is None else args.tolerance
+    if not 0 < tolerance < 10:
+        raise ConfigError(f"--tolerance {tolerance}: expected a relative drift between 0 and 10 (0.2 = ±20%).")
     results = load_results(args.results_dir)
     plan = plan_export(results, args.to, trial=args.trial, for_width=args.for_width)
-    print(f"{plan.path}: {'would change' if plan.path.exists() and not args.force else 'writing'} "
-          f"({'chosen' if args.trial else 'winner'}: trial {plan.winner.row.get('trial_id')} of {results.group}, {plan.winner.metric} = "
-          f"{fmt(plan.winner.metric_value, plan.winner.metric)})")
+    try:
+        check_export(plan, results, force=args.force)
+        refused = None
+    except ConfigError as e:  # said after what would change (the line says to apply it)
+        refused = e
+    existed = plan.path.exists()
+    if plan.unchanged:
+        doing = "unchanged, it already holds these values"
+    elif refused is not None:
+        doing = "would change" if existed else "would write"
+    else:
+        doing = "writing"
+    print(f"{plan.path}: {doing} ({'chosen' if args.trial else 'winner'}: trial {plan.winner.row.get('trial_id')} of "
+          f"{results.group}, {plan.winner.metric} = {fmt(plan.winner.metric_value, plan.winner.metric)})")
     print("\n".join(plan.changes))
+    if refused is not None:
+        raise refused  # before a --validate run: it would be refused anyway
     if args.validate is not None:
-        check_export(plan, results, force=args.force)  # refused anyway: say so before the run
-        check = validate(results, plan, args.validate, tolerance=args.tolerance)
+        check = validate(results, plan, args.validate, tolerance=tolerance)
         print("\n".join(check.lines))
         if not check.passed:
-            print(f"nothing written: {plan.path} keeps what it had.")
+            print(f"nothing written: {plan.path} keeps what it had." if existed else
+                  f"nothing written ({plan.path} was not made).")
             return 1
-    write_export(plan, results, force=args.force)
-    print(f"written: {plan.path} and {plan.path.with_suffix('.md')}")
+    if plan.unchanged:
+        print(f"nothing to write: {plan.path} already holds these values, from the same trial.")
+    else:
+        write_export(plan, results, force=args.force)
+        print(f"written: {plan.path} and {plan.path.with_suffix('.md')}")
     mode = plan.provenance.get("train.ac_budget", {}).get("ac_mode")
     if mode:
         print(f"note: train.ac_budget={plan.values['train.ac_budget']} was measured with ac_mode={mode} "
               f"(train.compile={'true' if mode == 'budget' else 'false'}); runs in the other mode keep their own.")
-    print("the trainer now uses them: python -m lmtune.train"
-          + ("" if plan.path.resolve() == PROJECT_LOCKED.resolve() else f" --locked {plan.path}"))
+    print(trainer_command(plan, results))
     return 0
+
+
+def trainer_command(plan: ExportPlan, results: Results) -> str:
+    """The command that trains with the exported values, on the model they were measured with.
+
+    A bare ``python -m lmtune.train --locked FILE`` trains the trainer's own model (GPT-2 small unless the file or
+    the project's locked defaults say otherwise): a micro-batch measured on a 4×128 byte model then ran out of memory
+    at its first step. So the command carries the winner's keys in :data:`MEASURED_WITH` that the trainer would not
+    use by itself with the file, and says what they are."""
+    project = plan.path.resolve() == PROJECT_LOCKED.resolve()
+    own = results.config_of(plan.winner.row)
+    trainer = config_lib.load(locked=None if project else plan.path).flat()  # what the bare command would train
+    keys = {k: own[k] for k in own if (k.startswith("model.") or k in MEASURED_WITH) and k not in plan.values
+            and k in trainer and config_lib.coerce(k, own[k]) != trainer[k]}
+    command = ["python", "-m", "lmtune.train", *([] if project else ["--locked", str(plan.path)])]
+    command += [f"{k}={_cli_value(v)}" for k, v in keys.items()]
+    line = " ".join(shlex.quote(a) for a in command)
+    if not keys:
+        return f"the trainer now uses them: {line}"
+    return (f"the trainer now uses them, on the model and settings they were measured with (without these keys it "
+            f"would train its own, {trainer['model.n_layer']} layers × {trainer['model.n_embd']}):\n  {line}")
+
+
+MEASURED_WITH = ("data.seq_len", "data.tokenizer", "train.dtype", "train.compile", "system.device")
+"""Beside every ``model.`` key: what the exported values' measurements depend on (memory, throughput, the
+optimum), carried by the trainer command export prints."""
+
+
+def _cli_value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 if __name__ == "__main__":

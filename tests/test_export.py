@@ -91,15 +91,28 @@ def test_a_budget_is_not_exported_into_a_file_of_the_other_ac_mode(tmp_path, cap
     assert out.read_bytes() == before
 
 
-def test_export_command_refuses_second_export(tmp_path):
+def test_a_second_export_of_the_same_winner_changes_nothing_and_another_one_needs_force(tmp_path):
+    """README step 3 runs `--to smoke.locked.toml`, then the same with `--validate 30`: the second used to stop with
+    "exists; nothing written. Rerun with --force to apply the changes above" above no change at all."""
     d, _ = frontier_results(tmp_path / "r")
     out = tmp_path / "l.toml"
     first = run_module("lmtune.export", str(d), "--to", str(out))
     assert first.returncode == 0, first.stderr
+    assert f"{out}: writing (winner: " in first.stdout
     assert "(not set; default " in first.stdout and "written:" in first.stdout
+    before = out.read_bytes()
     second = run_module("lmtune.export", str(d), "--to", str(out))
-    assert second.returncode == 2 and second.stderr.startswith("error: ") and "Traceback" not in second.stderr
-    assert "(unchanged)" in second.stdout
+    assert second.returncode == 0 and second.stderr == "", second.stderr
+    assert f"{out}: unchanged, it already holds these values (winner: " in second.stdout
+    assert "writing" not in second.stdout and "(unchanged)" in second.stdout
+    assert f"nothing to write: {out} already holds these values" in second.stdout and out.read_bytes() == before
+    # another ok trial: a change, refused without --force, and the header says so (not "writing")
+    winner = export.winner(load_results(d)).row["trial_id"]
+    other = next(r["trial_id"] for r in load_results(d).rows if r["status"] == "ok" and r["trial_id"] != winner)
+    third = run_module("lmtune.export", str(d), "--to", str(out), "--trial", str(other))
+    assert third.returncode == 2 and third.stderr.startswith(f"error: {out} exists; nothing written"), third.stderr
+    assert f"{out}: would change (chosen: trial {other}" in third.stdout and " → " in third.stdout, third.stdout
+    assert out.read_bytes() == before
 
 
 def test_a_smoke_or_emulated_limit_run_needs_force_to_become_the_projects_defaults(tmp_path, in_tmp, capsys):
@@ -107,7 +120,9 @@ def test_a_smoke_or_emulated_limit_run_needs_force_to_become_the_projects_defaul
     ./lmtune.locked.toml would silently change every later run here."""
     d, _ = frontier_results(tmp_path / "r")  # smoke, emulated 20 GiB limit
     assert export_command.main([str(d)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    assert captured.out.startswith("lmtune.locked.toml: would write (winner: ") and "writing" not in captured.out
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and "a --smoke run (a CPU-sized model) and run under an emulated 20 GiB memory limit" in err[0]
     assert "--to FILE" in err[0] and "--force" in err[0]
     assert not (in_tmp / "lmtune.locked.toml").exists()
@@ -201,7 +216,10 @@ def test_validate_runs_the_winner_fresh_and_writes_only_when_it_agrees(tmp_path,
     assert export_command.main([str(d), "--to", str(out), "--validate", "12"]) == 1
     text = capsys.readouterr().out
     assert "| tokens_per_s | 1,000,000,000,000 |" in text and "validation FAILED: tokens/s drifted -100.0%" in text
+    assert f"nothing written ({out} was not made)" in text and "keeps what it had" not in text
     assert not out.exists()
+    assert export_command.main([str(d), "--to", str(out), "--validate", "12", "--tolerance", "0.001"]) == 1
+    assert "(tolerance ±0.1%)" in capsys.readouterr().out  # it said ±0%
     # with a tolerance that admits the drift: the same comparison, then the file is written
     assert export_command.main([str(d), "--to", str(out), "--validate", "12", "--tolerance", "9.99"]) == 0
     text = capsys.readouterr().out
@@ -217,3 +235,31 @@ def test_validate_fails_when_the_headroom_is_gone_and_refuses_bad_steps(tmp_path
     assert export_command.main([str(d), "--to", str(tmp_path / "v.toml"), "--validate", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--validate 2: expected more steps than train.compile_warmup_steps + 1" in err[0]
+
+
+def test_tolerance_without_validate_is_refused(tmp_path, capsys):
+    d = _tiny_sweep(tmp_path / "t", tokens_per_s=1.0, peak=0.001)
+    assert export_command.main([str(d), "--to", str(tmp_path / "v.toml"), "--tolerance", "0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tolerance 0.05: it is the drift --validate allows, and there is no --validate" in err[0]
+    assert not (tmp_path / "v.toml").exists()
+
+
+def test_the_printed_trainer_command_trains_the_model_the_values_were_measured_on(tmp_path, in_tmp, capsys):
+    """Export ended with `python -m lmtune.train --locked smoke.locked.toml`: GPT-2 small with a micro-batch
+    measured on a 4×128 byte model (an OOM at step 0). The line now carries the winner's model and settings."""
+    import shlex
+
+    d = _tiny_sweep(tmp_path / "t", tokens_per_s=1.0, peak=0.001)
+    assert export_command.main([str(d), "--to", "tiny.toml"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    said = out.index(next(line for line in out if line.startswith("the trainer now uses them")))
+    assert "on the model and settings they were measured with" in out[said] and "12 layers × 768" in out[said]
+    argv = shlex.split(out[said + 1])
+    assert argv[:5] == ["python", "-m", "lmtune.train", "--locked", "tiny.toml"], argv
+    cfg = config_lib.load(locked="tiny.toml", overrides=config_lib.parse_overrides(argv[5:])).flat()
+    winner = load_results(d).config_of(export.winner(load_results(d)).row)
+    for key in [k for k in winner if k.startswith("model.") or k in export_command.MEASURED_WITH]:
+        assert cfg[key] == config_lib.coerce(key, winner[key]), key
+    assert cfg["train.lr"] == 3e-3  # the exported value, from the file
+    assert "model.n_embd=32" in argv and "train.compile=false" in argv and "train.steps=20" not in argv

@@ -6,7 +6,7 @@
   W&B offline runs are written under the sweep's group;
 * a driver killed with SIGKILL mid-sweep and resumed: finished trials are not run again, the interrupted
   trial continues from its checkpoint;
-* Ctrl-C, and a trial killed by Ray's memory monitor.
+* Ctrl-C; SIGTERM to the job (`timeout`), then --resume; a trial killed by Ray's memory monitor.
 
 Multi-worker trials (Ray Train) are tested in test_multiworker.py.
 """
@@ -329,6 +329,67 @@ def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tm
     assert "resume: tuner.pkl was cut short by the interruption (EOFError" in again.stdout, again.stdout
     table = rows(only_run(storage))
     assert len(table) == 2 and all(r["status"] == "ok" for r in table.values()), table
+
+
+def test_sigterm_from_timeout_stops_the_sweep_as_ctrl_c_does_and_it_resumes(tmp_path):
+    """A batch system (here coreutils' `timeout`) stops a job with SIGTERM to the driver and to its whole process
+    group: the sweep stops as Ctrl-C stops it (state saved, the --resume line, exit 143), without Ray's stack lines,
+    and the resume continues the interrupted trial from its checkpoint. Before, the GCS in the same group died of
+    the signal and the driver hung 60 s on it before Ray ended it, with no state saved and no hint."""
+    f = sweep_file(tmp_path, """
+        sweep = Sweep(
+            name="sigterm",
+            base={**TINY_CPU, "train.steps": 200, "train.log_interval": 5, "train.eval_interval": 10},
+            space={"train.lr": grid([3e-3, 1e-3])},
+            metric="val_loss", mode="min", export=["train.lr"],
+        )
+    """)
+    storage = tmp_path / "results"
+    args = ["--storage", str(storage), "--max-concurrent", "1", "--no-wandb", "--no-report", "--no-dashboard"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # timeout leads a process group of its own (the driver and whatever it starts) and relays a SIGTERM it gets to
+    # the driver and to that group, as it does at its time limit.
+    proc = subprocess.Popen(["timeout", "600", sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def past_a_checkpoint() -> bool:
+            return any(json.loads(line).get("step", 0) >= 20
+                       for m in storage.glob("*/trials/*/metrics.jsonl") for line in m.read_text().splitlines())
+
+        _wait_for(past_a_checkpoint, 300, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, out
+    assert "interrupted by SIGTERM:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
+    assert "SIGTERM received" not in out and "Traceback" not in out and "GCS" not in out, out
+    results = only_run(storage)
+    assert not (results / "trials.csv").exists() or not rows(results)  # the first trial was stopped, not ended
+    (stopped,) = [p.name for p in (results / "trials").iterdir()]
+
+    again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    table = rows(results)
+    assert len(table) == 2 and all(r["status"] == "ok" for r in table.values()), table
+    summary = json.loads((results / "trials" / stopped / "summary.json").read_text())
+    assert summary["step"] == 200 and summary["resumed_from_step"] >= 10, summary  # from its checkpoint, own id
+    # its line says where it goes on from, not "start"
+    assert f"resume   {stopped}  from step {summary['resumed_from_step']} (its last checkpoint)" in again.stdout, again.stdout
+    assert f"start    {stopped}" not in again.stdout
+    def sequence(tid):
+        lines = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
+        return [(json.loads(line)["step"], "val_loss" in json.loads(line)) for line in lines]
+
+    (other,) = set(table) - {stopped}
+    assert sequence(stopped) == sequence(other)  # one uninterrupted run's reports, as the trial never stopped
+    # A --resume of the finished run has nothing to continue: its table, without starting Ray (~10 s before).
+    done = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"resume: {results} finished at ") and "Ray not started" in done.stdout, done.stdout
+    assert "ray: " not in done.stdout and f"{other}  ok" in done.stdout and rows(results) == table
 
 
 def test_trial_killed_by_rays_memory_monitor_is_oom_and_not_trained_again(tmp_path):

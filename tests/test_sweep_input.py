@@ -72,6 +72,8 @@ def closed_port() -> int:
 
 CASES = {
     "missing file": (None, ["{dir}/nope.py"], "sweep file not found"),
+    "not a python file": ("# lmtune\n\nRun LM-pretraining experiments as short sweep files.\n", [],
+                          "README.md is not a sweep file"),
     "syntax error": ("sweep = Sweep(name='x'\n", [], "syntax error"),
     "error while loading": ("from lmtune.sweep import Sweep\nsweep = Sweep(name='x', spce={})\n", [], "TypeError"),
     "no sweep object": ("x = 1\n", [], "defines no Sweep object"),
@@ -123,6 +125,7 @@ CASES = {
 
 ACCEPTED = {
     'missing file': 'expected a Python file that defines a Sweep',
+    'not a python file': 'expected a Python file (.py) that defines a Sweep',
     'syntax error': 'syntax error',
     'error while loading': 'Sweep accepts: name, space, base,',
     'no sweep object': 'declare one, e.g. `sweep = Sweep(',
@@ -157,10 +160,14 @@ ACCEPTED = {
 """What each message says is accepted (beside naming what is wrong, CASES)."""
 
 
+def _name(case: str) -> str:
+    return "README.md" if case == "not a python file" else "s.py"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_without_ray(case, tmp_path, capsys, no_ray):
     text, extra, expected = CASES[case]
-    path = write(tmp_path, text) if text is not None else tmp_path / "nope.py"
+    path = write(tmp_path, text, _name(case)) if text is not None else tmp_path / "nope.py"
     argv = [str(path)] + [a.format(dir=tmp_path, port=closed_port()) for a in extra]
     if case == "missing file":
         argv = argv[1:]
@@ -192,7 +199,7 @@ def test_no_bad_input_imports_any_ray_module_in_a_fresh_process(tmp_path):
     for case, (text, extra, expected) in CASES.items():
         case_dir = tmp_path / f"case{len(cases)}"
         case_dir.mkdir()
-        path = write(case_dir, text) if text is not None else case_dir / "nope.py"
+        path = write(case_dir, text, _name(case)) if text is not None else case_dir / "nope.py"
         argv = [str(path)] + [a.format(dir=case_dir, port=closed_port()) for a in extra]
         cases[case] = argv[1:] if case == "missing file" else argv
     code = FRESH_PROCESS.format(repo=str(REPO), cases=json.dumps(cases))
@@ -243,6 +250,30 @@ def test_resolve_applies_smoke_and_overrides():
     assert full.num_trials == 6 and full.base["train.steps"] == 100
     # The locked defaults are the first point where they lie in the space (pre-LN is locked).
     assert full.defaults_point() == {"model.norm_placement": "pre", "train.lr": 6e-4}
+
+
+def test_smoke_of_a_file_without_a_smoke_variant_is_cpu_sized_and_says_so():
+    """The three-line sweep README step 5 invites: --smoke used to apply nothing and run GPT-2 small, 16 trials."""
+    from lmtune.results.console import trial_text
+    from lmtune.sweep.runner import _smoke_label
+
+    plain = Sweep(name="nosmoke", space={"train.lr": loguniform(1e-4, 1e-2), "train.seed": grid([1, 2])},
+                  metric="val_loss", mode="min")
+    rs = resolve(plain, "nosmoke.py", smoke=True)
+    assert rs.smoke_default and {k: rs.base[k] for k in TINY_CPU} == TINY_CPU
+    assert rs.num_trials == 2 * 2  # the seed grid kept, 2 samples per point instead of 16
+    assert "no smoke= variant, so lmtune's default: base TINY_CPU" in _smoke_label(rs)
+    assert trial_text(rs.base, list(rs.space)).startswith("2 layers × 64 wide (2 heads), seq 64, byte tokens of builtin")
+    full = resolve(plain, "nosmoke.py")
+    assert not full.smoke_default and full.num_trials == 32 and _smoke_label(full) == ""
+    assert trial_text(full.base).startswith("12 layers × 768 wide (12 heads), seq 1024, gpt2 tokens")
+    # A file's own variant is its own, however small its change.
+    own = resolve(Sweep(name="own", space={"train.lr": loguniform(1e-4, 1e-2)}, smoke=Smoke(num_samples=1)),
+                  "own.py", smoke=True)
+    assert not own.smoke_default and own.base["model.n_layer"] == 12 and _smoke_label(own) == " (smoke)"
+    # A problem the default variant causes says where it comes from.
+    with pytest.raises(ConfigError, match=r"lmtune's default, base TINY_CPU.*model.n_embd=64 must be divisible"):
+        resolve(Sweep(name="h", space={"model.n_head": grid([3])}), "h.py", smoke=True)
 
 
 def test_several_metrics_use_nsga2_and_grid_only_spaces_use_the_grid_sampler():

@@ -16,10 +16,15 @@ from lmtune.results.read import load_results
 from lmtune.results.summary import STUDIED, best_trial, cost_text, experiments, oom_by_half_text, pareto_front
 
 
+def request_text(cpus: float, gpus: float, workers: int) -> str:
+    """What each trial asks Ray for: ``1 CPU + 1 GPU``, or ``2 workers × (1 CPU)`` for a Ray Train trial."""
+    per = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    return f"{workers} workers × ({per})" if workers > 1 else per
+
+
 def resources_text(*, cpus: float, gpus: float, workers: int, asked: float | str, device: str) -> str:
     """What each trial asks Ray for (``asked``: the sweep's ``gpus`` before "auto" was resolved), and why."""
-    per = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
-    per_trial = f"{workers} workers × ({per})" if workers > 1 else per
+    per_trial = request_text(cpus, gpus, workers)
     if asked == "auto":
         why = ("gpus='auto': the cluster has GPUs" if gpus else
                "gpus='auto': the trials train on the CPU (system.device='cpu')" if device == "cpu"
@@ -27,6 +32,21 @@ def resources_text(*, cpus: float, gpus: float, workers: int, asked: float | str
     else:
         why = f"gpus={asked:g}"
     return f"{per_trial} each ({why}; --gpus/--cpus change it)"
+
+
+def trial_text(base: dict[str, Any], swept: Sequence[str] = ()) -> str:
+    """What each trial trains (the resolved base config; a key the space sweeps says so): said before the first
+    trial starts, so that a run's size is never a surprise (a --smoke that shrank nothing showed GPT-2 small only
+    in the trial's own logs)."""
+    def v(key: str) -> str:
+        return "swept" if key in swept else str(base.get(key))
+
+    length = f"{base.get('train.epochs'):g} epochs" if base.get("train.epochs") else f"{v('train.steps')} steps"
+    return (f"{v('model.n_layer')} layers × {v('model.n_embd')} wide ({v('model.n_head')} heads), seq "
+            f"{v('data.seq_len')}, {v('data.tokenizer')} tokens of {v('data.dataset')}, {length}, micro-batch "
+            f"{v('train.micro_batch_size')}, {v('train.dtype')} "
+            f"{'compiled' if base.get('train.compile') else 'eager'}{' (swept)' if 'train.compile' in swept else ''}, "
+            f"device {v('system.device')}")
 
 
 def print_summary(results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *, metrics: Sequence[str],

@@ -45,6 +45,9 @@ class ExportPlan:
     provenance: dict[str, dict[str, Any]]
     changes: list[str] = field(default_factory=list)
     """Human lines: ``key: old → new`` for every key of the new file."""
+    unchanged: bool = False
+    """The file exists and already holds these values, locked from the same trial: writing would change nothing
+    (but the date), so nothing is written and no ``--force`` is needed."""
 
 
 def winner(results: Results, trial: str | None = None) -> Winner:
@@ -165,6 +168,9 @@ def plan_export(results: Results, to: str | Path | None = None, *, date: str | N
     if "train.ac_budget" in provenance:  # a budget means what its mode makes of it (lmtune.training.parallelize)
         provenance["train.ac_budget"]["ac_mode"] = AC_MODES[bool(results.config_of(w.row).get("train.compile"))]
     old_values, old_prov = _read_locked(path) if path.exists() else ({}, {})
+    same_source = {k for k in w.values if _record(old_prov.get(k)) == _record(provenance[k])}
+    unchanged = path.exists() and all(k in old_values and old_values[k] == v and k in same_source
+                                      for k, v in w.values.items())
     values = {**old_values, **w.values}
     provenance = {**{k: v for k, v in old_prov.items() if k in values}, **provenance}
     current = _current_defaults()
@@ -175,11 +181,24 @@ def plan_export(results: Results, to: str | Path | None = None, *, date: str | N
             changes.append(f"  {key}: {_show(new)} (kept)")
         elif key in old_values:
             old = old_values[key]
-            changes.append(f"  {key}: {_show(old)} → {_show(new)}" + (" (unchanged)" if old == new else ""))
+            if old != new:
+                changes.append(f"  {key}: {_show(old)} → {_show(new)}")
+            elif key in same_source:
+                changes.append(f"  {key}: {_show(old)} (unchanged)")
+            else:  # the same value, locked from elsewhere: the record of where it comes from would change
+                was = (old_prov.get(key) or {}).get("source") or "no provenance"
+                changes.append(f"  {key}: {_show(old)} (unchanged; its provenance would change from: {was})")
         else:
             was = f"(not set; default {_show(current[key])})" if key in current else "(not set)"
             changes.append(f"  {key}: {was} → {_show(new)}")
-    return ExportPlan(path, w, values, provenance, changes)
+    return ExportPlan(path, w, values, provenance, changes, unchanged)
+
+
+def _record(prov: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A provenance record as the TOML keeps it, without its date: two exports of the same trial compare equal."""
+    if prov is None:
+        return None
+    return {k: v for k, v in prov.items() if v is not None and k != "date"}
 
 
 def _read_locked(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -254,7 +273,10 @@ def write_export(plan: ExportPlan, results: Results, *, force: bool = False) -> 
 
 
 def check_export(plan: ExportPlan, results: Results, *, force: bool = False) -> None:
-    """Everything that refuses an export before anything runs or is written (ConfigError)."""
+    """Everything that refuses an export before anything runs or is written (ConfigError); a file that already
+    holds the plan (``plan.unchanged``) refuses nothing, since nothing is written."""
+    if plan.unchanged:
+        return
     _check_ac_mode(plan)
     why = rehearsal(results)
     if why and plan.path.resolve() == PROJECT_LOCKED.resolve() and not force:

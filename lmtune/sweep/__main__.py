@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 from lmtune.cli import parse_command_line, user_errors_exit_2
@@ -67,16 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     check_storage(args.storage)
     check_address(args.address)
 
-    from lmtune.sweep.runner import run  # imports ray: only once the input is known to be good
+    from lmtune.sweep.runner import StoppedEarly, run  # imports ray: only once the input is known to be good
 
-    outcome = run(rs, address=args.address, storage=args.storage, resume=args.resume,
-                  max_concurrent=args.max_concurrent, wandb=not args.no_wandb, render=not args.no_report,
-                  dashboard=not args.no_dashboard)
+    try:
+        outcome = run(rs, address=args.address, storage=args.storage, resume=args.resume,
+                      max_concurrent=args.max_concurrent, wandb=not args.no_wandb, render=not args.no_report,
+                      dashboard=not args.no_dashboard)
+    except StoppedEarly as e:
+        print(f"\ninterrupted ({signal.Signals(e.signum).name}) before the sweep's first trial: nothing to continue; "
+              f"run the same command again.")
+        return 128 + e.signum
     if outcome.interrupted:
         again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        print(f"\ninterrupted: {len(outcome.rows)} trial(s) recorded, the sweep's state is saved. Continue it with:\n"
-              f"  python -m lmtune.sweep {' '.join(shlex.quote(a) for a in again)} --resume")
-        return 130
+        by = f" by {signal.Signals(outcome.signal).name}" if outcome.signal else ""
+        print(f"\ninterrupted{by}: {len(outcome.rows)} trial(s) recorded, the sweep's state is saved. Continue it "
+              f"with:\n  python -m lmtune.sweep {' '.join(shlex.quote(a) for a in again)} --resume")
+        return 128 + (outcome.signal or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention
     return 0 if outcome.rows else 1
 
 

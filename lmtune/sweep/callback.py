@@ -22,8 +22,10 @@ from lmtune.contract import (
     ATTEMPTS_JSONL, CHECKPOINT_REPORT, FAILED, METRICS_JSONL, PLACEMENT, SUMMARY_JSON, TIME_IN_TRAINER, TRIAL_METRICS,
     TRIALS_CSV, TRIALS_DIR,
 )
+from lmtune.results.console import request_text
 from lmtune.results.format import fmt
 from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
+from lmtune.sweep import compat
 from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.progress import Progress
 from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
@@ -56,10 +58,14 @@ class ResultsWriter(HoldsLedger, Callback):
     """
 
     def __init__(self, results_dir: Path, space_keys: list[str], metrics: list[str], total: int | str, *,
-                 ledger: Ledger, extra_columns: Iterable[str] = (), out: TextIO | None = None):
+                 ledger: Ledger, extra_columns: Iterable[str] = (), out: TextIO | None = None,
+                 resources: dict[str, float] | None = None, workers: int = 1):
         """``total``: trials to run, or a label such as ``"≤12"`` when the searcher may stop earlier; ``ledger``: the
-        run's (after a restore the runner hands it over again: it is not pickled with the writer)."""
+        run's (after a restore the runner hands it over again: it is not pickled with the writer); ``resources``: what
+        one worker of a trial asks Ray for, ``workers`` of them (what a waiting trial waits for)."""
         self.ledger = ledger
+        self.resources = dict(resources or {})
+        self.workers = workers
         self.results_dir = Path(results_dir)
         self.space_keys = list(space_keys)
         self.metrics = list(metrics)
@@ -85,11 +91,11 @@ class ResultsWriter(HoldsLedger, Callback):
 
     # Pickled into Tune's tuner.pkl: keep only what rebuilds the writer.
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("results_dir", "space_keys", "metrics", "total", "extra_columns", "columns")
+        keep = ("results_dir", "space_keys", "metrics", "total", "extra_columns", "columns", "resources", "workers")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"resources": {}, "workers": 1, **state})  # a sweep saved before they were kept
         self._out = None
         self.planner = None
         self._reset()
@@ -102,9 +108,19 @@ class ResultsWriter(HoldsLedger, Callback):
     def progress(self) -> Progress:
         """The live block under the event lines (see lmtune.sweep.progress)."""
         if self._progress is None:
-            self._progress = Progress(self.out, self.total)
+            wants = request_text(self.resources.get("CPU", 0), self.resources.get("GPU", 0), self.workers)
+            self._progress = Progress(self.out, self.total, wants=wants if self.resources else "", free=self._free,
+                                      workers=self.workers)
             self._progress.done = len(self.rows)
         return self._progress
+
+    def _free(self) -> str:
+        """What the cluster has free now: ``0 of 2 CPUs, 1 of 2 GPUs`` (GPUs when the trials or the cluster have any)."""
+        import ray
+
+        free, total = ray.available_resources(), ray.cluster_resources()
+        kinds = ["CPU"] + (["GPU"] if self.resources.get("GPU") or total.get("GPU") else [])
+        return ", ".join(f"{free.get(r, 0):g} of {total.get(r, 0):g} {r}s" for r in kinds)
 
     # --- Tune hooks ---
 
@@ -122,6 +138,9 @@ class ResultsWriter(HoldsLedger, Callback):
             self.ledger.reconciler.after_restore()
 
     def on_step_end(self, iteration, trials, **info) -> None:
+        # Tune holds a trial PENDING until the cluster has room for it: say so rather than wait in silence
+        for tid in self.progress.pending(t.trial_id for t in trials if t.status == "PENDING"):
+            self._line("waiting", tid, self.progress.waits_for())
         self.progress.tick()
 
     def on_experiment_end(self, trials, **info) -> None:
@@ -139,7 +158,11 @@ class ResultsWriter(HoldsLedger, Callback):
             return
         self.progress.start(tid, trial_config(trial.config).get("train.steps"))
         point = "  ".join(f"{k}={fmt(trial.config.get(k), k)}" for k in self.space_keys if k in trial.config)
-        self._line("start", tid, point)
+        step = compat.checkpoint_step(trial)  # a retried or resumed trial goes on from its last checkpoint
+        if step is None:
+            self._line("start", tid, point)
+        else:
+            self._line("resume", tid, f"from step {step} (its last checkpoint)  {point}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tid = trial.trial_id

@@ -16,6 +16,7 @@ from lmtune import config as config_lib
 from lmtune.cli import check_output_dir
 from lmtune.config import ConfigError
 from lmtune.contract import LAYER_PREFIX, MEASURED_EVERY, REPORTED_METRICS, layer_index
+from lmtune.results.console import request_text
 from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUniform, Sweep, Uniform
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -67,6 +68,87 @@ def check_resources(gpus: Any, cpus: Any, where: str) -> None:
         raise ConfigError(f"{where}: gpus={gpus!r} is not accepted: expected 'auto' or a number >= 0 (GPUs per worker).")
     if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 < cpus < math.inf:
         raise ConfigError(f"{where}: cpus={cpus!r} is not accepted: expected a number > 0 (CPUs per worker).")
+
+
+def worker_bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """What one worker of a trial asks Ray for (the trial's own process when it has one worker)."""
+    return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+
+
+def worker_slots(nodes: list[dict[str, float]], bundle: dict[str, float], *, counts: list[int] | None = None) -> float:
+    """How many workers of ``bundle`` the ``nodes`` (each one's total resources) hold at once, every worker on one
+    node as Ray places a trial's process or a Ray Train worker. ``counts``: how many of each node there are (-1: no
+    limit, an autoscaler's node type); the answer is then ``math.inf`` when an unlimited type holds one."""
+    total: float = 0
+    for i, node in enumerate(nodes):
+        per = min((node.get(r, 0.0) / a for r, a in bundle.items() if a > 0), default=math.inf)
+        per = math.floor(per + 1e-9) if per != math.inf else per
+        n = counts[i] if counts is not None else 1
+        if per >= 1:
+            total += math.inf if n < 0 else per * n
+    return total
+
+
+def _amount(n: float, what: str) -> str:
+    return f"{n:g} {what}{'s' if n != 1 else ''}" if n else f"no {what}"
+
+
+def node_text(resources: dict[str, float]) -> str:
+    """``2 CPUs, no GPU``."""
+    return f"{_amount(resources.get('CPU', 0.0), 'CPU')}, {_amount(resources.get('GPU', 0.0), 'GPU')}"
+
+
+def nodes_text(nodes: list[dict[str, float]]) -> str:
+    """``1 node: 2 CPUs, no GPU`` / ``3 nodes, at most 8 CPUs, 1 GPU`` (each resource's largest, over the nodes)."""
+    if not nodes:
+        return "no node"
+    most = {r: max(n.get(r, 0.0) for n in nodes) for r in ("CPU", "GPU")}
+    return f"{'1 node:' if len(nodes) == 1 else f'{len(nodes)} nodes, at most'} {node_text(most)}"
+
+
+def unplaceable(bundle: dict[str, float], workers: int, nodes: list[dict[str, float]], cluster: str) -> str:
+    """The one line that refuses a sweep whose trials no node of the cluster can ever hold."""
+    asked = request_text(bundle["CPU"], bundle.get("GPU", 0), workers)
+    if workers > 1 and worker_slots(nodes, bundle) >= 1:
+        why = f"the cluster ({cluster}, {nodes_text(nodes)}) holds {worker_slots(nodes, bundle):g} such workers at once"
+    else:
+        why = f"no node of the cluster ({cluster}, {nodes_text(nodes)}) has that much"
+    return (f"each trial asks for {asked}, but {why}: no trial could ever start. Ask for less (--cpus/--gpus, or the "
+            f"sweep file's cpus=/gpus=/workers=), or run it on a cluster that has it (--address).")
+
+
+def check_placeable(bundle: dict[str, float], workers: int, nodes: list[dict[str, float]], cluster: str, *,
+                    node_types: list[tuple[str, dict[str, float] | None, int]] | None = None,
+                    can_grow: bool = False) -> str | None:
+    """Refuse (ConfigError) a sweep whose trials no node of the cluster can ever hold, before any trial starts; a
+    line for the console when only nodes the cluster does not have yet could hold them, else None.
+
+    Tune would keep such a trial PENDING forever without a word. A trial needs each of its ``workers`` (the trial
+    process itself when it has one) on one node, all of them at once: the check is on the ``nodes``' total
+    resources, so a trial that fits but waits for busy ones is left to run (the progress block says what it waits
+    for). A cluster that cannot grow (``can_grow=False``: an embedded Ray is this machine) is refused at once. One
+    that can (a joined cluster) is refused only when its autoscaler's ``node_types`` (name, resources of one node or
+    None when left to detection, most nodes, -1 for no limit) cannot hold the trial either; when it has no known
+    autoscaler (``node_types`` None) the sweep goes on with a warning, since a node may still be started by hand."""
+    if worker_slots(nodes, bundle) >= workers:
+        return None
+    if not can_grow:
+        raise ConfigError(unplaceable(bundle, workers, nodes, cluster))
+    asked = request_text(bundle["CPU"], bundle.get("GPU", 0), workers)
+    if node_types is None:
+        return (f"warning: each trial asks for {asked}, which no node of the cluster has ({nodes_text(nodes)}) and no "
+                f"autoscaler is known to add: the trials wait until such a node joins (Ctrl-C stops the sweep, its "
+                f"state saved).")
+    known = [(name, res, count) for name, res, count in node_types if res is not None]
+    undetected = [name for name, res, count in node_types if res is None and count != 0]
+    more = worker_slots([res for _, res, _ in known], bundle, counts=[count for _, _, count in known])
+    if undetected or worker_slots(nodes, bundle) + more >= workers:
+        which = undetected + [name for name, res, count in known if count != 0 and worker_slots([res], bundle) >= 1]
+        return (f"note: each trial asks for {asked}, which no node of the cluster has now ({nodes_text(nodes)}); its "
+                f"autoscaler may add such nodes (node types: {', '.join(which)}): the trials wait for them.")
+    kinds = "; ".join(f"{name}: {node_text(res)}" for name, res, _ in known)
+    raise ConfigError(f"{unplaceable(bundle, workers, nodes, cluster)} Its autoscaler's node types cannot either "
+                      f"({kinds}).")
 
 
 def check_keys(d: dict, where: str) -> None:

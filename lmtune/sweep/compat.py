@@ -71,7 +71,57 @@ def running_clusters() -> list[str]:
     return sorted(set(services.find_gcs_addresses()))
 
 
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+"""What ``ray up`` leaves on the head node: the cluster launcher's config with its node types."""
+
+
+def autoscaler_node_types() -> list[tuple[str, dict[str, float] | None, int]] | None:
+    """The node types the joined cluster's autoscaler may start: (name, resources of one node or None when the
+    config leaves them to be detected, most nodes of the type, -1 for no limit); None when no autoscaler is known.
+
+    No public API says what nodes a cluster could add. Ray's autoscaler v2 (and KubeRay) records them in the GCS,
+    read here as Ray Data reads them (``ray._private.state.state.get_cluster_config``); ``ray up``'s autoscaler
+    leaves its config on the head as ``~/ray_bootstrap_config.yaml``, whose presence Tune itself takes for an
+    autoscaling cluster."""
+    from ray._private import state
+
+    try:
+        config = state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 — an older GCS without the record: the file below, if any
+        config = None
+    if config is not None and config.node_group_configs:
+        return [(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+                for g in config.node_group_configs]
+    path = BOOTSTRAP_CONFIG.expanduser()
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    types = doc.get("available_node_types") or {}
+    head = doc.get("head_node_type")
+    out = []
+    for name, spec in types.items():
+        spec = spec or {}
+        res = spec.get("resources")
+        count = 1 if name == head else int(spec.get("max_workers", doc.get("max_workers", 0)) or 0)
+        out.append((str(name), {k: float(v) for k, v in res.items()} if isinstance(res, dict) else None, count))
+    return out
+
+
 # --- Ray Tune ---------------------------------------------------------------------------------------
+
+
+def checkpoint_step(trial: Any) -> int | None:
+    """The ``step`` of the report that carried a Tune trial's latest checkpoint (where a retried or resumed trial
+    starts again), None without one. ``Trial.latest_checkpoint_result`` is a public property, but what it returns
+    (``ray.train._internal.session._TrainingResult`` and its ``metrics``) is not."""
+    result = getattr(trial, "latest_checkpoint_result", None)
+    step = (getattr(result, "metrics", None) or {}).get("step") if result is not None else None
+    return step if isinstance(step, int) else None
 
 
 def controller(tune_controller: Any) -> Any:

@@ -28,6 +28,7 @@ from lmtune.sweep.checks import (
     absolute_paths, check_fields, check_frontier, check_keys, check_metrics, check_resources, domain_json, in_domain,
     same_validation_text, to_domain,
 )
+from lmtune.sweep.presets import TINY_CPU
 from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, Smoke, Sweep
 
 
@@ -58,6 +59,8 @@ class ResolvedSweep:
     """GPUs per worker asked for ("auto" until the runner sees the cluster: :func:`resolve_gpus`)."""
     cpus: float = 1
     """CPUs per worker."""
+    smoke_default: bool = False
+    """``--smoke`` on a file without a smoke variant: :func:`default_smoke` was applied."""
 
     @property
     def name(self) -> str:
@@ -118,6 +121,9 @@ def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
                           f"e.g. sweeps/norm_warmup.py.")
     if not p.is_file():
         raise ConfigError(f"{p} is not a file (expected a sweep file such as sweeps/norm_warmup.py).")
+    if p.suffix != ".py":  # a README or a TOML given by mistake read as "syntax error" at its first line
+        raise ConfigError(f"{p} is not a sweep file: expected a Python file (.py) that defines a Sweep, e.g. "
+                          f"sweeps/norm_warmup.py (README.md step 5 shows one).")
     try:
         source = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -147,6 +153,19 @@ def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
 # --- checking and resolving ------------------------------------------------------------------------
 
 
+DEFAULT_SMOKE_SAMPLES = 2
+"""Trials per grid point of the default smoke variant (tpe/nsga2 sweeps)."""
+
+
+def default_smoke(sweep: Sweep) -> Smoke:
+    """``--smoke`` for a file that declares no smoke variant: TINY_CPU as the base and at most
+    :data:`DEFAULT_SMOKE_SAMPLES` samples per grid point (the space's axes are kept). Without it ``--smoke`` applied
+    nothing and ran the full-size sweep (GPT-2 small, 1000 steps, compiled) on whatever machine it was."""
+    samples = sweep.num_samples if isinstance(sweep.num_samples, int) and not isinstance(sweep.num_samples, bool) else 1
+    return Smoke(base=dict(TINY_CPU), num_samples=max(1, min(samples, DEFAULT_SMOKE_SAMPLES)))
+
+
+
 def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
             overrides: list[str] | dict[str, Any] | None = None, gpus: float | str | None = None,
             cpus: float | None = None) -> ResolvedSweep:
@@ -161,8 +180,9 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     base_overrides: dict[str, Any] = dict(sweep.base)
     num_samples = sweep.num_samples
     frontier = sweep.frontier
+    smoke_default = smoke and sweep.smoke == Smoke()
     if smoke:
-        sm = sweep.smoke
+        sm = default_smoke(sweep) if smoke_default else sweep.smoke
         if not isinstance(sm, Smoke):
             raise ConfigError(f"{where}: smoke must be Smoke(base=..., space=..., num_samples=...), got {sm!r}.")
         check_keys(sm.base, f"{where}: smoke.base")
@@ -187,6 +207,8 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
             raise ConfigError(f"{key} is an axis of the sweep's space; a command-line value would be ignored "
                               f"(change the space in {where}, or override a base key).")
     base_overrides.update(cli)
+    if smoke_default:  # a problem found from here on may come from the default variant, not the file's own lines
+        where = f"{where} (--smoke without a smoke= variant: lmtune's default, base TINY_CPU)"
 
     space = {k: to_domain(k, d, where) for k, d in space.items()}
     if not space and sweep.define_by_run is None:
@@ -243,7 +265,8 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     rs = ResolvedSweep(sweep=sweep, file=file, smoke=smoke, base=base, base_overrides=base_overrides,
                        space=space, metrics=metrics, modes=modes, searcher=searcher, num_trials=total,
                        export=list(sweep.export), frontier=frontier,
-                       gpus=sweep.gpus if gpus is None else gpus, cpus=sweep.cpus if cpus is None else cpus)
+                       gpus=sweep.gpus if gpus is None else gpus, cpus=sweep.cpus if cpus is None else cpus,
+                       smoke_default=smoke_default)
     if rs.gpus == 0 and base.get("system.device") == "cuda":
         raise ConfigError(f"{where}: system.device='cuda' but the trials ask for gpus=0, so Ray gives them no GPU; "
                           f"use gpus='auto' or a number >= 1 (or --gpus).")

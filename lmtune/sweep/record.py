@@ -11,6 +11,7 @@ from typing import Any
 from lmtune import __version__
 from lmtune.config import ConfigError
 from lmtune.contract import SWEEP_JSON
+from lmtune.results.layout import read_json, write_json
 from lmtune.sweep.load import ResolvedSweep
 
 
@@ -71,3 +72,16 @@ def check_same_sweep(rs: ResolvedSweep, results_dir: Path) -> None:
                           f"or start a new run without --resume.")
 
 
+
+
+def mark_finished(results_dir: Path) -> None:
+    """``finished`` in sweep.json: the run reached its end (not stopped by Ctrl-C or SIGTERM), so that a ``--resume``
+    of it has nothing to continue and need not start Ray (:func:`finished_at`)."""
+    meta = read_json(results_dir / SWEEP_JSON)
+    if meta is not None:
+        write_json(results_dir / SWEEP_JSON, {**meta, "finished": datetime.now().isoformat(timespec="seconds")})
+
+
+def finished_at(results_dir: Path) -> str | None:
+    """When the run in ``results_dir`` reached its end (None: it did not, or it is older than this record)."""
+    return (read_json(results_dir / SWEEP_JSON) or {}).get("finished")

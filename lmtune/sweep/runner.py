@@ -15,9 +15,12 @@ The flow of :func:`run`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,8 +33,9 @@ from lmtune.results import console
 from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
 from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import compat, snapshot
-from lmtune.sweep.load import ResolvedSweep, resolve_gpus
-from lmtune.sweep.record import check_same_sweep, device_memory, sweep_json
+from lmtune.sweep.checks import check_placeable, worker_bundle
+from lmtune.sweep.load import DEFAULT_SMOKE_SAMPLES, ResolvedSweep, resolve_gpus
+from lmtune.sweep.record import check_same_sweep, device_memory, finished_at, mark_finished, sweep_json
 
 
 @dataclass
@@ -48,7 +52,9 @@ class Outcome:
     """Per trial: time.time() when the driver saw it end."""
     best: dict[str, Any] | None = None
     interrupted: bool = False
-    """Stopped before the sweep's end (Ctrl-C: Tune saved its state, ``--resume`` continues it)."""
+    """Stopped before the sweep's end (Ctrl-C or SIGTERM: Tune saved its state, ``--resume`` continues it)."""
+    signal: int | None = None
+    """The signal that stopped it when it was SIGTERM (``signal.SIGTERM``); None for Ctrl-C or no stop."""
 
 
 # --- environment --------------------------------------------------------------------------------------
@@ -173,7 +179,8 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
             port = _free_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             try:
-                ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_port=port, **kwargs)
+                with _apart_from_our_process_group():
+                    ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_port=port, **kwargs)
                 break
             except ValueError as e:  # taken since it was found free (another Ray starting): another port
                 if "already occupied" not in str(e) or attempt == 4:
@@ -198,6 +205,82 @@ def _start_ray(address: str | None, env: dict[str, str], log_dir: Path, out: Tex
         if not link.exists():
             link.symlink_to(session / "logs", target_is_directory=True)
     return not address
+
+
+@contextlib.contextmanager
+def _apart_from_our_process_group():
+    """The embedded Ray's processes (GCS, raylet, their workers: the trials) start in a process group of their own.
+
+    ``timeout`` stops a job by sending SIGTERM to its whole process group, as ``kill -- -PGID`` and some batch
+    systems do. In the driver's group the GCS died of it at once, the trials with it, and the driver, whose SIGTERM
+    takes Ctrl-C's path (:class:`_StopSignals`), waited 60 s for the dead GCS and was then ended by Ray without its
+    state saved. Apart, only the driver gets the signal; it stops the trials and shuts its Ray down itself (and
+    Ray's fate-sharing still ends those processes if the driver is killed outright). Ray already keeps its processes
+    out of a terminal's Ctrl-C (they block SIGINT); SIGTERM cannot be blocked the same way, since Ray's own
+    shutdown stops them with it.
+
+    The driver moves into a new group while ``ray.init`` starts the processes (they inherit it) and back at once:
+    it stays in the terminal's foreground group, so Ctrl-C and the terminal's own signals still reach it. A driver
+    that leads its group already (a shell's job, ``setsid``) stays as it is: whoever signals its group means
+    everything in it."""
+    ours = os.getpgrp()
+    if ours == os.getpid():
+        yield
+        return
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not allowed here (a session leader): as above
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.setpgid(0, ours)
+
+
+class _StopSignals:
+    """SIGTERM to the driver takes Ctrl-C's path while the sweep runs: Tune stops its trials, saves the experiment
+    one last time and returns, and the command prints how to continue (exit 143). Tune handles SIGINT so but not
+    SIGTERM, which Ray's handler turned into an exit with Ray's stack lines and no state saved; a batch system, a
+    ``timeout`` and ``ray job stop`` all stop a job with SIGTERM.
+
+    The handler calls whatever handles SIGINT when the signal comes: Tune's during ``Tuner.fit`` (a second signal
+    then finds Python's own, as a second Ctrl-C does), Python's KeyboardInterrupt before and after it."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signals are the main thread's (a test may not be)
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+            self._installed = True
+        return self
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored or left to the system: the interrupt is ours to raise
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            # a handler set from C (Ray's core worker installs one) reads as None: the default takes its place
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+
+def _check_placeable(rs: ResolvedSweep, address: str | None) -> str | None:
+    """:func:`lmtune.sweep.checks.check_placeable` on this cluster's live nodes (and, for a joined cluster, its
+    autoscaler's node types: this machine's embedded Ray grows no nodes)."""
+    import ray
+
+    nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    if address is None:
+        return check_placeable(worker_bundle(rs.cpus, rs.gpus), rs.sweep.workers, nodes, "this machine's embedded Ray")
+    return check_placeable(worker_bundle(rs.cpus, rs.gpus), rs.sweep.workers, nodes, f"the one at --address {address}",
+                           node_types=compat.autoscaler_node_types(), can_grow=True)
 
 
 def _cluster_messages_to_log() -> None:
@@ -261,38 +344,70 @@ def run(
         results_dir = new_results_dir(local_root, rs.name)
     group = results_dir.name
     base_uri = uri_join(remote, group) if remote else str(results_dir)
+    if resume and finished_at(results_dir):  # nothing to continue: the table, without Ray's ~10 s start
+        return _finished(rs, results_dir, base_uri, out)
 
     env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
+    asked = rs.gpus
+    started = False
     try:
         started = _start_ray(address, env, results_dir / LOG_DIR, out, dashboard=dashboard)
+        import ray
+
+        rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
+        placement_note = _check_placeable(rs, address)
     except ConfigError:
+        if started:
+            ray.shutdown()
         _close_log(handler)
         if not resume:  # nothing ran: leave no empty results directory behind
             import shutil
 
             shutil.rmtree(results_dir, ignore_errors=True)
         raise
-    import ray
-
-    asked = rs.gpus
-    rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
     if not resume:
         write_json(results_dir / SWEEP_JSON, sweep_json(rs, results_dir))
-    print(f"sweep {rs.name}{' (smoke)' if rs.smoke else ''}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
+    print(f"sweep {rs.name}{_smoke_label(rs)}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
           f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
+    print("each trial: " + console.trial_text(rs.base, _space_keys(rs)), file=out)
     print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
                                               device=rs.base.get("system.device")), file=out)
-    try:
-        return _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
-                         wandb=wandb, ray_train=ray_train, render=render, remote=remote, reuse_actors=reuse_actors,
-                         out=out)
-    finally:
-        if started:
-            import ray
+    if placement_note:
+        print(placement_note, file=out)
+    with _StopSignals() as stop:
+        try:
+            outcome = _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
+                                wandb=wandb, ray_train=ray_train, render=render, remote=remote,
+                                reuse_actors=reuse_actors, out=out)
+        except KeyboardInterrupt:  # before Tune's loop took the signal over: nothing ran that a resume could continue
+            raise StoppedEarly(stop.received or signal.SIGINT) from None
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
-        _close_log(handler)
+                ray.shutdown()
+            _close_log(handler)
+    outcome.signal = stop.received
+    return outcome
+
+
+class StoppedEarly(Exception):
+    """Ctrl-C or SIGTERM before the sweep's first trial (while Ray started or Tune set up): nothing to continue."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _finished(rs: ResolvedSweep, results_dir: Path, base_uri: str, out: TextIO) -> Outcome:
+    """``--resume`` of a run that reached its end: say so, and show its table as the run ended."""
+    print(f"resume: {results_dir} finished at {finished_at(results_dir)}; nothing to continue (Ray not started). "
+          f"Run it again without --resume for a new run.", file=out)
+    rows = read_trials_csv(results_dir / TRIALS_CSV)
+    best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=_space_keys(rs),
+                                 searcher=rs.searcher, frontier=rs.frontier, tune_dir=uri_join(base_uri, TUNE_DIR))
+    return Outcome(results_dir=results_dir, rows=rows, wall_s=0.0, best=best)
 
 
 def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str, resume: bool,
@@ -334,7 +449,8 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         searcher = make_searcher(rs, results_dir, ledger=ledger, limit_gib=limit or None)
         extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
         total = f"≤{rs.num_trials}" if rs.searcher == "frontier" else rs.num_trials  # the planner skips points
-        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out)
+        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out,
+                               resources=worker_bundle(rs.cpus, rs.gpus), workers=rs.sweep.workers)
         concurrency = max_concurrent or _default_concurrency(settings)
         tuner = tune.Tuner(
             trainable,
@@ -380,6 +496,8 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         planned_more = len(grid) < rs.num_trials
     interrupted = grid.num_terminated + grid.num_errors < len(grid) or planned_more
     writer.write_csv()
+    if not interrupted:
+        mark_finished(results_dir)
     rows = read_trials_csv(results_dir / TRIALS_CSV)
     best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=space_keys,
                                  searcher=rs.searcher, frontier=rs.frontier, tune_dir=tune_path)
@@ -390,6 +508,15 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         print(f"uploaded to {base_uri}", file=out)
     return Outcome(results_dir=results_dir, rows=rows, wall_s=wall, time_in_trainer_s=dict(writer.trainer_s), fit_start=fit_start,
                    trial_end=dict(writer.ended), best=best, interrupted=interrupted)
+
+
+def _smoke_label(rs: ResolvedSweep) -> str:
+    if not rs.smoke:
+        return ""
+    if rs.smoke_default:
+        return (f" (smoke: the file has no smoke= variant, so lmtune's default: base TINY_CPU, at most "
+                f"{DEFAULT_SMOKE_SAMPLES} sample(s) per grid point, the space's axes kept)")
+    return " (smoke)"
 
 
 def measures_memory(rs: ResolvedSweep) -> bool:

@@ -160,6 +160,9 @@ class Sweep:
     export: list[str] = field(default_factory=list)
     """Config keys of the winning trial that `lmtune.export` writes as locked defaults."""
     smoke: Smoke = field(default_factory=Smoke)
+    """Applied with ``--smoke``. Left out (or ``Smoke()``), ``--smoke`` applies lmtune's default instead
+    (:func:`lmtune.sweep.load.default_smoke`: base ``TINY_CPU``, at most 2 samples per grid point), never the
+    full-size sweep."""
     seed: int = 0
     """Seed of the searcher."""
     description: str = ""
