@@ -25,7 +25,7 @@ sweep = Sweep(
     metric="val_loss", mode="min",
     export=["model.position", "model.n_kv_head"],
     smoke=Smoke(
-        base={**TINY_CPU, "model.n_head": 4, "train.steps": 60, "train.lr": 3e-3},
+        base={**TINY_CPU, "model.n_head": 4, "train.steps": 40, "train.lr": 3e-3},
         space={"model.position": grid(["learned", "rope", "alibi"]), "model.n_kv_head": grid([0, 2]),
                "train.seed": grid([1, 2, 3])},
     ),

@@ -304,8 +304,7 @@ def test_prepare_refuses_what_it_cannot_read_in_one_line(tmp_path, capsys):
 def test_shards_on_an_object_store_are_copied_once_per_node_and_checked(tmp_path, monkeypatch, prepared):
     """prepare --out s3://… uploads; a run with data.prepared=s3://… copies them into its node's cache once (the next
     run reads the copy), each shard checked against its digest."""
-    from lmtune.data.__main__ import _upload
-    from lmtune.data.prepared import local_copy
+    from lmtune.data.prepared import local_copy, upload
     from lmtune.train import Trainer
     from tests.s3 import CREDENTIALS, local_s3
 
@@ -313,7 +312,7 @@ def test_shards_on_an_object_store_are_copied_once_per_node_and_checked(tmp_path
         monkeypatch.setenv(key, value)
     with local_s3("lmtune") as endpoint:
         uri = f"s3://lmtune/prepared/builtin?endpoint_override={endpoint}&scheme=http"
-        _upload(prepared, uri)
+        upload(prepared, uri)
         cache = tmp_path / "cache"
         first = Trainer(tiny(f"data.prepared={uri}", f"data.cache_dir={cache}", "train.steps=4")).fit()
         copy = local_copy(uri, cache)
@@ -334,3 +333,43 @@ def test_auto_prepares_the_dataset_once_and_reads_the_shards_after(tmp_path, cap
     assert first["data_source"].startswith(f"prepared {directory}:") and not (cache / "tokens").exists()
     again = Trainer(tiny("data.prepared=auto", f"data.cache_dir={cache}", "train.steps=4")).fit()
     assert "preparing" not in capsys.readouterr().err and again["val_loss"] == first["val_loss"]
+
+
+@pytest.mark.slow
+def test_a_sweep_prepares_once_in_its_driver_and_no_trial_tokenizes(tmp_path):
+    from tests.conftest import run_module
+    from tests.test_sweep_e2e import rows, sweep_file
+
+    cache = tmp_path / "cache"
+    path = sweep_file(tmp_path, f"""
+        sweep = Sweep(
+            name="prepared", base={{**TINY_CPU, "data.prepared": "auto", "data.cache_dir": {str(cache)!r},
+                                    "train.steps": 10, "train.eval_interval": 10}},
+            space={{"train.seed": grid([1, 2])}}, metric="val_loss", mode="min",
+        )
+    """)
+    proc = run_module("lmtune.sweep", str(path), "--storage", str(tmp_path / "results"), "--no-wandb",
+                      "--no-dashboard", "--no-report", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (prepared,) = (tmp_path / "results" / "prepared").iterdir()
+    assert f"data: the trials read the shards prepared in {prepared}" in proc.stdout
+    (run,) = (tmp_path / "results").glob("*-prepared-*")  # beside the storage's prepared/
+    for trial_id in rows(run):
+        summary = json.loads((run / "trials" / trial_id / "summary.json").read_text())
+        assert summary["status"] == "ok" and summary["data_source"].startswith(f"prepared {prepared}:")
+    assert not (cache / "tokens").exists() and not (cache / "prepared").exists()  # no trial tokenized or prepared
+
+
+def test_a_sweep_over_shards_that_are_not_there_stops_before_ray(tmp_path):
+    from tests.conftest import run_module
+    from tests.test_sweep_e2e import sweep_file
+
+    path = sweep_file(tmp_path, f"""
+        sweep = Sweep(name="missing", base={{**TINY_CPU, "data.prepared": {str(tmp_path / 'nowhere')!r}}},
+                      space={{"train.seed": grid([1])}}, metric="val_loss", mode="min")
+    """)
+    proc = run_module("lmtune.sweep", str(path), "--storage", str(tmp_path / "results"), cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert "no such directory; prepare it first: python -m lmtune.data prepare builtin --tokenizer byte" in err[0]
+    assert not (tmp_path / "results").exists()

@@ -22,7 +22,8 @@ from pathlib import Path
 from lmtune.cli import check_output_dir, parse_command_line, user_errors_exit_2
 from lmtune.config import ConfigError, DataConfig
 from lmtune.data.cache import cache_root
-from lmtune.data.prepare import DEFAULT_SHARD_TOKENS, Settings, prepare, prepared_files, source
+from lmtune.data.prepare import DEFAULT_SHARD_TOKENS, Settings, prepare, source
+from lmtune.data.prepared import upload
 from lmtune.data.tokenizers import TOKENIZERS
 
 
@@ -49,16 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--val-tokens", type=int, default=DataConfig.val_tokens,
                    help="validation tokens at most (default: %(default)s)")
     return q
-
-
-def _upload(local: Path, uri: str) -> None:
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(root, recursive=True)
-    for path in prepared_files(local):  # the index last: a reader sees it only once every shard is there
-        pyarrow.fs.copy_files(str(path), f"{root}/{path.name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=fs)
 
 
 @user_errors_exit_2
@@ -90,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.shard_tokens:,} tokens)", flush=True)
     index = prepare(src, out, settings)
     if uri:
-        _upload(out, uri)
+        upload(out, uri)
     where = uri or out
     shards = {s: len(v) for s, v in index.splits.items()}
     print(f"prepared {where}: {index.tokens('train'):,} training tokens in {shards.get('train', 0)} shard(s), "

@@ -437,8 +437,4 @@ def _prepare(src: Source, out: Path, settings: Settings, progress: bool) -> Inde
     return index
 
 
-def prepared_files(out: Path) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(str(out / "*.bin"))) + [out / INDEX]
-
-
-__all__ = ["DEFAULT_SHARD_TOKENS", "FILE_SUFFIXES", "Settings", "Source", "prepare", "prepared_files", "source"]
+__all__ = ["DEFAULT_SHARD_TOKENS", "FILE_SUFFIXES", "Settings", "Source", "prepare", "source"]

@@ -51,6 +51,18 @@ def auto_prepared(cfg: DataConfig, root: Path, *, out: TextIO | None = None) -> 
     return directory
 
 
+def upload(local: Path, uri: str) -> None:
+    """A prepared directory's shards, then its index, to an object store (a reader sees the index only once every
+    shard is there)."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    fs.create_dir(root, recursive=True)
+    for path in [*sorted(local.glob("*.bin")), local / INDEX]:
+        pyarrow.fs.copy_files(str(path), f"{root}/{path.name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+
+
 def local_copy(uri: str, cache: Path) -> Path:
     """A prepared dataset on an object store (``s3://…``), copied once into this node's cache (under a lock: the
     trials of a node share one copy, and each shard is checked against the index's digest) and read from there."""
@@ -117,6 +129,31 @@ def locate(cfg: DataConfig, cache: Path) -> tuple[Path, Index]:
         raise ConfigError(f"data.limit_tokens={cfg.limit_tokens:,} is more than data.prepared={where!r} holds "
                           f"({available:,} training tokens); accepted: 0 (all) up to {available:,}.")
     return directory, index
+
+
+def check_prepared(cfg: DataConfig, cache: Path) -> None:
+    """What :func:`locate` checks, without copying an object store's shards here (a sweep's driver checks before any
+    trial; the trials' nodes copy them): for a URI, its index only."""
+    if cfg.prepared == AUTO or not cfg.prepared:
+        return
+    if "://" not in cfg.prepared:
+        locate(cfg, cache)
+        return
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(cfg.prepared)
+        with fs.open_input_stream(f"{root}/{INDEX}") as f:
+            index = Index.read_text(f.read().decode(), cfg.prepared)
+    except (OSError, pyarrow.lib.ArrowException) as e:
+        raise ConfigError(f"data.prepared={cfg.prepared!r}: no {INDEX} there ({str(e).splitlines()[0][:120]}); "
+                          f"prepare it first: {prepare_command(cfg, cfg.prepared)}") from None
+    problem = ("is unfinished (a prepare was stopped?); run it again to finish" if not index.complete else
+               f"holds {index.tokenizer} tokens, but data.tokenizer={cfg.tokenizer!r}" if index.tokenizer != cfg.tokenizer
+               else f"holds {index.tokens('train'):,} training tokens, fewer than data.limit_tokens="
+                    f"{cfg.limit_tokens:,}" if cfg.limit_tokens > index.tokens("train") else "")
+    if problem:
+        raise ConfigError(f"data.prepared={cfg.prepared!r} {problem}: {prepare_command(cfg, cfg.prepared)}")
 
 
 def open_splits(directory: Path, index: Index, limit_tokens: int) -> tuple[ShardedTokens, ShardedTokens]:

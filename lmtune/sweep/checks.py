@@ -250,8 +250,10 @@ def absolute_paths(flat: dict[str, Any]) -> dict[str, Any]:
     out = dict(flat)
     for key in ("data.files", "data.val_files"):
         out[key] = [p if os.path.isabs(p) or "://" in p else os.path.abspath(p) for p in out.get(key) or []]
-    if out.get("data.cache_dir") and not os.path.isabs(out["data.cache_dir"]):
-        out["data.cache_dir"] = os.path.abspath(out["data.cache_dir"])
+    for key in ("data.cache_dir", "data.prepared"):
+        value = out.get(key)
+        if value and value != "auto" and "://" not in value and not os.path.isabs(value):
+            out[key] = os.path.abspath(value)
     return out
 
 

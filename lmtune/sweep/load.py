@@ -24,6 +24,8 @@ from typing import Any
 
 from lmtune import config as config_lib
 from lmtune.config import ConfigError
+from lmtune.data.cache import cache_root
+from lmtune.data.prepared import check_prepared
 from lmtune.sweep.checks import (
     absolute_paths, check_fields, check_frontier, check_keys, check_metrics, check_resources, domain_json, in_domain,
     same_validation_text, to_domain,
@@ -220,6 +222,10 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     except ConfigError as e:
         raise ConfigError(f"{where}: base config: {e}") from None
     base = absolute_paths(base_cfg.flat())
+    try:  # prepared shards that are not there, or not whole: one line naming the prepare command, before any trial
+        check_prepared(base_cfg.data, cache_root(base_cfg.data))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
     metrics = [sweep.metric] if isinstance(sweep.metric, str) else list(sweep.metric)
     modes = [sweep.mode] if isinstance(sweep.mode, str) else list(sweep.mode)

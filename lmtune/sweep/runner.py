@@ -31,6 +31,8 @@ from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
 from lmtune.results import console
 from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
+from lmtune import config as config_lib
+from lmtune.data.prepared import AUTO, auto_prepared, upload as upload_prepared
 from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import compat, snapshot
 from lmtune.sweep.checks import check_placeable, worker_bundle
@@ -346,6 +348,7 @@ def run(
     base_uri = uri_join(remote, group) if remote else str(results_dir)
     if resume and finished_at(results_dir):  # nothing to continue: the table, without Ray's ~10 s start
         return _finished(rs, results_dir, base_uri, out)
+    _prepare_data(rs, local_root, remote, out)
 
     env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
@@ -390,6 +393,20 @@ def run(
             _close_log(handler)
     outcome.signal = stop.received
     return outcome
+
+
+def _prepare_data(rs: ResolvedSweep, local_root: Path, remote: str | None, out: TextIO) -> None:
+    """``data.prepared=auto``: the driver prepares data.dataset once, into the storage's ``prepared/`` (uploaded there
+    with a remote storage), before any trial; every trial then reads those shards and none tokenizes."""
+    if rs.base.get("data.prepared") != AUTO:
+        return
+    directory = auto_prepared(config_lib.from_flat(rs.base).data, local_root, out=out)
+    where = str(directory)
+    if remote:
+        where = uri_join(remote, "prepared", directory.name)
+        upload_prepared(directory, where)
+    rs.base["data.prepared"] = where
+    print(f"data: the trials read the shards prepared in {where}", file=out)
 
 
 class StoppedEarly(Exception):
