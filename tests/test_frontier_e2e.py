@@ -1,9 +1,13 @@
-"""The memory frontier end to end on the real stack: sweep → frontier tables → export → trainer.
+"""The memory frontier end to end on the real stack: sweep → frontier tables → export → trainer, and the README's
+first hour, whose demo is that sweep.
 
-* the shipped ``sweeps/memory_frontier.py --smoke``: an emulated device limit on CPU that the larger
-  micro-batches really cross; statuses, implied OOMs never launched (counted in Tune's trial dirs),
-  frontier table rows equal to the trial results, a PNG, a recommended point; export writes locked defaults
-  that the next ``python -m lmtune.train`` uses; a second export without --force is refused;
+* the shipped ``sweeps/memory_frontier.py --smoke`` as ``make demo`` runs it (one run for the module): an emulated
+  device limit on CPU that the larger micro-batches really cross; statuses, implied OOMs never launched (counted in
+  Tune's trial dirs), frontier table rows equal to the trial results, a PNG, a recommended point; export writes
+  locked defaults that the next ``python -m lmtune.train`` uses; an export of other values without --force is
+  refused;
+* README.md's "A first hour with lmtune", every command of it in its order, as written (the few that cannot run
+  here are named with why, and one is shortened, said where): each one's exit code and the files it names;
 * a real ``torch.OutOfMemoryError`` raised in the trainer at a chosen micro-batch: oom rows, never retried,
   larger micro-batches implied;
 * a frontier sweep stopped with Ctrl-C, resumed, SIGKILLed, resumed again: one row per grid point, and the rows,
@@ -15,10 +19,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +34,29 @@ from tests.frontier_fixtures import B, X
 from tests.test_sweep_e2e import only_run, rows, sweep_file
 
 pytestmark = pytest.mark.slow
+
+
+def _shell(command: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``command`` in a shell as a user types it after ``source .venv/bin/activate``: ``python`` is this
+    interpreter, lmtune is this checkout. W&B is off (``WANDB_MODE=disabled``, README's W&B row): an offline run per
+    trial costs each trial process seconds of a 2-core machine, and W&B is tested elsewhere."""
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "python").exists(), f"no `python` next to {sys.executable}"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``make demo`` in a fresh directory, once for the module (the Makefile's own recipe; ``-o install`` leaves out
+    the environment it would otherwise create first, which is this one): the directory and the run."""
+    home = tmp_path_factory.mktemp("first-hour")
+    (home / "sweeps").mkdir()
+    (home / "sweeps" / "memory_frontier.py").symlink_to(REPO / "sweeps" / "memory_frontier.py")
+    proc = _shell(f"make -s -f {REPO / 'Makefile'} -o install demo PY={sys.executable}", home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return home, proc
 
 
 def _frontier_rows(results):
@@ -39,11 +69,8 @@ def _launched(results) -> set[str]:
     return {p.name for p in (results / "tune").iterdir() if p.is_dir() and not p.name.startswith(".")}
 
 
-def test_memory_frontier_smoke_then_export_then_train(in_tmp):
-    proc = run_module("lmtune.sweep", str(REPO / "sweeps" / "memory_frontier.py"), "--smoke", "--no-wandb",
-                      cwd=in_tmp, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = only_run(in_tmp / "results")
+def test_memory_frontier_smoke_then_export_then_train(demo, in_tmp):
+    results = only_run(demo[0] / "results")
     table = rows(results)
     ran = {t for t, r in table.items() if r["source"] == "run"}
     implied = {t for t, r in table.items() if r["source"] in ("implied", "predicted")}
@@ -94,8 +121,112 @@ def test_memory_frontier_smoke_then_export_then_train(in_tmp):
     assert used["train.ac_budget"] == recommended["line"]["train.ac_budget"]  # an eager run: the blocks budget applies
     before = (in_tmp / "lmtune.locked.toml").read_text()
     again = run_module("lmtune.export", str(results), "--to", "lmtune.locked.toml", cwd=in_tmp)
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 0 and "unchanged, it already holds these values" in again.stdout  # the same winner
+    other = next(t for t, r in table.items() if r["status"] == "ok" and t != recommended["trial_id"])
+    changed = run_module("lmtune.export", str(results), "--to", "lmtune.locked.toml", "--trial", other, cwd=in_tmp)
+    assert changed.returncode == 2 and "--force" in changed.stderr
     assert (in_tmp / "lmtune.locked.toml").read_text() == before
+
+
+FIRST_HOUR = [
+    # (the command as README.md writes it, what this test does with it)
+    ("make demo", "run"),
+    ("make test", "skip: it is this test suite"),
+    ("make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu", "skip: installs torch; `make demo` runs"),
+    ("python -m lmtune.export results/1-memory-frontier-<timestamp> --to smoke.locked.toml", "run"),
+    ("python -m lmtune.export results/1-memory-frontier-<timestamp> --to smoke.locked.toml --validate 30", "run"),
+    ("python -m lmtune.train --locked smoke.locked.toml model.n_layer=4 model.n_head=4 model.n_embd=128 "
+     "model.block_size=128 data.tokenizer=byte data.seq_len=128 train.dtype=float32 train.compile=false "
+     "system.device=cpu train.steps=300 --out runs/byte-300", "run: train.steps=5"),
+    ("python -m lmtune.train --locked smoke.locked.toml train.compile=false --describe | grep -A1 micro_batch_size",
+     "run"),
+    ('python -m lmtune.generate --checkpoint runs/byte-300/checkpoint --prompt "The " --max-new-tokens 100', "run"),
+    ("python -m lmtune.sweep sweeps/my_optimizer.py --smoke", "run"),
+    ("python -m lmtune.sweep sweeps/my_optimizer.py", "skip: the full-size sweep, for GPUs"),
+]
+"""README's first hour, command by command. "run: a=b" runs it with ``a``'s value replaced by ``b`` (the one
+shortening: 300 training steps of the 4×128 model are two minutes on 2 cores, 5 make the same files)."""
+
+
+def first_hour(readme: str) -> tuple[list[str], dict[str, str]]:
+    """The shell commands of README.md's "A first hour with lmtune" (its ```bash blocks, continuation lines joined,
+    comments dropped) and the files its ```python blocks say they are (a first line ``# path``)."""
+    section = readme.split("## A first hour with lmtune", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line)
+            if line.strip():
+                commands.append(" ".join(line.split()))
+    files = {m.group(1): m.group(2) for m in re.finditer(r"```python\n# (\S+)\n(.*?)```", section, re.S)}
+    return commands, files
+
+
+def test_the_readme_first_hour_runs_as_written(demo):
+    """Every command README.md's first hour prints, in its order, as a user pastes them: each exits as the README
+    says and leaves the files it names. The README cannot drift from the tools: a changed command fails here first
+    (update FIRST_HOUR with it), as does a command that no longer does what the README says."""
+    commands, files = first_hour((REPO / "README.md").read_text())
+    assert commands == [c for c, _ in FIRST_HOUR], "README.md's first hour changed: update FIRST_HOUR"
+    home, made = demo
+    ran = {}
+    for command, how in FIRST_HOUR:
+        if how.startswith("skip"):
+            continue
+        if command == "make demo":
+            ran[command] = made  # the module's run (the frontier test reads it too)
+            continue
+        if "sweeps/my_optimizer.py" in command:
+            (home / "sweeps" / "my_optimizer.py").write_text(files["sweeps/my_optimizer.py"])
+        if "<timestamp>" in command:
+            (run,) = (home / "results").glob("1-memory-frontier-*")
+            command = command.replace("<timestamp>", run.name.removeprefix("1-memory-frontier-"))
+        if how.startswith("run: "):
+            old, new = how.removeprefix("run: ").split("=", 1)[0], how.removeprefix("run: ")
+            command = re.sub(rf"{re.escape(old)}=\S+", new, command)
+        ran[command] = _shell(command, home)
+        proc = ran[command]
+        if "--validate" in command:  # exits 1 and writes nothing when this busy machine's timing drifts
+            assert proc.returncode == 0 or (proc.returncode == 1 and "validation FAILED: tokens/s drifted" in proc.stdout
+                                            and "keeps what it had" in proc.stdout), (command, proc.stdout, proc.stderr)
+        else:
+            assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr, (command, proc.stderr)
+
+    # 1. the demo: the frontier's files, and its first lines say what it runs
+    out = made.stdout
+    (results,) = (home / "results").glob("1-memory-frontier-*")
+    for name in ("frontier.md", "frontier.csv", "frontier.json", "summary.md", "report.html", "trials.csv",
+                 "plots/frontier.png", "plots/loss_curves.png"):
+        assert (results / name).is_file(), name
+    assert "each trial: 4 layers × 128 wide (4 heads), seq 128, byte tokens of builtin" in out, out
+    assert out.rstrip().splitlines()[-1].startswith("report: ") and "report.html" in out.rstrip().splitlines()[-1]
+    # 3. the export writes both files, and the second (validating) one finds them in place
+    export, validate = [p for c, p in ran.items() if c.startswith("python -m lmtune.export")]
+    assert (home / "smoke.locked.toml").is_file() and (home / "smoke.locked.md").is_file()
+    assert export.stdout.startswith("smoke.locked.toml: writing (winner: trial ") and "written: smoke.locked.toml" in export.stdout
+    assert validate.stdout.startswith("smoke.locked.toml: unchanged, it already holds these values"), validate.stdout
+    assert "writing" not in validate.stdout and "validation: 30 fresh steps of trial" in validate.stdout
+    # the trainer command export prints is README step 4's, which adds a length and a directory
+    said = export.stdout.rstrip().splitlines()[-1].split()
+    assert said[:5] == ["python", "-m", "lmtune.train", "--locked", "smoke.locked.toml"], said
+    assert FIRST_HOUR[5][0].startswith(" ".join(said) + " train.steps=300 --out "), (said, FIRST_HOUR[5][0])
+    # 4. training with them: the run's files, the locked micro-batch in force, text generated from its checkpoint
+    run_dir = home / "runs" / "byte-300"
+    for name in ("metrics.jsonl", "summary.json", "samples.txt", "checkpoint"):
+        assert (run_dir / name).exists(), name
+    locked = __import__("tomllib").loads((home / "smoke.locked.toml").read_text())["train"]
+    config = json.loads((run_dir / "summary.json").read_text())["config"]
+    assert config["train.micro_batch_size"] == locked["micro_batch_size"] and config["model.n_embd"] == 128
+    described = next(p for c, p in ran.items() if "--describe" in c).stdout
+    assert re.search(rf"micro_batch_size\b.*\b{locked['micro_batch_size']}\b", described), described
+    generated = next(p for c, p in ran.items() if "lmtune.generate" in c).stdout
+    assert generated.startswith("The ") and len(generated) > len("The ") + 50, generated
+    # 5. your own sweep, at smoke size: lmtune's own words for what it ran, and its results
+    mine = next(p for c, p in ran.items() if "my_optimizer.py --smoke" in c)
+    assert "sweep my-optimizer (smoke): 6 trial(s), searcher tpe, scheduler asha" in mine.stdout, mine.stdout
+    (own,) = (home / "results").glob("1-my-optimizer-*")
+    assert len(rows(own)) == 6 and (own / "report.html").is_file() and (own / "optuna.db").is_file()
 
 
 def test_injected_torch_oom_in_trials_is_a_result(tmp_path, monkeypatch):

@@ -184,6 +184,23 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out waiting for the sweep")
 
 
+def _interrupt(proc: subprocess.Popen, ready, sig: int, *, first_line=None) -> str:
+    """Send ``sig`` to a running sweep once ``ready()``; its whole output. ``first_line``: a check of its first line,
+    made at once. The process is killed if it outlives this (a failed check, a stop that did not stop it)."""
+    try:
+        first = proc.stdout.readline() if first_line else ""
+        if first_line:
+            first_line(first)
+        _wait_for(ready, 300, proc)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+        return first + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def sweep_storage(tmp_path, monkeypatch):
     """``--storage`` for a sweep run from ``tmp_path``: an S3 URI (a local S3 server), the driver's own files under
@@ -281,31 +298,30 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path, sw
         assert f"sweeps/{results.name}/trials.csv" in keys and f"sweeps/{results.name}/optuna.db" in keys
 
 
-def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tmp_path):
-    f = sweep_file(tmp_path, """
+def two_trials(tmp_path: Path, name: str, *, steps: int) -> Path:
+    """A sweep of two tiny trials (two learning rates) that report every 5 steps and checkpoint every 10: one to stop
+    mid-run, one to finish after the resume."""
+    return sweep_file(tmp_path, f"""
         sweep = Sweep(
-            name="ctrl-c",
-            base={**TINY_CPU, "train.steps": 80, "train.log_interval": 5, "train.eval_interval": 10},
-            space={"train.lr": grid([3e-3, 1e-3])},
+            name="{name}",
+            base={{**TINY_CPU, "train.steps": {steps}, "train.log_interval": 5, "train.eval_interval": 10}},
+            space={{"train.lr": grid([3e-3, 1e-3])}},
             metric="val_loss", mode="min", export=["train.lr"],
         )
     """)
+
+
+def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tmp_path):
+    f = two_trials(tmp_path, "ctrl-c", steps=80)
     storage = tmp_path / "results"
     args = ["--storage", str(storage), "--max-concurrent", "1", "--no-wandb", "--no-report"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        first = proc.stdout.readline()  # the Ray line: where the dashboard of this (default) run is
-        assert_ray_dashboard_shows_a_trial(first)  # while its first trial runs
-        _wait_for(lambda: any(storage.glob("*/trials/*/metrics.jsonl")), 300, proc)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, _ = proc.communicate(timeout=120)
-        out = first + out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # what Ctrl-C sends, once a trial reports; first the Ray line: where the dashboard of this (default) run is,
+    # which shows the trial while it runs
+    out = _interrupt(proc, lambda: any(storage.glob("*/trials/*/metrics.jsonl")), signal.SIGINT,
+                     first_line=assert_ray_dashboard_shows_a_trial)
     assert proc.returncode == 130, out
     assert "interrupted:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
     assert "Traceback" not in out and "ResourceWarning" not in out, out
@@ -336,14 +352,7 @@ def test_sigterm_from_timeout_stops_the_sweep_as_ctrl_c_does_and_it_resumes(tmp_
     group: the sweep stops as Ctrl-C stops it (state saved, the --resume line, exit 143), without Ray's stack lines,
     and the resume continues the interrupted trial from its checkpoint. Before, the GCS in the same group died of
     the signal and the driver hung 60 s on it before Ray ended it, with no state saved and no hint."""
-    f = sweep_file(tmp_path, """
-        sweep = Sweep(
-            name="sigterm",
-            base={**TINY_CPU, "train.steps": 200, "train.log_interval": 5, "train.eval_interval": 10},
-            space={"train.lr": grid([3e-3, 1e-3])},
-            metric="val_loss", mode="min", export=["train.lr"],
-        )
-    """)
+    f = two_trials(tmp_path, "sigterm", steps=200)
     storage = tmp_path / "results"
     args = ["--storage", str(storage), "--max-concurrent", "1", "--no-wandb", "--no-report", "--no-dashboard"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -351,18 +360,12 @@ def test_sigterm_from_timeout_stops_the_sweep_as_ctrl_c_does_and_it_resumes(tmp_
     # the driver and to that group, as it does at its time limit.
     proc = subprocess.Popen(["timeout", "600", sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def past_a_checkpoint() -> bool:
-            return any(json.loads(line).get("step", 0) >= 20
-                       for m in storage.glob("*/trials/*/metrics.jsonl") for line in m.read_text().splitlines())
 
-        _wait_for(past_a_checkpoint, 300, proc)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    def past_a_checkpoint() -> bool:
+        return any(json.loads(line).get("step", 0) >= 20
+                   for m in storage.glob("*/trials/*/metrics.jsonl") for line in m.read_text().splitlines())
+
+    out = _interrupt(proc, past_a_checkpoint, signal.SIGTERM)
     assert proc.returncode == 143, out
     assert "interrupted by SIGTERM:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
     assert "SIGTERM received" not in out and "Traceback" not in out and "GCS" not in out, out
