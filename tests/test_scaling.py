@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmtune.results import scaling
-from lmtune.results.scaling import Trial, fit
+from lmtune.results.scaling import Trial, fit, fit_all
 
 TRUTH = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}  # Hoffmann et al. 2022, eq. 10
 BUDGETS = (1e17, 3e17, 1e18, 3e18, 1e19)
@@ -33,11 +33,10 @@ def check_recovery(fit_fn) -> None:
     assert f.n_opt.exponent == pytest.approx(TRUTH["beta"] / (TRUTH["alpha"] + TRUTH["beta"]), abs=0.05)
 
 
-def check_coverage(fit_fn, draws: int = 100) -> float:
+def check_coverage(fit_all_fn, draws: int = 100) -> float:
     rng = np.random.default_rng(1)
     covered = []
-    for _ in range(draws):
-        f = fit_fn(draw(rng), replicates=50, seed=int(rng.integers(1 << 31)))
+    for f in fit_all_fn([draw(rng) for _ in range(draws)], replicates=50, seed=2):
         covered += [TRUTH["alpha"] in f.intervals["alpha"], TRUTH["beta"] in f.intervals["beta"]]
     share = float(np.mean(covered))
     assert 0.80 <= share <= 0.98, share  # 50 replicates a draw: percentile intervals, a little noisy
@@ -50,7 +49,7 @@ def test_the_fit_recovers_known_constants():
 
 @pytest.mark.slow
 def test_90_percent_intervals_cover_the_truth_about_90_percent_of_the_time():
-    check_coverage(fit)
+    check_coverage(fit_all)
 
 
 def _nothing_resampled(n, replicates, rng):
@@ -61,7 +60,7 @@ def _nothing_resampled(n, replicates, rng):
 def test_the_coverage_check_catches_a_bootstrap_that_resamples_nothing(monkeypatch):
     monkeypatch.setattr(scaling, "bootstrap_weights", _nothing_resampled)
     with pytest.raises(AssertionError):
-        check_coverage(fit, draws=20)
+        check_coverage(fit_all, draws=20)
 
 
 def test_the_recovery_check_catches_a_fit_that_ignores_the_data_terms(monkeypatch):

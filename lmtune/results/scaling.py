@@ -182,10 +182,11 @@ def _grid_starts(log_n, log_d, log_l, w, keep: int) -> torch.Tensor:
     coef = torch.linalg.solve(wx.transpose(-1, -2) @ X + 1e-12 * torch.eye(3, dtype=X.dtype),
                               wx.transpose(-1, -2) @ y.expand(-1, len(al), -1, -1))[..., 0]  # (K, G, 3)
     ok = (coef > 0).all(-1)
+    # alpha, beta, e (of E), a (of A), b (of B)
     theta = torch.stack([al.expand(K, -1), be.expand(K, -1), *torch.log(coef.clamp_min(1e-300)).unbind(-1)], dim=-1)
-    theta = theta[..., [0, 1, 2, 3, 4]]  # alpha, beta, e (of E), a (of A), b (of B)
-    score = _objective(theta.reshape(-1, 5), log_n.repeat_interleave(len(al), 0), log_d.repeat_interleave(len(al), 0),
-                       log_l.repeat_interleave(len(al), 0), w.repeat_interleave(len(al), 0)).view(K, -1)
+    # Ranked by the weighted squared error of log L̂ (what the Huber loss is within δ; the refinement uses Huber's)
+    pred = (X @ coef[..., None])[..., 0].clamp_min(1e-300)  # (K, G, P)
+    score = (w[:, None, :] * (torch.log(pred) - log_l[:, None, :]) ** 2).sum(-1)
     score = torch.where(ok, score, torch.full_like(score, math.inf))
     best = score.topk(keep, dim=1, largest=False).indices  # (K, keep)
     return torch.gather(theta, 1, best[..., None].expand(-1, -1, 5))
@@ -243,15 +244,7 @@ def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tens
 
 
 def fit_loss(trials: list[Trial]) -> LossFit:
-    return _as_loss_fit(_fit_rows(trials, np.ones((1, len(trials))))[0])
-
-
-def _fit_rows(trials: list[Trial], weights: np.ndarray) -> np.ndarray:
-    """Approach 3 on ``trials`` once per row of ``weights`` (R, P)."""
-    R = weights.shape[0]
-    t = lambda xs: torch.tensor(np.log(xs), dtype=torch.float64).expand(R, -1).contiguous()  # noqa: E731
-    return fit_loss_batched(t([x.n for x in trials]), t([x.d for x in trials]), t([x.loss for x in trials]),
-                            torch.tensor(weights, dtype=torch.float64)).numpy()
+    return fit(trials, replicates=1).loss
 
 
 def _as_loss_fit(row: np.ndarray) -> LossFit:
@@ -269,15 +262,32 @@ def bootstrap_weights(n: int, replicates: int, rng: np.random.Generator) -> np.n
 
 def fit(trials: list[Trial], *, replicates: int = 200, seed: int = 0, level: float = 0.9) -> ScalingFit:
     """Approaches 2 and 3 on ``trials``, and bootstrap intervals (``replicates`` resamplings of the trials)."""
+    return fit_all([trials], replicates=replicates, seed=seed, level=level)[0]
+
+
+def fit_all(sweeps: list[list[Trial]], *, replicates: int = 200, seed: int = 0, level: float = 0.9) -> list[ScalingFit]:
+    """:func:`fit` of several sets of trials (of equal size) at once: their approach-3 problems (each set's central
+    fit and replicates) are one batch."""
+    rng = np.random.default_rng(seed)
+    weights = [np.vstack([np.ones(len(t)), bootstrap_weights(len(t), replicates, rng)]) for t in sweeps]
+    t = lambda attr: torch.tensor(np.log([[getattr(x, attr) for x in trials] for trials, w in zip(sweeps, weights)  # noqa: E731
+                                          for _ in w]), dtype=torch.float64)
+    rows = fit_loss_batched(t("n"), t("d"), t("loss"), torch.tensor(np.vstack(weights), dtype=torch.float64)).numpy()
+    out = []
+    for i, (trials, w) in enumerate(zip(sweeps, weights)):
+        mine = rows[i * len(w):(i + 1) * len(w)]
+        out.append(_assemble(trials, w[1:], mine[0], mine[1:], level))
+    return out
+
+
+def _assemble(trials: list[Trial], weights: np.ndarray, central: np.ndarray, rows: np.ndarray,
+              level: float) -> ScalingFit:
     minima = isoflop_minima(trials)
     cs = np.array([m.budget for m in minima])
     n_opt = power_law(cs, np.array([m.n for m in minima]))
     d_opt = power_law(cs, np.array([m.d for m in minima]))
     l_opt = power_law(cs, np.array([m.loss for m in minima]))
-    central = _fit_rows(trials, np.ones((1, len(trials))))[0]
     loss = _as_loss_fit(central)
-    weights = bootstrap_weights(len(trials), replicates, np.random.default_rng(seed))
-    rows = _fit_rows(trials, weights)
     reps: dict[str, list[float]] = {k: [] for k in ("n_k", "n_exp", "d_k", "d_exp", "l_k", "l_exp")}
     for w in weights:
         mins = isoflop_minima(trials, w)
