@@ -31,7 +31,7 @@ test: install  ## the whole test suite, real runs at tiny sizes (about 8 minutes
 	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile
 
 bench: install  ## the benchmarks recorded in BENCHMARKS.md (one at a time: they time the machine)
-	for b in trainer_vs_bare token_cache trial_overhead frontier_search memory_model oom_aware_search width_transfer; do \
+	for b in trainer_vs_bare token_cache prepare trial_overhead frontier_search memory_model oom_aware_search width_transfer; do \
 		$(PY) benchmarks/$$b.py || exit 1; done
 
 # The GPU acceptance run needs no environment: torch, numpy and tiktoken of whatever Python has them (a GPU
