@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmtune-installed
 
-.PHONY: install demo test bench gpu-check cuda-coverage clean
+.PHONY: install demo test lint bench gpu-check cuda-coverage clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; install your Python's venv module (Debian/Ubuntu: apt install python3-venv) or set PYTHON=/path/to/python3"; exit 2; }
@@ -29,6 +29,9 @@ demo: install  ## the main job: the memory-frontier sweep, smoke size, on an emb
 TEST_PROCS ?= 2
 test: install  ## the whole test suite, real runs at tiny sizes (about 8 minutes on 2 cores)
 	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile
+
+lint: install  ## ruff (pyproject.toml's rules: pycodestyle, pyflakes, import order, private Ray/Optuna/torch names fenced in)
+	$(PY) -m ruff check lmtune benchmarks tests sweeps
 
 bench: install  ## the benchmarks recorded in BENCHMARKS.md (one at a time: they time the machine)
 	for b in trainer_vs_bare token_cache prepare trial_overhead frontier_search memory_model oom_aware_search width_transfer; do \

@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmtune import config as config_lib  # noqa: E402
+from lmtune.device import memory  # noqa: E402  (TensorMemory: the CPU meter this benchmark times)
 from lmtune.training import Trainer  # noqa: E402
-from lmtune.training import memory  # noqa: E402
 
 SMOKE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=128", "data.seq_len=128",
          "data.dataset=builtin", "data.tokenizer=byte", "train.dtype=float32", "train.compile=false",

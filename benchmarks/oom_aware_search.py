@@ -46,9 +46,9 @@ def measure(arm: str, seed: int) -> dict:
     """One run of the sweep (in a fresh process per run: Ray, the ledger and the study start empty)."""
     import optuna
 
+    from lmtune.sweep import search
     from lmtune.sweep.load import load_sweep, resolve
     from lmtune.sweep.runner import run
-    from lmtune.sweep import search
     from lmtune.sweep.search import MEMORY_CONSTRAINT, StudySearch, study_storage
 
     StudySearch.learns_memory = arm == "constraints"

@@ -54,11 +54,11 @@ SMOKE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_s
 
 
 def paragraphs() -> list[str]:
-    from lmtune.data.corpora import _builtin_documents
+    from lmtune.data.corpora import builtin_documents
 
     text = "".join((WIKITEXT / f).read_text() for f in ("valid.txt", "test.txt"))
     paras = [p.strip("\n") + "\n" for p in re.split(r"\n \n", text) if len(p.strip()) > 40]
-    for doc in _builtin_documents():
+    for doc in builtin_documents():
         paras += [p + "\n" for p in doc.split("\n\n") if len(p.strip()) > 40]
     return paras
 
@@ -98,8 +98,8 @@ def run_prepare(mirror: Path, out: Path, workers: int, shard_tokens: int) -> tup
            "HF_HOME": str(out.parent / "hf")}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "lmtune.data", "prepare", "fineweb-edu", "--out", str(out),
-                             "--workers", str(workers), "--shard-tokens", str(shard_tokens)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--workers", str(workers), "--shard-tokens", str(shard_tokens)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = peak_tree_rss(proc)
     seconds = time.perf_counter() - t0
     output = proc.stdout.read()

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmtune import data  # noqa: E402
-from lmtune.data import tokenizers  # noqa: E402
 from lmtune.config import DataConfig  # noqa: E402
+from lmtune.data import tokenizers  # noqa: E402
 
 WIKITEXT = [REPO.parent / "shared" / "data" / "wikitext-2" / name for name in ("valid.txt", "test.txt")]
 

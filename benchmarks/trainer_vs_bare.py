@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmtune import config as config_lib  # noqa: E402
-from lmtune.data import Batches, eval_batches, load_tokens  # noqa: E402
-from lmtune.model import GPT  # noqa: E402
-from lmtune.training import Trainer  # noqa: E402
+from lmtune import config as config_lib
+from lmtune.data import Batches, eval_batches, load_tokens
+from lmtune.model import GPT
+from lmtune.training import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 WARMUP = 3

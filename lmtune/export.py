@@ -47,7 +47,6 @@ from lmtune.results.frontier import frontier_report
 from lmtune.results.layout import read_json, trial_dir
 from lmtune.results.read import Results, load_results
 
-
 # --- --validate: the winner trained afresh on this machine ---------------------------------------
 
 

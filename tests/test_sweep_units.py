@@ -9,10 +9,10 @@ import optuna
 import pytest
 from ray.exceptions import OutOfMemoryError, RayTaskError
 
+from lmtune.results.layout import group_name, runs_of
 from lmtune.sweep import TINY_CPU, Sweep, compat, grid, loguniform, randint
 from lmtune.sweep.load import resolve
 from lmtune.sweep.oom import Ledger, classify, first_line
-from lmtune.results.layout import group_name, runs_of
 from lmtune.sweep.resume import requeue_orphans
 from lmtune.sweep.schedulers import make_scheduler, max_tokens
 from lmtune.sweep.search import enqueued_points, make_searcher, ordered_grid

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmtune.config.schema import SECTIONS, Config, ConfigError, _field, all_keys, apply, parse_overrides, validate
+from lmtune.config.schema import SECTIONS, Config, ConfigError, all_keys, apply, field_of, parse_overrides, validate
 
 SHIPPED_LOCKED = Path(__file__).parent.with_name("locked_defaults.toml")
 PROJECT_LOCKED = Path("lmtune.locked.toml")
@@ -46,7 +46,7 @@ def flatten_toml(doc: dict[str, Any], source: str) -> dict[str, Any]:
             flat[f"{section}.{k}"] = v
     for key in flat:
         try:
-            _field(key)
+            field_of(key)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     return flat

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+
 class ConfigError(ValueError):
     """Bad user input: reported as one line and exit code 2, never as a traceback."""
 
@@ -263,7 +264,7 @@ def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
-def _field(key: str) -> dataclasses.Field:
+def field_of(key: str) -> dataclasses.Field:
     section, name = _split_key(key)
     for f in dataclasses.fields(SECTIONS[section]):
         if f.name == name:
@@ -273,7 +274,7 @@ def _field(key: str) -> dataclasses.Field:
 
 def check_key(key: str) -> None:
     """ConfigError (naming the key, the closest one and the section's keys) unless ``key`` is a config key."""
-    _field(key)
+    field_of(key)
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -301,7 +302,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def accepted(key: str) -> str:
     """Human description of what a key accepts."""
-    f = _field(key)
+    f = field_of(key)
     tp = _hints(SECTIONS[key.split(".")[0]])[f.name]
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -321,7 +322,7 @@ def accepted(key: str) -> str:
 
 def coerce(key: str, value: Any) -> Any:
     """Convert ``value`` (a TOML value or a command-line string) to the key's type, or raise ConfigError."""
-    f = _field(key)
+    f = field_of(key)
     tp = _hints(SECTIONS[key.split(".")[0]])[f.name]
     shown = value if isinstance(value, str) else repr(value)
     bad = ConfigError(f"{key}={shown} is not accepted: expected {accepted(key)}.")
@@ -398,7 +399,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         key, eq, value = arg.partition("=")
         if not eq:
             raise ConfigError(f"cannot read '{arg}': overrides are section.key=value, e.g. train.lr=3e-4.")
-        _field(key.strip())
+        field_of(key.strip())
         out[key.strip()] = value.strip()
     return out
 

@@ -72,14 +72,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = [
-    "BATCH_CHARS", "CACHE_ENV", "CACHE_FORMAT", "CHUNK_CHARS", "ENDOFTEXT", "FILE_SUFFIXES",
-    "GPT2_ENCODER_JSON_SHA256", "GPT2_EOT", "GPT2_PAT_STR", "GPT2_VOCAB_BPE_SHA256", "GPT2_VOCAB_SIZE",
-    "HUB_ALIASES", "HUB_ROOT_ENV", "IGNORE_INDEX", "LINE_REPOS", "PROGRESS_MIN_CHARS", "TOKENIZERS",
-    "Batches", "ByteTokenizer", "Corpus", "GPT2Tokenizer", "HubSource", "TokenSplits", "Tokenizer",
-    "cache_key", "cache_root", "eval_batches", "get_tokenizer", "gpt2_encoding", "load_corpus",
-    "load_tokens", "resolve_hub", "token_dtype", "tokenize_documents",
-]
+__all__ = sorted(_PUBLIC)
 
 
 def __dir__() -> list[str]:

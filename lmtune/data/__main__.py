@@ -26,7 +26,6 @@ from lmtune.data.prepare import DEFAULT_SHARD_TOKENS, Settings, prepare, source
 from lmtune.data.prepared import upload
 from lmtune.data.tokenizers import TOKENIZERS
 
-
 COMMANDS = ("prepare",)
 
 

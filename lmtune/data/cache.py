@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lmtune.config import ConfigError, DataConfig
-from lmtune.data.corpora import _chars, _source_identity, _split_at, load_corpus
+from lmtune.data.corpora import load_corpus, source_identity, split_at, total_chars
 from lmtune.data.prepared import AUTO, auto_prepared, locate, open_splits
 from lmtune.data.tokenizers import TOKENIZERS, get_tokenizer, tokenize_documents
 
@@ -58,7 +58,7 @@ def cache_key(cfg: DataConfig) -> str:
         get_tokenizer(cfg.tokenizer)  # raises the ConfigError
     inputs = {
         "format": CACHE_FORMAT,
-        "source": _source_identity(cfg),
+        "source": source_identity(cfg),
         "tokenizer": cfg.tokenizer,
         "fraction": cfg.fraction,
         "val_fraction": cfg.val_fraction,
@@ -68,7 +68,7 @@ def cache_key(cfg: DataConfig) -> str:
     return f"{slug}-{cfg.tokenizer}-{digest}"
 
 
-def _too_few_tokens(split: str, n: int, seq_len: int) -> ConfigError:
+def too_few_tokens(split: str, n: int, seq_len: int) -> ConfigError:
     return ConfigError(f"the {split} split has {n} tokens; data.seq_len={seq_len} needs at least {seq_len + 1} "
                        f"(one window of seq_len+1). Use more text (data.fraction, data.val_fraction, data.files) "
                        f"or a smaller data.seq_len.")
@@ -110,7 +110,7 @@ def load_prepared(cfg: DataConfig) -> TokenSplits:
                          streamed=True)
     for split, tokens in (("train", splits.train), ("validation", splits.val)):
         if len(tokens) < cfg.seq_len + 1:
-            raise _too_few_tokens(split, len(tokens), cfg.seq_len)
+            raise too_few_tokens(split, len(tokens), cfg.seq_len)
     return splits
 
 
@@ -127,14 +127,14 @@ def load_tokens(cfg: DataConfig) -> TokenSplits:
         corpus = load_corpus(cfg)
         train_docs = corpus.train
         if cfg.fraction < 1.0:
-            train_docs = _split_at(train_docs, round(_chars(train_docs) * cfg.fraction))[0]
+            train_docs = split_at(train_docs, round(total_chars(train_docs) * cfg.fraction))[0]
         tok = get_tokenizer(cfg.tokenizer)
         train = tokenize_documents(tok, train_docs, f"tokenizing train ({tok.name})")
         val = tokenize_documents(tok, corpus.val, f"tokenizing val ({tok.name})")
         source = corpus.source + (f"; first {cfg.fraction:g} of train" if cfg.fraction < 1.0 else "")
         meta = {"key": key, "source": source, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
                 "train_tokens": len(train), "val_tokens": len(val),
-                "train_chars": _chars(train_docs), "val_chars": _chars(corpus.val),
+                "train_chars": total_chars(train_docs), "val_chars": total_chars(corpus.val),
                 "seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_cache(path, train, val, meta)
     meta = json.loads((path / "meta.json").read_text())
@@ -149,5 +149,5 @@ def load_tokens(cfg: DataConfig) -> TokenSplits:
     )
     for split, tokens in (("train", splits.train), ("validation", splits.val)):
         if len(tokens) < cfg.seq_len + 1:
-            raise _too_few_tokens(split, len(tokens), cfg.seq_len)
+            raise too_few_tokens(split, len(tokens), cfg.seq_len)
     return splits

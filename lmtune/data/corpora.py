@@ -48,7 +48,7 @@ class Corpus:
     """Human description of where the text came from."""
 
 
-def _split_at(documents: list[str], at: int) -> tuple[list[str], list[str]]:
+def split_at(documents: list[str], at: int) -> tuple[list[str], list[str]]:
     """Documents before and after character offset ``at`` of their concatenation (one document may
     be cut in two)."""
     head: list[str] = []
@@ -64,17 +64,17 @@ def _split_at(documents: list[str], at: int) -> tuple[list[str], list[str]]:
     return head, []
 
 
-def _chars(documents: Sequence[str]) -> int:
+def total_chars(documents: Sequence[str]) -> int:
     return sum(len(d) for d in documents)
 
 
 def _hold_out(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """The last ``val_fraction`` of the text becomes validation (the text's end, so that the training
     prefix used by ``fraction`` never overlaps it)."""
-    return _split_at(documents, round(_chars(documents) * (1.0 - val_fraction)))
+    return split_at(documents, round(total_chars(documents) * (1.0 - val_fraction)))
 
 
-def _builtin_documents() -> list[str]:
+def builtin_documents() -> list[str]:
     """CPython's reference documentation (pydoc_data, ~465 KB of English), one topic per document,
     in sorted order so that every machine with the same Python builds the same corpus."""
     from pydoc_data.topics import topics
@@ -82,7 +82,7 @@ def _builtin_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def _expand(patterns: Sequence[str], key: str) -> list[Path]:
+def expand_files(patterns: Sequence[str], key: str) -> list[Path]:
     """Paths and globs → existing files with an accepted suffix, in a stable order."""
     if not patterns and key == "data.files":
         raise ConfigError("data.dataset='files' needs data.files (paths or globs of .txt/.jsonl/.parquet files).")
@@ -165,7 +165,7 @@ def _read_files(paths: list[Path], key: str) -> list[str]:
     return docs
 
 
-def _files_identity(paths: list[Path]) -> list[list[Any]]:
+def files_identity(paths: list[Path]) -> list[list[Any]]:
     """What decides the content of files without reading them: resolved path, size, mtime."""
     out = []
     for p in paths:
@@ -220,7 +220,7 @@ def resolve_hub(name: str) -> HubSource:
     return HubSource(name, os.path.abspath(local) if os.path.isdir(local) else repo, config, lines)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One TCP connect to the hub endpoint. Without it, `datasets` retries an unreachable hub for
     ~25 s before failing; with HF_HUB_OFFLINE=1 it uses its local cache and fails at once.
     Behind a proxy a direct connect proves nothing, so we leave the verdict to `datasets`."""
@@ -234,7 +234,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_failure(src: HubSource, why: str) -> ConfigError:
+def hub_failure(src: HubSource, why: str) -> ConfigError:
     where = f"{src.repo!r}" + (f" (config {src.config!r})" if src.config else "")
     return ConfigError(
         f"data.dataset={src.name!r}: cannot load hub dataset {where}: {why}. Without a network: set "
@@ -254,19 +254,19 @@ def _load_hub(src: HubSource, val_fraction: float) -> Corpus:
     """
     import datasets  # slow to import; only hub runs pay for it
 
-    if not src.local and not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
-        raise _hub_failure(src, "the hub is not reachable (no network?)")
+    if not src.local and not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
+        raise hub_failure(src, "the hub is not reachable (no network?)")
     try:
         splits = datasets.load_dataset(src.repo, src.config)
-    except Exception as e:  # noqa: BLE001 — whatever went wrong, the user named a dataset we cannot load
+    except Exception as e:
         config_dir = os.path.join(src.repo, src.config or "")
         try:
             if not (src.local and src.config and os.path.isdir(config_dir)):
                 raise
             splits = datasets.load_dataset(src.repo, data_dir=src.config)
-        except Exception:  # noqa: BLE001 — report the first (hub-style) failure, it names the config
+        except Exception:
             first_line = (str(e).strip().splitlines() or [""])[0]
-            raise _hub_failure(src, f"{type(e).__name__}: {first_line}") from None
+            raise hub_failure(src, f"{type(e).__name__}: {first_line}") from None
 
     def texts(split: str) -> list[str]:
         ds = splits[split]
@@ -297,14 +297,14 @@ def _load_hub(src: HubSource, val_fraction: float) -> Corpus:
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Train and validation documents for ``cfg`` (before ``fraction`` is applied)."""
     if cfg.dataset == "builtin":
-        train, val = _hold_out(_builtin_documents(), cfg.val_fraction)
+        train, val = _hold_out(builtin_documents(), cfg.val_fraction)
         return Corpus(train, val, f"builtin: CPython {sys.version.split()[0]} reference docs (pydoc_data); "
                                   f"validation: last {cfg.val_fraction:g}")
     if cfg.dataset == "files":
-        paths = _expand(cfg.files, "data.files")
+        paths = expand_files(cfg.files, "data.files")
         train = _read_files(paths, "data.files")
         if cfg.val_files:
-            val_paths = _expand(cfg.val_files, "data.val_files")
+            val_paths = expand_files(cfg.val_files, "data.val_files")
             return Corpus(train, _read_files(val_paths, "data.val_files"),
                           f"files: {_describe_files(paths)}; validation: {_describe_files(val_paths)}")
         train, val = _hold_out(train, cfg.val_fraction)
@@ -312,17 +312,17 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return _load_hub(resolve_hub(cfg.dataset), cfg.val_fraction)
 
 
-def _source_identity(cfg: DataConfig) -> dict[str, Any]:
+def source_identity(cfg: DataConfig) -> dict[str, Any]:
     """What decides the text of a dataset, found without reading it (so a cache hit reads nothing)."""
     if cfg.dataset == "builtin":
         return {"builtin": sys.version}  # pydoc_data changes with every CPython release
     if cfg.dataset == "files":
-        ident: dict[str, Any] = {"files": _files_identity(_expand(cfg.files, "data.files"))}
+        ident: dict[str, Any] = {"files": files_identity(expand_files(cfg.files, "data.files"))}
         if cfg.val_files:
-            ident["val_files"] = _files_identity(_expand(cfg.val_files, "data.val_files"))
+            ident["val_files"] = files_identity(expand_files(cfg.val_files, "data.val_files"))
         return ident
     src = resolve_hub(cfg.dataset)
     ident = {"hub": src.repo, "config": src.config}
     if src.local:  # a mirror can change under the same name: key on its files too
-        ident["files"] = _files_identity(sorted(p for p in Path(src.repo).rglob("*") if p.is_file()))
+        ident["files"] = files_identity(sorted(p for p in Path(src.repo).rglob("*") if p.is_file()))
     return ident

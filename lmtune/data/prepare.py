@@ -21,7 +21,6 @@ directory wait for the first, then find it done.
 from __future__ import annotations
 
 import fcntl
-import glob
 import hashlib
 import json
 import os
@@ -40,9 +39,16 @@ import numpy as np
 
 from lmtune.config import ConfigError
 from lmtune.data.corpora import (
-    FILE_SUFFIXES, LINE_REPOS, _builtin_documents, _expand, _files_identity, _hub_failure, _hub_reachable, resolve_hub,
+    FILE_SUFFIXES,
+    LINE_REPOS,
+    builtin_documents,
+    expand_files,
+    files_identity,
+    hub_failure,
+    hub_reachable,
+    resolve_hub,
 )
-from lmtune.data.shards import INDEX, Index, ShardInfo, write_shard
+from lmtune.data.shards import Index, ShardInfo, write_shard
 from lmtune.data.tokenizers import get_tokenizer, gpt2_encoding
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -118,22 +124,22 @@ def source(dataset: str, files: list[str] | None = None) -> Source:
     repo ``org/name[:config]``, or a local directory laid out like the hub repository, read through ``datasets``
     with ``streaming=True``)."""
     if dataset == "builtin":
-        docs = _builtin_documents()
+        docs = builtin_documents()
         return Source("builtin", {"builtin": sys.version}, False, lambda: ((None, d) for d in docs))
     if dataset == "files":
-        paths = _expand(files or [], "data.files")
-        return Source("files", {"files": _files_identity(paths)}, False, lambda: _iter_files(paths, None))
+        paths = expand_files(files or [], "data.files")
+        return Source("files", {"files": files_identity(paths)}, False, lambda: _iter_files(paths, None))
     if dataset not in ("builtin", "files") and files:
         raise ConfigError(f"--files is for DATASET=files, not {dataset!r}.")
     src = resolve_hub(dataset)
     import datasets
 
-    if not src.local and not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
-        raise _hub_failure(src, "the hub is not reachable (no network?)")
+    if not src.local and not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
+        raise hub_failure(src, "the hub is not reachable (no network?)")
     try:
         splits = datasets.load_dataset(src.repo, src.config, streaming=True)
-    except Exception as e:  # noqa: BLE001 — whatever went wrong, the user named a dataset we cannot load
-        raise _hub_failure(src, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
+    except Exception as e:
+        raise hub_failure(src, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
     if "train" not in splits:
         raise ConfigError(f"DATASET={dataset!r} has no 'train' split (splits: {', '.join(splits)}).")
     lines = src.repo in LINE_REPOS or any(Path(src.repo).parts[-2:] == tuple(r.split("/")) for r in LINE_REPOS)
@@ -155,7 +161,7 @@ def source(dataset: str, files: list[str] | None = None) -> Source:
 
     identity: dict[str, Any] = {"hub": src.repo, "config": src.config}
     if src.local:
-        identity["files"] = _files_identity(sorted(p for p in Path(src.repo).rglob("*") if p.is_file()))
+        identity["files"] = files_identity(sorted(p for p in Path(src.repo).rglob("*") if p.is_file()))
     return Source(dataset, identity, "validation" in splits, stream)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lmtune.config import ConfigError, DataConfig
-from lmtune.data.corpora import _source_identity
+from lmtune.data.corpora import source_identity
 from lmtune.data.shards import INDEX, Index, ShardedTokens, file_sha256, llmc_index, read_header
 
 AUTO = "auto"
@@ -37,7 +37,7 @@ def auto_prepared(cfg: DataConfig, root: Path, *, out: TextIO | None = None) -> 
     from lmtune.data.prepare import Settings, prepare, source
 
     out = out or sys.stderr
-    identity = {"source": _source_identity(cfg), "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction,
+    identity = {"source": source_identity(cfg), "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction,
                 "val_tokens": cfg.val_tokens}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.dataset.rstrip("/").split("/")[-1])

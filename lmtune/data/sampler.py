@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from lmtune.data.cache import _too_few_tokens
+from lmtune.data.cache import too_few_tokens
+
 
 def _windows(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Window i = tokens[i·T : i·T + T + 1]; x its first T tokens, y the same shifted by one.
@@ -24,7 +25,7 @@ def _windows(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> tuple[
 def _n_windows(tokens: np.ndarray, seq_len: int) -> int:
     n = (len(tokens) - 1) // seq_len
     if n < 1:
-        raise _too_few_tokens("given", len(tokens), seq_len)
+        raise too_few_tokens("given", len(tokens), seq_len)
     return n
 
 

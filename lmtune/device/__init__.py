@@ -14,8 +14,16 @@ limit and records what was called. So the CUDA control flow runs, line for line,
 """
 
 from lmtune.device.accelerators import (
-    CUDAGRAPH_COMPILE_MODES, FAKE_CUDA_ENV, Accelerator, CPUAccelerator, CUDAAccelerator, TorchCuda, accelerator,
-    cuda_available, cuda_backend, use_backend,
+    CUDAGRAPH_COMPILE_MODES,
+    FAKE_CUDA_ENV,
+    Accelerator,
+    CPUAccelerator,
+    CUDAAccelerator,
+    TorchCuda,
+    accelerator,
+    cuda_available,
+    cuda_backend,
+    use_backend,
 )
 from lmtune.device.memory import GIB, CudaMemory, TensorMemory, storage_bytes
 from lmtune.device.specs import PEAK_BF16_FLOPS, peak_flops_for

@@ -13,6 +13,7 @@ from lmtune.results.read import Results
 from lmtune.results.summary import experiments, pareto_front
 from lmtune.results.transfer import LR_KEY, curves, transfer
 
+
 def _pyplot():
     import matplotlib
 

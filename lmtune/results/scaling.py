@@ -213,18 +213,18 @@ def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tens
     eye = torch.eye(5, dtype=torch.float64)
     for s in range(0, log_n.shape[0], chunk):
         sl = slice(s, s + chunk)
-        n, d, l, w = log_n[sl], log_d[sl], log_l[sl], weights[sl] / weights[sl].sum(1, keepdim=True)
+        n, d, y, w = log_n[sl], log_d[sl], log_l[sl], weights[sl] / weights[sl].sum(1, keepdim=True)
         K = n.shape[0]
-        starts = _grid_starts(n, d, l, w, keep).reshape(K * keep, 5)
-        n, d, l, w = (t.repeat_interleave(keep, 0) for t in (n, d, l, w))
+        starts = _grid_starts(n, d, y, w, keep).reshape(K * keep, 5)
+        n, d, y, w = (t.repeat_interleave(keep, 0) for t in (n, d, y, w))
         theta = torch.where(torch.isfinite(starts), starts, torch.zeros_like(starts))
         lam = torch.full((theta.shape[0],), 1e-2, dtype=torch.float64)
-        value = _objective(theta, n, d, l, w)
+        value = _objective(theta, n, d, y, w)
         stalled = 0
         for _ in range(iterations):
             if stalled >= 8:  # no problem of the batch has moved for a while: converged
                 break
-            r, jac = _residuals_and_jacobian(theta, n, d, l)
+            r, jac = _residuals_and_jacobian(theta, n, d, y)
             hw = w * torch.where(r.abs() <= HUBER_DELTA, torch.ones_like(r), HUBER_DELTA / r.abs().clamp_min(1e-300))
             jw = jac * hw[..., None]
             hess = jw.transpose(-1, -2) @ jac  # (K, 5, 5)
@@ -232,7 +232,7 @@ def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tens
             damp = lam[:, None, None] * (torch.diagonal(hess, dim1=-2, dim2=-1)[..., None] * eye + 1e-12 * eye)
             step = torch.linalg.solve(hess + damp, -grad[..., None])[..., 0]
             trial = theta + step
-            new = _objective(trial, n, d, l, w)
+            new = _objective(trial, n, d, y, w)
             better = torch.isfinite(new) & (new < value)
             stalled = 0 if (better & (new < value * (1 - 1e-10))).any() else stalled + 1
             theta = torch.where(better[:, None], trial, theta)

@@ -134,7 +134,8 @@ def summary_markdown(results: Results) -> str:
                  fmt(r.get("val_loss"), "val_loss"), fmt(r.get("grad_coherence"), "grad_coherence"),
                  fmt(r.get("noise_scale"), "noise_scale")]
                 for r in sorted(results.rows, key=lambda r: tuple(sort_key((r.get(k),)) for k in axes))]
-        at_text = f"{tokens:,.0f} tokens (the most every trial reached)" if tokens is not None else "equal tokens (no validation points yet)"
+        at_text = (f"{tokens:,.0f} tokens (the most every trial reached)" if tokens is not None
+                   else "equal tokens (no validation points yet)")
         lines += ["## Batch size × LR scaling", "",
                   f"Validation loss at {at_text}; gradient coherence and the noise scale (McCandlish et al. 2018, "
                   f"B_simple) at the end.", "", markdown_table(headers, body), ""]

@@ -19,8 +19,16 @@ from typing import Any, Iterable, Protocol, TextIO
 from ray.tune import Callback
 
 from lmtune.contract import (
-    ATTEMPTS_JSONL, CHECKPOINT_REPORT, FAILED, METRICS_JSONL, PLACEMENT, SUMMARY_JSON, TIME_IN_TRAINER, TRIAL_METRICS,
-    TRIALS_CSV, TRIALS_DIR,
+    ATTEMPTS_JSONL,
+    CHECKPOINT_REPORT,
+    FAILED,
+    METRICS_JSONL,
+    PLACEMENT,
+    SUMMARY_JSON,
+    TIME_IN_TRAINER,
+    TRIAL_METRICS,
+    TRIALS_CSV,
+    TRIALS_DIR,
 )
 from lmtune.results.console import request_text
 from lmtune.results.format import fmt
@@ -28,9 +36,8 @@ from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write
 from lmtune.sweep import compat
 from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.progress import Progress
-from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
 from lmtune.sweep.resume import drop_reports_from
-
+from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
 
 # Keys Tune adds to every result that are not the trainer's metrics (its node_ip is kept: where each report was made).
 _TUNE_KEYS = {

@@ -87,7 +87,7 @@ def autoscaler_node_types() -> list[tuple[str, dict[str, float] | None, int]] | 
 
     try:
         config = state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 — an older GCS without the record: the file below, if any
+    except Exception:
         config = None
     if config is not None and config.node_group_configs:
         return [(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
@@ -159,7 +159,7 @@ def snapshot_templates() -> list[tuple[str, str]]:
     CKPT_FILE_TMPL class attributes; no API lists a snapshot's files."""
     from ray.tune.callback import CallbackList
     from ray.tune.execution.tune_controller import TuneController
-    from ray.tune.search import SearchGenerator, Searcher
+    from ray.tune.search import Searcher, SearchGenerator
 
     return [(TuneController.CKPT_FILE_TMPL, "json")] + [
         (c.CKPT_FILE_TMPL, "pickle") for c in (SearchGenerator, Searcher, CallbackList)]

@@ -27,8 +27,16 @@ from lmtune.config import ConfigError
 from lmtune.data.cache import cache_root
 from lmtune.data.prepared import check_prepared
 from lmtune.sweep.checks import (
-    absolute_paths, check_fields, check_frontier, check_keys, check_metrics, check_resources, domain_json, in_domain,
-    same_validation_text, to_domain,
+    absolute_paths,
+    check_fields,
+    check_frontier,
+    check_keys,
+    check_metrics,
+    check_resources,
+    domain_json,
+    in_domain,
+    same_validation_text,
+    to_domain,
 )
 from lmtune.sweep.presets import TINY_CPU
 from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, Smoke, Sweep
@@ -137,10 +145,10 @@ def load_sweep(path: str | os.PathLike) -> tuple[Sweep, Path]:
     module = types.ModuleType(f"lmtune_sweep_file_{p.stem}")
     module.__file__ = str(p.resolve())
     try:
-        exec(code, module.__dict__)  # noqa: S102 — a sweep file is the user's own Python
+        exec(code, module.__dict__)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
-    except Exception as e:  # noqa: BLE001 — any failure of the user's file is bad input
+    except Exception as e:
         frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(p)]
         where = f":{frames[-1].lineno}" if frames else ""
         raise ConfigError(f"{p}{where}: {type(e).__name__}: {e}{_accepted_fields(e)}") from None
@@ -341,7 +349,7 @@ def dry_run_define_by_run(rs: ResolvedSweep, where: str, runs: int = 16) -> list
             constants = rs.sweep.define_by_run(trial)
         except ConfigError:
             raise
-        except Exception as e:  # noqa: BLE001 — the user's function failed
+        except Exception as e:
             raise ConfigError(f"{where}: define_by_run failed: {type(e).__name__}: {e}") from None
         if constants is not None and not isinstance(constants, dict):
             raise ConfigError(f"{where}: define_by_run must return a dict of config key → value or None, "

@@ -43,10 +43,10 @@ def memory_monitor_kill(text: str) -> bool:
 
 def _oom_text(text: str) -> bool:
     """An error known only as text: an OOM exception's type line, torch's allocator message, or Ray's monitor."""
-    from lmtune.training.memory import _ALLOCATOR_FAILURES
+    from lmtune.training.memory import ALLOCATOR_FAILURES
 
     text = _POSSIBLE_CAUSES.sub("", text)
-    return bool(_OOM_TYPE_LINE.search(text)) or memory_monitor_kill(text) or any(m in text for m in _ALLOCATOR_FAILURES)
+    return bool(_OOM_TYPE_LINE.search(text)) or memory_monitor_kill(text) or any(m in text for m in ALLOCATOR_FAILURES)
 
 
 def _chain(exc: BaseException, limit: int = 32):
@@ -178,7 +178,7 @@ def read_trial_error(trial: Any) -> BaseException | str | None:
 
             with open(path, "rb") as f:
                 return cloudpickle.load(f)
-        except Exception:  # noqa: BLE001 — fall back to the text
+        except Exception:
             pass
     path = getattr(trial, "error_file", None)
     if path and os.path.exists(path):

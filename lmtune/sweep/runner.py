@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from lmtune import config as config_lib
 from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
+from lmtune.data.prepared import AUTO, auto_prepared
+from lmtune.data.prepared import upload as upload_prepared
 from lmtune.results import console
 from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
-from lmtune import config as config_lib
-from lmtune.data.prepared import AUTO, auto_prepared, upload as upload_prepared
 from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import compat, snapshot
 from lmtune.sweep.checks import check_placeable, worker_bundle
@@ -306,7 +307,7 @@ def _other_clusters() -> list[str]:
     found = [os.environ["RAY_ADDRESS"] + " (RAY_ADDRESS)"] if os.environ.get("RAY_ADDRESS") else []
     try:
         found += compat.running_clusters()
-    except Exception:  # noqa: BLE001 — a best-effort remark on the console, never a reason not to start
+    except Exception:
         pass
     return found
 

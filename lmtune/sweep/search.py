@@ -248,7 +248,7 @@ class StudySearch(HoldsLedger, OptunaSearch):
         compat.told(self).add(trial_id)
         try:
             self.study.tell(ot_trial, told if told is None or len(told) > 1 else told[0], state=state)
-        except Exception as exc:  # noqa: BLE001 — the study is a record; a failed write must not fail the trial
+        except Exception as exc:
             logger.warning("optuna: could not record trial %s (%s) in %s: %s", trial_id, status, STUDY_DB, exc)
             print(f"warning: {STUDY_DB}: could not record trial {trial_id} ({status}): {exc}", file=sys.stderr)
 

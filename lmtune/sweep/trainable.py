@@ -122,7 +122,7 @@ def placement() -> dict[str, str]:
 
     try:
         gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
-    except Exception:  # noqa: BLE001 — outside a Ray worker
+    except Exception:
         gpu_ids = ""
     return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
             "gpu_ids": gpu_ids, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
@@ -163,7 +163,7 @@ def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from
                       device=device, stage_checkpoints=True)
     try:
         trainer.fit()
-    except Exception as exc:  # noqa: BLE001 — an OOM outside the trainer's own handling is still an OOM
+    except Exception as exc:
         if not is_oom(exc) or hold.final is not None:
             trainer.cleanup()
             raise

@@ -18,9 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lmtune.contract import layer_metric
-from lmtune.device import Accelerator
 from lmtune.data import IGNORE_INDEX
-
+from lmtune.device import Accelerator
 
 # --- gradient norms -------------------------------------------------------------------------------
 

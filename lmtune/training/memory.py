@@ -25,7 +25,7 @@ class EmulatedOOM(MemoryError):
 # allocator ("[enforce fail at alloc_cpu.cpp] ... DefaultCPUAllocator: can't allocate memory") and CUDA
 # errors raised from a kernel launch or cuBLAS workspace allocation. Matched against the exception's own
 # message only, never against paths or names elsewhere.
-_ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory",
+ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory",
                        "CUBLAS_STATUS_ALLOC_FAILED")
 
 
@@ -34,7 +34,7 @@ def is_oom(exc: BaseException) -> bool:
     messages for the failures it raises as RuntimeError)."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATOR_FAILURES)
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in ALLOCATOR_FAILURES)
 
 
 def ends_run_as_oom(exc: BaseException, world: int) -> bool:
@@ -101,8 +101,8 @@ class SteadySteps:
 
     Left out of the step times: measurement steps (two passes, a gradient copy), memory probes (profiled), and
     on CUDA the step that refills the cache emptied after a measurement or at the start of the memory window
-    (:meth:`window_began`; it pays to reserve the whole pool again, which would bias a short window's MFU low). A measurement step is never probed
-    (:meth:`excluded` for the meter); a probe that falls due on one waits for the next step. After a probed
+    (:meth:`window_began`; it pays to reserve the whole pool again, which would bias a short window's MFU low). A
+    measurement step is never probed (:meth:`excluded` for the meter); a probe that falls due on one waits for the next step. After a probed
     step the run ends as an OOM when it crossed the emulated limit (:func:`check_limit`, agreed over ranks).
     ``timer`` is a :class:`lmtune.training.measure.StepTimer`.
     """

@@ -28,8 +28,8 @@ import math
 from typing import Any, Callable, ContextManager, Iterable, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch._functorch.config  # not imported by `import torch`
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,

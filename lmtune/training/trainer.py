@@ -20,14 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from lmtune.config import Config
-from lmtune.data import Batches, TokenSplits, Tokenizer, get_tokenizer, load_tokens
+from lmtune.data import Batches, Tokenizer, TokenSplits, get_tokenizer, load_tokens
+from lmtune.device import CUDAGRAPH_COMPILE_MODES, CudaMemory, TensorMemory
 from lmtune.model import GPT
 from lmtune.training import parallelize as par
-from lmtune.training.checkpoint import Checkpoints
-from lmtune.training.faults import Faults
+from lmtune.training.checkpoint import Checkpoints, rng_state
 from lmtune.training.evaluate import sample_text, validation_loss
-from lmtune.device import CUDAGRAPH_COMPILE_MODES, CudaMemory, TensorMemory
-from lmtune.training.checkpoint import rng_state
+from lmtune.training.faults import Faults
 from lmtune.training.measure import GradientNoise, StepTimer, Throughput, layer_metrics, split_in_halves
 from lmtune.training.memory import SteadySteps, agreed_peaks, ends_run_as_oom, training_meter
 from lmtune.training.optim import Plan, build_optimizer, lr_at, seed_everything, set_lr, set_up_device
