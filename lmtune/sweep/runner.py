@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from lmtune import config as config_lib
 from lmtune.config import ConfigError
-from lmtune.contract import LOG_DIR, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
+from lmtune.contract import LOG_DIR, STATUSES, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
 from lmtune.data.prepared import AUTO, auto_prepared
 from lmtune.data.prepared import upload as upload_prepared
 from lmtune.results import console
@@ -508,15 +508,18 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
 
     # Ctrl-C ends Tune's loop early (the state is saved): trials left running or pending, or fewer than the
     # sweep asks for (the frontier planner may rightly stop early: its plan says whether it is done).
+    # Tune may mark the trials it stopped TERMINATED, so its counts alone do not say; the trials with a final result
+    # do (seen on a Slurm job's SIGTERM with every trial of a grid created: 6 of 8 finished, the sweep marked done).
+    writer.write_csv()
+    rows = read_trials_csv(results_dir / TRIALS_CSV)
+    ended = sum(r.get("source", "run") == "run" and r.get("status") in STATUSES for r in rows)
     if rs.searcher == "frontier":
         planned_more = searcher is not None and hasattr(searcher, "plan") and not searcher.plan.done
     else:
-        planned_more = len(grid) < rs.num_trials
+        planned_more = len(grid) < rs.num_trials or ended < rs.num_trials
     interrupted = grid.num_terminated + grid.num_errors < len(grid) or planned_more
-    writer.write_csv()
     if not interrupted:
         mark_finished(results_dir)
-    rows = read_trials_csv(results_dir / TRIALS_CSV)
     best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=space_keys,
                                  searcher=rs.searcher, frontier=rs.frontier, tune_dir=tune_path)
     if render:
