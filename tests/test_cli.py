@@ -16,8 +16,8 @@ from lmtune import clean, export, generate, report, train
 from lmtune.sweep import __main__ as sweep
 from tests.conftest import TINY, run_module
 from tests.frontier_fixtures import B, X, frontier_results
-from tests.test_sweep_input import GOOD, write
-from tests.test_train import one_error_line
+from tests.helpers import GOOD_SWEEP as GOOD
+from tests.helpers import one_error_line, write
 
 TINY_FAST = [a for a in TINY if not a.startswith(("train.steps", "train.eval_interval"))]
 

@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import REPO, TINY, run_module
 from tests.frontier_fixtures import B, X
-from tests.test_sweep_e2e import only_run, rows, sweep_file
+from tests.helpers import only_run, rows, sweep_file
 
 pytestmark = pytest.mark.slow
 

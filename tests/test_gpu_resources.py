@@ -12,7 +12,7 @@ import json
 import pytest
 
 from lmtune.sweep.load import load_sweep, resolve, resolve_gpus
-from tests.test_sweep_e2e import sweep_file
+from tests.helpers import sweep_file
 
 
 def test_auto_asks_for_one_gpu_per_worker_on_a_gpu_cluster_unless_the_trials_train_on_the_cpu():
@@ -169,7 +169,7 @@ def test_a_joined_cluster_is_refused_only_when_its_autoscaler_cannot_add_a_node_
 
 def test_progress_says_what_a_held_back_trial_waits_for_and_how_long():
     from lmtune.sweep import progress
-    from tests.test_progress import Clock
+    from tests.helpers import Clock
 
     out, clock = io.StringIO(), Clock()
     p = progress.Progress(out, 2, interval_s=30, clock=clock, tty=False, wants="2 CPU", free=lambda: "1 of 2 CPUs")

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, train_like
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -298,8 +299,7 @@ def test_a_killed_clusters_leftover_address_does_not_stall_an_embedded_sweep(clu
     the embedded Ray nor Ray's state API inside it (which Ray Train's placement-group cleaner asks at the end
     of every multi-worker trial, and which would wait 40 s on the dead address) is led to it."""
     cluster.kill_all()
-    time.sleep(1)
-    assert not cluster.processes()
+    wait_for(lambda: not cluster.processes(), 10, what="the killed cluster's processes to be gone")
     assert ADDRESS_FILE.read_text().strip().endswith(f":{cluster.port}")
     f = _sweep(tmp_path, """
         sweep = Sweep(name="after-crash", base={**TINY_CPU, "train.steps": 10, "train.eval_interval": 10},

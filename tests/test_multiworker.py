@@ -25,7 +25,8 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, run_module, train_like
-from tests.test_sweep_e2e import _wait_for, only_run, rows, sweep_file
+from tests.helpers import only_run, rows, sweep_file
+from tests.helpers import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 

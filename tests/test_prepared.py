@@ -338,7 +338,7 @@ def test_auto_prepares_the_dataset_once_and_reads_the_shards_after(tmp_path, cap
 @pytest.mark.slow
 def test_a_sweep_prepares_once_in_its_driver_and_no_trial_tokenizes(tmp_path):
     from tests.conftest import run_module
-    from tests.test_sweep_e2e import rows, sweep_file
+    from tests.helpers import rows, sweep_file
 
     cache = tmp_path / "cache"
     path = sweep_file(tmp_path, f"""
@@ -362,7 +362,7 @@ def test_a_sweep_prepares_once_in_its_driver_and_no_trial_tokenizes(tmp_path):
 
 def test_a_sweep_over_shards_that_are_not_there_stops_before_ray(tmp_path):
     from tests.conftest import run_module
-    from tests.test_sweep_e2e import sweep_file
+    from tests.helpers import sweep_file
 
     path = sweep_file(tmp_path, f"""
         sweep = Sweep(name="missing", base={{**TINY_CPU, "data.prepared": {str(tmp_path / 'nowhere')!r}}},

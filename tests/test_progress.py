@@ -3,14 +3,7 @@
 import io
 
 from lmtune.sweep.progress import Progress, duration
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
+from tests.helpers import Clock
 
 
 def test_a_log_gets_the_running_trials_as_lines_every_interval_with_step_loss_rate_and_time_left():

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_sweep_e2e import sweep_file
+from tests.helpers import sweep_file
 
 pytestmark = pytest.mark.slow
 

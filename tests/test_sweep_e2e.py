@@ -13,39 +13,22 @@ Multi-worker trials (Ray Train) are tested in test_multiworker.py.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import pickle
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, run_module
+from tests.helpers import only_run, rows, sweep_file
+from tests.helpers import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def sweep_file(tmp_path: Path, body: str, name: str = "sweep.py") -> Path:
-    p = tmp_path / name
-    p.write_text("from lmtune.sweep import TINY_CPU, Sweep, grid, loguniform\n" + textwrap.dedent(body))
-    return p
-
-
-def only_run(storage: Path) -> Path:
-    runs = [p for p in storage.iterdir() if p.is_dir()]
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def rows(results: Path) -> dict[str, dict[str, str]]:
-    with open(results / "trials.csv", newline="") as f:
-        return {r["trial_id"]: r for r in csv.DictReader(f)}
 
 
 def test_asha_sweep_statuses_optuna_and_wandb(tmp_path):
@@ -171,17 +154,6 @@ def assert_ray_dashboard_shows_a_trial(ray_line: str) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"no live 'lmtune trial <id>' actor on the dashboard at {url}: {names}")
-
-
-def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the sweep ended before it could be interrupted:\n{proc.stdout.read()}")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for the sweep")
 
 
 def _interrupt(proc: subprocess.Popen, ready, sig: int, *, first_line=None) -> str:

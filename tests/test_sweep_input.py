@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -18,24 +16,8 @@ from lmtune.sweep import TINY_CPU, Smoke, Sweep, grid, loguniform
 from lmtune.sweep.__main__ import main
 from lmtune.sweep.load import load_sweep, resolve
 from tests.conftest import REPO, run_module
-
-GOOD = """
-from lmtune.sweep import TINY_CPU, Smoke, Sweep, grid, loguniform
-sweep = Sweep(
-    name="tiny",
-    base={**TINY_CPU},
-    space={"train.lr": loguniform(1e-4, 1e-2), "model.norm_placement": grid(["pre", "post"])},
-    metric="val_loss", mode="min", num_samples=2,
-    export=["train.lr"],
-    smoke=Smoke(base={"train.steps": 10}, num_samples=1),
-)
-"""
-
-
-def write(tmp_path: Path, text: str, name: str = "s.py") -> Path:
-    p = tmp_path / name
-    p.write_text(textwrap.dedent(text))
-    return p
+from tests.helpers import GOOD_SWEEP as GOOD
+from tests.helpers import write
 
 
 @pytest.fixture
@@ -179,6 +161,8 @@ FRESH_PROCESS = """
 import contextlib, io, json, socket, sys
 sys.path.insert(0, {repo!r})
 from lmtune.sweep.__main__ import main
+from tests.helpers import GOOD_SWEEP as GOOD
+from tests.helpers import write
 results = {{}}
 for case, argv in json.loads({cases!r}).items():
     err = io.StringIO()

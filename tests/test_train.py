@@ -15,6 +15,7 @@ from lmtune import config as config_lib
 from lmtune.model import GPT
 from lmtune.train import Trainer
 from tests.conftest import TINY, run_module
+from tests.helpers import one_error_line
 
 
 def tiny(*extra: str) -> config_lib.Config:
@@ -442,13 +443,6 @@ def test_cli_run_and_generate(in_tmp):
     assert gen.stdout.startswith("The ") and len(gen.stdout) > 10
     again = run_module("lmtune.train", *TINY, "--out", "run1", "--no-wandb", cwd=in_tmp)
     assert again.returncode == 2 and "already holds a run" in one_error_line(again.stderr)
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize(
