@@ -296,3 +296,24 @@ def test_a_variant_trains_with_activation_checkpointing_and_mup(combo):
     mup = Trainer(config_lib.load(overrides=[*base, "model.n_head=4", "model.n_embd=32", *over, "train.steps=6",
                                              "model.parametrization=mup", "model.base_width=16"], locked=False)).fit()
     assert mup["status"] == "ok" and math.isfinite(mup["loss"])
+
+
+@pytest.mark.slow
+def test_a_variant_compiled_per_block_trains_as_it_does_eagerly():
+    """One combination that holds every non-GPT-2 axis but RoPE (whose rotation the llama export test compiles too
+    little to matter): ALiBi's additive mask in the compiled SDPA, GQA, RMSNorm, SwiGLU, q/k-norm; under the
+    partitioner's activation budget."""
+    combo = dict(position="alibi", n_kv_head=2, norm="rmsnorm", mlp="swiglu", qk_norm="true")
+    from lmtune.device.accelerators import has_cpp_compiler
+    from lmtune.train import Trainer
+    from tests.conftest import TINY
+
+    if not has_cpp_compiler():
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    base = [o for o in TINY if not o.startswith(("model.n_head", "model.n_embd"))]
+    over = [*base, "model.n_head=4", "model.n_embd=32", *(f"model.{k}={v}" for k, v in combo.items()),
+            "train.steps=4", "train.measure_interval=0"]
+    eager = Trainer(config_lib.load(overrides=over, locked=False)).fit()
+    compiled = Trainer(config_lib.load(overrides=[*over, "train.compile=true", "train.ac_budget=0.5"],
+                                       locked=False)).fit()
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4) and compiled["compiles_after_warmup"] == 0
