@@ -300,9 +300,9 @@ def test_a_variant_trains_with_activation_checkpointing_and_mup(combo):
 
 @pytest.mark.slow
 def test_a_variant_compiled_per_block_trains_as_it_does_eagerly():
-    """One combination that holds every non-GPT-2 axis but RoPE (whose rotation the llama export test compiles too
-    little to matter): ALiBi's additive mask in the compiled SDPA, GQA, RMSNorm, SwiGLU, q/k-norm; under the
-    partitioner's activation budget."""
+    """One combination with every non-GPT-2 axis but RoPE (one compile is costly on 2 cores; ALiBi's additive mask
+    through the compiled SDPA is the riskier position path, RoPE's rotation element-wise): GQA, RMSNorm, SwiGLU,
+    q/k-norm, under the partitioner's activation budget."""
     combo = dict(position="alibi", n_kv_head=2, norm="rmsnorm", mlp="swiglu", qk_norm="true")
     from lmtune.device.accelerators import has_cpp_compiler
     from lmtune.train import Trainer
