@@ -264,3 +264,26 @@ def test_oom_is_decided_by_type_and_torchs_own_allocator_messages():
         pytest.fail("allocation of 4 PiB succeeded")
     assert not is_oom(FileNotFoundError("/data/runs/3-oom-probe/out of memory/metrics.jsonl"))
     assert not is_oom(RuntimeError("cannot open /runs/oom-sweep/trial OOM-1: out of memory? no such file"))
+
+
+def test_a_compute_budget_trains_each_size_for_its_share_of_tokens(capsys, tmp_path):
+    """train.flops = C: tokens = C ÷ FLOPs per token, so a wider model trains on fewer tokens for the same compute;
+    a budget under one optimizer step is one line, exit 2."""
+    from lmtune import config as config_lib
+    from lmtune.train import Trainer, main
+    from tests.conftest import TINY
+
+    budget = 3e9
+    runs = {}
+    for width in (32, 64):
+        cfg = config_lib.load(overrides=[*TINY, f"model.n_embd={width}", f"train.flops={budget}"], locked=False)
+        trainer = Trainer(cfg)
+        runs[width] = trainer.fit()
+        steps = round(budget / trainer.throughput.flops_per_token / trainer.plan.batch_tokens)
+        assert runs[width]["step"] == steps
+        assert runs[width]["flops"] == pytest.approx(budget, rel=0.5 * trainer.plan.batch_tokens
+                                                     * trainer.throughput.flops_per_token / budget)
+    assert runs[64]["step"] < runs[32]["step"]
+    assert main([*TINY, "train.flops=1000", "--no-wandb", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.flops=1e+03 is less than one optimizer step of this model" in err[0]

@@ -179,6 +179,10 @@ class TrainConfig:
     """Optimizer steps to run (ignored when epochs is set)."""
     epochs: float = field(default=0.0, metadata=_range(ge=0.0))
     """When > 0, train for this many passes over the training tokens instead of `steps`."""
+    flops: float = field(default=0.0, metadata=_range(ge=0.0))
+    """When > 0, the run's compute budget in training FLOPs: tokens = flops ÷ the model's FLOPs per token (the trainer's
+    count, lmtune.training.measure.flops_per_token), then as train.tokens (an IsoFLOP sweep gives every size the same
+    budget); wins over tokens, epochs and steps."""
     tokens: int = field(default=0, metadata=_range(ge=0))
     """When > 0, the run's length in training tokens (all workers): ceil(tokens / tokens per optimizer step) steps,
     over which the lr schedule warms up and decays; wins over epochs and steps (a compute budget's runs: tokens =

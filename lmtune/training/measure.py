@@ -196,12 +196,16 @@ class Throughput:
         self.peak_flops = peak_flops
         self.world = world
 
+    @staticmethod
+    def flops_of(model: nn.Module, cfg: Any) -> float:
+        """FLOPs per training token of a GPT (``num_params()``) with ``cfg``'s model and sequence length."""
+        m = cfg.model
+        return flops_per_token(model.num_params(), m.n_layer, m.n_head, m.n_embd // m.n_head, cfg.data.seq_len)
+
     @classmethod
     def of(cls, model: nn.Module, cfg: Any, accel: Accelerator, batch_tokens: int, world: int = 1) -> Throughput:
-        """For a GPT (``num_params()``) with ``cfg``'s model and sequence length, trained on ``accel``."""
-        m = cfg.model
-        flops = flops_per_token(model.num_params(), m.n_layer, m.n_head, m.n_embd // m.n_head, cfg.data.seq_len)
-        return cls(batch_tokens, flops, accel.peak_flops(), world)
+        """For a GPT with ``cfg``'s model and sequence length, trained on ``accel``."""
+        return cls(batch_tokens, cls.flops_of(model, cfg), accel.peak_flops(), world)
 
     def metrics(self, timing: dict[str, float]) -> dict[str, float]:
         """From the steady state's average step time, else this window's (none before the first window)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmtune.config import Config
+from lmtune.config import Config, ConfigError
 from lmtune.device import Accelerator, accelerator
 from lmtune.model import GPT
 
@@ -89,14 +89,21 @@ class Plan:
     """Validation windows scored at each eval, the same for every micro-batch size and world size."""
 
     @classmethod
-    def of(cls, cfg: Config, train_tokens: int, world_size: int) -> Plan:
-        """For ``cfg`` on ``world_size`` ranks over a training split of ``train_tokens`` tokens (``train.tokens`` and
-        ``train.epochs`` turn into steps here)."""
+    def of(cls, cfg: Config, train_tokens: int, world_size: int, flops_per_token: float = 0.0) -> Plan:
+        """For ``cfg`` on ``world_size`` ranks over a training split of ``train_tokens`` tokens (``train.flops``,
+        ``train.tokens`` and ``train.epochs`` turn into steps here; ``train.flops`` needs the model's
+        ``flops_per_token``)."""
         t = cfg.train
         batch_tokens = t.micro_batch_size * t.accumulation_steps * world_size * cfg.data.seq_len
         windows_per_step = t.micro_batch_size * t.accumulation_steps * world_size
         n_windows = (train_tokens - 1) // cfg.data.seq_len
-        if t.tokens:
+        if t.flops:
+            if t.flops < flops_per_token * batch_tokens:
+                raise ConfigError(f"train.flops={t.flops:.3g} is less than one optimizer step of this model "
+                                  f"({flops_per_token * batch_tokens:.3g} FLOPs: {flops_per_token:.3g} per token × "
+                                  f"{batch_tokens:,} tokens); accepted: at least that, or a smaller model or batch.")
+            total_steps = max(1, round(t.flops / flops_per_token / batch_tokens))
+        elif t.tokens:
             total_steps = max(1, math.ceil(t.tokens / batch_tokens))
         elif t.epochs:
             total_steps = max(1, math.ceil(t.epochs * n_windows / windows_per_step))

@@ -102,7 +102,8 @@ class Trainer:
         if self.world > 1:  # the same weights on every rank (DDP broadcasts rank 0's), a dropout stream of its own
             seed_everything(t.seed + self.rank)
         self.model = par.parallelize(self.raw_model, t, accel=self.accel, world_size=self.world)
-        self.plan = Plan.of(cfg, len(self.tokens.train), self.world)
+        fpt = Throughput.flops_of(self.raw_model, cfg)
+        self.plan = Plan.of(cfg, len(self.tokens.train), self.world, flops_per_token=fpt)
         self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr, fused=self.accel.fused_optimizer)
         self.batches = Batches(self.tokens.train, cfg.data.seq_len, t.micro_batch_size, t.seed,
                                rank=self.rank, world_size=self.world,
