@@ -763,3 +763,21 @@ def test_cpu_peak_falls_with_the_ac_budget_compiled():
         torch._functorch.config.activation_memory_budget = 1.0
         torch._dynamo.reset()
     assert peaks[0] > peaks[1] > peaks[2] and peaks[2] < 0.6 * peaks[0], peaks
+
+
+def test_a_runs_fingerprint_holds_its_config_data_code_torch_and_device(tmp_path, monkeypatch):
+    from lmtune.training import fingerprint as fp
+
+    a = Trainer(tiny("train.steps=4")).fit()
+    assert a["fingerprint"] == Trainer(tiny("train.steps=4")).fit()["fingerprint"]  # the same run: the same digest
+    assert Trainer(tiny("train.steps=5")).fit()["fingerprint"] != a["fingerprint"]  # the config
+    assert Trainer(tiny("train.steps=4", "data.val_fraction=0.2")).fit()["fingerprint"] != a["fingerprint"]  # data
+    fp.code_digest.cache_clear()
+    monkeypatch.setattr(fp, "PACKAGE", tmp_path)  # another lmtune: a one-character change of its source
+    (tmp_path / "trainer.py").write_text("x = 1\n")
+    try:
+        assert Trainer(tiny("train.steps=4")).fit()["fingerprint"] != a["fingerprint"]
+    finally:
+        monkeypatch.undo()
+        fp.code_digest.cache_clear()
+    assert a["fingerprint_code"] == fp.code_digest()[:16] and a["fingerprint_data"].startswith("cache:")

@@ -27,6 +27,7 @@ from lmtune.training import parallelize as par
 from lmtune.training.checkpoint import Checkpoints, rng_state
 from lmtune.training.evaluate import sample_text, validation_loss
 from lmtune.training.faults import Faults
+from lmtune.training.fingerprint import fingerprint
 from lmtune.training.measure import GradientNoise, StepTimer, Throughput, layer_metrics, split_in_halves
 from lmtune.training.memory import SteadySteps, agreed_peaks, ends_run_as_oom, training_meter
 from lmtune.training.optim import Plan, build_optimizer, lr_at, seed_everything, set_lr, set_up_device
@@ -326,6 +327,7 @@ class Trainer:
         final.update(agreed_peaks(self.memory, self.world, self.device))  # also for a run that ended before a report
         final.update({**self.accel.info(), **self.memory.summary(), "ac_mode": self.cfg.train.ac_mode,
                       "data_source": self.tokens.source,
+                      **fingerprint(self.cfg, self.tokens, str(self.accel.info()["device_name"])),
                       # the run's compute: the trainer's own count per token (measure.flops_per_token) × tokens trained
                       "flops_per_token": self.throughput.flops_per_token,
                       "flops": self.throughput.flops_per_token * self.step * self.plan.batch_tokens,
