@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from lmtune.contract import TRIALS_TABLE
 from lmtune.results.format import fmt, markdown_table, number, short, sort_key, status_label
 from lmtune.results.read import Results
 from lmtune.results.transfer import is_width_transfer, transfer_markdown
@@ -24,9 +25,6 @@ def experiments(space_keys: Iterable[str], frontier: Any = None) -> list[str]:
     kinds = ["norm"] if keys & set(NORM_KEYS) else []
     kinds += ["batch"] if keys & set(BATCH_KEYS) and not frontier else []
     return kinds + (["width"] if is_width_transfer(keys) else [])
-
-
-SUMMARY_METRICS = ("val_loss", "loss", "tokens", "tokens_per_s", "peak_reserved_gib", "wall_clock_s", "device_hours")
 
 
 def sorted_by_metric(results: Results) -> list[dict[str, Any]]:
@@ -106,7 +104,7 @@ def summary_markdown(results: Results) -> str:
     if best is not None:
         lines += [f"Best ok trial: {best['trial_id']} ("
                   + ", ".join(f"{short(k)}={best.get(k)}" for k in axes) + f"), {metric} = {fmt(best.get(metric), metric)}.", ""]
-    shown = [m for m in dict.fromkeys([metric, *(m for m, _ in results.objectives), *SUMMARY_METRICS])
+    shown = [m for m in dict.fromkeys([metric, *(m for m, _ in results.objectives), *TRIALS_TABLE])
              if m == metric or any(number(r.get(m)) is not None for r in results.rows)]
     headers = ["trial_id", "status", *map(short, axes), *shown]
     body = [[r.get("trial_id"), status_label(r), *(fmt(r.get(k), k) for k in axes), *(fmt(r.get(m), m) for m in shown)]
