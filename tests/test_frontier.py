@@ -8,10 +8,10 @@ import json
 import pytest
 
 from lmtune import report as report_command
+from lmtune.reporting import render
 from lmtune.results import plots
 from lmtune.results.frontier import analyze_frontier
 from lmtune.results.read import load_results
-from lmtune.results.report import render
 from lmtune.results.summary import val_loss_at_equal_tokens
 from tests.conftest import REPO, run_module
 from tests.frontier_fixtures import (

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lmtune.reporting import render
 from lmtune.results.read import load_results
-from lmtune.results.report import render
 from lmtune.results.summary import cost
 from tests.frontier_fixtures import frontier_results, norm_results
 

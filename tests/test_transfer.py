@@ -8,8 +8,8 @@ import math
 
 import pytest
 
+from lmtune.reporting import render
 from lmtune.results.read import load_results
-from lmtune.results.report import render
 from lmtune.results.transfer import curves, transfer
 from tests.frontier_fixtures import write_results_dir
 

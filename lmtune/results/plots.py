@@ -1,4 +1,4 @@
-"""The plots of a results directory (PNG files under ``plots/``; :mod:`lmtune.results.report` lists them)."""
+"""The plots of a results directory (PNG files under ``plots/``; :mod:`lmtune.reporting.render` lists them)."""
 
 from __future__ import annotations
 

@@ -117,8 +117,8 @@ def _command(script: str) -> str:
 
 
 def print_report(results_dir: Path, out: TextIO) -> None:
-    """Render the report files (:func:`lmtune.results.report.render`) and list them."""
-    from lmtune.results.report import render  # matplotlib: loaded when a report is drawn
+    """Render the report files (:func:`lmtune.reporting.render.render`) and list them."""
+    from lmtune.reporting.render import render  # matplotlib: loaded when a report is drawn
 
     written = render(results_dir)
     if written:

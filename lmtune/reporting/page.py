@@ -3,7 +3,7 @@ of summary.md and frontier.md, the plots (embedded), per-trial learning curves a
 (inline SVG), each trial's status with its evidence, the sweep's cost in device-hours, and the locked-defaults
 table an export would write.
 
-:func:`lmtune.results.report.render` writes it next to the markdown it is made from.
+:func:`lmtune.reporting.render.render` writes it next to the markdown it is made from.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from lmtune.config import ConfigError
 from lmtune.contract import FRONTIER_STEM, SUMMARY_MD, layer_keys
+from lmtune.exporting import plan_export, to_markdown
 from lmtune.results.format import finite, fmt, short, status_label
 from lmtune.results.read import Results
 from lmtune.results.summary import cost_text
@@ -116,8 +117,6 @@ def evidence(row: dict[str, Any]) -> str:
 
 
 def export_html(results: Results) -> str:
-    from lmtune.results.export import plan_export, to_markdown
-
     try:
         plan = plan_export(results)
     except ConfigError as e:

@@ -14,8 +14,8 @@ the results directory::
     report.html                 all of the above on one self-contained page, with per-trial curves, each
                                 trial's evidence, the cost in device-hours and the export's table
 
-The sweep runner calls :func:`render` when a sweep ends; the command line (``lmtune/report.py``) prints the tables
-and the files.
+The sweep runner calls :func:`render` when a sweep ends (:func:`lmtune.reporting.console.print_report`); the command
+line (``lmtune/report.py``) prints the tables and the files.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def render(results_dir: str | Path) -> list[Path]:
     summary = results.dir / SUMMARY_MD
     summary.write_text(summary_markdown(results))
     written.append(summary)
-    from lmtune.results.html import write_html  # matplotlib: loaded when plots are drawn
+    from lmtune.reporting.page import write_html  # matplotlib: loaded when plots are drawn
     from lmtune.results.plots import render_plots
 
     written += render_plots(results, rep)
