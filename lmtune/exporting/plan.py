@@ -17,10 +17,11 @@ from typing import Any
 from lmtune import config as config_lib
 from lmtune.config import PROJECT_LOCKED, ConfigError
 from lmtune.results.format import fmt, gib
-from lmtune.results.frontier import frontier_report
+from lmtune.results.kinds.frontier import frontier_report
+from lmtune.results.kinds.pareto import pareto_front
+from lmtune.results.kinds.trials import best_trial
+from lmtune.results.kinds.width import PARAMETRIZATION_KEY, WIDTH_KEY
 from lmtune.results.read import AC_MODES, Results
-from lmtune.results.summary import best_trial, pareto_front
-from lmtune.results.transfer import PARAMETRIZATION_KEY, WIDTH_KEY
 
 
 @dataclass

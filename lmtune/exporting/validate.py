@@ -10,7 +10,7 @@ from lmtune.config import ConfigError
 from lmtune.contract import SUMMARY_JSON
 from lmtune.exporting.plan import ExportPlan
 from lmtune.results.format import fmt, markdown_table, number
-from lmtune.results.frontier import frontier_report
+from lmtune.results.kinds.frontier import frontier_report
 from lmtune.results.layout import read_json, trial_dir
 from lmtune.results.read import Results
 
