@@ -4,6 +4,9 @@
 Writes the keys the sweep file locks (``Sweep.export``, recorded in sweep.json) with the winner's values:
 
 * a frontier sweep's winner is its recommended operating point (highest throughput with the headroom kept);
+* a sweep that repeats its configurations over seeds (``train.seed``) locks the arm with the best mean over its
+  ``ok`` seeds, not its luckiest seed; the output and every key's provenance say so (``replicates``,
+  ``arm_trial_ids``);
 * any other sweep's winner is its best ``ok`` trial by the sweep's metric and mode;
 * a sweep with several metrics has no single winner: ``--trial ID`` picks a point of its Pareto front
   (``--trial`` exports any ``ok`` trial of any sweep).
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         doing = "would change" if existed else "would write"
     else:
         doing = "writing"
-    print(f"{plan.path}: {doing} ({'chosen' if args.trial else 'winner'}: trial {plan.winner.row.get('trial_id')} of "
+    print(f"{plan.path}: {doing} ({'chosen' if args.trial else 'winner'}: {plan.winner.label} of "
           f"{results.group}, {plan.winner.metric} = {fmt(plan.winner.metric_value, plan.winner.metric)})")
     print("\n".join(plan.changes))
     if refused is not None:

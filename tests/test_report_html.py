@@ -89,8 +89,8 @@ def test_the_report_is_made_of_the_kinds_each_sweep_holds_and_a_new_kind_plugs_i
     held = {name: [k.name for k in kinds.applicable(load_results(make(tmp_path / name)))]
             for name, make in (("norm", norm_results), ("batch", batch_results), ("pareto", pareto_results),
                                ("frontier", lambda p: frontier_results(p, xs=(1, 2, 3))[0]))}
-    assert held == {"norm": ["trials", "norm"], "batch": ["trials", "batch"], "pareto": ["trials", "pareto"],
-                    "frontier": ["frontier", "trials"]}
+    assert held == {"norm": ["trials", "norm", "replicates"], "batch": ["trials", "batch", "replicates"],
+                    "pareto": ["trials", "pareto"], "frontier": ["frontier", "trials"]}
 
     def plot(results, plots):
         (plots / "extra.png").write_bytes((plots / "loss_curves.png").read_bytes())

@@ -19,6 +19,7 @@ from lmtune.config import PROJECT_LOCKED, ConfigError
 from lmtune.results.format import fmt, gib
 from lmtune.results.kinds.frontier import frontier_report
 from lmtune.results.kinds.pareto import pareto_front
+from lmtune.results.kinds.replicates import arms, best_arm, replicated, spread
 from lmtune.results.kinds.trials import best_trial
 from lmtune.results.kinds.width import PARAMETRIZATION_KEY, WIDTH_KEY
 from lmtune.results.read import AC_MODES, Results
@@ -34,6 +35,10 @@ class Winner:
     metric_value: float | None
     source: str
     """Phase-0-style text for the Source column."""
+    label: str = ""
+    """What the command calls it: ``trial ID``, or for a replicated sweep ``arm ... (mean of n seeds: trials ...)``."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """More provenance for every key: an arm's ``replicates`` and ``arm_trial_ids``."""
 
 
 @dataclass
@@ -50,8 +55,9 @@ class ExportPlan:
 
 
 def winner(results: Results, trial: str | None = None) -> Winner:
-    """The winning trial (or the chosen ``trial``) and its values of the sweep's export keys (ConfigError
-    when there is none, or when a Pareto sweep's trial was not chosen)."""
+    """The winning trial (or the chosen ``trial``; in a sweep that repeats its configurations over seeds, the arm
+    with the best mean) and its values of the sweep's export keys (ConfigError when there is none, or when a
+    Pareto sweep's trial was not chosen)."""
     keys = list(results.sweep.get("export") or [])
     if not keys:
         raise ConfigError(f"{results.dir}: the sweep exports no keys (sweep.json 'export' is empty); "
@@ -80,6 +86,8 @@ def winner(results: Results, trial: str | None = None) -> Winner:
         metric, value = "tokens_per_s", rep.recommended["tokens_per_s"]
         source = (f"{results.name} frontier ({results.group}): recommended operating point, "
                   f"{gib(rep.recommended['headroom_gib'])} GiB headroom of {rep.limit_gib:g} GiB")
+    elif replicated(results):
+        return _best_arm(results, keys)
     else:
         row = best_trial(results)
         if row is None:
@@ -88,6 +96,25 @@ def winner(results: Results, trial: str | None = None) -> Winner:
         metric, value = results.metric, row.get(results.metric)
         n_ok = sum(1 for r in results.rows if r.get("status") == "ok")
         source = f"{results.name} sweep ({results.group}): best {metric}={fmt(value, metric)} ({results.mode}) of {n_ok} ok trials"
+    return Winner(row, _values(results, row, keys), metric, value, source, label=f"trial {row.get('trial_id')}")
+
+
+def _best_arm(results: Results, keys: list[str]) -> Winner:
+    """A sweep that repeats its configurations over seeds: the arm with the best mean, not its luckiest seed (its
+    values are the arm's; the provenance names its first ok trial and every trial averaged)."""
+    arm, metric = best_arm(results), results.metric
+    ok = [r for r in arm.trials if r.get("status") == "ok" and r.get(metric) is not None]
+    ids = [str(r.get("trial_id")) for r in ok]
+    mean = spread(arm.values.values()).mean
+    source = (f"{results.name} sweep ({results.group}): best arm by mean {metric}={fmt(mean, metric)} ({results.mode}) "
+              f"over {len(ids)} seeds, of {len(arms(results))} arms; the arm's mean, not its luckiest seed")
+    return Winner(ok[0], _values(results, ok[0], keys), metric, mean, source,
+                  label=f"arm {arm.label()} (mean of {len(ids)} seeds: trials {', '.join(ids)})",
+                  record={"replicates": len(ids), "arm_trial_ids": ids})
+
+
+def _values(results: Results, row: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The trial's values of the export keys, typed as the config declares them."""
     cfg = results.config_of(row)
     values = {}
     for key in keys:
@@ -95,7 +122,7 @@ def winner(results: Results, trial: str | None = None) -> Winner:
             raise ConfigError(f"{results.dir}: export key '{key}' has no value for trial {row.get('trial_id')} "
                               f"(not in its config, the sweep's base or its summary.json).")
         values[key] = config_lib.coerce(key, cfg[key])
-    return Winner(row, values, metric, value, source)
+    return values
 
 
 def _parametrization(results: Results, row: dict[str, Any]) -> str:
@@ -127,7 +154,7 @@ def transferred(results: Results, w: Winner, width: int) -> tuple[Winner, dict[s
               "model.n_head": heads, "model.n_layer": int(cfg.get("model.n_layer") or 1)}
     source = f"{w.source}; tuned at width {tuned}, transferred to width {width} by μP (model.base_width={base})"
     record = {"transfer": "mup", "tuned_width": tuned, "transferred_to": width}
-    return Winner(w.row, values, w.metric, w.metric_value, source), record
+    return dataclasses.replace(w, values=values, source=source), record
 
 
 def _status_counts(results: Results) -> str:
@@ -153,7 +180,7 @@ def plan_export(results: Results, to: str | Path | None = None, *, date: str | N
     provenance = {
         key: {"source": w.source, "sweep": results.name, "group": results.group, "metric": w.metric,
               "value": w.metric_value, "trial_id": str(w.row.get("trial_id")), "date": date,
-              "results_dir": str(results.dir.resolve())}
+              "results_dir": str(results.dir.resolve()), **w.record}
         for key in w.values
     }
     if transfer:

@@ -12,7 +12,7 @@ from typing import Any, Sequence, TextIO
 
 from lmtune.contract import STUDY_DB
 from lmtune.results.format import fmt, table
-from lmtune.results.kinds import studied
+from lmtune.results.kinds import applicable, studied
 from lmtune.results.kinds.frontier import frontier_report
 from lmtune.results.kinds.pareto import pareto_front
 from lmtune.results.kinds.trials import best_trial, cost_text
@@ -95,6 +95,9 @@ def print_summary(results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
             print(f"best: {best['trial_id']}  {metric}={fmt(best.get(metric), metric)}  ({point})", file=out)
         else:
             print(f"best: none (no trial finished ok with {metric})", file=out)
+    for kind in applicable(results):
+        for line in kind.console(results):
+            print(line, file=out)
     learned = oom_by_half_text(rows) if searcher in ("tpe", "nsga2") else None
     if learned:
         print(learned, file=out)

@@ -5,9 +5,11 @@ Works on a finished or a running sweep (it reads whatever trials have reported s
 the results directory::
 
     frontier.md|csv|json        memory frontier per AC budget + recommended operating point (frontier sweeps)
-    summary.md                  what the sweep found (the best trial, or the Pareto front), every trial sorted by
-                                the metric, the cost, then each kind's tables (norm × warmup, batch × LR, width
-                                transfer)
+    replicates.csv              sweeps over seeds: per arm n, mean, sd, 95% interval, the paired difference against
+                                the baseline arm and its verdict
+    summary.md                  what the sweep found (the best trial, or the Pareto front; the best arm by mean),
+                                every trial sorted by the metric, the cost, then each kind's tables (norm × warmup,
+                                batch × LR, width transfer, replicates)
     plots/frontier.png          micro-batch vs peak memory and vs throughput per budget, OOMs marked, limit drawn
     plots/loss_curves.png       train and validation loss vs tokens, one colour per trial
     plots/pareto.png            sweeps with several metrics: the first two, every ok trial, the Pareto front
@@ -15,6 +17,7 @@ the results directory::
     plots/grad_norm_over_time.png  per-layer gradient norm (log10) against step, one panel per trial, for
                                 norm sweeps: where the phase-0 study saw post-LN's ~10 orders of magnitude open up
     plots/width_transfer.png    width × lr sweeps: the metric against the lr per width, each width's optimum
+    plots/replicates.png        sweeps over seeds: each seed, and each arm's mean with its 95% interval
     report.html                 all of the above on one self-contained page, with per-trial curves, each
                                 trial's evidence, the cost in device-hours and the export's table
 

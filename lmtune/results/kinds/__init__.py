@@ -12,6 +12,7 @@ new result table is a new module here and nothing more.
     40     norm                  norm placement × warmup (the phase-0 study's per-layer gradient norms)
     50     batch                 effective batch × LR scaling (val loss at equal tokens, coherence, noise scale)
     60     width                 width × lr: does the optimum lr stay put as the model widens (μP)
+    70     replicates            single-metric sweeps: each arm over its seeds, paired against the baseline arm
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Kind:
     """PNG files written into the given plots directory."""
     html: Callable[[Results], list[str]] = _nothing
     """report.html's sections of its own, after the plots (HTML)."""
+    console: Callable[[Results], list[str]] = _nothing
+    """Lines of its own in the sweep's console summary, after the best trial (or front, or frontier)."""
     studied: tuple[str, ...] = ()
     """Metrics the experiment looks at besides the sweep's metric: columns of the console's table."""
 
