@@ -5,7 +5,7 @@
 Acceptance (issue 4): on the smoke grid of sweeps/memory_frontier.py and on a larger grid, the planner
 finds the same frontier as the full grid (same largest feasible micro-batch per AC budget, same
 recommended operating point) with at most 50% of the grid's trials. Both sides go through the same
-tables code (lmtune.results.frontier.analyze_frontier); the baseline is the full grid measured in the same run.
+tables code (lmtune.results.kinds.frontier.analyze_frontier); the baseline is the full grid measured in the same run.
 
 The memory model is calibrated to the phase-0 study's A100 40GB measurements (docs/phase0.md, GPT-2 small,
 seq_len 1024): no AC 22.5 GiB at mb 16, 38.1 at 28, 38.95 at 30, OOM at 32; budget 0.75 34.2 at 32,
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmtune.results.format import markdown_table  # noqa: E402
-from lmtune.results.frontier import analyze_frontier  # noqa: E402
+from lmtune.results.kinds.frontier import analyze_frontier  # noqa: E402
 from lmtune.sweep.plan import FrontierPlan, simulate  # noqa: E402
 from lmtune.sweep.spec import Frontier, Grid  # noqa: E402
 

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmtune import config as config_lib  # noqa: E402
+from lmtune.reporting import render  # noqa: E402
+from lmtune.results.kinds.width import transfer  # noqa: E402
 from lmtune.results.layout import csv_columns, write_json, write_trials_csv  # noqa: E402
 from lmtune.results.read import load_results  # noqa: E402
-from lmtune.results.report import render  # noqa: E402
-from lmtune.results.transfer import transfer  # noqa: E402
 from lmtune.training import Trainer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"

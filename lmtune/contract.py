@@ -8,32 +8,79 @@ results readers and the GPU check all import it. Adding a metric means adding it
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # --- metrics ----------------------------------------------------------------------------------------
 
-SUMMARY_METRICS = (
-    "loss", "lr", "grad_norm", "step_time_ms", "val_loss", "val_ppl", "tokens", "tokens_per_s", "avg_step_time_ms",
-    "wall_clock_s", "device_hours", "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries",
-    "grad_norm_spread", "grad_coherence", "noise_scale", "mfu",
+
+@dataclass(frozen=True)
+class Metric:
+    """One number (or word) the trainer reports, and where it goes. A run's summary.json holds each one the run
+    measured (its last value); the fields say what else reads it."""
+
+    name: str
+    carried: bool = False
+    """The trainer's final report carries its latest value even when the last step did not measure it
+    (``lmtune.training.reporting``); the others the final report sets itself (peaks, ``ac_mode``, ``flops``...)."""
+    optimizable: bool = False
+    """A sweep may name it as its ``metric`` (a number in the trainer's final report)."""
+    column: bool = False
+    """A trials.csv column; the columns stand in the order of :data:`METRICS`."""
+    every_n: bool = False
+    """Measured only every ``train.measure_interval`` steps (never when it is 0)."""
+    trials_table: int | None = None
+    """Its place among the metric columns of summary.md's Trials table (1 = first); None: not shown there."""
+    format: str = "number"
+    """How a table cell shows it (``lmtune.results.format.FORMATS``): ``count`` (thousands separators), ``gib``,
+    ``time`` (one decimal: ms or s), ``number`` (an integer as it is, else 4 significant digits; a word as it is)."""
+
+
+def _final(name: str, **fields) -> Metric:
+    """A metric of the trainer's final report that a sweep may optimize."""
+    return Metric(name, carried=True, optimizable=True, **fields)
+
+
+METRICS = (
+    _final("val_loss", column=True, trials_table=1),
+    _final("val_ppl", column=True),
+    _final("loss", column=True, trials_table=2),
+    _final("tokens", column=True, trials_table=3, format="count"),
+    _final("tokens_per_s", column=True, trials_table=4, format="count"),
+    _final("avg_step_time_ms", column=True, format="time"),
+    _final("wall_clock_s", column=True, trials_table=6, format="time"),
+    _final("device_hours", column=True, trials_table=7),
+    _final("peak_reserved_gib", column=True, trials_table=5, format="gib"),
+    _final("peak_allocated_gib", column=True, format="gib"),
+    Metric("peak_rss_gib", carried=True, column=True, format="gib"),
+    Metric("alloc_retries", carried=True, column=True),
+    _final("grad_norm_spread", column=True),
+    _final("grad_coherence", column=True, every_n=True),
+    _final("noise_scale", column=True, every_n=True),
+    _final("mfu", column=True),
+    Metric("ac_mode", column=True),
+    Metric("flops", column=True),
+    _final("lr"),
+    _final("grad_norm"),
+    _final("step_time_ms", format="time"),
+    Metric("step", optimizable=True),
+    Metric("epoch", optimizable=True),
+    Metric("flops_per_token"),
+    Metric("data_source"),
 )
+"""Every metric, once (DESIGN.md's vocabulary; per-layer norms are :func:`layer_metric`). Adding a metric means
+adding its record here: the trainer's final report, the sweep's checks, trials.csv and the tables read this."""
+METRIC = {m.name: m for m in METRICS}
+
+SUMMARY_METRICS = tuple(m.name for m in METRICS if m.carried)
 """The metrics the trainer's final report carries (when it measured them), per-layer norms besides."""
-
-REPORTED_METRICS = (
-    "val_loss", "val_ppl", "loss", "grad_norm", "grad_norm_spread", "grad_coherence", "noise_scale",
-    "step_time_ms", "avg_step_time_ms", "wall_clock_s", "device_hours", "tokens_per_s", "mfu", "peak_reserved_gib",
-    "peak_allocated_gib", "tokens", "step", "epoch", "lr",
-)
+REPORTED_METRICS = tuple(m.name for m in METRICS if m.optimizable)
 """Numbers in the trainer's final report that a sweep may optimize (``metric=``), per-layer norms besides."""
-
-MEASURED_EVERY = ("grad_coherence", "noise_scale")
+MEASURED_EVERY = tuple(m.name for m in METRICS if m.every_n)
 """Metrics measured only every ``train.measure_interval`` steps (none when it is 0)."""
-
-TRIAL_METRICS = (
-    "val_loss", "val_ppl", "loss", "tokens", "tokens_per_s", "avg_step_time_ms", "wall_clock_s", "device_hours",
-    "peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib", "alloc_retries", "grad_norm_spread",
-    "grad_coherence", "noise_scale", "mfu", "ac_mode", "flops",
-)
+TRIAL_METRICS = tuple(m.name for m in METRICS if m.column)
 """trials.csv's metric columns, in order."""
+TRIALS_TABLE = tuple(m.name for m in sorted(METRICS, key=lambda m: m.trials_table or 0) if m.trials_table)
+"""The metric columns of summary.md's Trials table, in order (after the sweep's own metrics)."""
 
 PLACEMENT = ("node_ip", "node_id", "gpu_ids", "cuda_visible_devices")
 """Where a trial's attempt ran: trials.csv columns and attempts.jsonl fields."""

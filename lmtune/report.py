@@ -1,7 +1,7 @@
 """Render a sweep's tables and plots: ``python -m lmtune.report RESULTS_DIR``.
 
 Works on a finished or a running sweep (it reads whatever trials have reported so far); writes the frontier
-tables, summary.md, the plots and report.html into the results directory (:mod:`lmtune.results.report` lists
+tables, summary.md, the plots and report.html into the results directory (:mod:`lmtune.reporting.render` lists
 them), prints the main table and the files written.
 """
 
@@ -12,8 +12,8 @@ import sys
 
 from lmtune.cli import parse_command_line, user_errors_exit_2
 from lmtune.contract import FRONTIER_STEM, SUMMARY_MD, TRIALS_CSV
+from lmtune.reporting import render
 from lmtune.results.read import load_results
-from lmtune.results.report import render
 
 
 @user_errors_exit_2

@@ -47,7 +47,7 @@ def test_export_takes_its_results_directory_between_options(tmp_path, capsys):
     d, _ = frontier_results(tmp_path / "r")
     out = tmp_path / "locked.toml"
     assert export.main(["--to", str(out), str(d), "--force"]) == 0
-    from lmtune.results.frontier import frontier_report
+    from lmtune.results.kinds.frontier import frontier_report
     from lmtune.results.read import load_results
 
     locked = tomllib.loads(out.read_text())["train"]

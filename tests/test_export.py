@@ -9,7 +9,7 @@ import pytest
 
 from lmtune import config as config_lib
 from lmtune import export as export_command
-from lmtune.results import export
+from lmtune import exporting as export
 from lmtune.results.read import load_results
 from tests.conftest import run_module
 from tests.frontier_fixtures import B, X, frontier_results, frontier_sweep_json, norm_results, write_results_dir
@@ -17,7 +17,7 @@ from tests.frontier_fixtures import B, X, frontier_results, frontier_sweep_json,
 
 def test_frontier_export_round_trip(tmp_path):
     d, _ = frontier_results(tmp_path / "r")
-    rec = json.loads(__import__("lmtune.results.report", fromlist=["render"]).render(d) and (d / "frontier.json").read_text())[
+    rec = json.loads(__import__("lmtune.reporting", fromlist=["render"]).render(d) and (d / "frontier.json").read_text())[
         "recommended"]
     out = tmp_path / "locked" / "frontier.toml"
     plan = export.export(d, out)

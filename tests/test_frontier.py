@@ -8,11 +8,11 @@ import json
 import pytest
 
 from lmtune import report as report_command
-from lmtune.results import plots
-from lmtune.results.frontier import analyze_frontier
+from lmtune.reporting import render
+from lmtune.results.kinds import norm as plots
+from lmtune.results.kinds.batch import val_loss_at_equal_tokens
+from lmtune.results.kinds.frontier import analyze_frontier
 from lmtune.results.read import load_results
-from lmtune.results.report import render
-from lmtune.results.summary import val_loss_at_equal_tokens
 from tests.conftest import REPO, run_module
 from tests.frontier_fixtures import (
     SLOPES,
@@ -194,7 +194,7 @@ def test_limit_falls_back_to_the_device_memory_trials_reported(tmp_path):
 
 
 def test_pareto_front_summary_and_plot(tmp_path):
-    from lmtune.results.summary import pareto_front
+    from lmtune.results.kinds.pareto import pareto_front
     from tests.frontier_fixtures import pareto_results
 
     d = pareto_results(tmp_path / "p")

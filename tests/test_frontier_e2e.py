@@ -324,9 +324,9 @@ def _uninterrupted(f, results, tmp_path):
 def _outcome(results) -> dict:
     """What a frontier sweep found, trial ids aside: each point's row, the frontier per line, the recommended point,
     the counts of the frontier table, the console's count line and summary.md's trials."""
-    from lmtune.results.frontier import frontier_report
+    from lmtune.reporting.render import summary_markdown
+    from lmtune.results.kinds.frontier import frontier_report
     from lmtune.results.read import load_results
-    from lmtune.results.summary import summary_markdown
 
     loaded = load_results(results)
     rep = frontier_report(loaded)

@@ -359,7 +359,7 @@ def test_tune_runs_only_what_the_plan_launches(tune_run):
 
 @pytest.mark.slow
 def test_tables_from_the_tune_run_equal_its_results(tune_run, tmp_path):
-    from lmtune.results import report
+    from lmtune import reporting as report
     from tests.frontier_fixtures import frontier_sweep_json, write_results_dir
 
     plan = tune_run["plan"]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from lmtune.reporting import render
+from lmtune.results.kinds.trials import cost
 from lmtune.results.read import load_results
-from lmtune.results.report import render
-from lmtune.results.summary import cost
 from tests.frontier_fixtures import frontier_results, norm_results
 
 
@@ -80,3 +80,30 @@ def test_the_page_loads_in_headless_chromium_without_console_errors_and_is_not_b
     assert any("Uncaught" in m for m in _load(browser, broken, tmp_path / "broken.png"))
     blank = matplotlib.image.imread(tmp_path / "broken.png")
     assert blank[..., :3].std() < 0.01
+
+
+def test_the_report_is_made_of_the_kinds_each_sweep_holds_and_a_new_kind_plugs_in(tmp_path, monkeypatch):
+    from lmtune.results import kinds
+    from tests.frontier_fixtures import batch_results, pareto_results
+
+    held = {name: [k.name for k in kinds.applicable(load_results(make(tmp_path / name)))]
+            for name, make in (("norm", norm_results), ("batch", batch_results), ("pareto", pareto_results),
+                               ("frontier", lambda p: frontier_results(p, xs=(1, 2, 3))[0]))}
+    assert held == {"norm": ["trials", "norm", "replicates"], "batch": ["trials", "batch", "replicates"],
+                    "pareto": ["trials", "pareto"], "frontier": ["frontier", "trials"]}
+
+    def plot(results, plots):
+        (plots / "extra.png").write_bytes((plots / "loss_curves.png").read_bytes())
+        return [plots / "extra.png"]
+
+    extra = kinds.Kind("extra", 99, applies=lambda results: "model.norm_placement" in results.space_keys,
+                       tables=lambda results: ["## Extra table", "", "| a |", "|---|", "| 1 |", ""], plots=plot,
+                       html=lambda results: ["<h2>Extra section</h2>"], studied=("noise_scale",))
+    every = (*kinds.registered(), extra)
+    monkeypatch.setattr(kinds, "registered", lambda: every)
+    d = norm_results(tmp_path / "n2")
+    written = render(d)
+    page = (d / "report.html").read_text()
+    assert "## Extra table" in (d / "summary.md").read_text() and d / "plots" / "extra.png" in written
+    assert "<h3>Extra table</h3>" in page and "<h2>Extra section</h2>" in page and "alt='extra.png'" in page
+    assert kinds.studied(load_results(d)) == ["grad_norm_spread", "noise_scale"]

@@ -238,7 +238,7 @@ def test_resolve_applies_smoke_and_overrides():
 
 def test_smoke_of_a_file_without_a_smoke_variant_is_cpu_sized_and_says_so():
     """The three-line sweep README step 5 invites: --smoke used to apply nothing and run GPT-2 small, 16 trials."""
-    from lmtune.results.console import trial_text
+    from lmtune.reporting.console import trial_text
     from lmtune.sweep.runner import _smoke_label
 
     plain = Sweep(name="nosmoke", space={"train.lr": loguniform(1e-4, 1e-2), "train.seed": grid([1, 2])},

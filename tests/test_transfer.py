@@ -1,4 +1,4 @@
-"""Width-transfer results (lmtune.results.transfer): the optimum lr per width and parametrization, from a results
+"""Width-transfer results (lmtune.results.kinds.width): the optimum lr per width and parametrization, from a results
 directory whose losses are known: under μP every width's optimum is the same lr, under SP it halves per doubling
 of the width (one step of the lr grid), as in Yang et al. 2021, Fig. 1."""
 
@@ -8,9 +8,9 @@ import math
 
 import pytest
 
+from lmtune.reporting import render
+from lmtune.results.kinds.width import curves, transfer
 from lmtune.results.read import load_results
-from lmtune.results.report import render
-from lmtune.results.transfer import curves, transfer
 from tests.frontier_fixtures import write_results_dir
 
 WIDTHS = (64, 128, 256)

@@ -1,7 +1,8 @@
-"""A sweep's results directory: its layout both ways (:mod:`.layout`), read back (:mod:`.read`), summarized
-(:mod:`.summary`, :mod:`.frontier`), formatted (:mod:`.format`), rendered (:mod:`.report`: tables, :mod:`.plots`,
-:mod:`.html`), exported as locked defaults (:mod:`.export`), shown on the console (:mod:`.console`) and uploaded
-(:mod:`.storage`). No Ray: everything here works on a directory, a finished sweep's or a running one's."""
+"""A sweep's results directory: its layout both ways (:mod:`.layout`), read back (:mod:`.read`), read by each kind of
+result it holds (:mod:`.kinds`: one module per kind, with its tables, plots and report.html section), formatted
+(:mod:`.format`, :mod:`.figures`, :mod:`.markup`) and uploaded (:mod:`.storage`); scaling-law fits (:mod:`.scaling`).
+No Ray: everything here works on a directory, a finished sweep's or a running one's. :mod:`lmtune.reporting` gathers
+the kinds into the report and the console summary, :mod:`lmtune.exporting` makes locked defaults of a winner."""
 
 from lmtune.results.read import Results, load_results
 

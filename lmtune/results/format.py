@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from lmtune.contract import METRIC
 
 
 def short(key: str) -> str:
@@ -18,27 +20,43 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 
 def fmt(v: Any, key: str = "") -> str:
-    """A table cell: thousands separators for token counts, 2–3 decimals for GiB, 4 significant digits otherwise."""
+    """A table cell: a metric as its record in :data:`lmtune.contract.METRICS` says (:data:`FORMATS`), any other
+    column by its name (:func:`format_of`); "—" for a missing or NaN value."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
-    if key in ("tokens_per_s", "tokens") or key.endswith("_tokens"):
-        return f"{v:,.0f}"
+    return FORMATS[format_of(key)](v)
+
+
+def format_of(key: str) -> str:
+    """The format of a column: a metric's own; for the other columns (config keys, headroom, ...) by their names."""
+    if key in METRIC:
+        return METRIC[key].format
+    if key.endswith("_tokens"):
+        return "count"
     if key == "relative_throughput":
-        return f"{v:.2f}"
+        return "ratio"
     if key.endswith("_gib"):
-        return gib(v)
+        return "gib"
     if key.endswith("_ms") or key.endswith("_s"):
-        return f"{v:.1f}"
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.4g}"
+        return "time"
+    return "number"
 
 
 def gib(v: float) -> str:
     """GiB with two decimals, three below 1 GiB (CPU smoke runs measure in tenths of a GiB)."""
     return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
+
+
+FORMATS: dict[str, Callable[[float], str]] = {
+    "count": lambda v: f"{v:,.0f}",
+    "gib": gib,
+    "time": lambda v: f"{v:.1f}",
+    "ratio": lambda v: f"{v:.2f}",
+    "number": lambda v: str(v) if isinstance(v, int) else f"{v:.4g}",
+}
+"""Cell formats by name (a metric names its own: :class:`lmtune.contract.Metric`)."""
 
 
 def number(v: Any) -> float | None:

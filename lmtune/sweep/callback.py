@@ -30,7 +30,7 @@ from lmtune.contract import (
     TRIALS_CSV,
     TRIALS_DIR,
 )
-from lmtune.results.console import request_text
+from lmtune.reporting.console import request_text
 from lmtune.results.format import fmt
 from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
 from lmtune.sweep import compat

@@ -16,7 +16,7 @@ from lmtune import config as config_lib
 from lmtune.cli import check_output_dir
 from lmtune.config import ConfigError
 from lmtune.contract import LAYER_PREFIX, MEASURED_EVERY, REPORTED_METRICS, layer_index
-from lmtune.results.console import request_text
+from lmtune.reporting.console import request_text
 from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUniform, Sweep, Uniform
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")

@@ -32,7 +32,7 @@ from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, STATUSES, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
 from lmtune.data.prepared import AUTO, auto_prepared
 from lmtune.data.prepared import upload as upload_prepared
-from lmtune.results import console
+from lmtune.reporting import console
 from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
 from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import compat, snapshot

@@ -8,6 +8,8 @@ point: the highest throughput with at least ``headroom_gib`` free, stated as the
 :func:`analyze_frontier` works on plain rows (dicts with trials.csv's columns), so the benchmark applies
 the same rules to a simulated full grid and to the planner's trials. The planner that chooses which points
 run is :mod:`lmtune.sweep.plan`.
+
+A result kind (:mod:`lmtune.results.kinds`): frontier.md|csv|json and plots/frontier.png, for a sweep with a frontier.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from lmtune.config import ConfigError
 from lmtune.contract import FEASIBLE, FRONTIER_STEM
+from lmtune.results.figures import pyplot, save
 from lmtune.results.format import fmt, gib, markdown_table, number, short, sort_key, status_label
+from lmtune.results.kinds import Kind
 from lmtune.results.read import Results
 
 AC_MODE_TEXT = {"budget": "the compile partitioner's activation memory budget, per compiled block",
@@ -275,3 +279,50 @@ def write_frontier(rep: FrontierReport, out_dir: Path, *, title: str = "") -> li
     return [md, cs, js]
 
 
+def plot_frontier(rep: FrontierReport, path: Path) -> Path:
+    """Left: peak_reserved_gib vs micro-batch per budget (OOMs marked at the limit); right: tokens/s."""
+    plt = pyplot()
+    fig, (ax_mem, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = rep.x
+    oom_y = rep.limit_gib if rep.limit_gib is not None else max(
+        [r["peak_reserved_gib"] or 0 for t in rep.tables for r in t.rows] + [1.0])
+    markers = {"OOM": "x", "OOM (implied)": "1", "OOM (predicted)": "+"}
+    step = 0.025 * oom_y  # OOM marks sit just above the limit, one row per budget, so they do not overlap
+    seen: set[str] = set()
+    for n, t in enumerate(rep.tables):
+        color = f"C{n % 10}"
+        ran = [r for r in t.rows if r["status"] not in markers and r["peak_reserved_gib"] is not None]
+        ax_mem.plot([r[x] for r in ran], [r["peak_reserved_gib"] for r in ran], "o-", color=color, label=t.title)
+        tps = [r for r in ran if r["tokens_per_s"] is not None]
+        ax_tps.plot([r[x] for r in tps], [r["tokens_per_s"] for r in tps], "o-", color=color, label=t.title)
+        for status, marker in markers.items():
+            pts = [r[x] for r in t.rows if r["status"] == status]
+            if pts:
+                ax_mem.plot(pts, [oom_y + step * (n + 1)] * len(pts), marker, color=color, markersize=10,
+                            linestyle="none")
+                seen.add(status)
+    for status in (s for s in markers if s in seen):  # legend entries in black: the colour is the budget's
+        ax_mem.plot([], [], markers[status], color="black", markersize=10, linestyle="none", label=status)
+    if rep.limit_gib is not None:
+        ax_mem.axhline(rep.limit_gib, color="red", linewidth=1, label=f"limit {rep.limit_gib:g} GiB")
+        ax_mem.axhline(rep.limit_gib - rep.headroom_gib, color="grey", linestyle="--", linewidth=1,
+                       label=f"{rep.headroom_gib:g} GiB headroom")
+    if rep.recommended is not None:
+        r = rep.recommended
+        for ax, y in ((ax_mem, r["peak_reserved_gib"]), (ax_tps, r["tokens_per_s"])):
+            ax.plot([r[x]], [y], "*", color="gold", markeredgecolor="black", markersize=16, label="recommended")
+    ax_mem.set(xlabel=short(x), ylabel="peak_reserved_gib", title="Peak memory")
+    ax_tps.set(xlabel=short(x), ylabel="tokens_per_s", title="Throughput")
+    return save(fig, path, legends=(ax_mem, ax_tps))
+
+
+def _files(results: Results) -> list[Path]:
+    return write_frontier(frontier_report(results), results.dir, title=f"{results.name} ({results.group})")
+
+
+def _plots(results: Results, plots: Path) -> list[Path]:
+    rep = frontier_report(results)
+    return [plot_frontier(rep, plots / "frontier.png")] if rep.tables else []
+
+
+KIND = Kind("frontier", 10, applies=lambda results: bool(results.frontier_spec), files=_files, plots=_plots)

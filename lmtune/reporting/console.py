@@ -3,6 +3,7 @@ one (or the Pareto front, or the frontier's statement), what it cost and where t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -11,9 +12,11 @@ from typing import Any, Sequence, TextIO
 
 from lmtune.contract import STUDY_DB
 from lmtune.results.format import fmt, table
-from lmtune.results.frontier import frontier_report
-from lmtune.results.read import load_results
-from lmtune.results.summary import STUDIED, best_trial, cost_text, experiments, oom_by_half_text, pareto_front
+from lmtune.results.kinds import applicable, studied
+from lmtune.results.kinds.frontier import frontier_report
+from lmtune.results.kinds.pareto import pareto_front
+from lmtune.results.kinds.trials import best_trial, cost_text
+from lmtune.results.read import Results, load_results
 
 
 def request_text(cpus: float, gpus: float, workers: int) -> str:
@@ -66,8 +69,7 @@ def print_summary(results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
         return (not ok, sign * v if ok else 0.0)
 
     shown = ["trial_id", "status", *space_keys, *metrics]
-    studied = [m for kind in experiments(space_keys, frontier) for m in STUDIED[kind]]
-    for extra in (*studied, "tokens", "peak_reserved_gib", "wall_time_s"):
+    for extra in (*studied(_over(results, space_keys)), "tokens", "peak_reserved_gib", "wall_time_s"):
         if extra not in shown:
             shown.append(extra)
     print("", file=out)
@@ -93,6 +95,9 @@ def print_summary(results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
             print(f"best: {best['trial_id']}  {metric}={fmt(best.get(metric), metric)}  ({point})", file=out)
         else:
             print(f"best: none (no trial finished ok with {metric})", file=out)
+    for kind in applicable(results):
+        for line in kind.console(results):
+            print(line, file=out)
     learned = oom_by_half_text(rows) if searcher in ("tpe", "nsga2") else None
     if learned:
         print(learned, file=out)
@@ -107,6 +112,30 @@ def print_summary(results_dir: Path, rows: list[dict[str, Any]], out: TextIO, *,
     return best
 
 
+def _over(results: Results, space_keys: Sequence[str]) -> Results:
+    """``results`` as a sweep over ``space_keys``: the runner's, define-by-run keys too (sweep.json has only the
+    space's), so that the console's kinds see every key its table shows."""
+    space = results.sweep.get("space") or {}
+    return dataclasses.replace(results, sweep={**results.sweep, "space": {k: space.get(k, {}) for k in space_keys}})
+
+
+def oom_by_half(rows: list[dict[str, Any]]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((OOMs, trials) of the first half, (OOMs, trials) of the second) of the trials that ran, in the order of
+    ``rows`` (trials.csv: the order they finished in): whether the searcher learned where memory runs out."""
+    ran = [r for r in rows if r.get("source", "run") == "run"]
+    first, second = ran[: len(ran) // 2], ran[len(ran) // 2:]
+    return tuple((sum(r.get("status") == "oom" for r in half), len(half)) for half in (first, second))
+
+
+def oom_by_half_text(rows: list[dict[str, Any]]) -> str | None:
+    """The console's sentence for :func:`oom_by_half`; None without an OOM."""
+    (a, n), (b, m) = oom_by_half(rows)
+    if not a + b:
+        return None
+    return (f"out of memory: {a} of the first {n} trials to finish, {b} of the last {m} (an OOM is a memory "
+            "constraint the searcher learns, optuna.db: constraints)")
+
+
 def _command(script: str) -> str:
     """How to run one of lmtune's viewers from here: its name when it is on PATH, else its path next to this
     Python (a virtual environment that is not activated)."""
@@ -117,8 +146,8 @@ def _command(script: str) -> str:
 
 
 def print_report(results_dir: Path, out: TextIO) -> None:
-    """Render the report files (:func:`lmtune.results.report.render`) and list them."""
-    from lmtune.results.report import render  # matplotlib: loaded when a report is drawn
+    """Render the report files (:func:`lmtune.reporting.render.render`) and list them."""
+    from lmtune.reporting.render import render  # matplotlib: loaded when a report is drawn
 
     written = render(results_dir)
     if written:

@@ -1,6 +1,7 @@
-"""A sweep's winner as locked defaults: choosing it, the TOML and its table, the checks before and after writing.
+"""A sweep's winner and what exporting it would write: the winning trial, its values of the sweep's export keys,
+their provenance, merged with the locked-defaults file already there (old → new per key).
 
-The command is ``python -m lmtune.export`` (lmtune/export.py, which says what it writes and when it refuses).
+:mod:`lmtune.exporting.locked` writes the plan; ``python -m lmtune.export`` (lmtune/export.py) is the command.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +16,13 @@ from typing import Any
 
 from lmtune import config as config_lib
 from lmtune.config import PROJECT_LOCKED, ConfigError
-from lmtune.results.format import fmt, gib, markdown_table, short
-from lmtune.results.frontier import frontier_report
-from lmtune.results.read import AC_MODES, Results, load_results
-from lmtune.results.summary import best_trial, pareto_front
-from lmtune.results.transfer import PARAMETRIZATION_KEY, WIDTH_KEY
-
-SECTION_TITLES = {"model": "Architecture", "data": "Data", "train": "Training recipe", "system": "System"}
+from lmtune.results.format import fmt, gib
+from lmtune.results.kinds.frontier import frontier_report
+from lmtune.results.kinds.pareto import pareto_front
+from lmtune.results.kinds.replicates import arms, best_arm, replicated, spread
+from lmtune.results.kinds.trials import best_trial
+from lmtune.results.kinds.width import PARAMETRIZATION_KEY, WIDTH_KEY
+from lmtune.results.read import AC_MODES, Results
 
 
 @dataclass
@@ -35,6 +35,10 @@ class Winner:
     metric_value: float | None
     source: str
     """Phase-0-style text for the Source column."""
+    label: str = ""
+    """What the command calls it: ``trial ID``, or for a replicated sweep ``arm ... (mean of n seeds: trials ...)``."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """More provenance for every key: an arm's ``replicates`` and ``arm_trial_ids``."""
 
 
 @dataclass
@@ -51,8 +55,9 @@ class ExportPlan:
 
 
 def winner(results: Results, trial: str | None = None) -> Winner:
-    """The winning trial (or the chosen ``trial``) and its values of the sweep's export keys (ConfigError
-    when there is none, or when a Pareto sweep's trial was not chosen)."""
+    """The winning trial (or the chosen ``trial``; in a sweep that repeats its configurations over seeds, the arm
+    with the best mean) and its values of the sweep's export keys (ConfigError when there is none, or when a
+    Pareto sweep's trial was not chosen)."""
     keys = list(results.sweep.get("export") or [])
     if not keys:
         raise ConfigError(f"{results.dir}: the sweep exports no keys (sweep.json 'export' is empty); "
@@ -81,6 +86,8 @@ def winner(results: Results, trial: str | None = None) -> Winner:
         metric, value = "tokens_per_s", rep.recommended["tokens_per_s"]
         source = (f"{results.name} frontier ({results.group}): recommended operating point, "
                   f"{gib(rep.recommended['headroom_gib'])} GiB headroom of {rep.limit_gib:g} GiB")
+    elif replicated(results):
+        return _best_arm(results, keys)
     else:
         row = best_trial(results)
         if row is None:
@@ -89,6 +96,25 @@ def winner(results: Results, trial: str | None = None) -> Winner:
         metric, value = results.metric, row.get(results.metric)
         n_ok = sum(1 for r in results.rows if r.get("status") == "ok")
         source = f"{results.name} sweep ({results.group}): best {metric}={fmt(value, metric)} ({results.mode}) of {n_ok} ok trials"
+    return Winner(row, _values(results, row, keys), metric, value, source, label=f"trial {row.get('trial_id')}")
+
+
+def _best_arm(results: Results, keys: list[str]) -> Winner:
+    """A sweep that repeats its configurations over seeds: the arm with the best mean, not its luckiest seed (its
+    values are the arm's; the provenance names its first ok trial and every trial averaged)."""
+    arm, metric = best_arm(results), results.metric
+    ok = [r for r in arm.trials if r.get("status") == "ok" and r.get(metric) is not None]
+    ids = [str(r.get("trial_id")) for r in ok]
+    mean = spread(arm.values.values()).mean
+    source = (f"{results.name} sweep ({results.group}): best arm by mean {metric}={fmt(mean, metric)} ({results.mode}) "
+              f"over {len(ids)} seeds, of {len(arms(results))} arms; the arm's mean, not its luckiest seed")
+    return Winner(ok[0], _values(results, ok[0], keys), metric, mean, source,
+                  label=f"arm {arm.label()} (mean of {len(ids)} seeds: trials {', '.join(ids)})",
+                  record={"replicates": len(ids), "arm_trial_ids": ids})
+
+
+def _values(results: Results, row: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The trial's values of the export keys, typed as the config declares them."""
     cfg = results.config_of(row)
     values = {}
     for key in keys:
@@ -96,7 +122,7 @@ def winner(results: Results, trial: str | None = None) -> Winner:
             raise ConfigError(f"{results.dir}: export key '{key}' has no value for trial {row.get('trial_id')} "
                               f"(not in its config, the sweep's base or its summary.json).")
         values[key] = config_lib.coerce(key, cfg[key])
-    return Winner(row, values, metric, value, source)
+    return values
 
 
 def _parametrization(results: Results, row: dict[str, Any]) -> str:
@@ -128,7 +154,7 @@ def transferred(results: Results, w: Winner, width: int) -> tuple[Winner, dict[s
               "model.n_head": heads, "model.n_layer": int(cfg.get("model.n_layer") or 1)}
     source = f"{w.source}; tuned at width {tuned}, transferred to width {width} by μP (model.base_width={base})"
     record = {"transfer": "mup", "tuned_width": tuned, "transferred_to": width}
-    return Winner(w.row, values, w.metric, w.metric_value, source), record
+    return dataclasses.replace(w, values=values, source=source), record
 
 
 def _status_counts(results: Results) -> str:
@@ -154,7 +180,7 @@ def plan_export(results: Results, to: str | Path | None = None, *, date: str | N
     provenance = {
         key: {"source": w.source, "sweep": results.name, "group": results.group, "metric": w.metric,
               "value": w.metric_value, "trial_id": str(w.row.get("trial_id")), "date": date,
-              "results_dir": str(results.dir.resolve())}
+              "results_dir": str(results.dir.resolve()), **w.record}
         for key in w.values
     }
     if transfer:
@@ -221,22 +247,6 @@ def _show(v: Any) -> str:
     return json.dumps(v) if isinstance(v, str) else str(v)
 
 
-def export(results_dir: str | Path, to: str | Path | None = None, *, force: bool = False) -> ExportPlan:
-    """Write the locked-defaults TOML and its markdown table; ConfigError if refused or on bad input."""
-    results = load_results(results_dir)
-    return write_export(plan_export(results, to), results, force=force)
-
-
-def _check_ac_mode(plan: ExportPlan) -> None:
-    """A locked ac_budget applies only in the mode it was measured in (lmtune.config.resolve): refuse a file
-    whose own train.compile would keep it from ever applying."""
-    mode = plan.provenance.get("train.ac_budget", {}).get("ac_mode")
-    if mode and "train.compile" in plan.values and AC_MODES[bool(plan.values["train.compile"])] != mode:
-        raise ConfigError(f"{plan.path}: the exported train.ac_budget={plan.values['train.ac_budget']} was measured "
-                          f"with ac_mode={mode}, but the file sets train.compile={str(plan.values['train.compile']).lower()}, "
-                          f"so the trainer would never apply it; export to another file (--to), or remove "
-                          f"train.compile from {plan.path.name} first.")
-
 
 def rehearsal(results: Results) -> str:
     """Why a sweep's winner is not a measurement of the real run ('' when it is): a ``--smoke`` run, or one
@@ -248,107 +258,4 @@ def rehearsal(results: Results) -> str:
     if limit:
         why.append(f"run under an emulated {limit:g} GiB memory limit")
     return " and ".join(why)
-
-
-def write_export(plan: ExportPlan, results: Results, *, force: bool = False) -> ExportPlan:
-    """Write the TOML and its markdown table, after :func:`check_export`; the TOML replaces the old file only
-    once the trainer resolves it to the exported values (an invalid combination writes nothing)."""
-    check_export(plan, results, force=force)
-    plan.path.parent.mkdir(parents=True, exist_ok=True)
-    staged = plan.path.with_name(f".{plan.path.name}.new")
-    staged.write_text(to_toml(plan.values, plan.provenance, results))
-    try:
-        check_round_trip(staged, plan.values, plan.provenance)
-    except ConfigError as e:
-        staged.unlink()
-        raise ConfigError(f"{plan.path}: the exported values do not make a valid config with the defaults they "
-                          f"would join: {e} Nothing written; export the keys they depend on too (the sweep file's "
-                          f"export=[...]).") from None
-    except BaseException:
-        staged.unlink()
-        raise
-    os.replace(staged, plan.path)
-    plan.path.with_suffix(".md").write_text(to_markdown(plan.values, plan.provenance, plan.path))
-    return plan
-
-
-def check_export(plan: ExportPlan, results: Results, *, force: bool = False) -> None:
-    """Everything that refuses an export before anything runs or is written (ConfigError); a file that already
-    holds the plan (``plan.unchanged``) refuses nothing, since nothing is written."""
-    if plan.unchanged:
-        return
-    _check_ac_mode(plan)
-    why = rehearsal(results)
-    if why and plan.path.resolve() == PROJECT_LOCKED.resolve() and not force:
-        raise ConfigError(f"{results.dir.name} is {why}: its values would become the defaults of every "
-                          f"`python -m lmtune.train` in {Path.cwd()}; nothing written. Export it elsewhere with "
-                          f"--to FILE (and use it with --locked FILE), or pass --force to lock it in here anyway.")
-    if plan.path.exists() and not force:
-        raise ConfigError(f"{plan.path} exists; nothing written. Rerun with --force to apply the changes above "
-                          f"(keys not exported here are kept).")
-
-
-def check_round_trip(path: Path, values: dict[str, Any], provenance: dict[str, dict[str, Any]] | None = None) -> None:
-    """The trainer, given this file, resolves exactly the exported values (for a run in the AC mode they were
-    measured in, when they name one)."""
-    mode = (provenance or {}).get("train.ac_budget", {}).get("ac_mode")
-    overrides = {"train.compile": mode == "budget"} if mode and "train.compile" not in values else {}
-    cfg = config_lib.load(overrides=overrides, locked=path)
-    wrong = {k: (cfg.get(k), v) for k, v in values.items() if cfg.get(k) != v}
-    if wrong:
-        raise RuntimeError(f"{path}: the trainer would not resolve the exported values: {wrong}")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string: JSON's escapes are valid TOML
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} to TOML")
-
-
-def to_toml(values: dict[str, Any], provenance: dict[str, dict[str, Any]], results: Results) -> str:
-    lines = [
-        f"# lmtune locked defaults, written by `python -m lmtune.export {results.dir.resolve()}`.",
-        "# The trainer reads this file over its built-in and shipped defaults (./lmtune.locked.toml is picked up",
-        "# from the working directory; any path with --locked PATH or $LMTUNE_LOCKED); command-line keys win.",
-        "",
-    ]
-    sections: dict[str, list[str]] = {}
-    for key in sorted(values, key=lambda k: (list(config_lib.SECTIONS).index(k.split(".")[0]), k)):
-        section, name = key.split(".", 1)
-        sections.setdefault(section, []).append(f"{name} = {_toml_value(values[key])}")
-    for section, body in sections.items():
-        lines += [f"[{section}]", *body, ""]
-    for key in sorted(provenance):
-        lines.append(f'[provenance."{key}"]')
-        lines += [f"{k} = {_toml_value(v)}" for k, v in provenance[key].items() if v is not None]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def to_markdown(values: dict[str, Any], provenance: dict[str, dict[str, Any]], toml_path: Path) -> str:
-    """The phase-0 study's "Conclusions & Locked Configs" tables: one per config section."""
-    lines = ["# Locked defaults", "",
-             f"The values in `{toml_path.name}` (written by `python -m lmtune.export`); the trainer uses them as "
-             f"its defaults. Carry them forward unless explicitly ablating them.", ""]
-    by_section: dict[str, list[str]] = {}
-    for key in values:
-        by_section.setdefault(key.split(".")[0], []).append(key)
-    for section in config_lib.SECTIONS:
-        keys = by_section.get(section)
-        if not keys:
-            continue
-        rows = [[short(k), _md_value(values[k]), provenance.get(k, {}).get("source", "")] for k in sorted(keys)]
-        lines += [f"## {SECTION_TITLES[section]}", "", markdown_table(["Parameter", "Value", "Source"], rows), ""]
-    return "\n".join(lines)
-
-
-def _md_value(v: Any) -> str:
-    return str(v) if not isinstance(v, list) else ", ".join(map(str, v))
-
 

@@ -7,15 +7,20 @@ optimum. Under μP the optimum should not move with width (tune small, use large
 parametrization (SP) it shifts. The spread of the optima (log2 of the largest over the smallest, and in steps of
 the sweep's lr grid) and what the narrowest width's optimum costs at the widest (its metric there against that
 width's own optimum) say how well a value locked at one width carries to another.
+
+A result kind (:mod:`lmtune.results.kinds`): summary.md's Width transfer section and plots/width_transfer.png.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
+from lmtune.results.figures import pyplot, save
 from lmtune.results.format import fmt, markdown_table, number
+from lmtune.results.kinds import Kind
 from lmtune.results.read import Results
 
 WIDTH_KEY = "model.n_embd"
@@ -128,3 +133,38 @@ def transfer_markdown(results: Results) -> str:
         lines.append(f"- {t.parametrization}: across widths {min(t.best_lr)}–{max(t.best_lr)} {moved}{carried}.")
     return "\n".join(lines) + "\n"
 
+
+def plot_width_transfer(results: Results, path: Path) -> Path | None:
+    """One panel per parametrization: the metric against the lr (log axis), one curve per width, each curve's
+    optimum marked (Yang et al. 2021, Fig. 1): under μP the optima line up, under SP they drift with width."""
+    found = curves(results)
+    if not found:
+        return None
+    kinds = [t.parametrization for t in transfer(results)]
+    widths = sorted({c.width for c in found})
+    grid = sorted({lr for c in found for lr, _ in c.points})
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.2 * len(kinds), 4.6), sharey=True, squeeze=False)
+    colors = plt.get_cmap("viridis")
+    for ax, kind in zip(axes[0], kinds):
+        for c in (c for c in found if c.parametrization == kind):
+            color = colors(widths.index(c.width) / max(1, len(widths) - 1))
+            ax.plot(*zip(*c.points), "o-", color=color, label=f"width {c.width}")
+            lr, value = c.best(results.mode)
+            ax.plot([lr], [value], "*", color=color, markersize=15, markeredgecolor="black")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # the lr grid's own values label the axis
+        ax.set_xticks(grid, [f"{lr:.3g}" for lr in grid])
+        ax.set(xlabel=LR_KEY, title=f"{kind}: {results.metric} vs lr (★ each width's optimum)")
+    axes[0][0].set_ylabel(f"{results.metric} ({results.mode})")
+    return save(fig, path, legends=tuple(axes[0]))
+
+
+
+def _plots(results: Results, plots: Path) -> list[Path]:
+    written = plot_width_transfer(results, plots / "width_transfer.png")
+    return [written] if written is not None else []
+
+
+KIND = Kind("width", 60, applies=lambda results: is_width_transfer(results.space_keys),
+            tables=lambda results: [transfer_markdown(results)], plots=_plots)
