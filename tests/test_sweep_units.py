@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import ClassVar
 
 import optuna
 import pytest
@@ -547,3 +548,65 @@ def test_an_untested_ray_or_optuna_is_refused_in_one_line(monkeypatch):
         compat.check_versions({"ray": (2, 60), "optuna": (6, 0)})
     monkeypatch.setenv(compat.UNTESTED_ENV, "1")
     compat.check_versions({"ray": (3, 0), "optuna": (6, 0)})
+
+
+def test_a_new_kind_of_axis_is_one_class(tmp_path, monkeypatch):
+    """Everything lmtune asks of an axis (values, bounds, membership, JSON, Optuna, checks) is the domain's own: a kind
+    defined here, and nowhere else, resolves, validates, sizes ASHA and the validation text, and is searched."""
+    from dataclasses import dataclass
+
+    from lmtune import config as config_lib
+    from lmtune.config import ConfigError
+    from lmtune.sweep.checks import same_validation_text
+    from lmtune.sweep.domains import Domain, accepted_domains
+
+    monkeypatch.setattr(Domain, "made", list(Domain.made))  # the kind below is this test's alone
+
+    @dataclass(frozen=True)
+    class Powers(Domain):
+        """Powers of two from 2**low to 2**high, a categorical."""
+
+        kind: ClassVar[str] = "powers"
+        spelled: ClassVar[str] = "powers(a, b)"
+        low: int
+        high: int
+
+        def listed(self):
+            return tuple(2 ** i for i in range(self.low, self.high + 1))
+
+        def largest(self):
+            return 2 ** self.high
+
+        def contains(self, value):
+            return type(value) is int and value in self.listed()
+
+        def to_json(self):
+            return {"type": self.kind, "low": self.low, "high": self.high}
+
+        def distribution(self):
+            return optuna.distributions.CategoricalDistribution(list(self.listed()))
+
+        def suggest(self, trial, key):
+            return trial.suggest_categorical(key, list(self.listed()))
+
+        def checked(self, key):
+            for v in self.listed():
+                config_lib.coerce(key, v)
+            return self
+
+    assert accepted_domains().endswith("randint(a, b) or powers(a, b)")
+    s = Sweep(name="pw", base={**TINY_CPU, "train.steps": 30}, space={"train.micro_batch_size": Powers(1, 4)},
+              num_samples=3, scheduler="asha")
+    rs = resolve(s, "pw.py")
+    assert rs.space_json() == {"train.micro_batch_size": {"type": "powers", "low": 1, "high": 4}}
+    assert rs.defaults_point() == {"train.micro_batch_size": 8}  # TINY_CPU's micro-batch lies in it: tried first
+    assert max_tokens(rs) == 30 * 16 * 64
+    assert rs.base["train.eval_sequences"] == TINY_CPU["train.eval_batches"] * 16
+    overrides = {"train.eval_batches": 2}
+    assert same_validation_text(rs.space, overrides, 2) == {"train.eval_sequences": 2 * 16 * 2}
+    assert overrides == {"train.eval_batches": 2}  # a check does not change what it checks
+    searcher = make_searcher(rs, tmp_path)
+    got = [searcher.suggest(f"p{i}")["train.micro_batch_size"] for i in range(3)]
+    assert got[0] == 8 and set(got) <= {2, 4, 8, 16}
+    with pytest.raises(ConfigError, match="powers"):
+        resolve(Sweep(name="pw", base=dict(TINY_CPU), space={"train.micro_batch_size": 3}), "pw.py")

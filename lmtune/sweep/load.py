@@ -13,7 +13,6 @@ neither ray nor optuna nor torch.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import re
 import traceback
@@ -33,13 +32,12 @@ from lmtune.sweep.checks import (
     check_keys,
     check_metrics,
     check_resources,
-    domain_json,
-    in_domain,
     same_validation_text,
     to_domain,
 )
+from lmtune.sweep.domains import Domain, cross
 from lmtune.sweep.presets import TINY_CPU
-from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, Smoke, Sweep
+from lmtune.sweep.spec import Frontier, Smoke, Sweep
 
 
 @dataclass
@@ -86,27 +84,31 @@ class ResolvedSweep:
 
     @property
     def grid_axes(self) -> dict[str, list]:
-        return {k: list(d.values) for k, d in self.space.items() if isinstance(d, Grid)}
+        return grid_axes(self.space)
 
     @property
     def sampled_axes(self) -> dict[str, Domain]:
-        return {k: d for k, d in self.space.items() if not isinstance(d, Grid)}
+        return {k: d for k, d in self.space.items() if not d.crossed}
 
     def grid_points(self) -> list[dict[str, Any]]:
-        axes = self.grid_axes
-        return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+        return cross(self.grid_axes)
 
     def defaults_point(self) -> dict[str, Any]:
         """The base config's values of the space's keys where they lie in the space (evaluated first)."""
         out = {}
         for key, dom in self.space.items():
             v = self.base.get(key)
-            if in_domain(dom, v):
+            if dom.contains(v):
                 out[key] = v
         return out
 
     def space_json(self) -> dict[str, dict[str, Any]]:
-        return {k: domain_json(d) for k, d in self.space.items()}
+        return {k: d.to_json() for k, d in self.space.items()}
+
+
+def grid_axes(space: dict[str, Domain]) -> dict[str, list]:
+    """The space's grid axes (crossed into every combination) with their values."""
+    return {k: list(d.listed()) for k, d in space.items() if d.crossed}
 
 
 # --- loading the file -------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     if not space and sweep.define_by_run is None:
         raise ConfigError(f"{where}: the search space is empty; give at least one axis, e.g. "
                           f"space={{'train.lr': loguniform(1e-4, 3e-3)}}.")
-    same_validation_text(space, base_overrides, sweep.workers)
+    base_overrides.update(same_validation_text(space, base_overrides, sweep.workers))
     try:
         base_cfg = config_lib.load(overrides=base_overrides)
     except ConfigError as e:
@@ -242,9 +244,9 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     searcher = sweep.searcher
     if searcher not in ("tpe", "grid", "nsga2", "frontier"):
         raise ConfigError(f"{where}: searcher={searcher!r} is not accepted: expected one of 'tpe', 'grid', 'nsga2', 'frontier'.")
-    all_grid = bool(space) and all(isinstance(d, Grid) for d in space.values()) and sweep.define_by_run is None
+    all_grid = bool(space) and all(d.crossed for d in space.values()) and sweep.define_by_run is None
     if searcher == "grid" and not all_grid:
-        bad = [k for k, d in space.items() if not isinstance(d, Grid)] or ["define_by_run"]
+        bad = [k for k, d in space.items() if not d.crossed] or ["define_by_run"]
         raise ConfigError(f"{where}: searcher='grid' needs grid axes only; {', '.join(bad)} "
                           f"is not a grid (use grid([...]), or searcher='tpe').")
     if searcher == "tpe" and len(metrics) > 1:
@@ -270,7 +272,7 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     if sweep.scheduler == "asha" and searcher == "frontier":
         raise ConfigError(f"{where}: scheduler='asha' would stop frontier probes early; use scheduler='none'.")
 
-    n_grid = math.prod(len(d.values) for d in space.values() if isinstance(d, Grid)) if space else 1
+    n_grid = len(cross(grid_axes(space)))
     if searcher in ("grid", "frontier"):
         total = n_grid
     else:
@@ -315,14 +317,10 @@ MAX_CHECKED_POINTS = 4096
 
 def check_points(rs: ResolvedSweep, where: str) -> None:
     """Resolve the base plus every grid point (sampled axes at their bounds) through lmtune.config.load."""
-    sampled: list[dict[str, Any]] = [{}]
-    bounds = {k: d for k, d in rs.sampled_axes.items() if not isinstance(d, Choice)}
-    choices = {k: list(d.values) for k, d in rs.sampled_axes.items() if isinstance(d, Choice)}
-    if bounds:
-        sampled = [{k: d.low for k, d in bounds.items()}, {k: d.high for k, d in bounds.items()}]
-    choice_points = [dict(zip(choices, c)) for c in itertools.product(*choices.values())] or [{}]
-    points = rs.grid_points()
-    combos = itertools.product(points, choice_points, sampled)
+    bounds = {k: d.bounds() for k, d in rs.sampled_axes.items() if d.bounds() is not None}
+    listed = {k: d.listed() for k, d in rs.sampled_axes.items() if d.listed() is not None}
+    ends = [{k: b[i] for k, b in bounds.items()} for i in (0, 1)] if bounds else [{}]  # every range at its low, then high
+    combos = itertools.product(rs.grid_points(), cross(listed), ends)
     for i, (g, c, s) in enumerate(combos):
         if i >= MAX_CHECKED_POINTS:
             break
@@ -357,7 +355,7 @@ def dry_run_define_by_run(rs: ResolvedSweep, where: str, runs: int = 16) -> list
         point = {**trial.params, **(constants or {})}
         check_keys(point, f"{where}: define_by_run")
         for k in point:
-            if k in rs.space and isinstance(rs.space[k], Grid):
+            if k in rs.space and rs.space[k].crossed:
                 raise ConfigError(f"{where}: define_by_run sets {k}, which is already a grid axis of the space.")
             if k not in keys:
                 keys.append(k)

@@ -16,7 +16,6 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from lmtune.sweep import compat
 from lmtune.sweep.load import ResolvedSweep
 from lmtune.sweep.oom import HoldsLedger, Ledger, classify_trial_error, was_memory_monitor_kill
-from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
 
 logger = logging.getLogger("lmtune.sweep")
 
@@ -171,12 +170,7 @@ def max_tokens(rs: ResolvedSweep) -> int:
     """
 
     def top(key: str) -> Any:
-        d = rs.space.get(key)
-        if isinstance(d, (Grid, Choice)):
-            return max(d.values)
-        if isinstance(d, (Uniform, LogUniform, IntRange)):
-            return d.high
-        return rs.base[key]
+        return rs.space[key].largest() if key in rs.space else rs.base[key]
 
     return int(top("train.steps") * top("train.micro_batch_size") * top("train.accumulation_steps")
                * rs.sweep.workers * top("data.seq_len"))

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import pickle
@@ -22,17 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from lmtune.contract import CHECKPOINT_REPORT, STUDY_DB
 from lmtune.sweep import compat
+from lmtune.sweep.domains import Grid, cross
 from lmtune.sweep.load import ResolvedSweep
 from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.plan import FINISHED, FrontierPlan
-from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
 
 MEMORY_CONSTRAINT = "memory_gib"
 """The constraint every trial records in the study: peak memory above what the limit leaves (positive = infeasible)."""
@@ -40,17 +38,7 @@ logger = logging.getLogger("lmtune.sweep")
 
 
 def optuna_distributions(rs: ResolvedSweep) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, d in rs.space.items():
-        if isinstance(d, (Grid, Choice)):
-            out[key] = CategoricalDistribution(list(d.values))
-        elif isinstance(d, Uniform):
-            out[key] = FloatDistribution(d.low, d.high)
-        elif isinstance(d, LogUniform):
-            out[key] = FloatDistribution(d.low, d.high, log=True)
-        elif isinstance(d, IntRange):
-            out[key] = IntDistribution(d.low, d.high, log=d.log)
-    return out
+    return {key: d.distribution() for key, d in rs.space.items()}
 
 
 def _defaults_first(values: list, default: Any) -> list:
@@ -78,7 +66,7 @@ def enqueued_points(rs: ResolvedSweep) -> list[dict[str, Any]]:
     grid = ordered_grid(rs)
     if not grid:
         return [sampled_defaults] if sampled_defaults else []
-    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    points = cross(grid)
     repeats = rs.num_trials // len(points)
     out = [dict(p) for _ in range(repeats) for p in points]
     out[0].update(sampled_defaults)
@@ -88,17 +76,11 @@ def enqueued_points(rs: ResolvedSweep) -> list[dict[str, Any]]:
 def _define_by_run(rs: ResolvedSweep):
     """The sweep's define-by-run function, with the grid axes suggested (and enqueued) first."""
     user = rs.sweep.define_by_run
-    grid = ordered_grid(rs)
-    sampled = optuna_distributions(rs)
+    axes = {**rs.space, **{k: Grid(tuple(v)) for k, v in ordered_grid(rs).items()}}  # the space's order, defaults first
 
     def space(trial):
-        for key, dist in sampled.items():
-            if isinstance(dist, CategoricalDistribution):
-                trial.suggest_categorical(key, list(grid.get(key, dist.choices)))
-            elif isinstance(dist, IntDistribution):
-                trial.suggest_int(key, dist.low, dist.high, log=dist.log)
-            else:
-                trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+        for key, domain in axes.items():
+            domain.suggest(trial, key)
         return user(trial)
 
     return space
