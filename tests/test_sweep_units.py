@@ -106,7 +106,7 @@ def test_oom_text_check_catches_words_taken_for_evidence(broken, tmp_path, monke
 
 
 def check_tpe_gamma(gamma) -> None:
-    """TPE models a quarter of the finished trials (rounded up) as the good ones, at most 25 (search.tpe_gamma's
+    """TPE models a quarter of the finished trials (rounded up) as the good ones, at most 25 (searchers.tpe_gamma's
     reason: Optuna's tenth is one to three trials of a small sweep)."""
     ns = (1, 4, 5, 8, 9, 40, 99, 100, 101, 1000)
     assert [gamma(n) for n in ns] == [1, 1, 2, 2, 3, 10, 25, 25, 25, 25]
@@ -136,9 +136,9 @@ def test_tpe_gamma_known_answers(monkeypatch, tmp_path):
     lambda n: min(int(0.25 * n), 25),  # rounded down: no good trial before the fourth
 ], ids=["max", "rounded-down"])
 def test_tpe_gamma_check_catches_a_wrong_gamma(broken, monkeypatch, tmp_path):
-    from lmtune.sweep import search
+    from lmtune.sweep import searchers
 
-    monkeypatch.setitem(search.TPE_OPTIONS, "gamma", broken)
+    monkeypatch.setitem(searchers.TPE_OPTIONS, "gamma", broken)
     with pytest.raises(AssertionError):
         check_tpe_gamma(gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path))
 
@@ -437,7 +437,7 @@ def test_resume_reconciles_a_frontier_plan_with_the_trials_tune_restored_and_tri
         _search_alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=1))
 
     rec = Reconciler(results_dir=tmp_path)
-    rec.planner = searcher
+    rec.searcher = searcher
     rec.on_restored_trial(Controller, _Trial("f0", points[0], finished=True))
     rec.on_restored_trial(Controller, _Trial("f1", more[1], finished=False))
     rec.after_restore()
@@ -451,7 +451,7 @@ def test_resume_reconciles_a_frontier_plan_with_the_trials_tune_restored_and_tri
     lost, points = searcher_at(0)
     (tmp_path / "trials.csv").unlink()
     rec = Reconciler(results_dir=tmp_path)
-    rec.planner = lost
+    rec.searcher = lost
     rec.after_restore()  # nothing restored: no controller ever seen
     assert lost.suggest("g0") == points[0]
 
@@ -610,3 +610,30 @@ def test_a_new_kind_of_axis_is_one_class(tmp_path, monkeypatch):
     assert got[0] == 8 and set(got) <= {2, 4, 8, 16}
     with pytest.raises(ConfigError, match="powers"):
         resolve(Sweep(name="pw", base=dict(TINY_CPU), space={"train.micro_batch_size": 3}), "pw.py")
+
+
+def test_a_new_searcher_is_one_registered_kind(tmp_path, monkeypatch):
+    """A kind of searcher registered here, and nowhere else, is one a sweep may name: resolved, counted, built,
+    its study told; a name no kind has is refused with the names there are."""
+    from lmtune.config import ConfigError
+    from lmtune.sweep import searchers
+
+    monkeypatch.setattr(searchers, "SEARCHERS", dict(searchers.SEARCHERS))  # the kind below is this test's alone
+
+    @searchers.register
+    class RandomKind(searchers.OptunaKind):
+        name = "random"
+
+        def sampler(self, rs):
+            return optuna.samplers.RandomSampler(seed=rs.sweep.seed)
+
+    rs = resolve(Sweep(name="r", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, searcher="random",
+                       num_samples=3), "r.py")
+    assert rs.searcher_text == "random" and rs.num_trials == 3 and rs.kind.keeps_study
+    searcher = make_searcher(rs, tmp_path)
+    assert isinstance(searcher.study.sampler, optuna.samplers.RandomSampler)
+    assert searcher.suggest("r1") == {"train.lr": 6e-4}  # the locked default first, as with any study
+    searcher.on_trial_complete("r1", {"val_loss": 3.0, "status": "ok"})
+    assert optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials[0].value == 3.0
+    with pytest.raises(ConfigError, match="expected one of 'tpe', 'grid', 'nsga2', 'frontier', 'random'"):
+        resolve(Sweep(name="r", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, searcher="gp"), "r.py")

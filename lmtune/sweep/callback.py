@@ -48,11 +48,14 @@ _TUNE_KEYS = {
 
 
 class Planner(Protocol):
-    """What the writer asks of a frontier sweep's searcher (:class:`lmtune.sweep.search.FrontierSearcher`)."""
+    """What the writer asks of a searcher that decides points without running them (its kind's
+    :meth:`lmtune.sweep.searchers.SearcherKind.planner`: the frontier's)."""
 
-    def implied_rows(self) -> list[dict[str, Any]]: ...
+    def implied_rows(self) -> list[dict[str, Any]]:
+        """trials.csv rows of the points it decided without running them."""
 
-    def launch_predictions(self) -> dict[str, float | None]: ...
+    def launch_cells(self, trial_id: str) -> dict[str, Any]:
+        """Its cells (its kind's extra columns) of a trial's row."""
 
 
 def _metrics_only(result: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +84,7 @@ class ResultsWriter(HoldsLedger, Callback):
         self.columns = csv_columns(self.space_keys, self.extra_columns)
         self._out = out
         self.planner: Planner | None = None
-        """A frontier sweep's searcher, set by the runner (not pickled): the rows of the points never launched."""
+        """The searcher's planner, set by the runner (not pickled): the rows of the points it never launched."""
         self._reset()
 
     def _reset(self) -> None:
@@ -235,7 +238,7 @@ class ResultsWriter(HoldsLedger, Callback):
         row["wall_time_s"] = round(time.time() - started, 3) if started else None
         row.update({k: last.get(k) for k in PLACEMENT})
         if self.planner is not None:
-            row["predicted_peak_gib"] = self.planner.launch_predictions().get(tid)
+            row.update(self.planner.launch_cells(tid))
         message = ""
         if status in FAILED and tid in self.ledger.errors:
             message = self.ledger.errors[tid][1]

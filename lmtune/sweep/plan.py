@@ -48,6 +48,8 @@ FINISHED = "FINISHED"
 
 PEAK_KEY = "peak_reserved_gib"
 THROUGHPUT_KEY = "tokens_per_s"
+PREDICTED_KEY = "predicted_peak_gib"
+"""The trials.csv column of the peak the plan predicted for a point (before it ran, for a trial that ran)."""
 
 
 class _Findings:
@@ -79,13 +81,17 @@ class _Findings:
                 source = "implied" if first_oom is not None and first_oom <= p.x else "predicted"
                 rows.append({
                     "trial_id": f"{source}-{len(rows) + 1:03d}", "status": "oom", "source": source,
-                    **dict(line.key), self.x_key: p.x, "predicted_peak_gib": self.memory.predicted_peak(line, p.x),
+                    **dict(line.key), self.x_key: p.x, PREDICTED_KEY: self.memory.predicted_peak(line, p.x),
                 })
         return rows
 
     def launch_predictions(self) -> dict[str, float | None]:
         """``{trial_id: peak predicted when it was launched}`` for the trials.csv column ``predicted_peak_gib``."""
         return {tid: p.predicted for tid, (_, p) in self._by_trial.items()}
+
+    def launch_cells(self, trial_id: str) -> dict[str, Any]:
+        """The planner's cells of a launched trial's trials.csv row."""
+        return {PREDICTED_KEY: self.launch_predictions().get(trial_id)}
 
     def prediction_errors(self) -> list[dict[str, Any]]:
         """For every launched point that had a prediction: predicted vs measured peak.

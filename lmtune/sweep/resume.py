@@ -123,7 +123,7 @@ def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger
     tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     ledger.scheduler = compat.tuner_scheduler(tuner)
-    reconciler.planner = _frontier_search(compat.tuner_search_alg(tuner))
+    reconciler.searcher = innermost(compat.tuner_search_alg(tuner))
     for part in [ledger.scheduler, *_chain(compat.tuner_search_alg(tuner)), *compat.tuner_callbacks(tuner)]:
         if isinstance(part, HoldsLedger):  # lmtune's scheduler, Optuna searcher and results writer
             part.ledger = ledger
@@ -138,13 +138,19 @@ class RestoreFailed(RuntimeError):
 
 
 class Reconciler:
-    """The state of one resume (made by :func:`restore`)."""
+    """The state of one resume (made by :func:`restore`).
 
-    def __init__(self, tune_path: str = "", results_dir: Path | None = None):
+    The run's searcher agrees with what Tune restored in its own way: every lmtune searcher has
+    ``restored_trial(trial_id, config, finished)``, called as Tune restores each trial, and
+    ``after_restore(restored, recorded)`` (trial id → (config, finished) of the restored trials; trial id → the
+    trials.csv row of those the driver recorded as ended), called once before the first new suggestion
+    (:class:`lmtune.sweep.search.StudySearch`, :class:`lmtune.sweep.search.FrontierSearcher`)."""
+
+    def __init__(self, tune_path: str = "", results_dir: Path | None = None, searcher: Any = None):
         self.tune_path = tune_path
         self.results_dir = results_dir
-        self.planner: Any = None
-        """A frontier sweep's searcher (its plan is reconciled with what Tune restored), None otherwise."""
+        self.searcher = searcher
+        """The run's searcher (without Tune's wrappers); None: the one of the controller's search algorithm."""
         self.controller: Any = None
         self.restored: list[Any] = []
         self.done = False
@@ -189,25 +195,19 @@ class Reconciler:
         if found is not None:
             live = set() if first else set(found.live_trials)  # the saved set may name trials not restored
             compat.reset_live_trials(found, live | ({trial.trial_id} if not trial.is_finished() else set()))
-        search = _study_search(controller)
-        if search is not None:
-            map_restored(search, trial.trial_id, _trial_point(trial, search), finished=trial.is_finished())
+        if self.searcher is None:
+            self.searcher = innermost(compat.search_alg(controller))
+        self.searcher.restored_trial(trial.trial_id, getattr(trial, "config", None) or {}, trial.is_finished())
 
     def after_restore(self) -> None:
-        """Once every restored trial is in: close and requeue the Optuna trials asked after the snapshot."""
+        """Once every restored trial is in (even none: a plan may wait for one): the searcher agrees with them."""
         if self.done:
             return
         self.done = True
-        if self.planner is not None:  # even with no trial restored: the plan may wait for one
+        if self.searcher is not None:
             restored = {t.trial_id: (getattr(t, "config", None) or {}, t.is_finished()) for t in self.restored}
-            for change in self.planner.plan.reconcile(restored, recorded_trials(self.results_dir)):
-                logger.info("resume: frontier plan: %s", change)
-        if self.controller is None:
-            return
-        search = _study_search(self.controller)
-        if search is not None:
-            requeue_orphans(search, {t.trial_id for t in self.restored})
-        found = limiter(self.controller)
+            self.searcher.after_restore(restored, recorded_trials(self.results_dir))
+        found = limiter(self.controller) if self.controller is not None else None
         if found is not None:
             logger.info("resume: %d restored trial(s), %d unfinished (concurrency limiter reset to them)",
                         len(self.restored), len(found.live_trials))
@@ -252,20 +252,6 @@ def limiter(controller: Any):
     return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, ConcurrencyLimiter)), None)
 
 
-def _study_search(controller: Any):
-    """The searcher that keeps an Optuna study (:class:`lmtune.sweep.search.StudySearch`), None for the planner."""
-    from lmtune.sweep.search import StudySearch  # Ray and Optuna: imported once Tune runs, never on bad input
-
-    return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, StudySearch)), None)
-
-
-def _frontier_search(search_alg: Any):
-    """The frontier planner's searcher (:class:`lmtune.sweep.search.FrontierSearcher`) in a search algorithm's chain."""
-    from lmtune.sweep.search import FrontierSearcher
-
-    return next((a for a in _chain(search_alg) if isinstance(a, FrontierSearcher)), None)
-
-
 def recorded_trials(results_dir: Path | None) -> dict[str, dict[str, Any]]:
     """trial id → trials.csv row (typed) of every trial the driver recorded as ended; host_oom is retried, not ended
     (as :func:`finished_before` reads it), and planner rows are no trials."""
@@ -273,12 +259,6 @@ def recorded_trials(results_dir: Path | None) -> dict[str, dict[str, Any]]:
         return {}
     return {r["trial_id"]: r for r in read_trials_csv(Path(results_dir) / TRIALS_CSV)
             if r["source"] == "run" and r.get("status") in STATUSES and r["status"] != "host_oom"}
-
-
-def _trial_point(trial: Any, search: Any) -> dict[str, Any]:
-    """The searched keys of a Tune trial's config (its point in the space)."""
-    config = getattr(trial, "config", {}) or {}
-    return {k: config[k] for k in search.space_keys() if k in config}
 
 
 def map_restored(search: Any, trial_id: str, point: dict[str, Any], *, finished: bool) -> None:

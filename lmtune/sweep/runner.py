@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -349,7 +349,7 @@ def run(
     base_uri = uri_join(remote, group) if remote else str(results_dir)
     if resume and finished_at(results_dir):  # nothing to continue: the table, without Ray's ~10 s start
         return _finished(rs, results_dir, base_uri, out)
-    _prepare_data(rs, local_root, remote, out)
+    rs = _prepare_data(rs, local_root, remote, out)
 
     env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
@@ -359,7 +359,7 @@ def run(
         started = _start_ray(address, env, results_dir / LOG_DIR, out, dashboard=dashboard)
         import ray
 
-        rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
+        rs = replace(rs, gpus=resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0)))
         placement_note = _check_placeable(rs, address)
     except ConfigError:
         if started:
@@ -372,7 +372,7 @@ def run(
         raise
     if not resume:
         write_json(results_dir / SWEEP_JSON, sweep_json(rs, results_dir))
-    print(f"sweep {rs.name}{_smoke_label(rs)}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
+    print(f"sweep {rs.name}{_smoke_label(rs)}: {rs.num_trials} trial(s), searcher {rs.searcher_text}, "
           f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
     print("each trial: " + console.trial_text(rs.base, _space_keys(rs)), file=out)
     print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
@@ -396,18 +396,19 @@ def run(
     return outcome
 
 
-def _prepare_data(rs: ResolvedSweep, local_root: Path, remote: str | None, out: TextIO) -> None:
+def _prepare_data(rs: ResolvedSweep, local_root: Path, remote: str | None, out: TextIO) -> ResolvedSweep:
     """``data.prepared=auto``: the driver prepares data.dataset once, into the storage's ``prepared/`` (uploaded there
-    with a remote storage), before any trial; every trial then reads those shards and none tokenizes."""
+    with a remote storage), before any trial; every trial then reads those shards and none tokenizes. Returns the
+    sweep whose base names them."""
     if rs.base.get("data.prepared") != AUTO:
-        return
+        return rs
     directory = auto_prepared(config_lib.from_flat(rs.base).data, local_root, out=out)
     where = str(directory)
     if remote:
         where = uri_join(remote, "prepared", directory.name)
         upload_prepared(directory, where)
-    rs.base["data.prepared"] = where
     print(f"data: the trials read the shards prepared in {where}", file=out)
+    return replace(rs, base={**rs.base, "data.prepared": where})
 
 
 class StoppedEarly(Exception):
@@ -437,7 +438,6 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     from lmtune.sweep.callback import ResultsWriter
     from lmtune.sweep.oom import Ledger
     from lmtune.sweep.schedulers import make_scheduler
-    from lmtune.sweep.search import make_searcher
     from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
 
     ledger = Ledger()  # this run's decisions (scheduler, searcher and results writer share it)
@@ -461,14 +461,13 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         # Tune restores them from its tuner.pkl (the writer) and its searcher snapshot (the searcher's state, into
         # this same object when the run starts)
         writer = next(cb for cb in compat.tuner_callbacks(tuner) if isinstance(cb, ResultsWriter))
-        searcher = resume_protocol.innermost(compat.tuner_search_alg(tuner))
+        searcher = reconciler.searcher
     else:
         limit = rs.base.get("system.memory_limit_gib") or device_memory(rs).get("device_memory_gib")
-        searcher = make_searcher(rs, results_dir, ledger=ledger, limit_gib=limit or None)
-        extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
-        total = f"≤{rs.num_trials}" if rs.searcher == "frontier" else rs.num_trials  # the planner skips points
-        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out,
-                               resources=worker_bundle(rs.cpus, rs.gpus), workers=rs.sweep.workers)
+        searcher = rs.kind.build(rs, results_dir, ledger=ledger, limit_gib=limit or None)
+        writer = ResultsWriter(results_dir, space_keys, rs.metrics, rs.kind.total(rs.num_trials), ledger=ledger,
+                               extra_columns=rs.kind.extra_columns, out=out, resources=worker_bundle(rs.cpus, rs.gpus),
+                               workers=rs.sweep.workers)
         concurrency = max_concurrent or _default_concurrency(settings)
         tuner = tune.Tuner(
             trainable,
@@ -484,8 +483,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-    if rs.searcher == "frontier":
-        writer.planner = searcher  # the rows of the points it never launched, in trials.csv at every write
+    writer.planner = rs.kind.planner(searcher)  # the rows of the points it never launched, at every write of trials.csv
     snapshot.keep_tuner_file(tune_path)
     if resume and max_concurrent:
         print("note: --max-concurrent is fixed when a sweep starts; the resumed run keeps its value.", file=out)
@@ -507,12 +505,9 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
             len(ledger.snapshots), sum(ledger.snapshots), max(ledger.snapshots))
 
     # Ctrl-C ends Tune's loop early (the state is saved): trials left running or pending, or fewer than the
-    # sweep asks for (the frontier planner may rightly stop early: its plan says whether it is done).
-    if rs.searcher == "frontier":
-        planned_more = searcher is not None and hasattr(searcher, "plan") and not searcher.plan.done
-    else:
-        planned_more = len(grid) < rs.num_trials
-    interrupted = grid.num_terminated + grid.num_errors < len(grid) or planned_more
+    # searcher meant to run.
+    interrupted = (grid.num_terminated + grid.num_errors < len(grid)
+                   or rs.kind.planned_more(searcher, len(grid), rs.num_trials))
     writer.write_csv()
     if not interrupted:
         mark_finished(results_dir)
@@ -547,7 +542,7 @@ def measures_memory(rs: ResolvedSweep) -> bool:
     memory limit or a peak-memory metric is measured in fresh processes.
     """
     keys = set(rs.space) | set(rs.define_by_run_keys)
-    return (rs.searcher == "frontier" or bool(rs.base.get("system.memory_limit_gib"))
+    return (rs.kind.fresh_processes or bool(rs.base.get("system.memory_limit_gib"))
             or "system.memory_limit_gib" in keys or any(m.startswith("peak_") for m in rs.metrics))
 
 

@@ -88,8 +88,9 @@ class Sweep:
     metric: str | list[str] = "val_loss"
     """A metric the trainer reports (DESIGN.md names), or several for a Pareto front."""
     mode: Literal["min", "max"] | list[Literal["min", "max"]] = "min"
-    searcher: Literal["tpe", "grid", "nsga2", "frontier"] = "tpe"
-    """Optuna TPE, Optuna grid (every grid point once), NSGA-II (several metrics), or the frontier planner."""
+    searcher: str = "tpe"
+    """A kind of :mod:`lmtune.sweep.searchers`: ``tpe`` (Optuna TPE), ``grid`` (Optuna's grid: every grid point
+    once), ``nsga2`` (NSGA-II, several metrics) or ``frontier`` (the frontier planner)."""
     num_samples: int = 16
     """Trials for tpe/nsga2; ignored by grid and frontier (the grid size decides)."""
     scheduler: Literal["asha", "none"] = "none"
