@@ -12,8 +12,9 @@ from ray.exceptions import OutOfMemoryError, RayTaskError
 
 from lmtune.results.layout import group_name, runs_of
 from lmtune.sweep import TINY_CPU, Sweep, compat, grid, loguniform, randint
+from lmtune.sweep.ledger import Ledger, TrialDecisions
 from lmtune.sweep.load import resolve
-from lmtune.sweep.oom import Ledger, classify, first_line
+from lmtune.sweep.oom import classify, first_line
 from lmtune.sweep.resume import requeue_orphans
 from lmtune.sweep.schedulers import make_scheduler, max_tokens
 from lmtune.sweep.search import enqueued_points, make_searcher, ordered_grid
@@ -144,7 +145,7 @@ def test_tpe_gamma_check_catches_a_wrong_gamma(broken, monkeypatch, tmp_path):
 
 
 def test_ledger_status():
-    ledger = Ledger()
+    ledger = TrialDecisions()
     ledger.pruned["t-pruned"] = 1000
     ledger.errors["t-oom"] = ("oom", "killed")
     assert ledger.status_of("t-pruned", {"status": "running"}) == "pruned"
@@ -183,7 +184,7 @@ def test_searcher_tells_optuna_pruned_and_infeasible(tmp_path):
     searcher = make_searcher(rs, tmp_path, ledger=ledger)
     for tid in ("a", "b", "c", "d"):
         searcher.suggest(tid)
-    ledger.pruned["b"] = 512
+    ledger.decisions.stopped("b", 512)
     searcher.on_trial_complete("a", {"val_loss": 3.0, "status": "ok"})
     searcher.on_trial_complete("b", {"val_loss": 3.5, "status": "running"})
     searcher.on_trial_complete("c", {"val_loss": 2.0, "status": "oom"})
@@ -637,3 +638,31 @@ def test_a_new_searcher_is_one_registered_kind(tmp_path, monkeypatch):
     assert optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials[0].value == 3.0
     with pytest.raises(ConfigError, match="expected one of 'tpe', 'grid', 'nsga2', 'frontier', 'random'"):
         resolve(Sweep(name="r", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, searcher="gp"), "r.py")
+
+
+def test_asha_saves_its_rungs_in_tunes_snapshot_through_its_own_callback(tmp_path):
+    """Tune saves no scheduler state with its experiment; ASHA's rungs travel in the callbacks' file of the same
+    snapshot (Tune's CallbackList saves and restores it) and a restored ASHA knows the trials with their rungs."""
+    from ray.tune.callback import CallbackList
+
+    s = Sweep(name="r", base={**TINY_CPU, "train.steps": 30}, scheduler="asha", grace_tokens=64,
+              space={"train.lr": grid([1e-3, 2e-3])})
+    rs = resolve(s, "r.py")
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id, self.config = trial_id, {}
+
+    asha = make_scheduler(rs, Ledger())
+    for tid, loss in (("a", 3.0), ("b", 4.0)):
+        asha.on_trial_add(None, Trial(tid))
+        asha.on_trial_result(None, Trial(tid), {"tokens": 64, "val_loss": loss, "status": "running"})
+    CallbackList(asha.callbacks()).save_to_dir(str(tmp_path), session_str="s1")
+    restored = make_scheduler(rs, Ledger())
+    CallbackList(restored.callbacks()).restore_from_dir(str(tmp_path))
+    assert compat.asha_knows(restored, "a") and compat.asha_knows(restored, "b")
+    assert restored.get_state()["trial_info"] == asha.get_state()["trial_info"]
+    def rungs(scheduler):
+        return [recorded for b in scheduler._brackets for _, recorded in b._rungs]
+
+    assert rungs(restored) == rungs(asha) and any(rungs(asha))

@@ -436,7 +436,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
 
     from lmtune.sweep import resume as resume_protocol
     from lmtune.sweep.callback import ResultsWriter
-    from lmtune.sweep.oom import Ledger
+    from lmtune.sweep.ledger import Ledger
     from lmtune.sweep.schedulers import make_scheduler
     from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
 
@@ -469,16 +469,18 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
                                extra_columns=rs.kind.extra_columns, out=out, resources=worker_bundle(rs.cpus, rs.gpus),
                                workers=rs.sweep.workers)
         concurrency = max_concurrent or _default_concurrency(settings)
+        scheduler = make_scheduler(rs, ledger)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=make_scheduler(rs, ledger), num_samples=rs.num_trials,
+                search_alg=searcher, scheduler=scheduler, num_samples=rs.num_trials,
                 max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name, reuse_actors=reuse_actors,
             ),
             run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=base_uri, callbacks=[writer], verbose=0, log_to_file=True,
+                name=TUNE_DIR, storage_path=base_uri, callbacks=[writer, *scheduler.callbacks()], verbose=0,
+                log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=rs.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
@@ -499,10 +501,11 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         if reconciler:
             reconciler.finish(results_dir)  # Tune could not restore: ConfigError, in one line
     wall = time.perf_counter() - t0
-    if ledger.snapshots:
+    took = ledger.pacing.took
+    if took:
         logging.getLogger("lmtune").info(
             "experiment snapshots (trial added / checkpointed / ended): %d, %.2f s in all, longest %.3f s",
-            len(ledger.snapshots), sum(ledger.snapshots), max(ledger.snapshots))
+            len(took), sum(took), max(took))
 
     # Ctrl-C ends Tune's loop early (the state is saved): trials left running or pending, or fewer than the
     # searcher meant to run.

@@ -30,8 +30,8 @@ from ray.tune.search.optuna import OptunaSearch
 from lmtune.contract import CHECKPOINT_REPORT, STUDY_DB
 from lmtune.sweep import compat
 from lmtune.sweep.domains import Grid, cross
+from lmtune.sweep.ledger import HoldsLedger, Ledger
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.plan import FINISHED, FrontierPlan
 from lmtune.sweep.resume import map_restored, requeue_orphans
 
@@ -159,15 +159,8 @@ class StudySearch(HoldsLedger, OptunaSearch):
         # function (a closure, from a module that is not importable), which only cloudpickle can write.
         import ray.cloudpickle
 
-        state = self.__getstate__()
-        if self.ledger.scheduler is not None and hasattr(self.ledger.scheduler, "snapshot_state"):
-            state["_lmtune_scheduler_state"] = self.ledger.scheduler.snapshot_state()  # ASHA's rungs, with it
         with open(checkpoint_path, "wb") as f:
-            ray.cloudpickle.dump(state, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self.ledger.scheduler_state = self.__dict__.pop("_lmtune_scheduler_state", None)
+            ray.cloudpickle.dump(self.__getstate__(), f)
 
     def suggest(self, trial_id: str):
         suggestion = super().suggest(trial_id)
@@ -217,7 +210,7 @@ class StudySearch(HoldsLedger, OptunaSearch):
             # Told before an interruption: Tune's last snapshot of this searcher predates it.
             compat.told(self).add(trial_id)
             return
-        status = self.ledger.status_of(trial_id, result, error)
+        status = self.ledger.decisions.status_of(trial_id, result, error)
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [(result or {}).get(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
