@@ -8,11 +8,14 @@ runner (embedded Ray, Tune, Optuna TPE, the trainer and its memory model), one t
 arms see the same sequence of events, once per arm and searcher seed (the same seeds for both arms):
 
   constraints   lmtune: every trial's peak against the limit recorded with ``Trial.set_constraint``, an OOM
-                COMPLETE with a violated constraint and a neutral value; TPE with γ = 1/4 (search.tpe_gamma)
-  FAIL          the same TPE, an OOM told as FAIL, no constraints (``StudySearch.learns_memory = False``):
+                COMPLETE with a violated constraint and a neutral value; TPE with γ = 1/4 (searchers.tpe_gamma)
+  FAIL          the same TPE, an OOM told as FAIL, no constraints (``OptunaKind.learns_memory = False``):
                 what the constraints alone change
   before        the baseline, lmtune before (today's behaviour in the issue): Optuna's default TPE (γ = 1/10),
                 an OOM told as FAIL; TPE leaves FAIL trials out of its model
+
+The two baseline arms are searcher kinds of this file's own (:class:`FailTpe`, :class:`DefaultTpe`), registered
+with ``lmtune.sweep.searchers`` and named by the sweep as any searcher is.
 
 For each run: the share of trials after the first 8 (TPE's first 10 are random either way) that ran out of
 memory, and the best val_loss among the trials that fit. Target (issue 10): the constraints arm's OOM share
@@ -42,20 +45,38 @@ AFTER = 8
 TARGET_RATIO = 1 / 3
 
 
+def register_baselines() -> dict[str, str]:
+    """The searcher each arm names: lmtune's TPE, and two kinds of this benchmark's own."""
+    from lmtune.sweep.searchers import TpeKind, register
+
+    @register
+    class FailTpe(TpeKind):
+        """The same TPE, an OOM told as FAIL and no memory constraints."""
+
+        name = "tpe-oom-fails"
+        learns_memory = False
+
+    @register
+    class DefaultTpe(FailTpe):
+        """Optuna's default TPE (γ = 1/10), an OOM told as FAIL."""
+
+        name = "tpe-optuna-defaults"
+        options = {}
+
+    return {"constraints": "tpe", "FAIL": FailTpe.name, "before": DefaultTpe.name}
+
+
 def measure(arm: str, seed: int) -> dict:
     """One run of the sweep (in a fresh process per run: Ray, the ledger and the study start empty)."""
     import optuna
 
-    from lmtune.sweep import search
     from lmtune.sweep.load import load_sweep, resolve
     from lmtune.sweep.runner import run
-    from lmtune.sweep.search import MEMORY_CONSTRAINT, StudySearch, study_storage
+    from lmtune.sweep.search import MEMORY_CONSTRAINT, study_storage
 
-    StudySearch.learns_memory = arm == "constraints"
-    if arm == "before":
-        search.TPE_OPTIONS = {}
+    searcher = register_baselines()[arm]
     sweep, path = load_sweep(SWEEP_FILE)
-    rs = resolve(dataclasses.replace(sweep, seed=seed), path, smoke=True)
+    rs = resolve(dataclasses.replace(sweep, seed=seed, searcher=searcher), path, smoke=True)
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
         out = run(rs, storage=tmp, max_concurrent=1, wandb=False, render=False, out=quiet)
         study = optuna.load_study(study_name=rs.name, storage=study_storage(out.results_dir))

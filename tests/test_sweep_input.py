@@ -269,6 +269,20 @@ def test_several_metrics_use_nsga2_and_grid_only_spaces_use_the_grid_sampler():
     assert rs.searcher == "grid" and rs.num_trials == 6
 
 
+def test_a_searcher_standing_in_for_the_one_asked_says_why_in_the_first_line():
+    """tpe becomes nsga2 for several metrics and grid for a space of grid axes only: the sweep's first line says
+    which it runs and why; a searcher that is the one asked is said plainly."""
+    space = {"train.lr": loguniform(1e-4, 1e-2)}
+    pareto = resolve(Sweep(name="p", base=dict(TINY_CPU), space=space, metric=["val_loss", "tokens_per_s"],
+                           mode=["min", "max"]), "p.py")
+    assert pareto.searcher_text == "nsga2 (instead of tpe: 2 metrics, a Pareto front)"
+    every_grid = resolve(Sweep(name="g", base=dict(TINY_CPU), space={"train.seed": grid([1, 2])}), "g.py")
+    assert every_grid.searcher_text == "grid (instead of tpe: every axis is a grid)"
+    asked = resolve(Sweep(name="a", base=dict(TINY_CPU), space={"train.seed": grid([1, 2])}, searcher="grid"), "a.py")
+    assert asked.searcher_text == "grid" and resolve(Sweep(name="t", base=dict(TINY_CPU), space=space), "t.py"
+                                                     ).searcher_text == "tpe"
+
+
 def test_define_by_run_is_dry_run_at_validation():
     def space(trial):
         opt = trial.suggest_categorical("train.optimizer", ["adamw", "sgd"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import ClassVar
 
 import optuna
 import pytest
@@ -11,8 +12,9 @@ from ray.exceptions import OutOfMemoryError, RayTaskError
 
 from lmtune.results.layout import group_name, runs_of
 from lmtune.sweep import TINY_CPU, Sweep, compat, grid, loguniform, randint
+from lmtune.sweep.ledger import Ledger, TrialDecisions
 from lmtune.sweep.load import resolve
-from lmtune.sweep.oom import Ledger, classify, first_line
+from lmtune.sweep.oom import classify, first_line
 from lmtune.sweep.resume import requeue_orphans
 from lmtune.sweep.schedulers import make_scheduler, max_tokens
 from lmtune.sweep.search import enqueued_points, make_searcher, ordered_grid
@@ -105,7 +107,7 @@ def test_oom_text_check_catches_words_taken_for_evidence(broken, tmp_path, monke
 
 
 def check_tpe_gamma(gamma) -> None:
-    """TPE models a quarter of the finished trials (rounded up) as the good ones, at most 25 (search.tpe_gamma's
+    """TPE models a quarter of the finished trials (rounded up) as the good ones, at most 25 (searchers.tpe_gamma's
     reason: Optuna's tenth is one to three trials of a small sweep)."""
     ns = (1, 4, 5, 8, 9, 40, 99, 100, 101, 1000)
     assert [gamma(n) for n in ns] == [1, 1, 2, 2, 3, 10, 25, 25, 25, 25]
@@ -135,15 +137,15 @@ def test_tpe_gamma_known_answers(monkeypatch, tmp_path):
     lambda n: min(int(0.25 * n), 25),  # rounded down: no good trial before the fourth
 ], ids=["max", "rounded-down"])
 def test_tpe_gamma_check_catches_a_wrong_gamma(broken, monkeypatch, tmp_path):
-    from lmtune.sweep import search
+    from lmtune.sweep import searchers
 
-    monkeypatch.setitem(search.TPE_OPTIONS, "gamma", broken)
+    monkeypatch.setitem(searchers.TPE_OPTIONS, "gamma", broken)
     with pytest.raises(AssertionError):
         check_tpe_gamma(gamma_of_the_sampler_lmtune_builds(monkeypatch, tmp_path))
 
 
 def test_ledger_status():
-    ledger = Ledger()
+    ledger = TrialDecisions()
     ledger.pruned["t-pruned"] = 1000
     ledger.errors["t-oom"] = ("oom", "killed")
     assert ledger.status_of("t-pruned", {"status": "running"}) == "pruned"
@@ -182,7 +184,7 @@ def test_searcher_tells_optuna_pruned_and_infeasible(tmp_path):
     searcher = make_searcher(rs, tmp_path, ledger=ledger)
     for tid in ("a", "b", "c", "d"):
         searcher.suggest(tid)
-    ledger.pruned["b"] = 512
+    ledger.decisions.stopped("b", 512)
     searcher.on_trial_complete("a", {"val_loss": 3.0, "status": "ok"})
     searcher.on_trial_complete("b", {"val_loss": 3.5, "status": "running"})
     searcher.on_trial_complete("c", {"val_loss": 2.0, "status": "oom"})
@@ -436,7 +438,7 @@ def test_resume_reconciles_a_frontier_plan_with_the_trials_tune_restored_and_tri
         _search_alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=1))
 
     rec = Reconciler(results_dir=tmp_path)
-    rec.planner = searcher
+    rec.searcher = searcher
     rec.on_restored_trial(Controller, _Trial("f0", points[0], finished=True))
     rec.on_restored_trial(Controller, _Trial("f1", more[1], finished=False))
     rec.after_restore()
@@ -450,7 +452,7 @@ def test_resume_reconciles_a_frontier_plan_with_the_trials_tune_restored_and_tri
     lost, points = searcher_at(0)
     (tmp_path / "trials.csv").unlink()
     rec = Reconciler(results_dir=tmp_path)
-    rec.planner = lost
+    rec.searcher = lost
     rec.after_restore()  # nothing restored: no controller ever seen
     assert lost.suggest("g0") == points[0]
 
@@ -547,3 +549,120 @@ def test_an_untested_ray_or_optuna_is_refused_in_one_line(monkeypatch):
         compat.check_versions({"ray": (2, 60), "optuna": (6, 0)})
     monkeypatch.setenv(compat.UNTESTED_ENV, "1")
     compat.check_versions({"ray": (3, 0), "optuna": (6, 0)})
+
+
+def test_a_new_kind_of_axis_is_one_class(tmp_path, monkeypatch):
+    """Everything lmtune asks of an axis (values, bounds, membership, JSON, Optuna, checks) is the domain's own: a kind
+    defined here, and nowhere else, resolves, validates, sizes ASHA and the validation text, and is searched."""
+    from dataclasses import dataclass
+
+    from lmtune import config as config_lib
+    from lmtune.config import ConfigError
+    from lmtune.sweep.checks import same_validation_text
+    from lmtune.sweep.domains import Domain, accepted_domains
+
+    monkeypatch.setattr(Domain, "made", list(Domain.made))  # the kind below is this test's alone
+
+    @dataclass(frozen=True)
+    class Powers(Domain):
+        """Powers of two from 2**low to 2**high, a categorical."""
+
+        kind: ClassVar[str] = "powers"
+        spelled: ClassVar[str] = "powers(a, b)"
+        low: int
+        high: int
+
+        def listed(self):
+            return tuple(2 ** i for i in range(self.low, self.high + 1))
+
+        def largest(self):
+            return 2 ** self.high
+
+        def contains(self, value):
+            return type(value) is int and value in self.listed()
+
+        def to_json(self):
+            return {"type": self.kind, "low": self.low, "high": self.high}
+
+        def distribution(self):
+            return optuna.distributions.CategoricalDistribution(list(self.listed()))
+
+        def suggest(self, trial, key):
+            return trial.suggest_categorical(key, list(self.listed()))
+
+        def checked(self, key):
+            for v in self.listed():
+                config_lib.coerce(key, v)
+            return self
+
+    assert accepted_domains().endswith("randint(a, b) or powers(a, b)")
+    s = Sweep(name="pw", base={**TINY_CPU, "train.steps": 30}, space={"train.micro_batch_size": Powers(1, 4)},
+              num_samples=3, scheduler="asha")
+    rs = resolve(s, "pw.py")
+    assert rs.space_json() == {"train.micro_batch_size": {"type": "powers", "low": 1, "high": 4}}
+    assert rs.defaults_point() == {"train.micro_batch_size": 8}  # TINY_CPU's micro-batch lies in it: tried first
+    assert max_tokens(rs) == 30 * 16 * 64
+    assert rs.base["train.eval_sequences"] == TINY_CPU["train.eval_batches"] * 16
+    overrides = {"train.eval_batches": 2}
+    assert same_validation_text(rs.space, overrides, 2) == {"train.eval_sequences": 2 * 16 * 2}
+    assert overrides == {"train.eval_batches": 2}  # a check does not change what it checks
+    searcher = make_searcher(rs, tmp_path)
+    got = [searcher.suggest(f"p{i}")["train.micro_batch_size"] for i in range(3)]
+    assert got[0] == 8 and set(got) <= {2, 4, 8, 16}
+    with pytest.raises(ConfigError, match="powers"):
+        resolve(Sweep(name="pw", base=dict(TINY_CPU), space={"train.micro_batch_size": 3}), "pw.py")
+
+
+def test_a_new_searcher_is_one_registered_kind(tmp_path, monkeypatch):
+    """A kind of searcher registered here, and nowhere else, is one a sweep may name: resolved, counted, built,
+    its study told; a name no kind has is refused with the names there are."""
+    from lmtune.config import ConfigError
+    from lmtune.sweep import searchers
+
+    monkeypatch.setattr(searchers, "SEARCHERS", dict(searchers.SEARCHERS))  # the kind below is this test's alone
+
+    @searchers.register
+    class RandomKind(searchers.OptunaKind):
+        name = "random"
+
+        def sampler(self, rs):
+            return optuna.samplers.RandomSampler(seed=rs.sweep.seed)
+
+    rs = resolve(Sweep(name="r", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, searcher="random",
+                       num_samples=3), "r.py")
+    assert rs.searcher_text == "random" and rs.num_trials == 3 and rs.kind.keeps_study
+    searcher = make_searcher(rs, tmp_path)
+    assert isinstance(searcher.study.sampler, optuna.samplers.RandomSampler)
+    assert searcher.suggest("r1") == {"train.lr": 6e-4}  # the locked default first, as with any study
+    searcher.on_trial_complete("r1", {"val_loss": 3.0, "status": "ok"})
+    assert optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials[0].value == 3.0
+    with pytest.raises(ConfigError, match="expected one of 'tpe', 'grid', 'nsga2', 'frontier', 'random'"):
+        resolve(Sweep(name="r", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, searcher="gp"), "r.py")
+
+
+def test_asha_saves_its_rungs_in_tunes_snapshot_through_its_own_callback(tmp_path):
+    """Tune saves no scheduler state with its experiment; ASHA's rungs travel in the callbacks' file of the same
+    snapshot (Tune's CallbackList saves and restores it) and a restored ASHA knows the trials with their rungs."""
+    from ray.tune.callback import CallbackList
+
+    s = Sweep(name="r", base={**TINY_CPU, "train.steps": 30}, scheduler="asha", grace_tokens=64,
+              space={"train.lr": grid([1e-3, 2e-3])})
+    rs = resolve(s, "r.py")
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id, self.config = trial_id, {}
+
+    asha = make_scheduler(rs, Ledger())
+    for tid, loss in (("a", 3.0), ("b", 4.0)):
+        asha.on_trial_add(None, Trial(tid))
+        asha.on_trial_result(None, Trial(tid), {"tokens": 64, "val_loss": loss, "status": "running"})
+    CallbackList(asha.callbacks()).save_to_dir(str(tmp_path), session_str="s1")
+    restored = make_scheduler(rs, Ledger())
+    CallbackList(restored.callbacks()).restore_from_dir(str(tmp_path))
+    assert compat.asha_knows(restored, "a") and compat.asha_knows(restored, "b")
+    assert restored.get_state()["trial_info"] == asha.get_state()["trial_info"]
+    def rungs(scheduler):
+        return [recorded for b in scheduler._brackets for _, recorded in b._rungs]
+
+    assert rungs(restored) == rungs(asha) and any(rungs(asha))

@@ -5,7 +5,7 @@ Tune calls it in the driver for every trial event; it writes ``trials/{id}/metri
 and rewrites ``trials.csv`` whenever a trial ends, so an interrupted sweep leaves a complete table of what
 finished. A frontier sweep's rows for the points its planner decided without running them are the planner's alone,
 written from what it knows at each write and never read back as trials (a resume that did wrote them twice).
-Statuses come from the run's :class:`lmtune.sweep.oom.Ledger` and the trial's own final report.
+Statuses come from the run's :class:`lmtune.sweep.ledger.TrialDecisions` and the trial's own final report.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lmtune.reporting.console import request_text
 from lmtune.results.format import fmt
 from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
 from lmtune.sweep import compat
-from lmtune.sweep.oom import HoldsLedger, Ledger
+from lmtune.sweep.ledger import HoldsLedger, Ledger
 from lmtune.sweep.progress import Progress
 from lmtune.sweep.resume import drop_reports_from
 from lmtune.sweep.trainable import OOM_KILLED_KEY, trial_config
@@ -48,11 +48,14 @@ _TUNE_KEYS = {
 
 
 class Planner(Protocol):
-    """What the writer asks of a frontier sweep's searcher (:class:`lmtune.sweep.search.FrontierSearcher`)."""
+    """What the writer asks of a searcher that decides points without running them (its kind's
+    :meth:`lmtune.sweep.searchers.SearcherKind.planner`: the frontier's)."""
 
-    def implied_rows(self) -> list[dict[str, Any]]: ...
+    def implied_rows(self) -> list[dict[str, Any]]:
+        """trials.csv rows of the points it decided without running them."""
 
-    def launch_predictions(self) -> dict[str, float | None]: ...
+    def launch_cells(self, trial_id: str) -> dict[str, Any]:
+        """Its cells (its kind's extra columns) of a trial's row."""
 
 
 def _metrics_only(result: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +84,7 @@ class ResultsWriter(HoldsLedger, Callback):
         self.columns = csv_columns(self.space_keys, self.extra_columns)
         self._out = out
         self.planner: Planner | None = None
-        """A frontier sweep's searcher, set by the runner (not pickled): the rows of the points never launched."""
+        """The searcher's planner, set by the runner (not pickled): the rows of the points it never launched."""
         self._reset()
 
     def _reset(self) -> None:
@@ -157,7 +160,7 @@ class ResultsWriter(HoldsLedger, Callback):
         tid = trial.trial_id
         if tid in self.finished_before:  # restarted by a resume only to replay its recorded result
             return
-        self.ledger.errors.pop(tid, None)
+        self.ledger.decisions.new_attempt(tid)
         self.restarted.add(tid)
         self.started.setdefault(tid, time.time())
         self.last.setdefault(tid, {})
@@ -200,7 +203,7 @@ class ResultsWriter(HoldsLedger, Callback):
             f.write(json.dumps(metrics, default=str) + "\n")
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        self.ledger.snapshot_due = self.ledger.checkpoint_due = True  # see lmtune.sweep.resume.snapshot_if_due
+        self.ledger.pacing.checkpoint_registered()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, error=False)
@@ -210,7 +213,7 @@ class ResultsWriter(HoldsLedger, Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self.restarted.add(trial.trial_id)
-        kind, message = self.ledger.errors.get(trial.trial_id, ("error", ""))
+        kind, message = self.ledger.decisions.errors.get(trial.trial_id, ("error", ""))
         if kind == "oom":
             self._line("failed", trial.trial_id, f"OOM-killed by Ray's memory monitor: recorded as oom ({message})")
         elif kind == "host_oom":
@@ -225,7 +228,7 @@ class ResultsWriter(HoldsLedger, Callback):
         if tid in self.finished_before:  # its row, summary and metrics are from the session that ran it
             return
         last = self.last.get(tid, {})
-        status = self.ledger.status_of(tid, last, error)
+        status = self.ledger.decisions.status_of(tid, last, error)
         flat = trial_config(trial.config)
         row: dict[str, Any] = {"trial_id": tid, "status": status, "source": "run"}
         row.update({k: flat.get(k) for k in self.space_keys})
@@ -235,10 +238,10 @@ class ResultsWriter(HoldsLedger, Callback):
         row["wall_time_s"] = round(time.time() - started, 3) if started else None
         row.update({k: last.get(k) for k in PLACEMENT})
         if self.planner is not None:
-            row["predicted_peak_gib"] = self.planner.launch_predictions().get(tid)
+            row.update(self.planner.launch_cells(tid))
         message = ""
-        if status in FAILED and tid in self.ledger.errors:
-            message = self.ledger.errors[tid][1]
+        if status in FAILED and tid in self.ledger.decisions.errors:
+            message = self.ledger.decisions.errors[tid][1]
         elif status == "oom":
             message = str(last.get("oom_reason", ""))
         elif status == "error":
@@ -250,7 +253,7 @@ class ResultsWriter(HoldsLedger, Callback):
         summary = {**last, "status": status, "trial_id": tid, "config": flat, "wall_time_s": row["wall_time_s"],
                    "started_at": started, "ended_at": self.ended[tid]}
         if status == "pruned":
-            summary["pruned_at_tokens"] = self.ledger.pruned.get(tid)
+            summary["pruned_at_tokens"] = self.ledger.decisions.pruned.get(tid)
         if row["error"]:
             summary["error"] = row["error"]
         write_json(tdir / SUMMARY_JSON, summary)
@@ -261,7 +264,7 @@ class ResultsWriter(HoldsLedger, Callback):
     def _describe(self, status: str, row: dict[str, Any], last: dict[str, Any]) -> str:
         parts = []
         if status == "pruned":
-            parts.append(f"stopped by ASHA at tokens={fmt(self.ledger.pruned.get(row['trial_id']), 'tokens')}")
+            parts.append(f"stopped by ASHA at tokens={fmt(self.ledger.decisions.pruned.get(row['trial_id']), 'tokens')}")
         for m in self.metrics:
             if last.get(m) is not None:
                 parts.append(f"{m}={fmt(last[m], m)}")

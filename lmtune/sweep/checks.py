@@ -17,22 +17,22 @@ from lmtune.cli import check_output_dir
 from lmtune.config import ConfigError
 from lmtune.contract import LAYER_PREFIX, MEASURED_EVERY, REPORTED_METRICS, layer_index
 from lmtune.reporting.console import request_text
-from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, IntRange, LogUniform, Sweep, Uniform
+from lmtune.sweep.domains import Domain, Grid, accepted_domains
+from lmtune.sweep.spec import Frontier, Sweep
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-def same_validation_text(space: dict[str, Domain], base_overrides: dict[str, Any], workers: int) -> None:
+def same_validation_text(space: dict[str, Domain], base_overrides: dict[str, Any], workers: int) -> dict[str, Any]:
     """A sweep over the micro-batch scores every trial on the same validation text: unless the sweep sets
     train.eval_sequences, it becomes eval_batches × the largest micro-batch × workers (what the largest
-    trial would evaluate anyway)."""
+    trial would evaluate anyway). Returns the override to add (``{}`` when none is needed)."""
     d = space.get("train.micro_batch_size")
     if d is None or base_overrides.get("train.eval_sequences"):
-        return
-    largest = max(d.values) if isinstance(d, (Grid, Choice)) else d.high
+        return {}
     eval_batches = config_lib.coerce("train.eval_batches", base_overrides.get("train.eval_batches",
                                                                                config_lib.TrainConfig.eval_batches))
-    base_overrides["train.eval_sequences"] = int(eval_batches) * int(largest) * workers
+    return {"train.eval_sequences": int(eval_batches) * int(d.largest()) * workers}
 
 
 def check_fields(s: Sweep, where: str) -> None:
@@ -164,37 +164,16 @@ def check_keys(d: dict, where: str) -> None:
 
 
 def to_domain(key: str, d: Any, where: str) -> Domain:
-    """Check a domain's shape and that its values are accepted by the key."""
+    """Check a domain's shape and that its values are accepted by the key (a list or tuple is a grid)."""
     if isinstance(d, (list, tuple)):
         d = Grid(tuple(d))
-    if not isinstance(d, (Grid, Choice, Uniform, LogUniform, IntRange)):
-        raise ConfigError(f"{where}: space[{key!r}]={d!r} is not a domain; use grid([...]), choice([...]), "
-                          f"uniform(a, b), loguniform(a, b) or randint(a, b) (constants go in base).")
+    if not isinstance(d, Domain):
+        raise ConfigError(f"{where}: space[{key!r}]={d!r} is not a domain; use {accepted_domains()} (constants go in "
+                          f"base).")
     try:
-        if isinstance(d, (Grid, Choice)):
-            if not d.values:
-                raise ConfigError(f"space[{key!r}] has no values.")
-            if len(set(map(repr, d.values))) != len(d.values):
-                raise ConfigError(f"space[{key!r}] repeats a value: {list(d.values)}.")
-            d = type(d)(tuple(config_lib.coerce(key, v) for v in d.values))
-        else:
-            if not d.low < d.high and not (isinstance(d, IntRange) and d.low == d.high):
-                raise ConfigError(f"space[{key!r}]: low={d.low} must be below high={d.high}.")
-            if isinstance(d, LogUniform) and d.low <= 0:
-                raise ConfigError(f"space[{key!r}]: loguniform needs low > 0 (got {d.low}).")
-            if isinstance(d, IntRange) and d.log and d.low < 1:
-                raise ConfigError(f"space[{key!r}]: randint(log=True) needs low >= 1 (got {d.low}).")
-            config_lib.coerce(key, d.low)
-            config_lib.coerce(key, d.high)
-            tp = type(config_lib.coerce(key, d.low))
-            if isinstance(d, (Uniform, LogUniform)) and tp is not float:
-                raise ConfigError(f"space[{key!r}]: {type(d).__name__.lower()} samples floats but {key} expects "
-                                  f"{config_lib.accepted(key)}; use randint or grid.")
-            if isinstance(d, IntRange) and tp is not int:
-                raise ConfigError(f"space[{key!r}]: randint samples integers but {key} expects {config_lib.accepted(key)}.")
+        return d.checked(key)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return d
 
 
 def check_metrics(metrics: list[str], modes: list[str], base: dict[str, Any], where: str) -> None:
@@ -255,31 +234,6 @@ def absolute_paths(flat: dict[str, Any]) -> dict[str, Any]:
         if value and value != "auto" and "://" not in value and not os.path.isabs(value):
             out[key] = os.path.abspath(value)
     return out
-
-
-def in_domain(d: Domain, v: Any) -> bool:
-    if v is None:
-        return False
-    if isinstance(d, (Grid, Choice)):
-        return any(type(v) is type(x) and v == x for x in d.values)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    if isinstance(d, IntRange) and not isinstance(v, int):
-        return False
-    return d.low <= v <= d.high
-
-
-def domain_json(d: Domain) -> dict[str, Any]:
-    """The sweep.json form of a domain (docs/CONTRACTS.md)."""
-    if isinstance(d, Grid):
-        return {"type": "grid", "values": list(d.values)}
-    if isinstance(d, Choice):
-        return {"type": "choice", "values": list(d.values)}
-    if isinstance(d, Uniform):
-        return {"type": "uniform", "low": d.low, "high": d.high}
-    if isinstance(d, LogUniform):
-        return {"type": "loguniform", "low": d.low, "high": d.high}
-    return {"type": "int", "low": d.low, "high": d.high, "log": d.log}
 
 
 def check_storage(storage: str) -> None:

@@ -150,7 +150,28 @@ def snapshot_experiment(controller: Any) -> None:
 RESTORE_LOGGER = "ray.tune.execution.tune_controller"
 RESTORE_FAILED = "Failed to restore the run state."
 """What TuneController.__init__ logs (with the exception) when it cannot restore an experiment, before it starts
-the experiment over from nothing: no exception leaves Tuner.fit, so the log record is the only signal."""
+the experiment over from nothing."""
+
+
+def watch_restore(failed: Callable[[str], None]) -> Callable[[], None]:
+    """Call ``failed(reason)`` if Tune logs that it could not restore the experiment; returns the function that stops
+    watching. TuneController.__init__ catches the exception and goes on with a new experiment: no exception leaves
+    ``Tuner.fit``. Its public ``resumed`` property says the same, but the controller is only reachable from the
+    scheduler's hooks during a step, and a restore that failed can end Tune without one (nothing left to run), so
+    its log record is the one signal that always comes."""
+    import logging
+
+    class Watch(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.getMessage() == RESTORE_FAILED:
+                exc = record.exc_info[1] if record.exc_info else None
+                failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" if exc
+                       else "see logs/driver.log")
+            return True
+
+    watch = Watch()
+    logging.getLogger(RESTORE_LOGGER).addFilter(watch)
+    return lambda: logging.getLogger(RESTORE_LOGGER).removeFilter(watch)
 
 
 def snapshot_templates() -> list[tuple[str, str]]:

@@ -13,12 +13,11 @@ neither ray nor optuna nor torch.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import re
 import traceback
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from lmtune import config as config_lib
 from lmtune.config import ConfigError
 from lmtune.data.cache import cache_root
 from lmtune.data.prepared import check_prepared
+from lmtune.sweep import searchers
 from lmtune.sweep.checks import (
     absolute_paths,
     check_fields,
@@ -33,18 +33,18 @@ from lmtune.sweep.checks import (
     check_keys,
     check_metrics,
     check_resources,
-    domain_json,
-    in_domain,
     same_validation_text,
     to_domain,
 )
+from lmtune.sweep.domains import Domain, cross
 from lmtune.sweep.presets import TINY_CPU
-from lmtune.sweep.spec import Choice, Domain, Frontier, Grid, Smoke, Sweep
+from lmtune.sweep.spec import Frontier, Smoke, Sweep
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResolvedSweep:
-    """A sweep file after --smoke and overrides: everything the runner needs, checked."""
+    """A sweep file after --smoke and overrides: everything the runner needs, checked. Frozen: what changes later
+    (the GPUs "auto" resolves to, the prepared data's place) is a new one (``dataclasses.replace``)."""
 
     sweep: Sweep
     file: Path
@@ -57,9 +57,12 @@ class ResolvedSweep:
     metrics: list[str]
     modes: list[str]
     searcher: str
-    """Effective searcher: ``grid`` (every axis a grid), ``tpe``, ``nsga2`` or ``frontier``."""
+    """The kind of searcher it runs with (:mod:`lmtune.sweep.searchers`), which may stand in for the one the file
+    names: ``grid`` for tpe when every axis is a grid, ``nsga2`` for tpe with several metrics."""
     num_trials: int
     """Trials to run: the grid size for a grid, × the sweep file's ``num_samples`` (per grid point) for tpe/nsga2."""
+    searcher_note: str = ""
+    """Why ``searcher`` is not the one the file names (``instead of tpe: every axis is a grid``); "" when it is."""
     export: list[str] = field(default_factory=list)
     frontier: Frontier | None = None
     """The frontier axes in force (Smoke.frontier under --smoke, else Sweep.frontier)."""
@@ -77,6 +80,15 @@ class ResolvedSweep:
         return self.sweep.name
 
     @property
+    def kind(self) -> searchers.SearcherKind:
+        return searchers.SEARCHERS[self.searcher]
+
+    @property
+    def searcher_text(self) -> str:
+        """The searcher as the sweep's first line says it: ``grid (instead of tpe: every axis is a grid)``."""
+        return f"{self.searcher} ({self.searcher_note})" if self.searcher_note else self.searcher
+
+    @property
     def metric(self) -> str | list[str]:
         return self.metrics[0] if len(self.metrics) == 1 else list(self.metrics)
 
@@ -86,27 +98,31 @@ class ResolvedSweep:
 
     @property
     def grid_axes(self) -> dict[str, list]:
-        return {k: list(d.values) for k, d in self.space.items() if isinstance(d, Grid)}
+        return grid_axes(self.space)
 
     @property
     def sampled_axes(self) -> dict[str, Domain]:
-        return {k: d for k, d in self.space.items() if not isinstance(d, Grid)}
+        return {k: d for k, d in self.space.items() if not d.crossed}
 
     def grid_points(self) -> list[dict[str, Any]]:
-        axes = self.grid_axes
-        return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+        return cross(self.grid_axes)
 
     def defaults_point(self) -> dict[str, Any]:
         """The base config's values of the space's keys where they lie in the space (evaluated first)."""
         out = {}
         for key, dom in self.space.items():
             v = self.base.get(key)
-            if in_domain(dom, v):
+            if dom.contains(v):
                 out[key] = v
         return out
 
     def space_json(self) -> dict[str, dict[str, Any]]:
-        return {k: domain_json(d) for k, d in self.space.items()}
+        return {k: d.to_json() for k, d in self.space.items()}
+
+
+def grid_axes(space: dict[str, Domain]) -> dict[str, list]:
+    """The space's grid axes (crossed into every combination) with their values."""
+    return {k: list(d.listed()) for k, d in space.items() if d.crossed}
 
 
 # --- loading the file -------------------------------------------------------------------------------
@@ -185,12 +201,44 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     check_fields(sweep, where)
     if gpus is not None or cpus is not None:
         check_resources(sweep.gpus if gpus is None else gpus, sweep.cpus if cpus is None else cpus, "command line")
+    smoke_default = smoke and sweep.smoke == Smoke()
+    space, base_overrides, num_samples, frontier = _declared(sweep, smoke, smoke_default, where)
+    base_overrides.update(_command_line(overrides, space, where))
+    if smoke_default:  # a problem found from here on may come from the default variant, not the file's own lines
+        where = f"{where} (--smoke without a smoke= variant: lmtune's default, base TINY_CPU)"
+    space = {k: to_domain(k, d, where) for k, d in space.items()}
+    if not space and sweep.define_by_run is None:
+        raise ConfigError(f"{where}: the search space is empty; give at least one axis, e.g. "
+                          f"space={{'train.lr': loguniform(1e-4, 3e-3)}}.")
+    base_overrides.update(same_validation_text(space, base_overrides, sweep.workers))
+    base = _base_config(base_overrides, where)
+    metrics = [sweep.metric] if isinstance(sweep.metric, str) else list(sweep.metric)
+    modes = [sweep.mode] if isinstance(sweep.mode, str) else list(sweep.mode)
+    check_metrics(metrics, modes, base, where)
+    kind, why = searchers.chosen(sweep, space, frontier, metrics, where)
+    _check_frontier_and_scheduler(sweep, kind, space, frontier, metrics, where)
+    rs = ResolvedSweep(sweep=sweep, file=file, smoke=smoke, base=base, base_overrides=base_overrides,
+                       space=space, metrics=metrics, modes=modes, searcher=kind.name, searcher_note=why,
+                       num_trials=kind.num_trials(len(cross(grid_axes(space))), num_samples),
+                       export=list(sweep.export), frontier=frontier,
+                       gpus=sweep.gpus if gpus is None else gpus, cpus=sweep.cpus if cpus is None else cpus,
+                       smoke_default=smoke_default)
+    if rs.gpus == 0 and base.get("system.device") == "cuda":
+        raise ConfigError(f"{where}: system.device='cuda' but the trials ask for gpus=0, so Ray gives them no GPU; "
+                          f"use gpus='auto' or a number >= 1 (or --gpus).")
+    check_points(rs, where)
+    if sweep.define_by_run is not None:
+        rs = replace(rs, define_by_run_keys=dry_run_define_by_run(rs, where))
+    return rs
 
+
+def _declared(sweep: Sweep, smoke: bool, smoke_default: bool,
+              where: str) -> tuple[dict[str, Any], dict[str, Any], int, Frontier | None]:
+    """(space, base overrides, num_samples, frontier) as the file declares them, its smoke variant applied with
+    ``smoke`` (:func:`default_smoke`'s with ``smoke_default``); the keys checked."""
     space: dict[str, Any] = dict(sweep.space)
     base_overrides: dict[str, Any] = dict(sweep.base)
-    num_samples = sweep.num_samples
-    frontier = sweep.frontier
-    smoke_default = smoke and sweep.smoke == Smoke()
+    num_samples, frontier = sweep.num_samples, sweep.frontier
     if smoke:
         sm = default_smoke(sweep) if smoke_default else sweep.smoke
         if not isinstance(sm, Smoke):
@@ -208,54 +256,37 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     elif isinstance(sweep.smoke, Smoke):  # checked without --smoke too: a typo there is still a typo
         check_keys(sweep.smoke.base, f"{where}: smoke.base")
         check_keys(sweep.smoke.space, f"{where}: smoke.space")
-
     check_keys(base_overrides, f"{where}: base")
     check_keys(space, f"{where}: space")
+    return space, base_overrides, num_samples, frontier
+
+
+def _command_line(overrides: list[str] | dict[str, Any] | None, space: dict[str, Any], where: str) -> dict[str, Any]:
+    """The command line's ``key=value`` overrides, checked (an axis of the space is not one)."""
     cli = _cli_overrides(overrides)
     for key in cli:
         if key in space:
             raise ConfigError(f"{key} is an axis of the sweep's space; a command-line value would be ignored "
                               f"(change the space in {where}, or override a base key).")
-    base_overrides.update(cli)
-    if smoke_default:  # a problem found from here on may come from the default variant, not the file's own lines
-        where = f"{where} (--smoke without a smoke= variant: lmtune's default, base TINY_CPU)"
+    return cli
 
-    space = {k: to_domain(k, d, where) for k, d in space.items()}
-    if not space and sweep.define_by_run is None:
-        raise ConfigError(f"{where}: the search space is empty; give at least one axis, e.g. "
-                          f"space={{'train.lr': loguniform(1e-4, 3e-3)}}.")
-    same_validation_text(space, base_overrides, sweep.workers)
+
+def _base_config(base_overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """The flat resolved config every trial starts from, its relative paths made absolute; its prepared data, if
+    any, there and whole (one line naming the prepare command otherwise, before any trial)."""
     try:
         base_cfg = config_lib.load(overrides=base_overrides)
     except ConfigError as e:
         raise ConfigError(f"{where}: base config: {e}") from None
-    base = absolute_paths(base_cfg.flat())
-    try:  # prepared shards that are not there, or not whole: one line naming the prepare command, before any trial
+    try:
         check_prepared(base_cfg.data, cache_root(base_cfg.data))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    return absolute_paths(base_cfg.flat())
 
-    metrics = [sweep.metric] if isinstance(sweep.metric, str) else list(sweep.metric)
-    modes = [sweep.mode] if isinstance(sweep.mode, str) else list(sweep.mode)
-    check_metrics(metrics, modes, base, where)
 
-    searcher = sweep.searcher
-    if searcher not in ("tpe", "grid", "nsga2", "frontier"):
-        raise ConfigError(f"{where}: searcher={searcher!r} is not accepted: expected one of 'tpe', 'grid', 'nsga2', 'frontier'.")
-    all_grid = bool(space) and all(isinstance(d, Grid) for d in space.values()) and sweep.define_by_run is None
-    if searcher == "grid" and not all_grid:
-        bad = [k for k, d in space.items() if not isinstance(d, Grid)] or ["define_by_run"]
-        raise ConfigError(f"{where}: searcher='grid' needs grid axes only; {', '.join(bad)} "
-                          f"is not a grid (use grid([...]), or searcher='tpe').")
-    if searcher == "tpe" and len(metrics) > 1:
-        searcher = "nsga2"  # several metrics: a Pareto front
-    if searcher == "tpe" and all_grid:
-        searcher = "grid"
-    if searcher == "frontier":
-        if not isinstance(frontier, Frontier):
-            raise ConfigError(f"{where}: searcher='frontier' needs frontier=Frontier(x=..., budget=...).")
-        if sweep.define_by_run is not None:
-            raise ConfigError(f"{where}: searcher='frontier' does not take define_by_run.")
+def _check_frontier_and_scheduler(sweep: Sweep, kind: searchers.SearcherKind, space: dict[str, Domain],
+                                  frontier: Frontier | None, metrics: list[str], where: str) -> None:
     if frontier is not None:
         check_frontier(frontier, space, where)
         if "train.compile" in space:
@@ -267,27 +298,8 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     if sweep.scheduler == "asha" and len(metrics) > 1:
         raise ConfigError(f"{where}: scheduler='asha' stops trials on one metric; this sweep has {len(metrics)} "
                           f"({', '.join(metrics)}). Use scheduler='none' for a Pareto sweep.")
-    if sweep.scheduler == "asha" and searcher == "frontier":
-        raise ConfigError(f"{where}: scheduler='asha' would stop frontier probes early; use scheduler='none'.")
-
-    n_grid = math.prod(len(d.values) for d in space.values() if isinstance(d, Grid)) if space else 1
-    if searcher in ("grid", "frontier"):
-        total = n_grid
-    else:
-        total = n_grid * num_samples
-
-    rs = ResolvedSweep(sweep=sweep, file=file, smoke=smoke, base=base, base_overrides=base_overrides,
-                       space=space, metrics=metrics, modes=modes, searcher=searcher, num_trials=total,
-                       export=list(sweep.export), frontier=frontier,
-                       gpus=sweep.gpus if gpus is None else gpus, cpus=sweep.cpus if cpus is None else cpus,
-                       smoke_default=smoke_default)
-    if rs.gpus == 0 and base.get("system.device") == "cuda":
-        raise ConfigError(f"{where}: system.device='cuda' but the trials ask for gpus=0, so Ray gives them no GPU; "
-                          f"use gpus='auto' or a number >= 1 (or --gpus).")
-    check_points(rs, where)
-    if sweep.define_by_run is not None:
-        rs.define_by_run_keys = dry_run_define_by_run(rs, where)
-    return rs
+    if sweep.scheduler == "asha" and not kind.early_stopping:
+        raise ConfigError(f"{where}: scheduler='asha' would stop {kind.name} probes early; use scheduler='none'.")
 
 
 def resolve_gpus(gpus: float | str, base: dict[str, Any], cluster_gpus: float) -> float:
@@ -315,14 +327,10 @@ MAX_CHECKED_POINTS = 4096
 
 def check_points(rs: ResolvedSweep, where: str) -> None:
     """Resolve the base plus every grid point (sampled axes at their bounds) through lmtune.config.load."""
-    sampled: list[dict[str, Any]] = [{}]
-    bounds = {k: d for k, d in rs.sampled_axes.items() if not isinstance(d, Choice)}
-    choices = {k: list(d.values) for k, d in rs.sampled_axes.items() if isinstance(d, Choice)}
-    if bounds:
-        sampled = [{k: d.low for k, d in bounds.items()}, {k: d.high for k, d in bounds.items()}]
-    choice_points = [dict(zip(choices, c)) for c in itertools.product(*choices.values())] or [{}]
-    points = rs.grid_points()
-    combos = itertools.product(points, choice_points, sampled)
+    bounds = {k: d.bounds() for k, d in rs.sampled_axes.items() if d.bounds() is not None}
+    listed = {k: d.listed() for k, d in rs.sampled_axes.items() if d.listed() is not None}
+    ends = [{k: b[i] for k, b in bounds.items()} for i in (0, 1)] if bounds else [{}]  # every range at its low, then high
+    combos = itertools.product(rs.grid_points(), cross(listed), ends)
     for i, (g, c, s) in enumerate(combos):
         if i >= MAX_CHECKED_POINTS:
             break
@@ -357,7 +365,7 @@ def dry_run_define_by_run(rs: ResolvedSweep, where: str, runs: int = 16) -> list
         point = {**trial.params, **(constants or {})}
         check_keys(point, f"{where}: define_by_run")
         for k in point:
-            if k in rs.space and isinstance(rs.space[k], Grid):
+            if k in rs.space and rs.space[k].crossed:
                 raise ConfigError(f"{where}: define_by_run sets {k}, which is already a grid axis of the space.")
             if k not in keys:
                 keys.append(k)

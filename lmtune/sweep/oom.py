@@ -7,21 +7,14 @@ or an OOM raised inside a Ray Train worker and wrapped by Train. :func:`classify
 chain by evidence (exception types, torch's allocator messages, Ray's memory monitor's exact words; never
 words that happen to be in a path or a trial's name); the trainable and the driver use it to record ``oom``.
 A memory-monitor kill while other trials ran on the node is ``host_oom`` (:data:`lmtune.contract.STATUSES`):
-retried, with fewer trials at once, and not told to the searcher as infeasible.
-
-The :class:`Ledger` is the driver's record of what Tune's scheduler and error paths decided about each
-trial (stopped by ASHA → ``pruned``; failed with an OOM → ``oom``). The runner makes one per sweep run and
-hands it to the scheduler, the searcher and the results callback (all in the driver process), so the Optuna
-study, ``trials.csv`` and the console agree on every trial's status.
+retried, with fewer trials at once, and not told to the searcher as infeasible. The scheduler records what it
+reads here in the run's ledger (:mod:`lmtune.sweep.ledger`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
-
-from lmtune.contract import SETTLED
 
 RAY_MEMORY_MONITOR = "killed due to the node running low on memory"
 """The words of Ray's memory monitor (raylet) in the error of every worker it kills; matched as Ray writes them,
@@ -112,59 +105,6 @@ def first_line(exc: BaseException | str | None, limit: int = 300) -> str:
         named = [ln for ln in lines if _ERROR_LINE.match(ln)]
         pick = named[-1] if named else (lines[0] if lines else "")
     return pick[:limit]
-
-
-@dataclass
-class Ledger:
-    """Driver-side decisions about trials that the trial's own last report does not carry."""
-
-    pruned: dict[str, Any] = field(default_factory=dict)
-    """trial_id → the ``tokens`` at which ASHA stopped it."""
-    errors: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """trial_id → (``oom`` | ``error``, one-line message) for trials that ended with an exception."""
-    snapshot_due: bool = False
-    """A trial was added, checkpointed or ended since Tune's last experiment snapshot (what ``--resume``
-    restores): the scheduler takes one before anything else happens (:func:`lmtune.sweep.resume.snapshot_if_due`)."""
-    checkpoint_due: bool = False
-    """A checkpoint was registered since the last snapshot: the next snapshot does not wait for
-    ``next_snapshot``. Tune keeps a trial's two latest checkpoints, so the checkpoint a snapshot names is deleted
-    when the second one after it registers; a snapshot after every registration keeps it restorable."""
-    snapshots: list[float] = field(default_factory=list)
-    """Seconds each of those snapshots took (the runner logs their count and total)."""
-    next_snapshot: float = 0.0
-    """``time.monotonic()`` before which a due snapshot waits (keeps snapshots under 5% of the driver's time)."""
-    reconciler: Any = None
-    """On ``--resume``: the :class:`lmtune.sweep.resume.Reconciler` of what Tune restores (None otherwise)."""
-    scheduler: Any = None
-    """The scheduler in use (ASHA's rungs are saved with the searcher's snapshot)."""
-    max_running: int | None = None
-    """Trials at once, lowered after a host-memory kill (None: what resources and --max-concurrent allow)."""
-    scheduler_state: Any = None
-    """ASHA's rungs read from a restored snapshot, until the live scheduler takes them."""
-
-    def status_of(self, trial_id: str, result: dict | None, error: bool = False) -> str:
-        """The trial's final status from everything known in the driver."""
-        if trial_id in self.pruned:
-            return "pruned"
-        if trial_id in self.errors:
-            return self.errors[trial_id][0]
-        status = (result or {}).get("status")
-        if error:
-            return "oom" if status == "oom" else "error"
-        if status in SETTLED:  # pruned: replayed from an earlier session
-            return status
-        return "error"  # ended without the trainer's final report
-
-
-class HoldsLedger:
-    """A part of the Tune run that records into the run's :class:`Ledger`: the scheduler, the Optuna searcher, the
-    results writer. Tune pickles them (tuner.pkl, the searcher's snapshot); the ledger is never pickled with them,
-    and after ``Tuner.restore`` the runner hands it over again (:func:`lmtune.sweep.resume.restore`)."""
-
-    ledger: Ledger | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "ledger"}
 
 
 def read_trial_error(trial: Any) -> BaseException | str | None:

@@ -34,20 +34,22 @@ already has a probe in flight; different lines and the two thresholds of one lin
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lmtune.config import ConfigError
 from lmtune.contract import FEASIBLE
 from lmtune.results.format import number
+from lmtune.sweep.domains import cross
 from lmtune.sweep.lines import Knowledge, Line, LineKey, MemoryModel, Point
-from lmtune.sweep.spec import Choice, Frontier, Grid
+from lmtune.sweep.spec import Frontier
 
 FINISHED = "FINISHED"
 """Returned by :meth:`FrontierPlan.suggest` when every line is resolved (same value as Ray's Searcher.FINISHED)."""
 
 PEAK_KEY = "peak_reserved_gib"
 THROUGHPUT_KEY = "tokens_per_s"
+PREDICTED_KEY = "predicted_peak_gib"
+"""The trials.csv column of the peak the plan predicted for a point (before it ran, for a trial that ran)."""
 
 
 class _Findings:
@@ -79,13 +81,17 @@ class _Findings:
                 source = "implied" if first_oom is not None and first_oom <= p.x else "predicted"
                 rows.append({
                     "trial_id": f"{source}-{len(rows) + 1:03d}", "status": "oom", "source": source,
-                    **dict(line.key), self.x_key: p.x, "predicted_peak_gib": self.memory.predicted_peak(line, p.x),
+                    **dict(line.key), self.x_key: p.x, PREDICTED_KEY: self.memory.predicted_peak(line, p.x),
                 })
         return rows
 
     def launch_predictions(self) -> dict[str, float | None]:
         """``{trial_id: peak predicted when it was launched}`` for the trials.csv column ``predicted_peak_gib``."""
         return {tid: p.predicted for tid, (_, p) in self._by_trial.items()}
+
+    def launch_cells(self, trial_id: str) -> dict[str, Any]:
+        """The planner's cells of a launched trial's trials.csv row."""
+        return {PREDICTED_KEY: self.launch_predictions().get(trial_id)}
 
     def prediction_errors(self) -> list[dict[str, Any]]:
         """For every launched point that had a prediction: predicted vs measured peak.
@@ -191,20 +197,18 @@ class FrontierPlan(_Findings):
         """
         axes: dict[str, list] = {}
         for key, domain in space.items():
-            if isinstance(domain, (Grid, Choice)):
-                axes[key] = list(domain.values)
-            elif isinstance(domain, (list, tuple)):
-                axes[key] = list(domain)
-            else:
+            values = domain if isinstance(domain, (list, tuple)) else domain.listed()
+            if values is None:
                 raise ConfigError(
                     f"searcher='frontier' needs grid axes only; {key} is {domain!r}. "
                     f"Use grid([...]) or another searcher."
                 )
+            axes[key] = list(values)
         if frontier.x not in axes:
             raise ConfigError(f"searcher='frontier': the frontier axis {frontier.x} is not a grid axis of the space.")
         others = [k for k in axes if k != frontier.x]
         others.sort(key=lambda k: k != frontier.budget)  # budget first, then the space's order
-        lines = [dict(zip(others, combo)) for combo in itertools.product(*(axes[k] for k in others))]
+        lines = cross({k: axes[k] for k in others})
         return cls(
             axes[frontier.x], lines, x_key=frontier.x, limit_gib=limit_gib,
             headroom_gib=frontier.headroom_gib, margin_gib=frontier.margin_gib,

@@ -4,8 +4,8 @@ A resumed sweep is made of three records written at different moments:
 
 * Tune's experiment state (``experiment_state-*.json``): the trials and their latest checkpoints;
 * the search algorithm's state file, saved right after it by the same snapshot: the concurrency limiter's
-  live trials and the Optuna searcher's map of Tune trial id → Optuna trial (and ASHA's rungs, which Tune does
-  not save: :meth:`lmtune.sweep.search.StudySearch.save` carries them);
+  live trials and the Optuna searcher's map of Tune trial id → Optuna trial (and, in the callbacks' state file
+  of the same snapshot, ASHA's rungs, which Tune does not save: :class:`lmtune.sweep.schedulers.RungsInSnapshot`);
 * ``optuna.db``, written as trials are asked and told, not at snapshots.
 
 A driver killed between two of those writes (during a snapshot, or a moment after a trial was asked) leaves
@@ -15,31 +15,34 @@ trial of a trial it restores (whose results would go nowhere, or into a trial al
 trials asked after the snapshot and never told. The protocol, in the order it runs:
 
 1. **While a sweep runs**, every event that matters to a resume (a trial added, a checkpoint registered, a trial
-   ended) is followed by a snapshot (:func:`snapshot_if_due`, called by the scheduler), and the runner keeps a
-   copy of ``tuner.pkl`` (:func:`lmtune.sweep.snapshot.keep_tuner_file`).
+   ended) is followed by a snapshot (:meth:`lmtune.sweep.ledger.SnapshotPacing.take_if_due`, called by the
+   scheduler), and the runner keeps a copy of ``tuner.pkl`` (:func:`lmtune.sweep.snapshot.keep_tuner_file`).
 2. **Before Tune restores** (:func:`restore`): files the kill cut short are put right or set aside
    (:mod:`lmtune.sweep.snapshot`), a watch is set on Tune's own restore (below), ``Tuner.restore`` runs, and
    the run's ledger is handed to the restored scheduler, searcher and results writer (it is never pickled).
 3. **While Tune restores** (:meth:`Reconciler.on_restored_trial`, from the scheduler's ``on_trial_add``, once per
    trial Tune restores): the search generator's count of the trials it made is set to the trials restored (a
    saved count ahead of the restored experiment ends the sweep before its last points, one behind makes a trial
-   too many); the limiter's live set is rebuilt from the restored unfinished trials; each restored trial is
-   mapped to its Optuna trial through the ``trial_id`` user attribute every asked trial carries
-   (:func:`map_restored`); an unfinished trial without one gets a new Optuna trial at its own point.
+   too many); the limiter's live set is rebuilt from the restored unfinished trials; the searcher is told of each
+   (``restored_trial``): the Optuna searcher maps it to its Optuna trial through the ``trial_id`` user attribute
+   every asked trial carries (:func:`map_restored`); an unfinished trial without one gets a new Optuna trial at
+   its own point.
 4. **Before the first new suggestion** (:meth:`Reconciler.after_restore`, from the results writer's first
-   ``on_step_begin``): Optuna trials still RUNNING that belong to no restored trial were asked after the snapshot:
-   they are closed as FAIL (``status=interrupted``) and their point enqueued, so that the sweep runs it next
-   (:func:`requeue_orphans`). A frontier sweep's plan is made to agree with the restored trials and the rows the
-   driver recorded in the same way (:meth:`lmtune.sweep.plan.FrontierPlan.reconcile`), so that no grid point runs
-   twice and the plan waits for no trial that will never report.
+   ``on_step_begin``), the searcher agrees with them all (``after_restore``): for the Optuna searcher, study trials
+   still RUNNING that belong to no restored trial were asked after the snapshot: they are closed as FAIL
+   (``status=interrupted``) and their point enqueued, so that the sweep runs it next (:func:`requeue_orphans`). A
+   frontier sweep's plan is made to agree with the restored trials and the rows the driver recorded in the same
+   way (:meth:`lmtune.sweep.plan.FrontierPlan.reconcile`), so that no grid point runs twice and the plan waits for
+   no trial that will never report.
 5. **Trials** restarted by the resume: one the driver had recorded as finished replays its recorded result
    instead of training again (:func:`finished_before`, marked ``REPLAYED``); one restarted from a checkpoint
    sends the reports its checkpoint holds again, and what the earlier attempt recorded from there on is
    replaced (:func:`drop_reports_from`), so ``metrics.jsonl`` reads as one uninterrupted run.
 6. **If Tune's own restore failed** (a snapshot file it could not read), Tune logs the error and starts the sweep
    over from nothing, which would rerun every trial, or, with the searcher not restored either, end at once and
-   write an empty snapshot over the sweep's: the watch of step 2 turns that into an error at Tune's first step,
-   and :meth:`Reconciler.finish` sets aside what Tune wrote and stops in one line (exit 2).
+   write an empty snapshot over the sweep's: the watch of step 2 (:func:`lmtune.sweep.compat.watch_restore`)
+   turns that into an error at Tune's first step, and :meth:`Reconciler.finish` sets aside what Tune wrote and
+   stops in one line (exit 2).
 
 Tune's and Optuna's objects are reached through :mod:`lmtune.sweep.compat`.
 """
@@ -48,48 +51,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, STATUSES, SUMMARY_JSON, SWEEP_JSON, TRIALS_CSV, TUNE_DIR
 from lmtune.results.layout import keep_reports, order, read_trials_csv, runs_of, trial_dir
 from lmtune.sweep import compat, snapshot
-from lmtune.sweep.oom import HoldsLedger, Ledger
+from lmtune.sweep.ledger import HoldsLedger, Ledger
 
 logger = logging.getLogger("lmtune.sweep")
-
-SNAPSHOT_SHARE = 0.05
-"""At most this share of the driver's time goes to the experiment snapshots taken for --resume."""
-
-
-# --- 1. while a sweep runs --------------------------------------------------------------------------
-
-
-def snapshot_if_due(ledger: Ledger, controller: Any) -> None:
-    """Snapshot the experiment when something a resume needs happened since the last snapshot.
-
-    Tune saves the experiment (trials, their latest checkpoints, the searcher) every ``TUNE_GLOBAL_CHECKPOINT_S``
-    at most, so a driver killed a moment after a trial started or checkpointed left a snapshot without that trial
-    or checkpoint, and ``--resume`` ran it again from scratch under a new id. Called at the start of a step of the
-    controller (in a small sweep the next one: before a new trial's process starts and before the trial's next
-    result is processed).
-
-    A snapshot holds every trial's state (~50 KB per trial with lmtune's metrics), so its cost grows with the
-    sweep: after a snapshot that took ``t`` seconds the next one waits ``19·t`` (the same 5% share of the driver's
-    time that Tune's own "auto" period allows): a fraction of a second in a sweep of a few dozen trials, ~2 s at
-    100. A registered checkpoint does not wait (``ledger.checkpoint_due``): Tune keeps two checkpoints per trial,
-    and a snapshot that fell two checkpoints behind would name one already deleted, which no resume can restore.
-    """
-    if ledger.snapshot_due and (ledger.checkpoint_due or time.monotonic() >= ledger.next_snapshot):
-        ledger.snapshot_due = ledger.checkpoint_due = False
-        t0 = time.monotonic()
-        compat.snapshot_experiment(controller)
-        took = time.monotonic() - t0
-        ledger.snapshots.append(took)
-        ledger.next_snapshot = t0 + took * (1 / SNAPSHOT_SHARE)
-
 
 # --- 2. before Tune restores ------------------------------------------------------------------------
 
@@ -122,9 +93,8 @@ def restore(tune_path: str, *, trainable: Any, param_space: dict, ledger: Ledger
     reconciler.watch_tune_restore()
     tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space,
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
-    ledger.scheduler = compat.tuner_scheduler(tuner)
-    reconciler.planner = _frontier_search(compat.tuner_search_alg(tuner))
-    for part in [ledger.scheduler, *_chain(compat.tuner_search_alg(tuner)), *compat.tuner_callbacks(tuner)]:
+    reconciler.searcher = innermost(compat.tuner_search_alg(tuner))
+    for part in [compat.tuner_scheduler(tuner), *_chain(compat.tuner_search_alg(tuner)), *compat.tuner_callbacks(tuner)]:
         if isinstance(part, HoldsLedger):  # lmtune's scheduler, Optuna searcher and results writer
             part.ledger = ledger
     return tuner, reconciler
@@ -138,39 +108,38 @@ class RestoreFailed(RuntimeError):
 
 
 class Reconciler:
-    """The state of one resume (made by :func:`restore`)."""
+    """The state of one resume (made by :func:`restore`).
 
-    def __init__(self, tune_path: str = "", results_dir: Path | None = None):
+    The run's searcher agrees with what Tune restored in its own way: every lmtune searcher has
+    ``restored_trial(trial_id, config, finished)``, called as Tune restores each trial, and
+    ``after_restore(restored, recorded)`` (trial id → (config, finished) of the restored trials; trial id → the
+    trials.csv row of those the driver recorded as ended), called once before the first new suggestion
+    (:class:`lmtune.sweep.search.StudySearch`, :class:`lmtune.sweep.search.FrontierSearcher`)."""
+
+    def __init__(self, tune_path: str = "", results_dir: Path | None = None, searcher: Any = None):
         self.tune_path = tune_path
         self.results_dir = results_dir
-        self.planner: Any = None
-        """A frontier sweep's searcher (its plan is reconciled with what Tune restored), None otherwise."""
+        self.searcher = searcher
+        """The run's searcher (without Tune's wrappers); None: the one of the controller's search algorithm."""
         self.controller: Any = None
         self.restored: list[Any] = []
         self.done = False
         self.restore_failed: str | None = None
         self.files_before: set[str] = set()
-        self._filter: logging.Filter | None = None
+        self._stop_watch: Callable[[], None] | None = None
 
     def watch_tune_restore(self) -> None:
-        """Note Tune's restore failure from its log record (no other signal leaves TuneController.__init__)."""
-        reconciler = self
+        """Note Tune's restore failure (:func:`lmtune.sweep.compat.watch_restore`)."""
+        def failed(reason: str) -> None:
+            if self.restore_failed is None:
+                self.restore_failed = reason
 
-        class Watch(logging.Filter):
-            def filter(self, record: logging.LogRecord) -> bool:
-                if record.getMessage() == compat.RESTORE_FAILED and reconciler.restore_failed is None:
-                    exc = record.exc_info[1] if record.exc_info else None
-                    reconciler.restore_failed = (f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                                                 if exc else "see logs/driver.log")
-                return True
-
-        self._filter = Watch()
-        logging.getLogger(compat.RESTORE_LOGGER).addFilter(self._filter)
+        self._stop_watch = compat.watch_restore(failed)
 
     def stop_watching(self) -> None:
-        if self._filter is not None:
-            logging.getLogger(compat.RESTORE_LOGGER).removeFilter(self._filter)
-            self._filter = None
+        if self._stop_watch is not None:
+            self._stop_watch()
+            self._stop_watch = None
 
     def check_tune_restored(self) -> None:
         if self.restore_failed:
@@ -189,25 +158,19 @@ class Reconciler:
         if found is not None:
             live = set() if first else set(found.live_trials)  # the saved set may name trials not restored
             compat.reset_live_trials(found, live | ({trial.trial_id} if not trial.is_finished() else set()))
-        search = _study_search(controller)
-        if search is not None:
-            map_restored(search, trial.trial_id, _trial_point(trial, search), finished=trial.is_finished())
+        if self.searcher is None:
+            self.searcher = innermost(compat.search_alg(controller))
+        self.searcher.restored_trial(trial.trial_id, getattr(trial, "config", None) or {}, trial.is_finished())
 
     def after_restore(self) -> None:
-        """Once every restored trial is in: close and requeue the Optuna trials asked after the snapshot."""
+        """Once every restored trial is in (even none: a plan may wait for one): the searcher agrees with them."""
         if self.done:
             return
         self.done = True
-        if self.planner is not None:  # even with no trial restored: the plan may wait for one
+        if self.searcher is not None:
             restored = {t.trial_id: (getattr(t, "config", None) or {}, t.is_finished()) for t in self.restored}
-            for change in self.planner.plan.reconcile(restored, recorded_trials(self.results_dir)):
-                logger.info("resume: frontier plan: %s", change)
-        if self.controller is None:
-            return
-        search = _study_search(self.controller)
-        if search is not None:
-            requeue_orphans(search, {t.trial_id for t in self.restored})
-        found = limiter(self.controller)
+            self.searcher.after_restore(restored, recorded_trials(self.results_dir))
+        found = limiter(self.controller) if self.controller is not None else None
         if found is not None:
             logger.info("resume: %d restored trial(s), %d unfinished (concurrency limiter reset to them)",
                         len(self.restored), len(found.live_trials))
@@ -252,20 +215,6 @@ def limiter(controller: Any):
     return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, ConcurrencyLimiter)), None)
 
 
-def _study_search(controller: Any):
-    """The searcher that keeps an Optuna study (:class:`lmtune.sweep.search.StudySearch`), None for the planner."""
-    from lmtune.sweep.search import StudySearch  # Ray and Optuna: imported once Tune runs, never on bad input
-
-    return next((a for a in _chain(compat.search_alg(controller)) if isinstance(a, StudySearch)), None)
-
-
-def _frontier_search(search_alg: Any):
-    """The frontier planner's searcher (:class:`lmtune.sweep.search.FrontierSearcher`) in a search algorithm's chain."""
-    from lmtune.sweep.search import FrontierSearcher
-
-    return next((a for a in _chain(search_alg) if isinstance(a, FrontierSearcher)), None)
-
-
 def recorded_trials(results_dir: Path | None) -> dict[str, dict[str, Any]]:
     """trial id → trials.csv row (typed) of every trial the driver recorded as ended; host_oom is retried, not ended
     (as :func:`finished_before` reads it), and planner rows are no trials."""
@@ -273,12 +222,6 @@ def recorded_trials(results_dir: Path | None) -> dict[str, dict[str, Any]]:
         return {}
     return {r["trial_id"]: r for r in read_trials_csv(Path(results_dir) / TRIALS_CSV)
             if r["source"] == "run" and r.get("status") in STATUSES and r["status"] != "host_oom"}
-
-
-def _trial_point(trial: Any, search: Any) -> dict[str, Any]:
-    """The searched keys of a Tune trial's config (its point in the space)."""
-    config = getattr(trial, "config", {}) or {}
-    return {k: config[k] for k in search.space_keys() if k in config}
 
 
 def map_restored(search: Any, trial_id: str, point: dict[str, Any], *, finished: bool) -> None:

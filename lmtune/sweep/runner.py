@@ -10,7 +10,7 @@ The flow of :func:`run`:
 3. one Tune trial per config (:mod:`lmtune.sweep.trainable`), Optuna or the frontier planner
    suggesting configs, ASHA on ``tokens`` or FIFO, Tune-level retries for genuine errors only;
 4. at the end: ``trials.csv`` complete (frontier sweeps add the points never launched), the table of
-   trials and the best one on the console, ``lmtune.results.report.render`` for tables and plots.
+   trials and the best one on the console, ``lmtune.reporting.render`` for tables and plots.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -349,7 +349,7 @@ def run(
     base_uri = uri_join(remote, group) if remote else str(results_dir)
     if resume and finished_at(results_dir):  # nothing to continue: the table, without Ray's ~10 s start
         return _finished(rs, results_dir, base_uri, out)
-    _prepare_data(rs, local_root, remote, out)
+    rs = _prepare_data(rs, local_root, remote, out)
 
     env = _prepare_env(embedded=address is None)
     handler = _log_to_files(results_dir / LOG_DIR)
@@ -359,7 +359,7 @@ def run(
         started = _start_ray(address, env, results_dir / LOG_DIR, out, dashboard=dashboard)
         import ray
 
-        rs.gpus = resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0))
+        rs = replace(rs, gpus=resolve_gpus(rs.gpus, rs.base, ray.cluster_resources().get("GPU", 0)))
         placement_note = _check_placeable(rs, address)
     except ConfigError:
         if started:
@@ -372,7 +372,7 @@ def run(
         raise
     if not resume:
         write_json(results_dir / SWEEP_JSON, sweep_json(rs, results_dir))
-    print(f"sweep {rs.name}{_smoke_label(rs)}: {rs.num_trials} trial(s), searcher {rs.searcher}, "
+    print(f"sweep {rs.name}{_smoke_label(rs)}: {rs.num_trials} trial(s), searcher {rs.searcher_text}, "
           f"scheduler {rs.sweep.scheduler}; results in {results_dir}{' (resumed)' if resume else ''}", file=out)
     print("each trial: " + console.trial_text(rs.base, _space_keys(rs)), file=out)
     print("trials: " + console.resources_text(cpus=rs.cpus, gpus=rs.gpus, workers=rs.sweep.workers, asked=asked,
@@ -396,18 +396,19 @@ def run(
     return outcome
 
 
-def _prepare_data(rs: ResolvedSweep, local_root: Path, remote: str | None, out: TextIO) -> None:
+def _prepare_data(rs: ResolvedSweep, local_root: Path, remote: str | None, out: TextIO) -> ResolvedSweep:
     """``data.prepared=auto``: the driver prepares data.dataset once, into the storage's ``prepared/`` (uploaded there
-    with a remote storage), before any trial; every trial then reads those shards and none tokenizes."""
+    with a remote storage), before any trial; every trial then reads those shards and none tokenizes. Returns the
+    sweep whose base names them."""
     if rs.base.get("data.prepared") != AUTO:
-        return
+        return rs
     directory = auto_prepared(config_lib.from_flat(rs.base).data, local_root, out=out)
     where = str(directory)
     if remote:
         where = uri_join(remote, "prepared", directory.name)
         upload_prepared(directory, where)
-    rs.base["data.prepared"] = where
     print(f"data: the trials read the shards prepared in {where}", file=out)
+    return replace(rs, base={**rs.base, "data.prepared": where})
 
 
 class StoppedEarly(Exception):
@@ -435,9 +436,8 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
 
     from lmtune.sweep import resume as resume_protocol
     from lmtune.sweep.callback import ResultsWriter
-    from lmtune.sweep.oom import Ledger
+    from lmtune.sweep.ledger import Ledger
     from lmtune.sweep.schedulers import make_scheduler
-    from lmtune.sweep.search import make_searcher
     from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
 
     ledger = Ledger()  # this run's decisions (scheduler, searcher and results writer share it)
@@ -461,31 +461,31 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         # Tune restores them from its tuner.pkl (the writer) and its searcher snapshot (the searcher's state, into
         # this same object when the run starts)
         writer = next(cb for cb in compat.tuner_callbacks(tuner) if isinstance(cb, ResultsWriter))
-        searcher = resume_protocol.innermost(compat.tuner_search_alg(tuner))
+        searcher = reconciler.searcher
     else:
         limit = rs.base.get("system.memory_limit_gib") or device_memory(rs).get("device_memory_gib")
-        searcher = make_searcher(rs, results_dir, ledger=ledger, limit_gib=limit or None)
-        extra = ["predicted_peak_gib"] if rs.searcher == "frontier" else []
-        total = f"≤{rs.num_trials}" if rs.searcher == "frontier" else rs.num_trials  # the planner skips points
-        writer = ResultsWriter(results_dir, space_keys, rs.metrics, total, ledger=ledger, extra_columns=extra, out=out,
-                               resources=worker_bundle(rs.cpus, rs.gpus), workers=rs.sweep.workers)
+        searcher = rs.kind.build(rs, results_dir, ledger=ledger, limit_gib=limit or None)
+        writer = ResultsWriter(results_dir, space_keys, rs.metrics, rs.kind.total(rs.num_trials), ledger=ledger,
+                               extra_columns=rs.kind.extra_columns, out=out, resources=worker_bundle(rs.cpus, rs.gpus),
+                               workers=rs.sweep.workers)
         concurrency = max_concurrent or _default_concurrency(settings)
+        scheduler = make_scheduler(rs, ledger)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=make_scheduler(rs, ledger), num_samples=rs.num_trials,
+                search_alg=searcher, scheduler=scheduler, num_samples=rs.num_trials,
                 max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name, reuse_actors=reuse_actors,
             ),
             run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=base_uri, callbacks=[writer], verbose=0, log_to_file=True,
+                name=TUNE_DIR, storage_path=base_uri, callbacks=[writer, *scheduler.callbacks()], verbose=0,
+                log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=rs.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-    if rs.searcher == "frontier":
-        writer.planner = searcher  # the rows of the points it never launched, in trials.csv at every write
+    writer.planner = rs.kind.planner(searcher)  # the rows of the points it never launched, at every write of trials.csv
     snapshot.keep_tuner_file(tune_path)
     if resume and max_concurrent:
         print("note: --max-concurrent is fixed when a sweep starts; the resumed run keeps its value.", file=out)
@@ -501,23 +501,21 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         if reconciler:
             reconciler.finish(results_dir)  # Tune could not restore: ConfigError, in one line
     wall = time.perf_counter() - t0
-    if ledger.snapshots:
+    took = ledger.pacing.took
+    if took:
         logging.getLogger("lmtune").info(
             "experiment snapshots (trial added / checkpointed / ended): %d, %.2f s in all, longest %.3f s",
-            len(ledger.snapshots), sum(ledger.snapshots), max(ledger.snapshots))
+            len(took), sum(took), max(took))
 
     # Ctrl-C ends Tune's loop early (the state is saved): trials left running or pending, or fewer than the
-    # sweep asks for (the frontier planner may rightly stop early: its plan says whether it is done).
-    # Tune may mark the trials it stopped TERMINATED, so its counts alone do not say; the trials with a final result
-    # do (seen on a Slurm job's SIGTERM with every trial of a grid created: 6 of 8 finished, the sweep marked done).
+    # searcher meant to run. Tune may mark the trials it stopped TERMINATED, so its counts alone do not say; the
+    # trials with a final result do (seen on a Slurm job's SIGTERM with every trial of a grid created: 6 of 8
+    # finished, the sweep marked done).
     writer.write_csv()
     rows = read_trials_csv(results_dir / TRIALS_CSV)
     ended = sum(r.get("source", "run") == "run" and r.get("status") in STATUSES for r in rows)
-    if rs.searcher == "frontier":
-        planned_more = searcher is not None and hasattr(searcher, "plan") and not searcher.plan.done
-    else:
-        planned_more = len(grid) < rs.num_trials or ended < rs.num_trials
-    interrupted = grid.num_terminated + grid.num_errors < len(grid) or planned_more
+    interrupted = (grid.num_terminated + grid.num_errors < len(grid)
+                   or rs.kind.planned_more(searcher, min(len(grid), ended), rs.num_trials))
     if not interrupted:
         mark_finished(results_dir)
     best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes, space_keys=space_keys,
@@ -550,7 +548,7 @@ def measures_memory(rs: ResolvedSweep) -> bool:
     memory limit or a peak-memory metric is measured in fresh processes.
     """
     keys = set(rs.space) | set(rs.define_by_run_keys)
-    return (rs.searcher == "frontier" or bool(rs.base.get("system.memory_limit_gib"))
+    return (rs.kind.fresh_processes or bool(rs.base.get("system.memory_limit_gib"))
             or "system.memory_limit_gib" in keys or any(m.startswith("peak_") for m in rs.metrics))
 
 

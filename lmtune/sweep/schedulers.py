@@ -1,9 +1,10 @@
 """Tune's schedulers, taught lmtune's trial statuses: ASHA on ``tokens`` (Li et al. 2020, "A System for Massively
-Parallel Hyperparameter Tuning") or FIFO, both recording their decisions in the run's :class:`~lmtune.sweep.oom.Ledger`.
+Parallel Hyperparameter Tuning") or FIFO, both recording their decisions in the run's ledger
+(:mod:`lmtune.sweep.ledger`).
 
 They also keep Tune's experiment snapshot in step with the trials (what ``--resume`` restores; see
 :class:`_RecordsDecisions`) and, after a host-memory kill, run fewer trials at once. ASHA's rungs survive a
-resume (:class:`ASHA`).
+resume (:class:`ASHA`, :class:`RungsInSnapshot`).
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from lmtune.sweep import compat
+from lmtune.sweep.ledger import HoldsLedger, Ledger
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.oom import HoldsLedger, Ledger, classify_trial_error, was_memory_monitor_kill
-from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
+from lmtune.sweep.oom import classify_trial_error, was_memory_monitor_kill
 
 logger = logging.getLogger("lmtune.sweep")
 
 
 class _RecordsDecisions(HoldsLedger):
-    """Mixin: note ASHA's stops and OOM failures in the run's ledger, keep OOM-killed trials from re-running,
-    run fewer trials at once after a host-memory kill, and keep Tune's experiment snapshot in step with the trials
-    (:func:`lmtune.sweep.resume.snapshot_if_due`, at the start of each step of the controller that chooses a trial).
+    """Mixin: note ASHA's stops and OOM failures in the run's ledger (:class:`lmtune.sweep.ledger.TrialDecisions`),
+    keep OOM-killed trials from re-running, run fewer trials at once after a host-memory kill, and keep Tune's
+    experiment snapshot in step with the trials (:class:`lmtune.sweep.ledger.SnapshotPacing`, at the start of each
+    step of the controller that chooses a trial).
 
     Tune calls ``on_trial_error`` both when a failed trial is given up and when it is about to be retried.
     A trial killed by Ray's memory monitor is an OOM, which is a result and must not be retried: it is
@@ -34,19 +37,27 @@ class _RecordsDecisions(HoldsLedger):
     The ledger is the run's (the runner hands it over, again after a restore: it is not pickled with Tune's state).
     """
 
+    max_running: int | None = None
+    """Trials at once, lowered after a host-memory kill (None: what resources and --max-concurrent allow)."""
+
+    def callbacks(self) -> list:
+        """Tune callbacks that carry the scheduler's state in Tune's experiment snapshot (none: it keeps none)."""
+        return []
+
     def on_trial_add(self, tune_controller, trial) -> None:
-        self.ledger.snapshot_due = True
-        if self.ledger.reconciler is not None:  # a resume: Tune adds every trial it restored through here first
-            self.ledger.reconciler.on_restored_trial(compat.controller(tune_controller), trial)
+        self._note_added(tune_controller, trial)
         super().on_trial_add(tune_controller, trial)
 
-    def choose_trial_to_run(self, tune_controller):
-        from lmtune.sweep.resume import snapshot_if_due
+    def _note_added(self, tune_controller, trial) -> None:
+        self.ledger.pacing.trial_event()
+        if self.ledger.reconciler is not None:  # a resume: Tune adds every trial it restored through here first
+            self.ledger.reconciler.on_restored_trial(compat.controller(tune_controller), trial)
 
+    def choose_trial_to_run(self, tune_controller):
         controller = compat.controller(tune_controller)
-        snapshot_if_due(self.ledger, controller)
-        if self.ledger.max_running is not None:  # lowered after a host-memory kill: retried trials wait their turn too
-            if len(compat.started_trials(controller)) >= self.ledger.max_running:
+        self.ledger.pacing.take_if_due(lambda: compat.snapshot_experiment(controller))
+        if self.max_running is not None:  # lowered after a host-memory kill: retried trials wait their turn too
+            if len(compat.started_trials(controller)) >= self.max_running:
                 return None
         return super().choose_trial_to_run(tune_controller)
 
@@ -63,8 +74,8 @@ class _RecordsDecisions(HoldsLedger):
                 message = (f"host memory: Ray's memory monitor killed it while {len(sharing)} other trial(s) ran on "
                            f"its node ({message}); not evidence about its config"
                            + (f"; at most {lowered} trial(s) at once from now on" if lowered else ""))
-        self.ledger.errors[trial.trial_id] = (kind, message)
-        self.ledger.snapshot_due = True
+        self.ledger.decisions.failed(trial.trial_id, kind, message)
+        self.ledger.pacing.trial_event()
         if kind == "oom":
             from lmtune.sweep.trainable import OOM_KILLED_KEY
 
@@ -72,17 +83,17 @@ class _RecordsDecisions(HoldsLedger):
         super().on_trial_error(tune_controller, trial)
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
-        self.ledger.snapshot_due = True
+        self.ledger.pacing.trial_event()
         super().on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self.ledger.snapshot_due = True
+        self.ledger.pacing.trial_event()
         super().on_trial_remove(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP and result.get("status", "running") == "running":
-            self.ledger.pruned[trial.trial_id] = result.get("tokens")
+            self.ledger.decisions.stopped(trial.trial_id, result.get("tokens"))
         return decision
 
     def _lower_concurrency(self, controller, running: int) -> int | None:
@@ -90,14 +101,14 @@ class _RecordsDecisions(HoldsLedger):
         retried trials alike; the new limit, or None when it was one already."""
         from lmtune.sweep.resume import limiter
 
-        current = min(self.ledger.max_running or running, running)
+        current = min(self.max_running or running, running)
         if current <= 1:
             return None
-        self.ledger.max_running = current - 1
+        self.max_running = current - 1
         found = limiter(controller)
         if found is not None:
-            found.max_concurrent = min(found.max_concurrent, self.ledger.max_running)
-        return self.ledger.max_running
+            found.max_concurrent = min(found.max_concurrent, self.max_running)
+        return self.max_running
 
 
 def _node(trial) -> str | None:
@@ -112,32 +123,41 @@ def _trials_sharing_its_node(controller, trial) -> list:
 
 
 class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
-    """ASHA whose rungs survive ``--resume``: Tune saves no scheduler state with its experiment (ray#30838), so
-    the searcher carries it in its own snapshot (:meth:`lmtune.sweep.search.StudySearch.save`, through the ledger's
-    ``scheduler``) and the live scheduler takes it back at its first call after a restore (the ledger's
-    ``scheduler_state``)."""
+    """ASHA whose rungs survive ``--resume``: it saves and restores them itself (:meth:`get_state`,
+    :meth:`set_state`), carried in Tune's experiment snapshot by a callback of its own (:class:`RungsInSnapshot`)."""
 
-    def snapshot_state(self) -> dict:
+    def callbacks(self) -> list:
+        return [RungsInSnapshot(self)]
+
+    def get_state(self) -> dict:
+        """Its rungs (every trial's recorded value per rung), its trial → bracket map and its counters."""
         return compat.asha_state(self)
 
-    def _take_restored_state(self) -> None:
-        state, self.ledger.scheduler_state = self.ledger.scheduler_state, None
-        if state:
-            compat.set_asha_state(self, state)
-            logger.info("asha: rungs restored (%d trial(s) recorded)", len(state["trial_info"]))
+    def set_state(self, state: dict) -> None:
+        compat.set_asha_state(self, state)
+        logger.info("asha: rungs restored (%d trial(s) recorded)", len(state["trial_info"]))
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        self._take_restored_state()
         if compat.asha_knows(self, trial.trial_id):  # restored with its bracket: keep its place, as uninterrupted
-            self.ledger.snapshot_due = True
-            if self.ledger.reconciler is not None:
-                self.ledger.reconciler.on_restored_trial(compat.controller(tune_controller), trial)
+            self._note_added(tune_controller, trial)
             return
         super().on_trial_add(tune_controller, trial)
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        self._take_restored_state()
-        return super().on_trial_result(tune_controller, trial, result)
+
+class RungsInSnapshot(Callback):
+    """Carries ASHA's state in Tune's experiment snapshot. Tune saves no scheduler state with its experiment
+    (ray#30838), but it saves every callback's ``get_state()`` at each snapshot, beside the searcher's state and with
+    the same session's files, and hands it back to ``set_state`` when it restores, before it adds the restored
+    trials (which ASHA then knows, with their rungs)."""
+
+    def __init__(self, scheduler: ASHA):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        return {"asha": self.scheduler.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.set_state(state["asha"])
 
 
 class FIFO(_RecordsDecisions, FIFOScheduler):
@@ -145,10 +165,9 @@ class FIFO(_RecordsDecisions, FIFOScheduler):
 
 
 def make_scheduler(rs: ResolvedSweep, ledger: Ledger) -> ASHA | FIFO:
-    """The sweep's scheduler, recording into ``ledger``."""
+    """The sweep's scheduler, recording into ``ledger`` (its :meth:`callbacks` go to Tune's run config)."""
     scheduler = _make_scheduler(rs)
     scheduler.ledger = ledger
-    ledger.scheduler = scheduler
     return scheduler
 
 
@@ -171,12 +190,7 @@ def max_tokens(rs: ResolvedSweep) -> int:
     """
 
     def top(key: str) -> Any:
-        d = rs.space.get(key)
-        if isinstance(d, (Grid, Choice)):
-            return max(d.values)
-        if isinstance(d, (Uniform, LogUniform, IntRange)):
-            return d.high
-        return rs.base[key]
+        return rs.space[key].largest() if key in rs.space else rs.base[key]
 
     return int(top("train.steps") * top("train.micro_batch_size") * top("train.accumulation_steps")
                * rs.sweep.workers * top("data.seq_len"))

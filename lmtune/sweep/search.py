@@ -1,38 +1,39 @@
 """Searchers: Optuna (TPE / grid / NSGA-II) through Tune's OptunaSearch, and the frontier planner, as Tune searchers.
 
-* :func:`make_searcher` builds the Tune searcher for a resolved sweep: :class:`StudySearch` (an
+* The sweep's kind of searcher (:mod:`lmtune.sweep.searchers`) builds one of them: :class:`StudySearch` (an
   ``OptunaSearch`` whose study lives in ``optuna.db`` next to the results, so ``optuna-dashboard
-  sqlite:///…/optuna.db`` opens it) or :class:`FrontierSearcher` (the planner of :mod:`lmtune.sweep.plan`).
+  sqlite:///…/optuna.db`` opens it) or :class:`FrontierSearcher` (the planner of :mod:`lmtune.sweep.plan`);
+  :func:`make_searcher` asks it.
 * Optuna is told the truth about every trial: ``ok`` → COMPLETE with the metric(s); stopped by ASHA →
   PRUNED (not COMPLETE with a truncated value); ``oom`` → COMPLETE with its memory constraint violated and a
   neutral value; ``diverged`` / ``error`` / ``host_oom`` → FAIL, the status as a user attribute.
 * The trainer's current defaults (the locked defaults) are enqueued first where they lie in the space.
-* What a resume needs of them (mapping restored trials, requeueing orphans) is :mod:`lmtune.sweep.resume`'s.
+* Each agrees with what a resumed sweep restored in its own way (``restored_trial``, ``after_restore``, called by
+  :class:`lmtune.sweep.resume.Reconciler`): the study maps restored trials and requeues orphans, the planner
+  reconciles its plan.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import pickle
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from lmtune.contract import CHECKPOINT_REPORT, STUDY_DB
 from lmtune.sweep import compat
+from lmtune.sweep.domains import Grid, cross
+from lmtune.sweep.ledger import HoldsLedger, Ledger
 from lmtune.sweep.load import ResolvedSweep
-from lmtune.sweep.oom import HoldsLedger, Ledger
 from lmtune.sweep.plan import FINISHED, FrontierPlan
-from lmtune.sweep.spec import Choice, Grid, IntRange, LogUniform, Uniform
+from lmtune.sweep.resume import map_restored, requeue_orphans
 
 MEMORY_CONSTRAINT = "memory_gib"
 """The constraint every trial records in the study: peak memory above what the limit leaves (positive = infeasible)."""
@@ -40,17 +41,7 @@ logger = logging.getLogger("lmtune.sweep")
 
 
 def optuna_distributions(rs: ResolvedSweep) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, d in rs.space.items():
-        if isinstance(d, (Grid, Choice)):
-            out[key] = CategoricalDistribution(list(d.values))
-        elif isinstance(d, Uniform):
-            out[key] = FloatDistribution(d.low, d.high)
-        elif isinstance(d, LogUniform):
-            out[key] = FloatDistribution(d.low, d.high, log=True)
-        elif isinstance(d, IntRange):
-            out[key] = IntDistribution(d.low, d.high, log=d.log)
-    return out
+    return {key: d.distribution() for key, d in rs.space.items()}
 
 
 def _defaults_first(values: list, default: Any) -> list:
@@ -78,7 +69,7 @@ def enqueued_points(rs: ResolvedSweep) -> list[dict[str, Any]]:
     grid = ordered_grid(rs)
     if not grid:
         return [sampled_defaults] if sampled_defaults else []
-    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    points = cross(grid)
     repeats = rs.num_trials // len(points)
     out = [dict(p) for _ in range(repeats) for p in points]
     out[0].update(sampled_defaults)
@@ -88,23 +79,17 @@ def enqueued_points(rs: ResolvedSweep) -> list[dict[str, Any]]:
 def _define_by_run(rs: ResolvedSweep):
     """The sweep's define-by-run function, with the grid axes suggested (and enqueued) first."""
     user = rs.sweep.define_by_run
-    grid = ordered_grid(rs)
-    sampled = optuna_distributions(rs)
+    axes = {**rs.space, **{k: Grid(tuple(v)) for k, v in ordered_grid(rs).items()}}  # the space's order, defaults first
 
     def space(trial):
-        for key, dist in sampled.items():
-            if isinstance(dist, CategoricalDistribution):
-                trial.suggest_categorical(key, list(grid.get(key, dist.choices)))
-            elif isinstance(dist, IntDistribution):
-                trial.suggest_int(key, dist.low, dist.high, log=dist.log)
-            else:
-                trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+        for key, domain in axes.items():
+            domain.suggest(trial, key)
         return user(trial)
 
     return space
 
 
-class _GridSampler(optuna.samplers.GridSampler):
+class OrderedGridSampler(optuna.samplers.GridSampler):
     """GridSampler that walks the grid in product order of the axes as given (defaults first, see
     :func:`ordered_grid`) instead of a shuffled order, and without its end-of-grid ``study.stop()``
     (valid only inside ``study.optimize``; Tune stops after ``num_samples`` = the grid size)."""
@@ -128,13 +113,12 @@ class StudySearch(HoldsLedger, OptunaSearch):
     limit is the trial's ``system.memory_limit_gib``, else the device memory it reported, else ``limit_gib``.
     """
 
-    learns_memory: bool = True
-    """False: no constraints, an OOM told as FAIL (what Optuna's samplers leave out of their model). Only the
-    baseline of ``benchmarks/oom_aware_search.py`` sets it."""
-
     def __init__(self, *args, ledger: Ledger, enqueue: list[dict] | None = None, limit_gib: float | None = None,
-                 headroom_gib: float = 0.0, **kwargs):
+                 headroom_gib: float = 0.0, learns_memory: bool = True, **kwargs):
+        """``learns_memory=False``: no constraints, an OOM told as FAIL (what Optuna's samplers leave out of their
+        model; :attr:`lmtune.sweep.searchers.OptunaKind.learns_memory`)."""
         self.ledger = ledger
+        self.learns_memory = learns_memory
         self._limit_gib = limit_gib
         self._headroom_gib = headroom_gib
         self._feasible: list[list[float]] = []
@@ -175,15 +159,8 @@ class StudySearch(HoldsLedger, OptunaSearch):
         # function (a closure, from a module that is not importable), which only cloudpickle can write.
         import ray.cloudpickle
 
-        state = self.__getstate__()
-        if self.ledger.scheduler is not None and hasattr(self.ledger.scheduler, "snapshot_state"):
-            state["_lmtune_scheduler_state"] = self.ledger.scheduler.snapshot_state()  # ASHA's rungs, with it
         with open(checkpoint_path, "wb") as f:
-            ray.cloudpickle.dump(state, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self.ledger.scheduler_state = self.__dict__.pop("_lmtune_scheduler_state", None)
+            ray.cloudpickle.dump(self.__getstate__(), f)
 
     def suggest(self, trial_id: str):
         suggestion = super().suggest(trial_id)
@@ -196,6 +173,16 @@ class StudySearch(HoldsLedger, OptunaSearch):
     def space_keys(self) -> list[str]:
         space = compat.search_space(self)
         return list(space) if isinstance(space, dict) else []
+
+    # --- a resumed sweep (lmtune.sweep.resume.Reconciler) ---
+
+    def restored_trial(self, trial_id: str, config: dict[str, Any], finished: bool) -> None:
+        """A trial Tune restored: its study trial, found or made (:func:`lmtune.sweep.resume.map_restored`)."""
+        map_restored(self, trial_id, {k: config[k] for k in self.space_keys() if k in config}, finished=finished)
+
+    def after_restore(self, restored: dict[str, tuple[dict[str, Any], bool]], recorded: dict[str, dict[str, Any]]) -> None:
+        """Every restored trial is in: close and requeue the study trials asked after the snapshot."""
+        requeue_orphans(self, set(restored))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Intermediate values for optuna-dashboard's curves, at the tokens seen so far (metric reports only:
@@ -223,7 +210,7 @@ class StudySearch(HoldsLedger, OptunaSearch):
             # Told before an interruption: Tune's last snapshot of this searcher predates it.
             compat.told(self).add(trial_id)
             return
-        status = self.ledger.status_of(trial_id, result, error)
+        status = self.ledger.decisions.status_of(trial_id, result, error)
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [(result or {}).get(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
@@ -253,45 +240,26 @@ class StudySearch(HoldsLedger, OptunaSearch):
             print(f"warning: {STUDY_DB}: could not record trial {trial_id} ({status}): {exc}", file=sys.stderr)
 
 
-def tpe_gamma(n: int) -> int:
-    """How many of ``n`` finished trials TPE models as the good ones: a quarter, at most 25.
-
-    Optuna's default is a tenth, which in a sweep of a few dozen trials is one to three trials; under a memory
-    limit the best of those sit on the edge of what fits, and a model of "good" that narrow proposes configs
-    across the edge about half the time (benchmarks/oom_aware_search.py). Optuna 5 marks the ``gamma`` option
-    deprecated (removal planned for Optuna 6, hence the pin below 6)."""
-    return min(math.ceil(0.25 * n), 25)
-
-
-TPE_OPTIONS: dict[str, Any] = {"gamma": tpe_gamma}
-"""Options of the TPE sampler lmtune builds (the benchmark's baseline empties them: Optuna's defaults)."""
-
-
 def study_storage(results_dir: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{Path(results_dir).resolve() / STUDY_DB}")
 
 
 def make_searcher(rs: ResolvedSweep, results_dir: Path, *, ledger: Ledger | None = None,
                   limit_gib: float | None = None) -> StudySearch | FrontierSearcher:
-    """The Tune searcher for ``rs``; ``results_dir`` holds optuna.db; ``ledger``: the run's (a new one if none)."""
-    if rs.searcher == "frontier":
-        plan = FrontierPlan.from_space(rs.space, rs.frontier, limit_gib=limit_gib)
-        return FrontierSearcher(plan, metric=rs.metric, mode=rs.mode)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if rs.searcher == "grid":
-        sampler = _GridSampler(ordered_grid(rs), seed=rs.sweep.seed)
-    elif rs.searcher == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=rs.sweep.seed)
-    else:
-        with warnings.catch_warnings():  # the deprecation of gamma, said once in tpe_gamma's docstring
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gamma.*")
-            sampler = optuna.samplers.TPESampler(seed=rs.sweep.seed, **TPE_OPTIONS)
+    """The Tune searcher of ``rs``'s kind (:mod:`lmtune.sweep.searchers`); ``results_dir`` holds optuna.db;
+    ``ledger``: the run's (a new one if none)."""
+    return rs.kind.build(rs, results_dir, ledger=ledger or Ledger(), limit_gib=limit_gib)
+
+
+def study_search(rs: ResolvedSweep, results_dir: Path, sampler: optuna.samplers.BaseSampler, *,
+                 enqueue: list[dict[str, Any]], ledger: Ledger, limit_gib: float | None,
+                 learns_memory: bool = True) -> StudySearch:
+    """A :class:`StudySearch` over ``rs``'s space (or its define-by-run function) with ``sampler``."""
     space = _define_by_run(rs) if rs.sweep.define_by_run is not None else optuna_distributions(rs)
-    enqueue = [] if rs.searcher == "grid" else enqueued_points(rs)
     return StudySearch(
         space=space, metric=rs.metric, mode=rs.mode, sampler=sampler, study_name=rs.name,
-        storage=study_storage(results_dir), ledger=ledger or Ledger(), enqueue=enqueue, limit_gib=limit_gib,
-        headroom_gib=rs.frontier.headroom_gib if rs.frontier is not None else 0.0,
+        storage=study_storage(results_dir), ledger=ledger, enqueue=enqueue, limit_gib=limit_gib,
+        headroom_gib=rs.frontier.headroom_gib if rs.frontier is not None else 0.0, learns_memory=learns_memory,
     )
 
 
@@ -325,11 +293,23 @@ class FrontierSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.plan.complete(trial_id, result, error)
 
+    def restored_trial(self, trial_id: str, config: dict[str, Any], finished: bool) -> None:
+        pass  # the plan takes the restored trials all at once, below
+
+    def after_restore(self, restored: dict[str, tuple[dict[str, Any], bool]], recorded: dict[str, dict[str, Any]]) -> None:
+        """Make the plan agree with the trials Tune restored and the rows the driver recorded
+        (:meth:`lmtune.sweep.plan.FrontierPlan.reconcile`)."""
+        for change in self.plan.reconcile(restored, recorded):
+            logger.info("resume: frontier plan: %s", change)
+
     def implied_rows(self) -> list[dict[str, Any]]:
         return self.plan.implied_rows()
 
     def launch_predictions(self) -> dict[str, float | None]:
         return self.plan.launch_predictions()
+
+    def launch_cells(self, trial_id: str) -> dict[str, Any]:
+        return self.plan.launch_cells(trial_id)
 
     def prediction_errors(self) -> list[dict[str, Any]]:
         return self.plan.prediction_errors()

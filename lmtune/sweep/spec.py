@@ -1,7 +1,7 @@
 """What a sweep file declares: ``sweep = Sweep(...)``.
 
-A sweep file reads like the experiment's design. Everything mechanical (Ray, Optuna, OOM handling,
-tables) lives in lmtune. This module does not import ray or optuna, so a sweep file can be loaded and
+A sweep file reads like the experiment's design (its space's axes are :mod:`lmtune.sweep.domains`). Everything
+mechanical (Ray, Optuna, OOM handling, tables) lives in lmtune. This module does not import ray or optuna, so a sweep file can be loaded and
 validated (and rejected with exit code 2) before any cluster resources are used.
 
 Example::
@@ -21,68 +21,21 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
-# --- search-space domains -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Every value is tried (crossed with the other grid axes)."""
-
-    values: tuple
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A categorical the searcher samples from."""
-
-    values: tuple
-
-
-@dataclass(frozen=True)
-class Uniform:
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
-class LogUniform:
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
-class IntRange:
-    """Integers in [low, high], optionally on a log scale."""
-
-    low: int
-    high: int
-    log: bool = False
-
-
-Domain = Grid | Choice | Uniform | LogUniform | IntRange
-
-
-def grid(values: Sequence) -> Grid:
-    return Grid(tuple(values))
-
-
-def choice(values: Sequence) -> Choice:
-    return Choice(tuple(values))
-
-
-def uniform(low: float, high: float) -> Uniform:
-    return Uniform(float(low), float(high))
-
-
-def loguniform(low: float, high: float) -> LogUniform:
-    return LogUniform(float(low), float(high))
-
-
-def randint(low: int, high: int, log: bool = False) -> IntRange:
-    return IntRange(int(low), int(high), log)
-
+from lmtune.sweep.domains import (
+    Choice,
+    Domain,
+    Grid,
+    IntRange,
+    LogUniform,
+    Uniform,
+    choice,
+    grid,
+    loguniform,
+    randint,
+    uniform,
+)
 
 # --- the sweep declaration ------------------------------------------------------------------------
 
@@ -135,8 +88,9 @@ class Sweep:
     metric: str | list[str] = "val_loss"
     """A metric the trainer reports (DESIGN.md names), or several for a Pareto front."""
     mode: Literal["min", "max"] | list[Literal["min", "max"]] = "min"
-    searcher: Literal["tpe", "grid", "nsga2", "frontier"] = "tpe"
-    """Optuna TPE, Optuna grid (every grid point once), NSGA-II (several metrics), or the frontier planner."""
+    searcher: str = "tpe"
+    """A kind of :mod:`lmtune.sweep.searchers`: ``tpe`` (Optuna TPE), ``grid`` (Optuna's grid: every grid point
+    once), ``nsga2`` (NSGA-II, several metrics) or ``frontier`` (the frontier planner)."""
     num_samples: int = 16
     """Trials for tpe/nsga2; ignored by grid and frontier (the grid size decides)."""
     scheduler: Literal["asha", "none"] = "none"
@@ -166,3 +120,7 @@ class Sweep:
     seed: int = 0
     """Seed of the searcher."""
     description: str = ""
+
+
+__all__ = ["Choice", "Domain", "Frontier", "Grid", "IntRange", "LogUniform", "Smoke", "Sweep", "Uniform", "choice",
+           "grid", "loguniform", "randint", "uniform"]
