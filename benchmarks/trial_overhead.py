@@ -49,7 +49,7 @@ def measure(name: str, trials: int) -> dict:
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = c["health_check_s"]
     from lmtune.sweep import TINY_CPU, Sweep, grid
     from lmtune.sweep.load import resolve
-    from lmtune.sweep.runner import run
+    from lmtune.sweep.runner import Probe, run
 
     sweep = Sweep(
         name=f"overhead-{name.replace('.', '')}", workers=c["workers"],
@@ -59,16 +59,16 @@ def measure(name: str, trials: int) -> dict:
     )
     rs = resolve(sweep, __file__)
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
-        out = run(rs, storage=tmp, max_concurrent=1, wandb=False, ray_train=c["ray_train"], render=False, out=quiet,
-                  reuse_actors=c.get("reuse_actors", False))
-    ends = sorted((t, tid) for tid, t in out.trial_end.items())
-    per_trial, prev = [], out.fit_start
+        probe = Probe(ray_train=c["ray_train"], reuse_actors=c.get("reuse_actors", False))
+        out = run(rs, storage=tmp, max_concurrent=1, wandb=False, render=False, out=quiet, probe=probe)
+    ends = sorted((t, tid) for tid, t in probe.trial_end.items())
+    per_trial, prev = [], probe.fit_start
     for t, tid in ends:
-        per_trial.append((t - prev) - out.time_in_trainer_s.get(tid, 0.0))
+        per_trial.append((t - prev) - probe.time_in_trainer_s.get(tid, 0.0))
         prev = t
     statuses = sorted({r["status"] for r in out.rows})
     return {"name": name, "trials": len(ends), "statuses": statuses, "wall_s": out.wall_s,
-            "trainer_s": sum(out.time_in_trainer_s.values()), "overhead_s": per_trial,
+            "trainer_s": sum(probe.time_in_trainer_s.values()), "overhead_s": per_trial,
             "median_s": statistics.median(per_trial), "mean_s": statistics.fmean(per_trial)}
 
 

@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     to.mkdir(parents=True, exist_ok=True)
     name = export(cfg.model, state["model"], rows, cfg.data.tokenizer, to)
     note = "" if cfg.data.tokenizer == "gpt2" else f" (data.tokenizer={cfg.data.tokenizer}: no tokenizer files written)"
-    print(f"exported {checkpoint} (step {state['step']}) as {name} to {to}{note}\n"
-          f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(to)!r})\n"
-          f"evaluate it: lm_eval --model hf --model_args pretrained={to} --tasks hellaswag")
+    for line in (f"exported {checkpoint} (step {state['step']}) as {name} to {to}{note}",
+                 f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(to)!r})",
+                 f"evaluate it: lm_eval --model hf --model_args pretrained={to} --tasks hellaswag"):
+        print(line)
     return 0
 
 

@@ -155,18 +155,38 @@ def sweep_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+_WAIT_FOR_NODES = '''import sys, time, ray
+address, want = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 300
+while True:
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        break
+    except Exception:
+        if time.monotonic() > deadline:
+            sys.exit("lmtune.slurm: the Ray head did not start")
+        time.sleep(2)
+while sum(n["Alive"] for n in ray.nodes()) < want:
+    if time.monotonic() > deadline:
+        sys.exit(f"lmtune.slurm: {sum(n['Alive'] for n in ray.nodes())} of {want} Ray nodes joined in 300 s")
+    time.sleep(1)
+print(f"lmtune.slurm: {want} Ray node(s) up at {address}; dashboard: ssh -L 8265:127.0.0.1:8265 <head node>, "
+      f"then http://127.0.0.1:8265")
+'''
+"""The script's wait for its Ray nodes (Python, run on the first node)."""
+
+
 def script(args: argparse.Namespace, partition: str, name: str, log_dir: Path, again: str) -> str:
-    """The batch script (bash)."""
+    """The batch script (bash): its directives and set-up, a Ray node on every node of the job, the sweep, and
+    what follows a stop."""
     py = sys.executable
     ray = str(Path(py).with_name("ray"))
-    gpus = f"--num-gpus={args.gpus_per_node}" if args.gpus_per_node else "--num-gpus=0"
     directives = [f"--job-name=lmtune-{name}", f"--nodes={args.nodes}", "--ntasks-per-node=1", f"--time={args.time}",
                   f"--partition={partition}", f"--output={log_dir}/%x-%j.out", "--open-mode=append",
                   f"--signal=B:TERM@{args.signal_seconds}"]
     directives += [f"--cpus-per-task={args.cpus_per_node}"] if args.cpus_per_node else []
     directives += [f"--gpus-per-node={args.gpus_per_node}"] if args.gpus_per_node else []
     directives += args.sbatch
-    sweep = " ".join(shlex.quote(a) for a in sweep_args(args))
     resume = "1" if args.resume else ""
     return f"""#!/bin/bash
 {chr(10).join(f"#SBATCH {d}" for d in directives)}
@@ -192,7 +212,14 @@ echo "lmtune.slurm: job $SLURM_JOB_ID, attempt $ATTEMPT, nodes $SLURM_JOB_NODELI
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 head=${{nodes[0]}}
 cpus=${{SLURM_CPUS_ON_NODE:-1}}
-head_ip=$(srun --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk '{{print $1}}')
+""" + _ray_nodes(args) + _sweep_then_requeue(args, again)
+
+
+def _ray_nodes(args: argparse.Namespace) -> str:
+    """The script's Ray cluster: a head on the job's first node, a worker on each other one, and a wait until all
+    have joined."""
+    gpus = f"--num-gpus={args.gpus_per_node}" if args.gpus_per_node else "--num-gpus=0"
+    return f"""head_ip=$(srun --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk '{{print $1}}')
 port=$(srun --nodes=1 --ntasks=1 -w "$head" "$PY" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 steps=()
 # One Ray node per Slurm node, its temp dir on that node's local disk; --block keeps it a Slurm step that the job ends.
@@ -206,25 +233,15 @@ for i in $(seq 1 $(( ${{#nodes[@]}} - 1 ))); do
     steps+=($!)
 done
 "$PY" - "$head_ip:$port" "${{#nodes[@]}}" <<'WAIT'
-import sys, time, ray
-address, want = sys.argv[1], int(sys.argv[2])
-deadline = time.monotonic() + 300
-while True:
-    try:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        break
-    except Exception:
-        if time.monotonic() > deadline:
-            sys.exit("lmtune.slurm: the Ray head did not start")
-        time.sleep(2)
-while sum(n["Alive"] for n in ray.nodes()) < want:
-    if time.monotonic() > deadline:
-        sys.exit(f"lmtune.slurm: {{sum(n['Alive'] for n in ray.nodes())}} of {{want}} Ray nodes joined in 300 s")
-    time.sleep(1)
-print(f"lmtune.slurm: {{want}} Ray node(s) up at {{address}}; dashboard: ssh -L 8265:127.0.0.1:8265 <head node>, "
-      f"then http://127.0.0.1:8265")
-WAIT
-rc=$?
+{_WAIT_FOR_NODES}WAIT
+"""
+
+
+def _sweep_then_requeue(args: argparse.Namespace, again: str) -> str:
+    """The script's sweep against that cluster, and after it: Ray stopped, and a stopped sweep requeued (or how to
+    continue it)."""
+    sweep = " ".join(shlex.quote(a) for a in sweep_args(args))
+    return f"""rc=$?
 if [ -n "$stop" ]; then
     rc=143  # stopped before the sweep began: the next job starts it
 elif [ "$rc" = 0 ]; then
@@ -247,6 +264,8 @@ elif [ "$rc" = 0 ]; then
 fi
 exit $rc
 """
+
+
 
 
 @user_errors_exit_2
@@ -272,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(text)
     path.chmod(0o755)
     job = _run(["sbatch", "--parsable", str(path)]).strip().split(";")[0]
-    print(f"submitted job {job}: {args.nodes} node(s) of partition {partition}, time limit {args.time}\n"
-          f"  script: {path}\n  log:    {log_dir}/lmtune-{rs.name}-{job}.out (tail -f it; squeue -j {job})\n"
-          f"  results: {args.storage}")
+    said = {"script": path, "log": f"{log_dir}/lmtune-{rs.name}-{job}.out (tail -f it; squeue -j {job})",
+            "results": args.storage}
+    print(f"submitted job {job}: {args.nodes} node(s) of partition {partition}, time limit {args.time}")
+    print("\n".join(f"  {what + ':':<8} {where}" for what, where in said.items()))
     return 0
 
 

@@ -315,9 +315,9 @@ def test_a_killed_clusters_leftover_address_does_not_stall_an_embedded_sweep(clu
     # A task on the sweep's embedded Ray asks the state API what Ray Train's cleaner asks (lmtune's own start)
     code = textwrap.dedent("""
         import io, pathlib, sys, ray
-        from lmtune.sweep.runner import _prepare_env, _start_ray
+        from lmtune.sweep.cluster import prepare_env, start_ray
         pathlib.Path(sys.argv[1]).mkdir()
-        _start_ray(None, _prepare_env(embedded=True), pathlib.Path(sys.argv[1]), io.StringIO())
+        start_ray(None, prepare_env(embedded=True), pathlib.Path(sys.argv[1]), io.StringIO())
 
         @ray.remote(num_cpus=0)
         def ask():

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from lmtune.config import ConfigError
-from lmtune.sweep.plan import FINISHED, FrontierPlan, prediction_summary, simulate
+from lmtune.sweep.findings import prediction_summary
+from lmtune.sweep.plan import FINISHED, FrontierPlan, simulate
 from lmtune.sweep.spec import Frontier, Grid, loguniform
 
 X, B = "train.micro_batch_size", "train.ac_budget"

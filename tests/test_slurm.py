@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_module
+from tests.helpers import wait_for
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
 needs_slurm = pytest.mark.skipif(any(shutil.which(d) is None for d in DAEMONS) or os.geteuid() != 0,
@@ -113,12 +114,19 @@ def _wait_for(path_glob: Path, text: str, timeout: float) -> str:
     raise AssertionError(f"{text!r} not in the job logs after {timeout:.0f} s:\n{logs[-3000:]}")
 
 
+def _jobs() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+
+
 @needs_slurm
 @pytest.mark.slow
-def test_a_job_ended_by_its_time_limit_is_requeued_and_the_next_job_completes_the_sweep(slurm, tmp_path):
-    """Two Slurm nodes, one Ray node each. The first job's time limit (1 min, SIGTERM 50 s ahead) stops the sweep
-    mid-way with its state saved; the job requeues itself, and the next job finishes it with --resume: one row per
-    configuration, every finished trial of the first job kept, not trained again."""
+def test_a_job_signalled_ahead_of_its_time_limit_is_requeued_and_the_next_job_completes_the_sweep(slurm, tmp_path):
+    """Two Slurm nodes, one Ray node each. The first job gets the signal its time limit sends ahead of the end
+    (--signal=B:TERM: SIGTERM to the batch shell) once a trial has finished, and stops the sweep mid-way with its state
+    saved; the job requeues itself, and the next job finishes it with --resume: one row per configuration, every
+    finished trial of the first job kept, not trained again. The signal is sent as the time limit sends it
+    (``scancel --signal=TERM --batch``) rather than waited for: Slurm's own comes up to a minute early (the resolution
+    of its event handling), before any trial has finished on a loaded machine."""
     sweep = tmp_path / "long.py"
     sweep.write_text(textwrap.dedent("""
         from lmtune.sweep import TINY_CPU, Sweep, grid
@@ -127,26 +135,39 @@ def test_a_job_ended_by_its_time_limit_is_requeued_and_the_next_job_completes_th
                       space={"train.seed": grid(list(range(8)))}, metric="val_loss", mode="min")
     """))
     storage = tmp_path / "results"
-    proc = run_module("lmtune.slurm", str(sweep), "--nodes", "2", "--time", "00:01:00", "--signal-seconds", "50",
+    before_jobs = _jobs()
+    proc = run_module("lmtune.slurm", str(sweep), "--nodes", "2", "--time", "00:10:00", "--signal-seconds", "60",
                       "--requeue", "--no-wandb", "--storage", str(storage), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "submitted job" in proc.stdout
-    first = _wait_for(storage / "slurm" / "lmtune-slurm-long-*.out", "requeued as job", 200)
-    (run,) = storage.glob("1-slurm-long-*")
-    with open(run / "trials.csv", newline="") as f:  # read before the next job has its Ray up (~15 s)
-        done_first = {r["trial_id"] for r in csv.DictReader(f) if r["status"] == "ok"}
-    before = {t: (run / "trials" / t / "metrics.jsonl").read_text() for t in done_first}
-    assert "SIGTERM (the time limit or a preemption is near)" in first and 0 < len(done_first) < 8, first[-3000:]
-    logs = _wait_for(storage / "slurm" / "lmtune-slurm-long-*.out", "lmtune.slurm: the sweep is done", 400)
-    assert "SIGTERM (the time limit or a preemption is near)" in logs
+    job = proc.stdout.split("submitted job ")[1].split(":")[0]
+    try:
+        wait_for(lambda: any(r["status"] == "ok" for r in _rows(storage)), timeout=300, what="a trial finished")
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
+        first = _wait_for(storage / "slurm" / "lmtune-slurm-long-*.out", "requeued as job", 200)
+        (run,) = storage.glob("1-slurm-long-*")
+        with open(run / "trials.csv", newline="") as f:  # read before the next job has its Ray up (~15 s)
+            done_first = {r["trial_id"] for r in csv.DictReader(f) if r["status"] == "ok"}
+        before = {t: (run / "trials" / t / "metrics.jsonl").read_text() for t in done_first}
+        assert "SIGTERM (the time limit or a preemption is near)" in first and 0 < len(done_first) < 8, first[-3000:]
+        logs = _wait_for(storage / "slurm" / "lmtune-slurm-long-*.out", "lmtune.slurm: the sweep is done", 400)
+    finally:
+        for left in _jobs() - before_jobs:  # a failed check leaves no job running into the next test
+            subprocess.run(["scancel", left], capture_output=True)
     assert "requeued as job" in logs and "attempt 2" in logs
     with open(run / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["train.seed"]) for r in rows) == list(range(8)) and {r["status"] for r in rows} == {"ok"}
     assert len({r["node_id"] for r in rows}) >= 2  # trials ran on both Slurm nodes' Ray nodes (new ids each job)
-    # a trial finished before the limit was not trained again: its reports are those of the first job, unchanged
+    # a trial finished before the signal was not trained again: its reports are those of the first job, unchanged
     assert {t: (run / "trials" / t / "metrics.jsonl").read_text() for t in done_first} == before
     assert all(json.loads((run / "trials" / t / "summary.json").read_text())["step"] == 150 for t in done_first)
+
+
+def _rows(storage: Path) -> list[dict[str, str]]:
+    for path in storage.glob("1-slurm-long-*/trials.csv"):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    return []
 
 
 @needs_slurm
@@ -156,12 +177,13 @@ def test_a_job_ended_by_its_time_limit_is_requeued_and_the_next_job_completes_th
     (["--time", "soon"], "--time soon is not accepted: expected [D-]HH:MM:SS or minutes"),
 ])
 def test_what_slurm_would_refuse_is_one_line_before_anything_is_submitted(slurm, tmp_path, args, says):
+    before = _jobs()
     proc = run_module("lmtune.slurm", str(REPO / "sweeps" / "weight_decay.py"), "--smoke", *args,
                       "--storage", str(tmp_path / "r"), cwd=tmp_path)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and says in err[0], proc.stderr
-    assert "JOBID" in subprocess.run(["squeue"], capture_output=True, text=True).stdout
-    assert len(subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip().splitlines()) == 0
+    assert "JOBID" in subprocess.run(["squeue"], capture_output=True, text=True).stdout  # squeue answers
+    assert _jobs() == before  # nothing was submitted
 
 
 @needs_slurm

@@ -17,7 +17,8 @@ from lmtune.sweep.load import resolve
 from lmtune.sweep.oom import classify, first_line
 from lmtune.sweep.resume import requeue_orphans
 from lmtune.sweep.schedulers import make_scheduler, max_tokens
-from lmtune.sweep.search import enqueued_points, make_searcher, ordered_grid
+from lmtune.sweep.search import enqueued_points, ordered_grid
+from lmtune.sweep.searchers import make_searcher
 
 
 def test_oom_classification_sees_through_wrappers():
@@ -630,7 +631,7 @@ def test_a_new_searcher_is_one_registered_kind(tmp_path, monkeypatch):
 
     rs = resolve(Sweep(name="r", base=dict(TINY_CPU), space={"train.lr": loguniform(1e-4, 1e-2)}, searcher="random",
                        num_samples=3), "r.py")
-    assert rs.searcher_text == "random" and rs.num_trials == 3 and rs.kind.keeps_study
+    assert rs.searcher_text == "random" and rs.num_trials == 3 and searchers.kind_of(rs).keeps_study
     searcher = make_searcher(rs, tmp_path)
     assert isinstance(searcher.study.sampler, optuna.samplers.RandomSampler)
     assert searcher.suggest("r1") == {"train.lr": 6e-4}  # the locked default first, as with any study

@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per section, TOML files, ``section.key=value`` overrides.
 
-- :mod:`lmtune.config.schema`: the sections (every field documented by the string literal under it), their
-  ``section.key`` names, coercion of TOML and command-line values, validation, :class:`ConfigError`;
+- :mod:`lmtune.config.schema`: the sections (every field documented by the string literal under it), the rules
+  between fields, :class:`ConfigError`;
+- :mod:`lmtune.config.keys`: their ``section.key`` names, coercion of TOML and command-line values, overrides;
 - :mod:`lmtune.config.layering`: TOML files, the locked-defaults files (lookup order, provenance), and
   :func:`resolve`/:func:`load`, which lay built-in defaults < locked defaults < config files < overrides;
 - :mod:`lmtune.config.listing`: :func:`describe`, the ``--describe`` listing.
@@ -13,6 +14,7 @@ This package imports only the standard library. It hands on the names of its mod
 ``from lmtune.config import ConfigError``, ...).
 """
 
+from lmtune.config.keys import accepted, all_keys, apply, check_key, coerce, from_flat, parse_overrides
 from lmtune.config.layering import (
     LOCKED_ENV,
     PROJECT_LOCKED,
@@ -35,13 +37,6 @@ from lmtune.config.schema import (
     ModelConfig,
     SystemConfig,
     TrainConfig,
-    accepted,
-    all_keys,
-    apply,
-    check_key,
-    coerce,
-    from_flat,
-    parse_overrides,
     validate,
 )
 

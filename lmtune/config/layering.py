@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmtune.config.schema import SECTIONS, Config, ConfigError, all_keys, apply, field_of, parse_overrides, validate
+from lmtune.config.keys import all_keys, apply, field_of, parse_overrides
+from lmtune.config.schema import SECTIONS, Config, ConfigError, validate
 
 SHIPPED_LOCKED = Path(__file__).parent.with_name("locked_defaults.toml")
 PROJECT_LOCKED = Path("lmtune.locked.toml")

@@ -12,7 +12,8 @@ import ast
 import dataclasses
 import inspect
 
-from lmtune.config.schema import SECTIONS, Config, accepted
+from lmtune.config.keys import accepted
+from lmtune.config.schema import SECTIONS, Config
 
 
 def describe(cfg: Config | None = None, sources: dict[str, str] | None = None) -> str:

@@ -27,27 +27,19 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmtune.config import ConfigError
-from lmtune.data.corpora import (
-    FILE_SUFFIXES,
-    LINE_REPOS,
-    builtin_documents,
-    expand_files,
-    files_identity,
-    hub_failure,
-    hub_reachable,
-    resolve_hub,
-)
+from lmtune.data.corpora import FILE_SUFFIXES
+from lmtune.data.documents import Source, source
+from lmtune.data.progress import Progress
 from lmtune.data.shards import Index, ShardInfo, write_shard
 from lmtune.data.tokenizers import get_tokenizer, gpt2_encoding
 
@@ -57,112 +49,6 @@ CHUNK_CHARS = 1 << 20
 """Text handed to a worker at a time."""
 STATE_DIR = ".prepare"
 HASH_BUCKETS = 1 << 32
-
-
-# --- documents, streamed -----------------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """A dataset's documents as a stream: ``(split, text)`` with split ``val``, ``train``, or None (held out by
-    hash), in one order that is the same on every run."""
-
-    name: str
-    identity: dict[str, Any]
-    has_validation: bool
-    stream: Any = field(repr=False)
-    """A callable returning a fresh iterator of (split, text)."""
-
-
-def _iter_files(paths: list[Path], split: str | None) -> Iterator[tuple[str | None, str]]:
-    for path in paths:
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
-            if text:
-                yield split, text
-        elif suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            text = json.loads(line)["text"]
-                        except (ValueError, KeyError, TypeError):
-                            raise ConfigError(f"{path} line {lineno}: not a JSON object with a \"text\" string.") from None
-                        if text:
-                            yield split, text
-        else:
-            import pyarrow.parquet as pq
-
-            reader = pq.ParquetFile(path)
-            if "text" not in reader.schema_arrow.names:
-                raise ConfigError(f"{path} has no \"text\" column (columns: {', '.join(reader.schema_arrow.names)}).")
-            for batch in reader.iter_batches(batch_size=1024, columns=["text"]):
-                for text in batch.column("text").to_pylist():
-                    if text:
-                        yield split, text
-
-
-_ARTICLE = re.compile(r"^ = [^=].* = \n$")
-
-
-def _articles(rows: Iterator[str]) -> Iterator[str]:
-    """Rows that are the lines of one text (WikiText) → its articles, each opening with its ``= Title =`` line."""
-    lines: list[str] = []
-    for row in rows:
-        line = row or "\n"
-        if _ARTICLE.match(line) and any(ln.strip() for ln in lines):
-            yield "".join(lines)
-            lines = []
-        lines.append(line)
-    if any(ln.strip() for ln in lines):
-        yield "".join(lines)
-
-
-def source(dataset: str, files: list[str] | None = None) -> Source:
-    """The document stream of ``dataset``: ``builtin``, ``files`` (with ``files``), or a hub dataset (an alias, a
-    repo ``org/name[:config]``, or a local directory laid out like the hub repository, read through ``datasets``
-    with ``streaming=True``)."""
-    if dataset == "builtin":
-        docs = builtin_documents()
-        return Source("builtin", {"builtin": sys.version}, False, lambda: ((None, d) for d in docs))
-    if dataset == "files":
-        paths = expand_files(files or [], "data.files")
-        return Source("files", {"files": files_identity(paths)}, False, lambda: _iter_files(paths, None))
-    if dataset not in ("builtin", "files") and files:
-        raise ConfigError(f"--files is for DATASET=files, not {dataset!r}.")
-    src = resolve_hub(dataset)
-    import datasets
-
-    if not src.local and not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
-        raise hub_failure(src, "the hub is not reachable (no network?)")
-    try:
-        splits = datasets.load_dataset(src.repo, src.config, streaming=True)
-    except Exception as e:
-        raise hub_failure(src, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
-    if "train" not in splits:
-        raise ConfigError(f"DATASET={dataset!r} has no 'train' split (splits: {', '.join(splits)}).")
-    lines = src.repo in LINE_REPOS or any(Path(src.repo).parts[-2:] == tuple(r.split("/")) for r in LINE_REPOS)
-
-    def rows(split: str) -> Iterator[str]:
-        for batch in splits[split].iter(batch_size=1024):
-            if "text" not in batch:
-                raise ConfigError(f"DATASET={dataset!r}: split {split!r} has no \"text\" column "
-                                  f"(columns: {', '.join(batch)}).")
-            yield from batch["text"]
-
-    def stream() -> Iterator[tuple[str | None, str]]:
-        for split, label in (("validation", "val"), ("train", "train")):
-            if split == "validation" and "validation" not in splits:
-                continue
-            texts = _articles(rows(split)) if lines else (t for t in rows(split) if t)
-            held = label if "validation" in splits else None
-            yield from ((held, t) for t in texts)
-
-    identity: dict[str, Any] = {"hub": src.repo, "config": src.config}
-    if src.local:
-        identity["files"] = files_identity(sorted(p for p in Path(src.repo).rglob("*") if p.is_file()))
-    return Source(dataset, identity, "validation" in splits, stream)
 
 
 # --- tokenizing, in worker processes ---------------------------------------------------------------------
@@ -327,43 +213,6 @@ class Settings:
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Progress:
-    """Tokens, MB/s and, with a token budget, an ETA: a bar on a terminal, a line every 30 s in a log."""
-
-    def __init__(self, total: int, done: int, stream=sys.stderr):
-        self.total, self.stream, self.t0 = total, stream, time.monotonic()
-        self.bytes = 0
-        self.tokens = done
-        self.last = self.t0
-        self.bar = None
-        if stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total or None, initial=done, unit="tok", unit_scale=True, desc="prepare",
-                            file=stream, dynamic_ncols=True)
-
-    def update(self, tokens: int, nbytes: int) -> None:
-        self.tokens += tokens
-        self.bytes += nbytes
-        now = time.monotonic()
-        mb_s = self.bytes / 1e6 / max(now - self.t0, 1e-9)  # characters of text: bytes for most of it
-        if self.bar is not None:
-            self.bar.update(tokens)
-            self.bar.set_postfix_str(f"{mb_s:.1f} MB/s of text", refresh=False)
-        elif now - self.last >= 30:
-            self.last = now
-            eta = ""
-            if self.total:
-                rate = (self.tokens) / max(now - self.t0, 1e-9)
-                eta = f", ETA {max(0, self.total - self.tokens) / max(rate, 1e-9):.0f} s"
-            print(f"prepare: {self.tokens:,} training tokens, {mb_s:.1f} M characters/s{eta}", file=self.stream,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def prepare(src: Source, out: Path, settings: Settings, *, progress: bool = True) -> Index:
     """Prepare ``src`` into ``out`` (see the module docstring); returns the complete index."""
     with _locked(out):
@@ -375,42 +224,20 @@ def prepare(src: Source, out: Path, settings: Settings, *, progress: bool = True
 
 def _prepare(src: Source, out: Path, settings: Settings, progress: bool) -> Index:
     tok = get_tokenizer(settings.tokenizer)
-    eot = tok.eot
     state_dir = out / STATE_DIR
     state_dir.mkdir(exist_ok=True)
     for leftover in out.glob(".*.tmp"):  # a shard or index being written when a prepare was killed
         leftover.unlink()
     fingerprint = settings.fingerprint(src.identity)
     prefix = re.sub(r"[^A-Za-z0-9]+", "-", src.name.split("/")[-1]).strip("-").lower() or "data"
-    writers = {split: SplitWriter(out, prefix, split, settings.shard_tokens, tok.vocab_size, eot)
+    writers = {split: SplitWriter(out, prefix, split, settings.shard_tokens, tok.vocab_size, tok.eot)
                for split in ("train", "val")}
-    done_docs = 0
-    state_file = state_dir / "state.json"
-    if state_file.is_file():
-        saved = json.loads(state_file.read_text())
-        if saved["fingerprint"] == fingerprint:
-            done_docs = saved["documents"]
-            for split, w in writers.items():
-                w.restore(state_dir, saved["splits"][split])
-        else:  # another dataset or other settings: what is there is not ours to continue
-            raise ConfigError(f"{out} holds an unfinished prepare of another dataset or with other settings; "
-                              f"choose another --out or remove {out}.")
+    done_docs = _restore(out, writers, fingerprint)
     bar = Progress(settings.max_tokens, writers["train"].tokens) if progress else None
     stream = src.stream()
     for _ in range(done_docs):  # what the saved state already holds
         next(stream)
     budget = settings.max_tokens or None
-
-    def save() -> None:
-        splits = {s: w.state(state_dir, done_docs) for s, w in writers.items()}
-        tmp = state_dir / "state.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "documents": done_docs, "splits": splits}))
-        os.replace(tmp, state_file)  # the one step that moves the saved state forward
-        kept = {v["partial"] for v in splits.values()}
-        for old in state_dir.glob("*.partial.*.npy"):
-            if old.name not in kept:
-                old.unlink()
-
     for split, ids, held, chars in tokenized(stream, settings.tokenizer, settings.workers, settings.val_fraction):
         if split is None:  # no validation split: held out by hash, until val_tokens are
             split = "val" if held and writers["val"].tokens < settings.val_tokens else "train"
@@ -424,13 +251,45 @@ def _prepare(src: Source, out: Path, settings: Settings, progress: bool) -> Inde
         if bar is not None:
             bar.update(len(ids) if split == "train" else 0, chars)
         if wrote:
-            save()
+            _save(state_dir, writers, fingerprint, done_docs)
         if budget is not None and writers["train"].tokens >= budget:
             break
     for w in writers.values():
         w.flush()
     if bar is not None:
         bar.close()
+    return _finish(src, out, tok, writers, settings)
+
+
+def _restore(out: Path, writers: dict[str, SplitWriter], fingerprint: str) -> int:
+    """The documents an unfinished prepare of the same dataset and settings already holds (its writers restored
+    to where its state was saved); 0 without one."""
+    state_dir = out / STATE_DIR
+    state_file = state_dir / "state.json"
+    if not state_file.is_file():
+        return 0
+    saved = json.loads(state_file.read_text())
+    if saved["fingerprint"] != fingerprint:  # another dataset or other settings: what is there is not ours to continue
+        raise ConfigError(f"{out} holds an unfinished prepare of another dataset or with other settings; "
+                          f"choose another --out or remove {out}.")
+    for split, w in writers.items():
+        w.restore(state_dir, saved["splits"][split])
+    return saved["documents"]
+
+
+def _save(state_dir: Path, writers: dict[str, SplitWriter], fingerprint: str, done_docs: int) -> None:
+    splits = {s: w.state(state_dir, done_docs) for s, w in writers.items()}
+    tmp = state_dir / "state.json.tmp"
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "documents": done_docs, "splits": splits}))
+    os.replace(tmp, state_dir / "state.json")  # the one step that moves the saved state forward
+    kept = {v["partial"] for v in splits.values()}
+    for old in state_dir.glob("*.partial.*.npy"):
+        if old.name not in kept:
+            old.unlink()
+
+
+def _finish(src: Source, out: Path, tok: Any, writers: dict[str, SplitWriter], settings: Settings) -> Index:
+    """The complete index written (the saved state removed)."""
     if not writers["train"].shards:
         raise ConfigError(f"DATASET={src.name!r}: no training text.")
     how = ("its validation split" if src.has_validation
@@ -439,7 +298,7 @@ def _prepare(src: Source, out: Path, settings: Settings, progress: bool) -> Inde
                   splits={s: w.shards for s, w in writers.items() if w.shards}, complete=True,
                   validation=f"{how}, at most {settings.val_tokens:,} tokens")
     index.write(out)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return index
 
 

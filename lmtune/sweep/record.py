@@ -12,7 +12,7 @@ from lmtune import __version__
 from lmtune.config import ConfigError
 from lmtune.contract import SWEEP_JSON
 from lmtune.results.layout import read_json, write_json
-from lmtune.sweep.load import ResolvedSweep
+from lmtune.sweep.resolved import ResolvedSweep
 
 
 def sweep_json(rs: ResolvedSweep, results_dir: Path) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from lmtune.sweep import compat
 from lmtune.sweep.ledger import HoldsLedger, Ledger
-from lmtune.sweep.load import ResolvedSweep
 from lmtune.sweep.oom import classify_trial_error, was_memory_monitor_kill
+from lmtune.sweep.resolved import ResolvedSweep
 
 logger = logging.getLogger("lmtune.sweep")
 

@@ -31,8 +31,8 @@ from lmtune.contract import CHECKPOINT_REPORT, STUDY_DB
 from lmtune.sweep import compat
 from lmtune.sweep.domains import Grid, cross
 from lmtune.sweep.ledger import HoldsLedger, Ledger
-from lmtune.sweep.load import ResolvedSweep
 from lmtune.sweep.plan import FINISHED, FrontierPlan
+from lmtune.sweep.resolved import ResolvedSweep
 from lmtune.sweep.resume import map_restored, requeue_orphans
 
 MEMORY_CONSTRAINT = "memory_gib"
@@ -242,13 +242,6 @@ class StudySearch(HoldsLedger, OptunaSearch):
 
 def study_storage(results_dir: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{Path(results_dir).resolve() / STUDY_DB}")
-
-
-def make_searcher(rs: ResolvedSweep, results_dir: Path, *, ledger: Ledger | None = None,
-                  limit_gib: float | None = None) -> StudySearch | FrontierSearcher:
-    """The Tune searcher of ``rs``'s kind (:mod:`lmtune.sweep.searchers`); ``results_dir`` holds optuna.db;
-    ``ledger``: the run's (a new one if none)."""
-    return rs.kind.build(rs, results_dir, ledger=ledger or Ledger(), limit_gib=limit_gib)
 
 
 def study_search(rs: ResolvedSweep, results_dir: Path, sampler: optuna.samplers.BaseSampler, *,

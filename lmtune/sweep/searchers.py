@@ -19,14 +19,12 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from lmtune.config import ConfigError
-from lmtune.sweep.plan import PREDICTED_KEY
-
-if TYPE_CHECKING:
-    from lmtune.sweep.load import ResolvedSweep
-    from lmtune.sweep.spec import Frontier, Sweep
+from lmtune.sweep.findings import PREDICTED_KEY
+from lmtune.sweep.resolved import ResolvedSweep
+from lmtune.sweep.spec import Frontier, Sweep
 
 
 class SearcherKind:
@@ -217,6 +215,19 @@ class FrontierKind(SearcherKind):
 
     def planned_more(self, searcher: Any, trials_made: int, num_trials: int) -> bool:
         return not searcher.plan.done  # it may rightly stop early: its plan says whether it is done
+
+
+def kind_of(rs: ResolvedSweep) -> SearcherKind:
+    """The kind of searcher a resolved sweep runs with."""
+    return SEARCHERS[rs.searcher]
+
+
+def make_searcher(rs: ResolvedSweep, results_dir: Path, *, ledger: Any = None, limit_gib: float | None = None) -> Any:
+    """The Tune searcher of ``rs``'s kind; ``results_dir`` holds optuna.db; ``ledger``: the run's (a new one if
+    none)."""
+    from lmtune.sweep.ledger import Ledger
+
+    return kind_of(rs).build(rs, results_dir, ledger=ledger or Ledger(), limit_gib=limit_gib)
 
 
 def all_grid(sweep: Sweep, space: dict[str, Any]) -> bool:

@@ -98,25 +98,7 @@ def analyze_frontier(
         groups.setdefault(tuple(r.get(k) for k in line_keys), []).append(r)
     tables = []
     for key in sorted(groups, key=sort_key):
-        table_rows = []
-        for r in sorted(groups[key], key=lambda r: sort_key((r[x],))):
-            peak = number(r.get("peak_reserved_gib"))
-            tps = number(r.get("tokens_per_s"))
-            measured = r.get("source", "run") == "run"
-            table_rows.append({
-                x: r[x],
-                "peak_reserved_gib": peak if measured else None,
-                "predicted_peak_gib": number(r.get("predicted_peak_gib")),
-                "tokens_per_s": tps,
-                "relative_throughput": tps / best if tps and best else None,
-                "avg_step_time_ms": number(r.get("avg_step_time_ms")),
-                "wall_clock_s": number(r.get("wall_clock_s")),
-                "headroom_gib": (limit_gib - peak) if (limit_gib and peak is not None and r.get("status") in FEASIBLE)
-                else None,
-                "status": status_label(r),
-                "trial_id": r.get("trial_id"),
-                "source": r.get("source", "run"),
-            })
+        table_rows = [_table_row(r, x, best, limit_gib) for r in sorted(groups[key], key=lambda r: sort_key((r[x],)))]
         smallest_oom = min((r[x] for r in table_rows if r["status"].startswith("OOM")), default=None)
         feasible = [r[x] for r in table_rows if r["status"] in FEASIBLE
                     and (smallest_oom is None or r[x] < smallest_oom)]
@@ -140,6 +122,27 @@ def analyze_frontier(
         recommendation_statement(recommended, x=x, limit_gib=limit_gib, headroom_gib=headroom_gib,
                                  limit_source=limit_source, ac_mode=mode), counts, mode,
     )
+
+
+def _table_row(r: Mapping[str, Any], x: str, best: float | None, limit_gib: float | None) -> dict[str, Any]:
+    """One trials.csv row as a row of its line's frontier table."""
+    peak = number(r.get("peak_reserved_gib"))
+    tps = number(r.get("tokens_per_s"))
+    measured = r.get("source", "run") == "run"
+    return {
+        x: r[x],
+        "peak_reserved_gib": peak if measured else None,
+        "predicted_peak_gib": number(r.get("predicted_peak_gib")),
+        "tokens_per_s": tps,
+        "relative_throughput": tps / best if tps and best else None,
+        "avg_step_time_ms": number(r.get("avg_step_time_ms")),
+        "wall_clock_s": number(r.get("wall_clock_s")),
+        "headroom_gib": (limit_gib - peak) if (limit_gib and peak is not None and r.get("status") in FEASIBLE)
+        else None,
+        "status": status_label(r),
+        "trial_id": r.get("trial_id"),
+        "source": r.get("source", "run"),
+    }
 
 
 def _oom_evidence(rows: Sequence[Mapping[str, Any]], x: str, smallest_oom: Any, limit_gib: float | None,
