@@ -100,7 +100,7 @@ def compute_run(results: Results, c: float, *, size: Callable | None = None) -> 
     found, f = _fitted(results)
     check_range(f, c)
     top = max(budgets(found).items())[1]
-    cfg = dict(min(top, key=lambda g: g.trial.loss).config)  # the largest budget's best run: depth, heads, data
+    cfg = _flat(min(top, key=lambda g: g.trial.loss).config).flat()  # the largest budget's best run, resolved
     values: dict[str, Any] = {}
     law_note = []
     for t in tuned(results, found):

@@ -64,6 +64,10 @@ def params_of(summary: dict[str, Any], config: dict[str, Any]) -> float | None:
     return n if n > 0 else None
 
 
+def better(loss: float, than: float) -> bool:
+    return loss < than
+
+
 def rungs(results: Results) -> list[Rung]:
     """Per (budget, size), the ok run with the lowest metric, by budget then N."""
     metric, best = results.metric, {}
@@ -79,7 +83,7 @@ def rungs(results: Results) -> list[Rung]:
         if not (budget and n and d and c):
             continue
         key = (budget, *(config.get(k) for k in SIZE_KEYS))
-        if key not in best or loss < best[key].trial.loss:
+        if key not in best or better(loss, best[key].trial.loss):
             best[key] = Rung(Trial(float(n), float(d), float(c), float(loss), float(budget)), r, config)
     return sorted(best.values(), key=lambda g: (g.trial.budget, g.trial.n))
 
