@@ -65,6 +65,7 @@ METRICS = (
     Metric("step", optimizable=True),
     Metric("epoch", optimizable=True),
     Metric("flops_per_token"),
+    Metric("params"),
     Metric("data_source"),
 )
 """Every metric, once (DESIGN.md's vocabulary; per-layer norms are :func:`layer_metric`). Adding a metric means
@@ -104,6 +105,16 @@ def layer_keys(metrics: dict) -> list[str]:
     """The per-layer norm keys of ``metrics``, by layer."""
     return sorted((k for k in metrics if layer_index(k) is not None), key=layer_index)
 
+
+# --- compute budgets (the scaling ladder) -------------------------------------------------------------
+
+BUDGET_KEY = "train.flops"
+"""A run's compute budget: a sweep over it and the model's size is a scaling ladder (IsoFLOP profiles)."""
+SIZE_KEYS = ("model.n_embd", "model.n_layer")
+"""The axes that change a model's size."""
+LADDER_MIN = 3
+"""Budgets a ladder needs at least, and sizes per budget: three points place a budget's minimum (a parabola in
+log N), three minima make a power law in C more than a line through two points."""
 
 # --- statuses ---------------------------------------------------------------------------------------
 

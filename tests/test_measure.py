@@ -184,6 +184,10 @@ def test_a_token_budget_sets_the_runs_length_and_the_summary_its_compute():
     assert summary["step"] == 16  # ceil(2000 / (4 sequences × 32 tokens))
     assert summary["flops_per_token"] == trainer.throughput.flops_per_token
     assert summary["flops"] == trainer.throughput.flops_per_token * 16 * 128
+    assert summary["params"] == trainer.raw_model.num_params()  # N, what 6N counts (the scaling ladder's size)
+    from lmtune.training.measure import model_size
+
+    assert model_size(cfg) == (summary["params"], summary["flops_per_token"])  # counted before a run, on meta
     lrs = [r["lr"] for r in trainer.history if "lr" in r]
     assert lrs[-1] == pytest.approx(0.1 * 3e-3)  # the schedule decayed to its floor over exactly those steps
 

@@ -165,14 +165,15 @@ def _status_counts(results: Results) -> str:
 
 
 def plan_export(results: Results, to: str | Path | None = None, *, date: str | None = None,
-                trial: str | None = None, for_width: int | None = None) -> ExportPlan:
+                trial: str | None = None, for_width: int | None = None, chosen: Winner | None = None) -> ExportPlan:
     """What :func:`export` would write: the merged values, provenance and the old → new lines. ``for_width``: the
-    winner's values carried to a model of that width by μP (:func:`transferred`)."""
+    winner's values carried to a model of that width by μP (:func:`transferred`); ``chosen``: a winner made
+    elsewhere (a scaling ladder's run for a compute budget, :mod:`lmtune.exporting.compute`)."""
     path = Path(to) if to else PROJECT_LOCKED
     if for_width is not None and trial is None and PARAMETRIZATION_KEY in results.space_keys:
         # A width-transfer sweep holds both parametrizations: the μP trials are the ones whose values carry.
         results = dataclasses.replace(results, rows=[r for r in results.rows if _parametrization(results, r) == "mup"])
-    w = winner(results, trial)
+    w = chosen or winner(results, trial)
     transfer = None
     if for_width is not None:
         w, transfer = transferred(results, w, for_width)

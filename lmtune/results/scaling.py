@@ -99,17 +99,32 @@ class ScalingFit:
     intervals: dict[str, Interval] = field(default_factory=dict)
     replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """Each bootstrap replicate's constants (for predictions with intervals)."""
+    residuals: np.ndarray = field(default_factory=lambda: np.zeros(1), repr=False)
+    """log L − log L̂ of approach 3's fit on each trial: how far one run strays from the law."""
 
     def predict(self, c: float, level: float = 0.9) -> dict[str, Interval]:
         """N*, D* and the loss at compute ``c``: approach 2's power laws, approach 3's L(N*, D*), each with its
         bootstrap interval."""
         reps = self.replicates
-        n = reps["n_k"] * np.power(c, reps["n_exp"])
-        d = reps["d_k"] * np.power(c, reps["d_exp"])
-        loss = reps["E"] + reps["A"] / np.power(n, reps["alpha"]) + reps["B"] / np.power(d, reps["beta"])
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a wild replicate: dropped as non-finite
+            n = reps["n_k"] * np.power(c, reps["n_exp"])
+            d = reps["d_k"] * np.power(c, reps["d_exp"])
+            loss = reps["E"] + reps["A"] / np.power(n, reps["alpha"]) + reps["B"] / np.power(d, reps["beta"])
         central_n, central_d = self.n_opt(c), self.d_opt(c)
         return {"n": _interval(central_n, n, level), "d": _interval(central_d, d, level),
                 "loss": _interval(float(self.loss(central_n, central_d)), loss, level)}
+
+    def loss_at(self, n: float, d: float, level: float = 0.9, *, new_run: bool = False, seed: int = 0) -> Interval:
+        """Approach 3's loss of a model of ``n`` parameters trained on ``d`` tokens, with its bootstrap interval (a
+        run whose size was rounded from N*(C) to a width the model accepts, and whose tokens its FLOPs fix).
+        ``new_run``: the interval of one new run's loss, not of the law's: each replicate's prediction times the
+        exponential of a residual drawn from the trials' (a run strays from the law as the fitted runs did)."""
+        reps = self.replicates
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss = reps["E"] + reps["A"] / np.power(n, reps["alpha"]) + reps["B"] / np.power(d, reps["beta"])
+            if new_run:
+                loss = loss * np.exp(np.random.default_rng(seed).choice(self.residuals, size=loss.shape))
+        return _interval(float(self.loss(n, d)), loss, level)
 
 
 def _interval(value: float, samples: np.ndarray, level: float) -> Interval:
@@ -307,4 +322,5 @@ def _assemble(trials: list[Trial], weights: np.ndarray, central: np.ndarray, row
     central_values = {"alpha": loss.alpha, "beta": loss.beta, "E": loss.E, "A": loss.A, "B": loss.B,
                       "n_exp": n_opt.exponent, "d_exp": d_opt.exponent, "l_exp": l_opt.exponent}
     intervals = {k: _interval(v, replicates_[k], level) for k, v in central_values.items()}
-    return ScalingFit(minima, n_opt, d_opt, l_opt, loss, intervals, replicates_)
+    residuals = np.log([t.loss for t in trials]) - np.log([loss(t.n, t.d) for t in trials])
+    return ScalingFit(minima, n_opt, d_opt, l_opt, loss, intervals, replicates_, residuals)

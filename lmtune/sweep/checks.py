@@ -1,7 +1,7 @@
 """The checks a sweep file and its command line pass before anything runs (:func:`lmtune.sweep.load.resolve` calls
-them): fields, keys, domains, metrics, the frontier, every grid point and a define-by-run function's branches,
-resources, ``--storage`` and ``--address``. Each problem is one :class:`~lmtune.config.ConfigError` naming what is
-wrong and what is accepted (exit 2). No ray, optuna or torch.
+them): fields, keys, domains, metrics, the frontier, a scaling ladder's budgets and sizes, every grid point and a
+define-by-run function's branches, resources, ``--storage`` and ``--address``. Each problem is one
+:class:`~lmtune.config.ConfigError` naming what is wrong and what is accepted (exit 2). No ray, optuna or torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from typing import Any
 from lmtune import config as config_lib
 from lmtune.cli import check_output_dir
 from lmtune.config import ConfigError
-from lmtune.contract import LAYER_PREFIX, MEASURED_EVERY, REPORTED_METRICS, layer_index
+from lmtune.contract import (
+    BUDGET_KEY,
+    LADDER_MIN,
+    LAYER_PREFIX,
+    MEASURED_EVERY,
+    REPORTED_METRICS,
+    SIZE_KEYS,
+    layer_index,
+)
 from lmtune.reporting.console import request_text
 from lmtune.sweep.domains import Domain, Grid, accepted_domains
 from lmtune.sweep.spec import Frontier, Sweep
@@ -204,6 +212,25 @@ def check_metrics(metrics: list[str], modes: list[str], base: dict[str, Any], wh
             raise ConfigError(f"{where}: metric {m!r} needs train.measure_interval > 0 (it is 0 in the base config).")
         if m == "mfu" and base["system.device"] == "cpu":
             raise ConfigError(f"{where}: metric 'mfu' is reported on GPU only (system.device='cpu').")
+
+
+def check_ladder(space: dict[str, Domain], points: list[dict[str, Any]], where: str) -> None:
+    """A sweep over compute budgets (``train.flops`` a grid axis) is a scaling ladder: it needs
+    :data:`~lmtune.contract.LADDER_MIN` budgets with as many model sizes each (``model.n_embd``/``model.n_layer``),
+    else no budget's minimum can be placed and no power law in C fitted. ``points``: the grid's points."""
+    d = space.get(BUDGET_KEY)
+    if d is None or not d.crossed:
+        return
+    sizes: dict[Any, set] = {}
+    for p in points:
+        sizes.setdefault(p.get(BUDGET_KEY), set()).add(tuple(p.get(k) for k in SIZE_KEYS))
+    fewest = min((len(s) for s in sizes.values()), default=0)
+    if len(sizes) < LADDER_MIN or fewest < LADDER_MIN:
+        varied = [k for k in SIZE_KEYS if k in space] or ["no size axis"]
+        raise ConfigError(f"{where}: a sweep over {BUDGET_KEY} is a scaling ladder and needs {LADDER_MIN} budgets at "
+                          f"least with {LADDER_MIN} model sizes at least each ({' or '.join(SIZE_KEYS)}); it has "
+                          f"{len(sizes)} budget(s) and {fewest} size(s) per budget ({', '.join(varied)}): fewer cannot "
+                          f"place a budget's minimum or fit a power law in C.")
 
 
 def check_frontier(f: Frontier, space: dict[str, Domain], where: str) -> None:

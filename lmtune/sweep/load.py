@@ -7,7 +7,7 @@ value, domain and metric, resolves the base config and every grid point through
 themselves are :mod:`lmtune.sweep.checks` (``--address`` and ``--storage`` too).
 
 Every problem is a :class:`~lmtune.config.ConfigError` (one line, exit code 2). This module imports
-neither ray nor optuna nor torch.
+neither ray nor optuna nor torch (a sweep with ``train.flops`` counts its models with torch, on the meta device).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from lmtune.sweep.checks import (
     check_fields,
     check_frontier,
     check_keys,
+    check_ladder,
     check_metrics,
     check_resources,
     same_validation_text,
@@ -142,6 +143,7 @@ def resolve(sweep: Sweep, file: str | os.PathLike, *, smoke: bool = False,
     if rs.gpus == 0 and base.get("system.device") == "cuda":
         raise ConfigError(f"{where}: system.device='cuda' but the trials ask for gpus=0, so Ray gives them no GPU; "
                           f"use gpus='auto' or a number >= 1 (or --gpus).")
+    check_ladder(space, rs.grid_points(), where)
     check_points(rs, where)
     if sweep.define_by_run is not None:
         rs = replace(rs, define_by_run_keys=dry_run_define_by_run(rs, where))
@@ -252,10 +254,21 @@ def check_points(rs: ResolvedSweep, where: str) -> None:
             break
         point = {**g, **c, **s}
         try:
-            config_lib.load(overrides={**rs.base_overrides, **point})
+            cfg = config_lib.load(overrides={**rs.base_overrides, **point})
+            if cfg.train.flops:
+                check_budget(cfg, rs.sweep.workers)
         except ConfigError as e:
             shown = ", ".join(f"{k}={v}" for k, v in point.items())
             raise ConfigError(f"{where}: the trial with {shown} has an invalid config: {e}") from None
+
+
+def check_budget(cfg: config_lib.Config, workers: int) -> None:
+    """A ``train.flops`` budget holds one optimizer step of its model at least (what the trainer refuses at its
+    start): the model counted on the meta device, so torch is imported for such sweeps only."""
+    from lmtune.training.measure import model_size
+    from lmtune.training.optim import Plan
+
+    Plan.of(cfg, 0, workers, flops_per_token=model_size(cfg)[1])
 
 
 def dry_run_define_by_run(rs: ResolvedSweep, where: str, runs: int = 16) -> list[str]:

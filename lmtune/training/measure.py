@@ -186,6 +186,18 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
 
 
+def model_size(cfg: Any) -> tuple[int, float]:
+    """(N, FLOPs per training token) of the GPT that ``cfg`` (a resolved Config) trains, counted on the meta device
+    (no memory, no data): what the trainer counts, before anything runs (a sweep's compute budgets are checked and an
+    export for a budget picks its width with it)."""
+    from lmtune.data.tokenizers import get_tokenizer
+    from lmtune.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg.model, get_tokenizer(cfg.data.tokenizer).vocab_size)
+    return model.num_params(), Throughput.flops_of(model, cfg)
+
+
 class Throughput:
     """``tokens_per_s`` and ``mfu`` from a report's step times: ``batch_tokens`` per optimizer step (all ranks),
     ``flops_per_token`` of the model, and each of the ``world`` devices' peak FLOP/s (None: no MFU)."""

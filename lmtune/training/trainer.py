@@ -330,6 +330,7 @@ class Trainer:
                       **fingerprint(self.cfg, self.tokens, str(self.accel.info()["device_name"])),
                       # the run's compute: the trainer's own count per token (measure.flops_per_token) × tokens trained
                       "flops_per_token": self.throughput.flops_per_token,
+                      "params": self.raw_model.num_params(),  # N: the non-embedding parameters 6N counts
                       "flops": self.throughput.flops_per_token * self.step * self.plan.batch_tokens,
                       "resumed_from_step": self.resumed_from_step})  # this process's start: a checkpoint's step
         if self._graphs_at_window is not None:  # a compile after warmup lands in the timings and peaks

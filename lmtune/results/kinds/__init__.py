@@ -13,6 +13,7 @@ new result table is a new module here and nothing more.
     50     batch                 effective batch × LR scaling (val loss at equal tokens, coherence, noise scale)
     60     width                 width × lr: does the optimum lr stay put as the model widens (μP)
     70     replicates            single-metric sweeps: each arm over its seeds, paired against the baseline arm
+    80     scaling               compute budgets × model sizes: IsoFLOP minima, power laws in C, L(N, D), intervals
 """
 
 from __future__ import annotations
