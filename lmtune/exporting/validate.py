@@ -41,17 +41,7 @@ def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float
     from lmtune.training import Trainer
 
     row = plan.winner.row
-    cfg = results.config_of(row)
-    warmup = int(cfg.get("train.compile_warmup_steps") or 0)
-    if steps <= warmup + 1:
-        raise ConfigError(f"--validate {steps}: expected more steps than train.compile_warmup_steps + 1 "
-                          f"({warmup + 1}): the first {warmup} are not timed.")
-    flat = {**cfg, "train.steps": steps, "train.eval_interval": steps, "train.checkpoint": False,
-            "train.sample_interval": 0}
-    if not flat.get("system.threads") and flat.get("system.device") == "cpu":
-        # as the trial ran: Ray gives a trial's process as many threads as CPUs it asked for (OMP_NUM_THREADS)
-        flat["system.threads"] = max(1, int(number(results.sweep.get("cpus")) or 1))
-    flat = {k: v for k, v in flat.items() if k in config_lib.all_keys()}
+    flat, warmup = _fresh_config(results, row, steps)
     with tempfile.TemporaryDirectory(prefix="lmtune-validate-") as tmp:
         summary = (trainer_factory or Trainer)(config_lib.from_flat(flat), out_dir=tmp).fit()
     limit, where = results.limit()
@@ -92,6 +82,22 @@ def validate(results: Results, plan: ExportPlan, steps: int, *, tolerance: float
                      f"node, which share its CPUs/memory bandwidth; for timings to lock, run the sweep with "
                      f"--max-concurrent 1 (or one trial per GPU).")
     return Validation(lines, not problems)
+
+
+def _fresh_config(results: Results, row: dict[str, Any], steps: int) -> tuple[dict[str, Any], int]:
+    """The winner's full config for ``steps`` fresh steps (no checkpoints, no samples, one validation pass), and its
+    untimed warmup steps."""
+    cfg = results.config_of(row)
+    warmup = int(cfg.get("train.compile_warmup_steps") or 0)
+    if steps <= warmup + 1:
+        raise ConfigError(f"--validate {steps}: expected more steps than train.compile_warmup_steps + 1 "
+                          f"({warmup + 1}): the first {warmup} are not timed.")
+    flat = {**cfg, "train.steps": steps, "train.eval_interval": steps, "train.checkpoint": False,
+            "train.sample_interval": 0}
+    if not flat.get("system.threads") and flat.get("system.device") == "cpu":
+        # as the trial ran: Ray gives a trial's process as many threads as CPUs it asked for (OMP_NUM_THREADS)
+        flat["system.threads"] = max(1, int(number(results.sweep.get("cpus")) or 1))
+    return {k: v for k, v in flat.items() if k in config_lib.all_keys()}, warmup
 
 
 def _overlapping(results: Results, row: dict[str, Any]) -> int:
