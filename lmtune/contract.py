@@ -125,6 +125,12 @@ RUNNING = "running"
 """The status of every report before a run's last one."""
 TRAINER_STATUSES = ("ok", "oom", "diverged")
 """The statuses a trainer's last report can carry (an error is an exception)."""
+SOURCES = ("run", "reused", "implied", "predicted")
+"""Where a trials.csv row comes from: a trial this run trained; a trial this run did not train because an earlier run
+in the same storage finished the same one (same fingerprint: its result and curves copied, ``reused_from`` says
+whose); a frontier point never launched (OOM implied by a smaller OOM, or predicted above the limit)."""
+MEASURED = ("run", "reused")
+"""Sources of rows with a measured result (a trial that trained, here or in the run it was reused from)."""
 FEASIBLE = ("ok", "diverged", "pruned")
 """Statuses of trials whose config fit in memory."""
 FAILED = ("error", "oom", "host_oom")
@@ -142,6 +148,9 @@ be persisted before its reports reach Tune); from the first of them on, they rep
 REPLAYED = "lmtune_replayed"
 """Set on the final report a trial sends again without training: it had finished before an interruption."""
 TIME_IN_TRAINER = "time_in_trainer_s"
+REUSED_FROM = "reused_from"
+"""On the final report of a trial that did not train because the storage held the same finished trial (its
+fingerprint): ``{run}/{trial_id}`` of that trial; the trials.csv column of the same name."""
 """Seconds a trial's process spent inside the trainer (the rest of its wall time is Ray's)."""
 
 # --- files ------------------------------------------------------------------------------------------
@@ -158,6 +167,8 @@ CHECKPOINT_CONFIG = "config.json"
 
 SWEEP_JSON = "sweep.json"
 TRIALS_CSV = "trials.csv"
+REUSE_INDEX = "reuse.jsonl"
+"""At the storage root: every finished ok/oom trial of every run there, by fingerprint (:mod:`lmtune.sweep.reuse`)."""
 TRIALS_DIR = "trials"
 ATTEMPTS_JSONL = "attempts.jsonl"
 STUDY_DB = "optuna.db"

@@ -11,7 +11,7 @@ from lmtune.contract import SUMMARY_JSON
 from lmtune.exporting.plan import ExportPlan
 from lmtune.results.format import fmt, markdown_table, number
 from lmtune.results.kinds.frontier import frontier_report
-from lmtune.results.layout import read_json, trial_dir
+from lmtune.results.layout import measured, read_json, trial_dir
 from lmtune.results.read import Results
 
 VALIDATE_TOLERANCE = 0.2
@@ -110,7 +110,7 @@ def _overlapping(results: Results, row: dict[str, Any]) -> int:
     if start is None or end is None:
         return 0
     others = [span(r) for r in results.rows
-              if r.get("trial_id") != row.get("trial_id") and r.get("source", "run") == "run"]
+              if r.get("trial_id") != row.get("trial_id") and measured(r)]
     return sum(1 for s, e, where in others if s is not None and e is not None and s < end and e > start
                and where == node)
 

@@ -16,6 +16,7 @@ from lmtune.results.kinds import applicable, studied
 from lmtune.results.kinds.frontier import frontier_report
 from lmtune.results.kinds.pareto import pareto_front
 from lmtune.results.kinds.trials import best_trial, cost_text
+from lmtune.results.layout import measured
 from lmtune.results.read import Results, load_results
 
 
@@ -122,7 +123,7 @@ def _over(results: Results, space_keys: Sequence[str]) -> Results:
 def oom_by_half(rows: list[dict[str, Any]]) -> tuple[tuple[int, int], tuple[int, int]]:
     """((OOMs, trials) of the first half, (OOMs, trials) of the second) of the trials that ran, in the order of
     ``rows`` (trials.csv: the order they finished in): whether the searcher learned where memory runs out."""
-    ran = [r for r in rows if r.get("source", "run") == "run"]
+    ran = [r for r in rows if measured(r)]
     first, second = ran[: len(ran) // 2], ran[len(ran) // 2:]
     return tuple((sum(r.get("status") == "oom" for r in half), len(half)) for half in (first, second))
 

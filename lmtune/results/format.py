@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from lmtune.contract import METRIC
+from lmtune.contract import MEASURED, METRIC
 
 
 def short(key: str) -> str:
@@ -96,4 +96,4 @@ def status_label(row: Mapping[str, Any]) -> str:
     if status != "oom":
         return str(status)
     source = row.get("source") or "run"
-    return "OOM" if source == "run" else f"OOM ({source})"
+    return "OOM" if source in MEASURED else f"OOM ({source})"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from lmtune.config import ConfigError, all_keys, coerce
-from lmtune.contract import PLACEMENT, TRIAL_METRICS, TRIALS_DIR
+from lmtune.contract import MEASURED, PLACEMENT, TRIAL_METRICS, TRIALS_DIR
 
 _GROUP = re.compile(r"^(\d+)-(.+)-(\d{8}-\d{6}-\d{6})$")
 CONFIG_KEYS = frozenset(all_keys())
@@ -130,8 +130,14 @@ def keep_reports(path: Path, keep: Callable[[tuple[int, int]], bool]) -> int:
 # --- trials.csv -------------------------------------------------------------------------------------
 
 
+def measured(row: dict[str, Any]) -> bool:
+    """A trials.csv row with a measured result: a trial that trained in this run or one reused from an earlier run
+    (not a frontier point decided without running)."""
+    return (row.get("source") or "run") in MEASURED
+
+
 def csv_columns(space_keys: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
-    return ["trial_id", "status", "source", *space_keys, *TRIAL_METRICS, *extra, "wall_time_s", *PLACEMENT, "error"]
+    return ["trial_id", "status", "source", *space_keys, *TRIAL_METRICS, *extra, "wall_time_s", *PLACEMENT, "error", "reused_from"]
 
 
 def parse_cell(key: str, text: str) -> Any:
@@ -143,7 +149,7 @@ def parse_cell(key: str, text: str) -> Any:
             return coerce(key, text)
         except ConfigError:
             return text
-    if key in ("trial_id", "status", "source", "error"):
+    if key in ("trial_id", "status", "source", "error", "reused_from"):
         return text
     try:
         return float(text)

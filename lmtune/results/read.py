@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from lmtune.config import ConfigError
 from lmtune.contract import METRICS_JSONL, SUMMARY_JSON, SWEEP_JSON, TRIALS_CSV, TRIALS_DIR
 from lmtune.results.format import number
-from lmtune.results.layout import CONFIG_KEYS, read_json, read_jsonl, read_trials_csv, trial_dir
+from lmtune.results.layout import CONFIG_KEYS, measured, read_json, read_jsonl, read_trials_csv, trial_dir
 
 AC_MODES = {True: "budget", False: "blocks"}
 """``train.ac_budget``'s mode by ``train.compile``: the compile partitioner's budget, or checkpointed blocks."""
@@ -77,7 +77,7 @@ class Results:
             return device, f"device memory ({self.sweep.get('device_name') or 'device'})"
         reported = [number(r.get("device_memory_gib")) for r in self.rows]
         reported += [number((read_json(trial_dir(self.dir, r.get("trial_id")) / SUMMARY_JSON) or {}).get(
-            "device_memory_gib")) for r in self.rows if r.get("source", "run") == "run" and "device_memory_gib" not in r]
+            "device_memory_gib")) for r in self.rows if measured(r) and "device_memory_gib" not in r]
         reported = [v for v in reported if v]
         if reported:
             return min(reported), "device memory reported by the trials"

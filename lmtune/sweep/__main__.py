@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=float, metavar="N", help="CPUs per worker of each trial (default: the sweep file's, 1)")
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs (they are offline without an API key)")
     p.add_argument("--no-report", action="store_true", help="skip the tables and plots of lmtune.report at the end")
+    p.add_argument("--rerun", action="store_true", help="train every trial, also those the storage already holds "
+                   "finished (by default a trial with the same config, data, code, torch and device is reused)")
+    p.add_argument("--warm-start", action="append", default=[], metavar="RESULTS",
+                   help="seed the searcher's study with the finished trials of an earlier sweep (its results "
+                   "directory; again for more): TPE's first suggestions then build on them")
     p.add_argument("--no-dashboard", action="store_true",
                    help="the embedded Ray without its dashboard (a headless run: ~3 CPU-seconds and ten processes "
                    "fewer; the console, TensorBoard and W&B still show progress)")
@@ -67,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     rs = resolve(sweep, path, smoke=args.smoke, overrides=args.overrides, gpus=args.gpus, cpus=args.cpus)
     check_storage(args.storage)
     check_address(args.address)
+    from lmtune.sweep.reuse import check_warm_start
+    from lmtune.sweep.searchers import kind_of
+
+    warm = check_warm_start(args.warm_start, rs.searcher, kind_of(rs).warm_starts, args.resume)
 
     from lmtune.sweep.runner import StoppedEarly, run  # imports ray: only once the input is known to be good
 
     try:
         outcome = run(rs, address=args.address, storage=args.storage, resume=args.resume,
                       max_concurrent=args.max_concurrent, wandb=not args.no_wandb, render=not args.no_report,
-                      dashboard=not args.no_dashboard)
+                      dashboard=not args.no_dashboard, rerun=args.rerun, warm_start=warm)
     except StoppedEarly as e:
         print(f"\ninterrupted ({signal.Signals(e.signum).name}) before the sweep's first trial: nothing to continue; "
               f"run the same command again.")

@@ -24,6 +24,7 @@ from lmtune.contract import (
     FAILED,
     METRICS_JSONL,
     PLACEMENT,
+    REUSED_FROM,
     SUMMARY_JSON,
     TIME_IN_TRAINER,
     TRIAL_METRICS,
@@ -32,8 +33,8 @@ from lmtune.contract import (
 )
 from lmtune.reporting.console import request_text
 from lmtune.results.format import fmt
-from lmtune.results.layout import csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
-from lmtune.sweep import compat
+from lmtune.results.layout import csv_columns, measured, read_trials_csv, trial_dir, write_json, write_trials_csv
+from lmtune.sweep import compat, reuse
 from lmtune.sweep.ledger import HoldsLedger, Ledger
 from lmtune.sweep.progress import Progress
 from lmtune.sweep.resume import drop_reports_from
@@ -137,7 +138,7 @@ class ResultsWriter(HoldsLedger, Callback):
     def setup(self, **info) -> None:
         (self.results_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
         for row in read_trials_csv(self.results_dir / TRIALS_CSV, typed=False):  # a resumed sweep keeps its finished rows
-            if (row.get("source") or "run") != "run":
+            if not measured(row):
                 continue  # a planner's row: the planner writes its rows as it knows them now
             self.rows[row["trial_id"]] = dict(row)
             self.finished_before.add(row["trial_id"])
@@ -230,7 +231,9 @@ class ResultsWriter(HoldsLedger, Callback):
         last = self.last.get(tid, {})
         status = self.ledger.decisions.status_of(tid, last, error)
         flat = trial_config(trial.config)
-        row: dict[str, Any] = {"trial_id": tid, "status": status, "source": "run"}
+        reused_from = last.get(REUSED_FROM)
+        row: dict[str, Any] = {"trial_id": tid, "status": status, "source": "reused" if reused_from else "run",
+                               REUSED_FROM: reused_from or ""}
         row.update({k: flat.get(k) for k in self.space_keys})
         row.update({k: last.get(k) for k in TRIAL_METRICS})
         started = self.started.get(tid)
@@ -257,9 +260,22 @@ class ResultsWriter(HoldsLedger, Callback):
         if row["error"]:
             summary["error"] = row["error"]
         write_json(tdir / SUMMARY_JSON, summary)
+        self._index(summary, reused_from, tdir)
         self.write_csv()
         self.progress.end(tid)
         self._line(status, tid, self._describe(status, row, last))
+
+    def _index(self, summary: dict[str, Any], reused_from: str | None, tdir: Path) -> None:
+        """A reused trial gets the original's curves; a trial that trained and can stand for later ones goes into the
+        storage's index."""
+        root = self.results_dir.parent
+        if reused_from:
+            run, _, trial_id = str(reused_from).partition("/")
+            reuse.copy_curves(root, {"run": run, "trial_id": trial_id}, tdir)
+            return
+        entry = reuse.entry_of(self.results_dir, summary)
+        if entry is not None:
+            reuse.record(root, entry)
 
     def _describe(self, status: str, row: dict[str, Any], last: dict[str, Any]) -> str:
         parts = []
@@ -274,6 +290,8 @@ class ResultsWriter(HoldsLedger, Callback):
             parts.append(f"tokens={fmt(last['tokens'], 'tokens')}")
         if row.get("wall_time_s") is not None:
             parts.append(f"{row['wall_time_s']:.1f}s")
+        if row.get(REUSED_FROM):
+            parts.append(f"reused: {row[REUSED_FROM]} (not trained again)")
         if row.get("error"):
             parts.append(row["error"])
         return "  ".join(parts)

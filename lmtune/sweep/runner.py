@@ -25,13 +25,13 @@ from typing import Any, TextIO
 
 from lmtune import config as config_lib
 from lmtune.config import ConfigError
-from lmtune.contract import LOG_DIR, STATUSES, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
+from lmtune.contract import LOG_DIR, REUSE_INDEX, STATUSES, SWEEP_JSON, TRAIN_DIR, TRIALS_CSV, TUNE_DIR
 from lmtune.data.prepared import AUTO, auto_prepared
 from lmtune.data.prepared import upload as upload_prepared
 from lmtune.reporting import console
-from lmtune.results.layout import new_results_dir, read_trials_csv, write_json
+from lmtune.results.layout import measured, new_results_dir, read_trials_csv, write_json
 from lmtune.results.storage import resolve_storage, upload, uri_join
-from lmtune.sweep import cluster, compat, snapshot
+from lmtune.sweep import cluster, compat, reuse, snapshot
 from lmtune.sweep.checks import worker_bundle
 from lmtune.sweep.load import DEFAULT_SMOKE_SAMPLES, resolve_gpus
 from lmtune.sweep.record import check_same_sweep, device_memory, finished_at, mark_finished, sweep_json
@@ -79,10 +79,14 @@ def run(
     wandb: bool = True,
     render: bool = True,
     dashboard: bool = True,
+    rerun: bool = False,
+    warm_start: list[Path] | None = None,
     out: TextIO | None = None,
     probe: Probe | None = None,
 ) -> Outcome:
-    """Run (or with ``resume`` continue) the sweep."""
+    """Run (or with ``resume`` continue) the sweep. A trial the storage already holds finished (the same fingerprint:
+    :mod:`lmtune.sweep.reuse`) is not trained again, unless ``rerun``; ``warm_start``: earlier sweeps' results
+    directories whose finished trials seed the searcher's study."""
     out = out or sys.stdout
     compat.check_versions()  # before the cluster: an untested Ray or Optuna would break --resume silently
     local_root, remote = resolve_storage(storage)
@@ -110,7 +114,8 @@ def run(
     with cluster.StopSignals() as stop:
         try:
             outcome = _run_tune(rs, results_dir, base_uri, group=group, resume=resume, max_concurrent=max_concurrent,
-                                wandb=wandb, render=render, remote=remote, probe=probe or Probe(), out=out)
+                                wandb=wandb, render=render, remote=remote, probe=probe or Probe(), rerun=rerun,
+                                warm_start=warm_start or [], out=out)
         except KeyboardInterrupt:  # before Tune's loop took the signal over: nothing ran that a resume could continue
             raise StoppedEarly(stop.received or signal.SIGINT) from None
         finally:
@@ -196,7 +201,7 @@ def _finished(rs: ResolvedSweep, results_dir: Path, base_uri: str, out: TextIO) 
 
 def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str, resume: bool,
               max_concurrent: int | None, wandb: bool, render: bool, remote: str | None, probe: Probe,
-              out: TextIO) -> Outcome:
+              rerun: bool, warm_start: list[Path], out: TextIO) -> Outcome:
     from ray import tune
 
     from lmtune.sweep import resume as resume_protocol
@@ -208,6 +213,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     settings = TrialSettings(
         results_dir=str(results_dir), group=group, train_storage=uri_join(base_uri, TRAIN_DIR),
         workers=rs.sweep.workers, cpus=rs.cpus, gpus=rs.gpus, wandb=wandb, ray_train=probe.ray_train,
+        reusable=reusable_trials(results_dir.parent, rerun, out),
     )
     trainable = tune.with_resources(make_trainable(settings), trial_resources(settings))
     # The searcher suggests the space's axes (the frontier planner requires them absent here); keys a
@@ -229,6 +235,8 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
         tuner, searcher, writer = _new_tuner(rs, results_dir, base_uri, trainable, param_space, ledger=ledger,
                                              concurrency=max_concurrent or cluster.default_concurrency(settings),
                                              probe=probe, out=out)
+        if warm_start:
+            reuse.warm_start(searcher, _space_keys(rs), warm_start, out)
     writer.planner = kind_of(rs).planner(searcher)  # the rows of the points it never launched, at every write of trials.csv
     snapshot.keep_tuner_file(tune_path)
 
@@ -250,6 +258,18 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
             len(took), sum(took), max(took))
     probe.trial_end, probe.time_in_trainer_s = dict(writer.ended), dict(writer.trainer_s)
     return _ended(rs, results_dir, base_uri, grid, searcher, writer, wall=wall, render=render, remote=remote, out=out)
+
+
+def reusable_trials(root: Path, rerun: bool, out: TextIO) -> dict[str, dict[str, Any]]:
+    """The storage's finished trials by fingerprint, with a line on what they are (none with ``rerun``)."""
+    if rerun:
+        print("reuse: --rerun: every trial trains (and is recorded for later sweeps)", file=out)
+        return {}
+    found = reuse.load(root, out)
+    if found:
+        print(f"reuse: {len(found)} finished trial(s) in {root / REUSE_INDEX}: a trial with the same fingerprint is "
+              f"not trained again (--rerun trains every trial)", file=out)
+    return found
 
 
 def _new_tuner(rs: ResolvedSweep, results_dir: Path, base_uri: str, trainable: Any, param_space: dict[str, Any], *,
@@ -295,7 +315,7 @@ def _ended(rs: ResolvedSweep, results_dir: Path, base_uri: str, grid: Any, searc
     # finished, the sweep marked done).
     writer.write_csv()
     rows = read_trials_csv(results_dir / TRIALS_CSV)
-    ended = sum(r.get("source", "run") == "run" and r.get("status") in STATUSES for r in rows)
+    ended = sum(measured(r) and r.get("status") in STATUSES for r in rows)
     interrupted = (grid.num_terminated + grid.num_errors < len(grid)
                    or kind_of(rs).planned_more(searcher, min(len(grid), ended), rs.num_trials))
     if not interrupted:
@@ -303,6 +323,9 @@ def _ended(rs: ResolvedSweep, results_dir: Path, base_uri: str, grid: Any, searc
     best = console.print_summary(results_dir, rows, out, metrics=rs.metrics, modes=rs.modes,
                                  space_keys=_space_keys(rs), searcher=rs.searcher, frontier=rs.frontier,
                                  tune_dir=uri_join(base_uri, TUNE_DIR))
+    saved = reuse.saving_text(rows)
+    if saved:
+        print(saved, file=out)
     if render:
         console.print_report(results_dir, out)
     if remote:

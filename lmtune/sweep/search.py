@@ -130,6 +130,33 @@ class StudySearch(HoldsLedger, OptunaSearch):
     def study(self) -> optuna.Study:
         return compat.study(self)
 
+    def add_earlier(self, params: dict[str, Any], result: dict[str, Any], source: str) -> bool:
+        """An earlier sweep's finished trial (its summary.json) in the study, as this searcher would have told it
+        (``--warm-start``): ok with its metric values, oom as infeasible with its memory constraint. False for a
+        trial it cannot tell (another status, no usable value, a parameter outside this space)."""
+        space = compat.search_space(self)
+        if not isinstance(space, dict) or set(params) != set(space):
+            return False
+        status = result.get("status")
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(m) for m in metrics]
+        constraint = self.memory_constraint(result, status)
+        if status == "ok" and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            told = [float(v) for v in values]
+            self._feasible.append(told)
+        elif status == "oom" and constraint is not None:
+            told = self._neutral_values(len(metrics))
+        else:
+            return False
+        try:
+            trial = optuna.trial.create_trial(
+                params=params, distributions=space, values=told, user_attrs={"status": status, "warm_start": source},
+                constraints={MEMORY_CONSTRAINT: constraint} if constraint is not None else None)
+        except ValueError:  # a value its distribution does not hold
+            return False
+        self.study.add_trial(trial)
+        return True
+
     def memory_constraint(self, result: dict, status: str) -> float | None:
         """peak − (limit − headroom) in GiB for a trial that ran; for an OOM, at least 5% of the limit above
         zero (its true peak is beyond what it could measure). None when no limit or peak is known."""

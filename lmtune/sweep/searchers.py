@@ -39,6 +39,8 @@ class SearcherKind:
     """Its trials measure memory, each in a fresh process (see :func:`lmtune.sweep.runner.measures_memory`)."""
     extra_columns: ClassVar[tuple[str, ...]] = ()
     """trials.csv columns it adds after the metrics."""
+    warm_starts: ClassVar[bool] = False
+    """It learns from finished trials, so earlier sweeps' trials can seed it (``--warm-start``)."""
 
     def check(self, sweep: Sweep, space: dict[str, Any], frontier: Frontier | None, where: str) -> None:
         """ConfigError when the sweep cannot have this kind."""
@@ -83,6 +85,7 @@ class OptunaKind(SearcherKind):
     """A searcher whose suggestions are an Optuna sampler's, in a study that records every trial
     (:class:`lmtune.sweep.search.StudySearch`); the sweep's defaults and grid points are enqueued first."""
 
+    warm_starts = True
     learns_memory: ClassVar[bool] = True
     """Every trial's peak memory is a constraint of the study and an OOM is infeasible, not failed (False: an OOM
     is told as FAIL, which Optuna's samplers leave out of their model)."""
@@ -147,6 +150,7 @@ class GridKind(OptunaKind):
     """Optuna's grid: every grid point once, the sweep's defaults first."""
 
     name = "grid"
+    warm_starts = False  # every point runs anyway; the storage's finished ones are reused
 
     def check(self, sweep: Sweep, space: dict[str, Any], frontier: Frontier | None, where: str) -> None:
         if not all_grid(sweep, space):

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lmtune.contract import CHECKPOINT_REPORT, REPLAYED, TIME_IN_TRAINER
+from lmtune.contract import CHECKPOINT_REPORT, REPLAYED, REUSED_FROM, TIME_IN_TRAINER
 from lmtune.sweep import compat
 from lmtune.sweep.resume import finished_before
 
@@ -57,6 +57,8 @@ class TrialSettings:
     wandb: bool = True
     ray_train: bool = False
     """Run single-worker trials through TorchTrainer too (for measuring the overhead it adds)."""
+    reusable: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The storage's finished trials by fingerprint (:mod:`lmtune.sweep.reuse`; empty with --rerun)."""
 
     @property
     def use_ray_train(self) -> bool:
@@ -147,10 +149,14 @@ def no_cuda_message(flat: dict[str, Any], gpus: float) -> str | None:
 
 
 def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from: str | None,
-                 wandb: dict | None, device: Any = None, gpus: float = 0) -> None:
-    """Build and fit the Trainer; the final report (held back) goes out after fit returns."""
+                 wandb: dict | None, device: Any = None, gpus: float = 0,
+                 reusable: dict[str, dict[str, Any]] | None = None) -> None:
+    """Build and fit the Trainer; the final report (held back) goes out after fit returns. A trial whose fingerprint
+    is among ``reusable`` reports that trial's result instead of training."""
     from lmtune.config import from_flat
+    from lmtune.device import accelerator
     from lmtune.training import Trainer
+    from lmtune.training.fingerprint import fingerprint
     from lmtune.training.memory import is_oom
 
     hold = _HoldLast(send)
@@ -159,7 +165,15 @@ def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from
         hold.final = ({"status": "error", "error": refused}, None)
         hold.flush()
         return
-    trainer = Trainer(from_flat(flat), out_dir=out_dir, report=hold, resume_from=resume_from, wandb=wandb,
+    cfg = from_flat(flat)
+    prints = fingerprint(cfg, str(accelerator(cfg.system.device, device).info()["device_name"]))
+    earlier = (reusable or {}).get(prints["fingerprint"])
+    if earlier is not None and resume_from is None:
+        hold.final = ({**earlier["result"], **prints, "status": earlier["status"],
+                       REUSED_FROM: f"{earlier['run']}/{earlier['trial_id']}"}, None)
+        hold.flush()
+        return
+    trainer = Trainer(cfg, out_dir=out_dir, report=hold, resume_from=resume_from, wandb=wandb,
                       device=device, stage_checkpoints=True)
     try:
         trainer.fit()
@@ -168,6 +182,8 @@ def _run_trainer(flat: dict[str, Any], send, *, out_dir: str | None, resume_from
             trainer.cleanup()
             raise
         hold.final = ({"status": "oom", "oom_reason": str(exc).splitlines()[0][:200]}, None)
+    if hold.final is not None:  # an OOM that escaped fit has no fingerprint of its own
+        hold.final[0].update({k: v for k, v in prints.items() if k not in hold.final[0]})
     try:
         hold.flush()  # the final checkpoint (staged) is copied to storage here
     finally:
@@ -203,7 +219,7 @@ def _run_in_trial(flat: dict[str, Any], settings: TrialSettings) -> None:
     out_dir = str(Path(ctx.get_trial_dir()) / "trainer")
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_from:
         _run_trainer(flat, _tune_send, out_dir=out_dir, resume_from=resume_from,
-                     wandb=settings.wandb_kwargs(ctx.get_trial_id()), gpus=settings.gpus)
+                     wandb=settings.wandb_kwargs(ctx.get_trial_id()), gpus=settings.gpus, reusable=settings.reusable)
 
 
 # --- workers > 1: a Ray Train run driven by the trial ----------------------------------------------
@@ -231,7 +247,7 @@ def _train_worker_loop(loop_config: dict[str, Any]) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_from:
         _run_trainer(loop_config["config"], send, out_dir=loop_config["out_dir"] if rank == 0 else None,
                      resume_from=resume_from, wandb=loop_config["wandb"] if rank == 0 else None, device=device,
-                     gpus=loop_config.get("gpus", 0))
+                     gpus=loop_config.get("gpus", 0), reusable=loop_config.get("reusable"))
 
 
 def _run_with_ray_train(flat: dict[str, Any], settings: TrialSettings) -> None:
@@ -255,6 +271,7 @@ def _run_with_ray_train(flat: dict[str, Any], settings: TrialSettings) -> None:
             "wandb": settings.wandb_kwargs(trial_id),
             "use_gpu": gpu,
             "gpus": settings.gpus,
+            "reusable": settings.reusable,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=gpu,
                                                resources_per_worker=resources),

@@ -9,15 +9,15 @@ version says), torch's version, and the device it runs on (memory and throughput
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from lmtune.config import Config
+from lmtune.config import Config, DataConfig
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -31,20 +31,23 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def data_identity(cfg: Config, tokens: Any) -> str:
-    """The prepared shards' index digest, or the token cache entry's key (both hash what decides the tokens)."""
-    from lmtune.data.shards import Index
+def data_identity(data: DataConfig) -> str:
+    """The prepared shards' index digest, or the token cache entry's key (both hash what decides the tokens), from the
+    config alone: a sweep's trial looks its fingerprint up before it loads anything."""
+    from lmtune.data.cache import cache_key, cache_root
 
-    if getattr(tokens, "streamed", False):
-        index = Index.read(Path(tokens.cache_path))
-        if index is not None:
-            return f"prepared:{index.digest()}"
-    return f"cache:{Path(tokens.cache_path).name}"
+    if data.prepared:
+        from lmtune.data.prepared import AUTO, auto_prepared, locate
+
+        if data.prepared == AUTO:
+            data = dataclasses.replace(data, prepared=str(auto_prepared(data, cache_root(data))))
+        return f"prepared:{locate(data, cache_root(data))[1].digest()}"
+    return f"cache:{cache_key(data)}"
 
 
-def fingerprint(cfg: Config, tokens: Any, device_name: str) -> dict[str, str]:
+def fingerprint(cfg: Config, device_name: str) -> dict[str, str]:
     """The run's fingerprint and what it is made of (summary.json keeps both)."""
-    parts = {"config": json.dumps(cfg.flat(), sort_keys=True, default=str), "data": data_identity(cfg, tokens),
+    parts = {"config": json.dumps(cfg.flat(), sort_keys=True, default=str), "data": data_identity(cfg.data),
              "code": code_digest(), "torch": torch.__version__, "device": device_name}
     return {"fingerprint": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24],
             "fingerprint_code": parts["code"][:16], "fingerprint_data": parts["data"]}

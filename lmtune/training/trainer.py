@@ -327,7 +327,7 @@ class Trainer:
         final.update(agreed_peaks(self.memory, self.world, self.device))  # also for a run that ended before a report
         final.update({**self.accel.info(), **self.memory.summary(), "ac_mode": self.cfg.train.ac_mode,
                       "data_source": self.tokens.source,
-                      **fingerprint(self.cfg, self.tokens, str(self.accel.info()["device_name"])),
+                      **fingerprint(self.cfg, str(self.accel.info()["device_name"])),
                       # the run's compute: the trainer's own count per token (measure.flops_per_token) × tokens trained
                       "flops_per_token": self.throughput.flops_per_token,
                       "params": self.raw_model.num_params(),  # N: the non-embedding parameters 6N counts

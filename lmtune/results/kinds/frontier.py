@@ -26,6 +26,7 @@ from lmtune.contract import FEASIBLE, FRONTIER_STEM
 from lmtune.results.figures import pyplot, save
 from lmtune.results.format import fmt, gib, markdown_table, number, short, sort_key, status_label
 from lmtune.results.kinds import Kind
+from lmtune.results.layout import measured
 from lmtune.results.read import Results
 
 AC_MODE_TEXT = {"budget": "the compile partitioner's activation memory budget, per compiled block",
@@ -111,7 +112,7 @@ def analyze_frontier(
     recommended = recommend(tables, x=x, limit_gib=limit_gib, headroom_gib=headroom_gib)
     counts = {
         "rows": len(rows),
-        "run": sum(1 for r in rows if r.get("source", "run") == "run"),
+        "run": sum(1 for r in rows if measured(r)),
         "implied": sum(1 for r in rows if r.get("source") == "implied"),
         "predicted": sum(1 for r in rows if r.get("source") == "predicted"),
         "grid": grid_size or len(rows),
@@ -128,10 +129,10 @@ def _table_row(r: Mapping[str, Any], x: str, best: float | None, limit_gib: floa
     """One trials.csv row as a row of its line's frontier table."""
     peak = number(r.get("peak_reserved_gib"))
     tps = number(r.get("tokens_per_s"))
-    measured = r.get("source", "run") == "run"
+    ran = measured(r)
     return {
         x: r[x],
-        "peak_reserved_gib": peak if measured else None,
+        "peak_reserved_gib": peak if ran else None,
         "predicted_peak_gib": number(r.get("predicted_peak_gib")),
         "tokens_per_s": tps,
         "relative_throughput": tps / best if tps and best else None,
@@ -151,7 +152,7 @@ def _oom_evidence(rows: Sequence[Mapping[str, Any]], x: str, smallest_oom: Any, 
     row = next((r for r in rows if r[x] == smallest_oom and r["status"].startswith("OOM")), None)
     if row is None:
         return ""
-    if row["source"] == "run":
+    if measured(row):
         return "ran"
     if row["source"] == "implied":
         ran = min((r[x] for r in rows if r["status"] == "OOM" and r[x] < row[x]), default=None)

@@ -16,6 +16,7 @@ from lmtune.contract import layer_keys
 from lmtune.results.figures import point_label, pyplot, save
 from lmtune.results.format import finite, fmt, markdown_table, short, sort_key
 from lmtune.results.kinds import Kind
+from lmtune.results.layout import measured
 from lmtune.results.read import Results
 
 NORM_KEYS = ("model.norm_placement", "model.final_norm", "train.warmup_steps")
@@ -47,7 +48,7 @@ def layer_norms(results: Results, row: dict[str, Any]) -> list[float]:
 
 def plot_grad_norm_layers(results: Results, path: Path) -> Path | None:
     """Heatmap: one row per trial, one column per layer, colour = log10 of the final gradient norm."""
-    rows = [(r, layer_norms(results, r)) for r in results.rows if r.get("source", "run") == "run"]
+    rows = [(r, layer_norms(results, r)) for r in results.rows if measured(r)]
     rows = [(r, v) for r, v in rows if v]
     if not rows:
         return None
@@ -79,7 +80,7 @@ def layer_norm_history(results: Results, row: dict[str, Any]) -> tuple[list[int]
 def plot_grad_norm_over_time(results: Results, path: Path, max_panels: int = 12) -> Path | None:
     """One panel per trial: layer (rows, input at the top) × step (columns), colour = log10 gradient norm,
     one colour scale for all panels so that pre-LN's flat O(1) and post-LN's spread compare at a glance."""
-    series = [(r, *layer_norm_history(results, r)) for r in results.rows if r.get("source", "run") == "run"]
+    series = [(r, *layer_norm_history(results, r)) for r in results.rows if measured(r)]
     series = [(r, steps, norms) for r, steps, norms in series if steps][:max_panels]
     if not series:
         return None

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 from lmtune.results.figures import pyplot, save
 from lmtune.results.format import fmt, markdown_table, number, short, sort_key, table
 from lmtune.results.kinds import Kind
+from lmtune.results.layout import measured
 from lmtune.results.read import Results
 
 SEED_KEY = "train.seed"
@@ -123,7 +124,7 @@ def arms(results: Results) -> list[Arm]:
     keys, metric, groups = arm_keys(results), results.metric, {}
     fixed = (results.sweep.get("base") or {}).get(SEED_KEY)  # a seed the space does not sweep: every trial's
     for r in results.rows:
-        if r.get("source", "run") == "run":
+        if measured(r):
             groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
     out = []
     for point, rows in groups.items():
@@ -301,7 +302,7 @@ def plots(results: Results, plots: Path) -> list[Path]:
 def applies(results: Results) -> bool:
     """Single-metric sweeps that ran something, a memory frontier aside (its points are configurations of memory)."""
     return (not results.frontier_spec and len(results.objectives) == 1
-            and any(r.get("source", "run") == "run" for r in results.rows))
+            and any(measured(r) for r in results.rows))
 
 
 KIND = Kind("replicates", 70, applies=applies, found=found, tables=tables, files=write_csv, plots=plots, console=console)

@@ -15,6 +15,7 @@ from lmtune.contract import TRIALS_TABLE, layer_keys
 from lmtune.results.figures import point_label, pyplot, save
 from lmtune.results.format import finite, fmt, markdown_table, number, short, status_label
 from lmtune.results.kinds import Kind
+from lmtune.results.layout import measured
 from lmtune.results.markup import esc
 from lmtune.results.read import Results
 
@@ -90,7 +91,7 @@ def plot_loss_curves(results: Results, path: Path, max_legend: int = 12) -> Path
     """Train loss (line) and validation loss (markers) against tokens for every trial that reported any."""
     series = []
     for r in results.rows:
-        if r.get("source", "run") != "run":
+        if not measured(r):
             continue
         ms = results.metrics(r["trial_id"])
         train = [(m["tokens"], m["loss"]) for m in ms if finite(m.get("loss")) and finite(m.get("tokens"))]
@@ -131,7 +132,7 @@ def trials_html(results: Results) -> str:
         tid = str(r.get("trial_id"))
         status = str(r.get("status") or "running")
         point = ", ".join(f"{short(k)}={fmt(r.get(k), k)}" for k in results.space_keys if r.get(k) is not None)
-        ms = results.metrics(tid) if r.get("source", "run") == "run" else []
+        ms = results.metrics(tid) if measured(r) else []
         body = [f"<div class='trial'><h3>{esc(tid)} <span class='status-{esc(status)}'>{esc(status_label(r))}"
                 f"</span></h3><div class='muted'>{esc(point)}</div>", f"<div class='muted'>{esc(evidence(r))}</div>"]
         curve = curves_svg(ms)
@@ -149,7 +150,8 @@ def evidence(row: dict[str, Any]) -> str:
     status, source = row.get("status"), row.get("source") or "run"
     extra = []
     if status == "oom":
-        extra.append({"run": "ran out of memory", "implied": "implied by an OOM at a smaller micro-batch (never ran)",
+        extra.append({"run": "ran out of memory", "reused": "ran out of memory (in the run it was reused from)",
+                      "implied": "implied by an OOM at a smaller micro-batch (never ran)",
                       "predicted": "predicted above the limit + margin (never ran)"}.get(source, source))
         if row.get("predicted_peak_gib") is not None:
             extra.append(f"predicted peak {fmt(row['predicted_peak_gib'], 'peak_reserved_gib')} GiB")
