@@ -71,7 +71,7 @@ class Watch:
         self.lines: list[str] = []
 
     def results(self) -> Path | None:
-        runs = [p for p in self.storage.iterdir()] if self.storage.exists() else []
+        runs = [p for p in self.storage.iterdir() if p.is_dir()] if self.storage.exists() else []
         return runs[0] if runs else None
 
     def state(self) -> dict:
@@ -133,7 +133,7 @@ def reference(tmp_path_factory) -> Path:
     proc = subprocess.run(_args(f, tmp / "results", False), cwd=tmp, env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (results,) = list((tmp / "results").iterdir())
+    (results,) = [p for p in (tmp / "results").iterdir() if p.is_dir()]  # beside it: the storage's reuse index
     return results
 
 

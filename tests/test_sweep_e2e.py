@@ -215,7 +215,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(tmp_path, sw
             # The driver writes trials/{id}/metrics.jsonl as results arrive, and snapshots the experiment
             # soon after each trial start and registered checkpoint (within 19× a snapshot's own duration,
             # a few ms for this sweep): by a step-30 report the step-10 checkpoint is in the snapshot.
-            if not storage.exists() or not any(storage.iterdir()):
+            if not storage.exists() or not any(p.is_dir() for p in storage.iterdir()):
                 return False
             results = only_run(storage)
             done = rows(results) if (results / "trials.csv").exists() else {}
