@@ -34,7 +34,7 @@ lint: install  ## ruff (pyproject.toml's rules: pycodestyle, pyflakes, import or
 	$(PY) -m ruff check lmtune benchmarks tests sweeps
 
 bench: install  ## the benchmarks recorded in BENCHMARKS.md (one at a time: they time the machine)
-	for b in trainer_vs_bare token_cache prepare trial_overhead frontier_search memory_model oom_aware_search width_transfer reuse; do \
+	for b in trainer_vs_bare token_cache prepare trial_overhead frontier_search memory_model oom_aware_search width_transfer reuse scaling_ladder; do \
 		$(PY) benchmarks/$$b.py || exit 1; done
 
 # The GPU acceptance run needs no environment: torch, numpy and tiktoken of whatever Python has them (a GPU

@@ -64,6 +64,7 @@ METRICS = (
     _final("step_time_ms", format="time"),
     Metric("step", optimizable=True),
     Metric("epoch", optimizable=True),
+    Metric("total_steps"),
     Metric("flops_per_token"),
     Metric("params"),
     Metric("data_source"),

@@ -60,3 +60,17 @@ def test_the_sweep_line_says_how_long_is_left_once_a_trial_finished():
     p.end("x")
     assert p.lines()[0] == "progress: 1/5 done, 0 running, 2m 00s elapsed, about 8m 00s left"
     assert [duration(s) for s in (0, 59.4, 61, 3600 * 2 + 600)] == ["0s", "59s", "1m 01s", "2h 10m"]
+
+
+def test_a_run_sized_by_flops_shows_the_trainers_own_step_count():
+    """train.flops (or tokens, epochs) sets a run's steps inside the trainer: its reports carry total_steps, which
+    replace the config's train.steps (a ladder's run showed "step 7200/30")."""
+    out, clock = io.StringIO(), Clock()
+    p = Progress(out, 1, interval_s=30, clock=clock, tty=False)
+    p.start("cccc3333", 30)
+    p.report("cccc3333", {"step": 100, "total_steps": 8000, "loss": 2.0})
+    clock.t += 10
+    p.report("cccc3333", {"step": 200, "total_steps": 8000, "loss": 1.9})
+    clock.t += 20
+    p.tick()
+    assert out.getvalue().splitlines()[1].startswith("  cccc3333  step 200/8000  loss 1.900")

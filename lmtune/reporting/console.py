@@ -45,7 +45,14 @@ def trial_text(base: dict[str, Any], swept: Sequence[str] = ()) -> str:
     def v(key: str) -> str:
         return "swept" if key in swept else str(base.get(key))
 
-    length = f"{base.get('train.epochs'):g} epochs" if base.get("train.epochs") else f"{v('train.steps')} steps"
+    if base.get("train.flops") or "train.flops" in swept:  # the trainer's order: FLOPs, then tokens, epochs, steps
+        length = f"{v('train.flops') if 'train.flops' in swept else format(base['train.flops'], '.3g')} FLOPs"
+    elif base.get("train.tokens") or "train.tokens" in swept:
+        length = f"{v('train.tokens')} tokens"
+    elif base.get("train.epochs") or "train.epochs" in swept:
+        length = f"{v('train.epochs')} epochs"
+    else:
+        length = f"{v('train.steps')} steps"
     return (f"{v('model.n_layer')} layers × {v('model.n_embd')} wide ({v('model.n_head')} heads), seq "
             f"{v('data.seq_len')}, {v('data.tokenizer')} tokens of {v('data.dataset')}, {length}, micro-batch "
             f"{v('train.micro_batch_size')}, {v('train.dtype')} "

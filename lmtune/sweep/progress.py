@@ -98,6 +98,8 @@ class Progress:
             return
         now = self.clock()
         r.step = metrics["step"]
+        if isinstance(metrics.get("total_steps"), int):  # the trainer's own count (train.flops, tokens, epochs)
+            r.steps = metrics["total_steps"]
         if r.first is None:
             r.first = (now, r.step)
         if isinstance(metrics.get("loss"), (int, float)):

@@ -74,16 +74,17 @@ def load(root: Path, out: TextIO | None = None) -> dict[str, dict[str, Any]]:
     path = root / REUSE_INDEX
     with _locked(root):
         entries, bad = _read(path)
-        runs = _runs(root)
-        if bad is None and (path.exists() or not runs):
+        if bad is None and path.exists():
             return {e["fingerprint"]: e for e in entries}
+        runs = _runs(root)
         entries = [e for run in runs for e in _entries_of_run(run)]
         tmp = path.with_name(f".{REUSE_INDEX}.tmp")
         tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries))
         os.replace(tmp, path)
-    why = f"corrupt (line {bad})" if bad is not None else "missing"
-    print(f"reuse: the index {path} was {why}; rebuilt from {len(runs)} run(s)' summaries ({len(entries)} reusable "
-          f"trial(s))", file=out)
+    if bad is not None or entries:  # a new storage (or one of runs from before fingerprints) starts an empty one
+        why = f"corrupt (line {bad})" if bad is not None else "missing"
+        print(f"reuse: the index {path} was {why}; rebuilt from {len(runs)} run(s)' summaries ({len(entries)} "
+              f"reusable trial(s))", file=out)
     return {e["fingerprint"]: e for e in entries}
 
 

@@ -311,7 +311,8 @@ class Trainer:
     def _emit(self, metrics: dict[str, Any], *, checkpoint: bool = False, status: str = "running") -> None:
         """Report ``metrics`` with the run's position; with ``checkpoint``, a checkpoint holding it goes with it."""
         wall = self.timer.wall_clock_s() if self.timer is not None else 0.0
-        position = {"step": self.step, "tokens": self.step * self.plan.batch_tokens, "epoch": self.batches.epoch,
+        position = {"step": self.step, "total_steps": self.plan.total_steps,
+                    "tokens": self.step * self.plan.batch_tokens, "epoch": self.batches.epoch,
                     "wall_clock_s": wall, "device_hours": wall * self.accel.devices_held(self.world) / 3600,
                     "status": status}
         self.reporter.emit({**metrics, **position}, self.step, self._save_checkpoint if checkpoint else None)
