@@ -126,12 +126,16 @@ RUNNING = "running"
 """The status of every report before a run's last one."""
 TRAINER_STATUSES = ("ok", "oom", "diverged")
 """The statuses a trainer's last report can carry (an error is an exception)."""
-SOURCES = ("run", "reused", "implied", "predicted")
+SOURCES = ("run", "reused", "earlier", "implied", "predicted")
 """Where a trials.csv row comes from: a trial this run trained; a trial this run did not train because an earlier run
 in the same storage finished the same one (same fingerprint: its result and curves copied, ``reused_from`` says
-whose); a frontier point never launched (OOM implied by a smaller OOM, or predicted above the limit)."""
-MEASURED = ("run", "reused")
-"""Sources of rows with a measured result (a trial that trained, here or in the run it was reused from)."""
+whose); a frontier point the planner took from an earlier sweep given with ``--warm-start`` (``reused_from`` says
+which trial measured it; not run here); a frontier point never launched (OOM implied by a smaller OOM, or predicted
+above the limit)."""
+TRIAL_SOURCES = ("run", "reused")
+"""Sources of rows that are this run's trials (a resumed sweep reads them back as its finished trials)."""
+MEASURED = ("run", "reused", "earlier")
+"""Sources of rows with a measured result (a trial that trained here, or in the run it was taken from)."""
 FEASIBLE = ("ok", "diverged", "pruned")
 """Statuses of trials whose config fit in memory."""
 FAILED = ("error", "oom", "host_oom")

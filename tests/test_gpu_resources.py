@@ -24,12 +24,14 @@ def test_auto_asks_for_one_gpu_per_worker_on_a_gpu_cluster_unless_the_trials_tra
 
 
 def test_every_shipped_sweep_asks_for_gpus_at_seed_size_and_none_in_its_smoke_variant():
+    """A sweep made for the CPU (``*_cpu.py``: the scaling ladder at CPU size) asks for none at either size."""
     from tests.conftest import REPO
 
     for path in sorted((REPO / "sweeps").glob("*.py")):
         sweep, p = load_sweep(path)
         full, smoke = resolve(sweep, p), resolve(sweep, p, smoke=True)
-        assert resolve_gpus(full.gpus, full.base, cluster_gpus=8) == 1.0, path.name
+        cpu_only = path.stem.endswith("_cpu")
+        assert resolve_gpus(full.gpus, full.base, cluster_gpus=8) == (0.0 if cpu_only else 1.0), path.name
         assert resolve_gpus(smoke.gpus, smoke.base, cluster_gpus=8) == 0.0, path.name
 
 

@@ -511,3 +511,31 @@ def _replayed(measure, configs: list[dict]) -> FrontierPlan:
         assert plan.suggest(f"t{n}") == config
         plan.complete(f"t{n}", measure(config))
     return plan
+
+
+def test_an_earlier_sweeps_points_settle_theirs_and_only_what_they_leave_open_runs():
+    """--warm-start on a frontier: the points an earlier sweep measured are the plan's evidence (never launched, rows
+    of source ``earlier``); with one micro-batch added, only what it leaves open runs; the frontier is the same."""
+    xs = [8, 16, 32, 64, 96, 128]
+    measure = linear_memory({0.5: 0.1, 1.0: 0.25})
+    first = FrontierPlan(xs, [{B: 0.5}, {B: 1.0}], limit_gib=20.0, headroom_gib=2.0)
+    ran, _ = run(first, measure)
+    earlier = [({**t["config"]}, {**t["result"], "config": {"system.memory_limit_gib": 20.0}}) for t in ran]
+
+    again = FrontierPlan(xs, [{B: 0.5}, {B: 1.0}], limit_gib=20.0, headroom_gib=2.0)
+    assert all(again.know(config, result, f"1-earlier/t{i}") for i, (config, result) in enumerate(earlier))
+    assert simulate(again, measure) == [] and again.frontier() == first.frontier()
+    rows = again.implied_rows()
+    assert sorted((r[B], r[X]) for r in rows if r["source"] == "earlier") == sorted(
+        (c[B], c[X]) for c, _ in earlier)
+    assert {r["reused_from"] for r in rows if r["source"] == "earlier"} == {f"1-earlier/t{i}" for i in range(len(ran))}
+
+    more = FrontierPlan(sorted([*xs, 80]), [{B: 0.5}, {B: 1.0}], limit_gib=20.0, headroom_gib=2.0)
+    for i, (config, result) in enumerate(earlier):
+        more.know(config, result, f"1-earlier/t{i}")
+    new, points = run(more, measure)
+    assert 0 < len(new) <= 2 and all(x == 80 for _, x in points), points  # only the new value, where it matters
+    # evidence from a frontier of another memory limit is no evidence here
+    other = FrontierPlan(xs, [{B: 0.5}], limit_gib=40.0, headroom_gib=2.0)
+    config, result = earlier[0]
+    assert not other.know({B: 0.5, X: config[X]}, result, "x")

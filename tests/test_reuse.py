@@ -164,7 +164,7 @@ def test_a_warm_started_tpe_sweep_suggests_from_the_earlier_trials_at_once(tmp_p
         if warm:
             out = io.StringIO()
             reuse.warm_start(searcher, ["train.lr"], warm, out)
-            assert out.getvalue() == ("warm start: 24 finished trial(s) of 2 earlier sweep(s) in the study; 1 left out "
+            assert out.getvalue() == ("warm start: 24 finished trial(s) of 2 earlier sweep(s) taken as evidence; 1 left out "
                                       "(outside this sweep's space, or not ok/oom)\n")
             done = [t for t in searcher.study.trials if t.state.is_finished()]
             assert len(done) == 24 and done[0].user_attrs["warm_start"] == "1-lr-x/t0"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from lmtune.config import ConfigError, all_keys, coerce
-from lmtune.contract import MEASURED, PLACEMENT, TRIAL_METRICS, TRIALS_DIR
+from lmtune.contract import MEASURED, PLACEMENT, TRIAL_METRICS, TRIAL_SOURCES, TRIALS_DIR
 
 _GROUP = re.compile(r"^(\d+)-(.+)-(\d{8}-\d{6}-\d{6})$")
 CONFIG_KEYS = frozenset(all_keys())
@@ -134,6 +134,11 @@ def measured(row: dict[str, Any]) -> bool:
     """A trials.csv row with a measured result: a trial that trained in this run or one reused from an earlier run
     (not a frontier point decided without running)."""
     return (row.get("source") or "run") in MEASURED
+
+
+def a_trial(row: dict[str, Any]) -> bool:
+    """A trials.csv row that is one of the run's own trials (trained, or reused under its own trial id)."""
+    return (row.get("source") or "run") in TRIAL_SOURCES
 
 
 def csv_columns(space_keys: Iterable[str], extra: Iterable[str] = ()) -> list[str]:

@@ -33,7 +33,7 @@ from lmtune.contract import (
 )
 from lmtune.reporting.console import request_text
 from lmtune.results.format import fmt
-from lmtune.results.layout import csv_columns, measured, read_trials_csv, trial_dir, write_json, write_trials_csv
+from lmtune.results.layout import a_trial, csv_columns, read_trials_csv, trial_dir, write_json, write_trials_csv
 from lmtune.sweep import compat, reuse
 from lmtune.sweep.ledger import HoldsLedger, Ledger
 from lmtune.sweep.progress import Progress
@@ -138,7 +138,7 @@ class ResultsWriter(HoldsLedger, Callback):
     def setup(self, **info) -> None:
         (self.results_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
         for row in read_trials_csv(self.results_dir / TRIALS_CSV, typed=False):  # a resumed sweep keeps its finished rows
-            if not measured(row):
+            if not a_trial(row):
                 continue  # a planner's row: the planner writes its rows as it knows them now
             self.rows[row["trial_id"]] = dict(row)
             self.finished_before.add(row["trial_id"])

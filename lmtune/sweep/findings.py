@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from lmtune.contract import REUSED_FROM, TRIAL_METRICS
 from lmtune.sweep.lines import Line, LineKey, MemoryModel, Point
 
 PEAK_KEY = "peak_reserved_gib"
@@ -24,17 +25,21 @@ class Findings:
     memory: MemoryModel
     _by_trial: dict[str, tuple[Line, Point]]
     limit_gib: float | None
+    earlier: dict[tuple[LineKey, Any], tuple[str, dict[str, Any]]]
 
     def trials_run(self) -> int:
         return len(self._by_trial)
 
     def implied_rows(self) -> list[dict[str, Any]]:
-        """trials.csv rows for the points never launched because they are OOM by implication or prediction.
-
-        ``source`` is ``implied`` when a measured OOM at a smaller x implies it, else ``predicted``;
-        ``predicted_peak_gib`` is the line's fit at that x (None without a fit).
+        """trials.csv rows for the points never launched: those an earlier sweep measured (``--warm-start``: source
+        ``earlier``, its metrics, ``reused_from`` the trial that measured it), and those OOM by implication or
+        prediction (``source`` is ``implied`` when a measured OOM at a smaller x implies it, else ``predicted``;
+        ``predicted_peak_gib`` is the line's fit at that x, None without a fit).
         """
-        rows = []
+        rows = [{"trial_id": f"earlier-{n:03d}", "status": result.get("status"), "source": "earlier",
+                 REUSED_FROM: source, **dict(key), self.x_key: x, **{m: result.get(m) for m in TRIAL_METRICS}}
+                for n, ((key, x), (source, result)) in enumerate(getattr(self, "earlier", {}).items(), 1)]
+        ruled_out = 0
         for line in self.lines:
             k = self.memory.knowledge(line)
             first_oom = min((p.x for p in line.points if p.state == "oom"), default=None)
@@ -43,8 +48,9 @@ class Findings:
                 if p.state != "unknown":
                     continue
                 source = "implied" if first_oom is not None and first_oom <= p.x else "predicted"
+                ruled_out += 1
                 rows.append({
-                    "trial_id": f"{source}-{len(rows) + 1:03d}", "status": "oom", "source": source,
+                    "trial_id": f"{source}-{ruled_out:03d}", "status": "oom", "source": source,
                     **dict(line.key), self.x_key: p.x, PREDICTED_KEY: self.memory.predicted_peak(line, p.x),
                 })
         return rows

@@ -41,7 +41,7 @@ from lmtune.contract import FEASIBLE
 from lmtune.results.format import number
 from lmtune.sweep.domains import cross
 from lmtune.sweep.findings import PEAK_KEY, THROUGHPUT_KEY, Findings
-from lmtune.sweep.lines import Knowledge, Line, MemoryModel, Point
+from lmtune.sweep.lines import Knowledge, Line, LineKey, MemoryModel, Point
 from lmtune.sweep.spec import Frontier
 
 FINISHED = "FINISHED"
@@ -104,6 +104,8 @@ class FrontierPlan(Findings):
         self._next_line = 0  # round-robin start, so concurrent probes spread over lines
         self.notes: list[str] = []
         """Observations worth reporting (non-monotone memory, errors)."""
+        self.earlier: dict[tuple[LineKey, Any], tuple[str, dict[str, Any]]] = {}
+        """Points an earlier sweep measured (``--warm-start``): (its ``run/trial_id``, its result)."""
 
     # --- construction from a sweep's space --------------------------------------------------------
 
@@ -260,6 +262,28 @@ class FrontierPlan(Findings):
         p.completed = self._completed
         self._completed += 1
         self._check_monotone(line)
+
+    def know(self, config: Mapping[str, Any], result: Mapping[str, Any], source: str) -> bool:
+        """An earlier sweep's measurement of a grid point (``--warm-start``) as evidence: the point is settled as it
+        ended there (ok, oom) and never launched; its row (source ``earlier``) goes into trials.csv. False when the
+        config is no point of this grid, the point is already settled, or the result is no evidence (another status,
+        or a frontier of another memory limit)."""
+        found = self._point_at(config)
+        status = str(result.get("status") or "")
+        limit = number((result.get("config") or {}).get("system.memory_limit_gib")) or number(
+            result.get("device_memory_gib"))
+        if found is None or found[1].state != "unknown" or status not in ("ok", "oom"):
+            return False
+        if self.limit_gib is not None and limit is not None and abs(limit - self.limit_gib) > 1e-9 * self.limit_gib:
+            return False
+        line, p = found
+        p.status, p.state = status, status
+        p.peak, p.throughput = number(result.get(PEAK_KEY)), number(result.get(THROUGHPUT_KEY))
+        p.purpose, p.completed = "earlier", self._completed
+        self._completed += 1
+        self.earlier[(line.key, p.x)] = (source, dict(result))
+        self._check_monotone(line)
+        return True
 
     def _check_monotone(self, line: Line) -> None:
         ooms = [p.x for p in line.points if p.state == "oom"]

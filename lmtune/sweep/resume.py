@@ -56,7 +56,7 @@ from typing import Any, Callable, TextIO
 
 from lmtune.config import ConfigError
 from lmtune.contract import LOG_DIR, STATUSES, SUMMARY_JSON, SWEEP_JSON, TRIALS_CSV, TUNE_DIR
-from lmtune.results.layout import keep_reports, measured, order, read_trials_csv, runs_of, trial_dir
+from lmtune.results.layout import a_trial, keep_reports, order, read_trials_csv, runs_of, trial_dir
 from lmtune.sweep import compat, snapshot
 from lmtune.sweep.ledger import HoldsLedger, Ledger
 
@@ -221,7 +221,7 @@ def recorded_trials(results_dir: Path | None) -> dict[str, dict[str, Any]]:
     if results_dir is None:
         return {}
     return {r["trial_id"]: r for r in read_trials_csv(Path(results_dir) / TRIALS_CSV)
-            if measured(r) and r.get("status") in STATUSES and r["status"] != "host_oom"}
+            if a_trial(r) and r.get("status") in STATUSES and r["status"] != "host_oom"}
 
 
 def map_restored(search: Any, trial_id: str, point: dict[str, Any], *, finished: bool) -> None:

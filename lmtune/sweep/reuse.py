@@ -132,8 +132,9 @@ def check_warm_start(paths: list[str], searcher: str, searcher_warms: bool, resu
         raise ConfigError("--warm-start seeds a new sweep's searcher; a resumed sweep keeps its own study. Accepted: "
                           "--warm-start without --resume.")
     if not searcher_warms:
-        raise ConfigError(f"--warm-start seeds a searcher that learns from finished trials (tpe, nsga2); this sweep "
-                          f"runs {searcher}, whose points run anyway (the storage's finished ones are reused).")
+        raise ConfigError(f"--warm-start seeds a searcher that learns from finished trials (tpe, nsga2, the frontier "
+                          f"planner); this sweep runs {searcher}, whose points run anyway (the storage's finished "
+                          f"ones are reused).")
     out = []
     for p in paths:
         path = Path(p).expanduser()
@@ -167,7 +168,7 @@ def warm_start(searcher: Any, space_keys: list[str], paths: list[Path], out: Tex
             added += 1
         else:
             left += 1
-    print(f"warm start: {added} finished trial(s) of {len(paths)} earlier sweep(s) in the study; {left} left out "
+    print(f"warm start: {added} finished trial(s) of {len(paths)} earlier sweep(s) taken as evidence; {left} left out "
           f"(outside this sweep's space, or not ok/oom)", file=out)
 
 

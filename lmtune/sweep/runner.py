@@ -29,7 +29,7 @@ from lmtune.contract import LOG_DIR, REUSE_INDEX, STATUSES, SWEEP_JSON, TRAIN_DI
 from lmtune.data.prepared import AUTO, auto_prepared
 from lmtune.data.prepared import upload as upload_prepared
 from lmtune.reporting import console
-from lmtune.results.layout import measured, new_results_dir, read_trials_csv, write_json
+from lmtune.results.layout import a_trial, new_results_dir, read_trials_csv, write_json
 from lmtune.results.storage import resolve_storage, upload, uri_join
 from lmtune.sweep import cluster, compat, reuse, snapshot
 from lmtune.sweep.checks import worker_bundle
@@ -315,7 +315,7 @@ def _ended(rs: ResolvedSweep, results_dir: Path, base_uri: str, grid: Any, searc
     # finished, the sweep marked done).
     writer.write_csv()
     rows = read_trials_csv(results_dir / TRIALS_CSV)
-    ended = sum(measured(r) and r.get("status") in STATUSES for r in rows)
+    ended = sum(a_trial(r) and r.get("status") in STATUSES for r in rows)
     interrupted = (grid.num_terminated + grid.num_errors < len(grid)
                    or kind_of(rs).planned_more(searcher, min(len(grid), ended), rs.num_trials))
     if not interrupted:

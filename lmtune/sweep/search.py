@@ -325,6 +325,10 @@ class FrontierSearcher(Searcher):
     def implied_rows(self) -> list[dict[str, Any]]:
         return self.plan.implied_rows()
 
+    def add_earlier(self, params: dict[str, Any], result: dict[str, Any], source: str) -> bool:
+        """An earlier sweep's measured point as the plan's evidence (``--warm-start``; see FrontierPlan.know)."""
+        return self.plan.know(params, result, source)
+
     def launch_predictions(self) -> dict[str, float | None]:
         return self.plan.launch_predictions()
 

@@ -188,6 +188,7 @@ class FrontierKind(SearcherKind):
     bisection and a fitted memory model; the points it rules out are rows of their own."""
 
     name = "frontier"
+    warm_starts = True  # earlier sweeps' measured points settle theirs (FrontierPlan.know)
     keeps_study = False
     early_stopping = False
     fresh_processes = True

@@ -152,6 +152,8 @@ def _oom_evidence(rows: Sequence[Mapping[str, Any]], x: str, smallest_oom: Any, 
     row = next((r for r in rows if r[x] == smallest_oom and r["status"].startswith("OOM")), None)
     if row is None:
         return ""
+    if row["source"] == "earlier":
+        return "ran in an earlier sweep (--warm-start)"
     if measured(row):
         return "ran"
     if row["source"] == "implied":
