@@ -27,7 +27,7 @@ demo: install  ## the main job: the memory-frontier sweep, smoke size, on an emb
 # The suite runs in TEST_PROCS processes, a test file each at a time: its end-to-end tests mostly wait (on Ray
 # starting, on processes being killed and resumed), so two share two cores well.
 TEST_PROCS ?= 2
-test: install  ## the whole test suite, real runs at tiny sizes (about 8 minutes on 2 cores)
+test: install  ## the whole test suite, real runs at tiny sizes (about 13 minutes on 2 cores)
 	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile
 
 lint: install  ## ruff (pyproject.toml's rules: pycodestyle, pyflakes, import order, private Ray/Optuna/torch names fenced in)

@@ -47,7 +47,7 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float 
 
 
 HEAVIEST_FIRST = ("test_slurm.py", "test_multinode.py", "test_multiworker.py", "test_sweep_e2e.py", "test_resume_anywhere.py",
-                  "test_frontier_e2e.py", "test_plan.py", "test_gpu_resources.py")
+                  "test_frontier_e2e.py", "test_plan.py", "test_gpu_resources.py", "test_reuse.py")
 """The files with the longest end-to-end runs, longest first (each 2–4 minutes under ``make test`` on 2 cores)."""
 
 
