@@ -22,7 +22,7 @@ from lmtune.sweep.checks import check_placeable, worker_bundle
 # --- the trials' environment and the driver's logs ----------------------------------------------------
 
 
-def prepare_env(*, embedded: bool) -> dict[str, str]:
+def prepare_env(*, embedded: bool, dashboard: bool = True) -> dict[str, str]:
     """Environment every trial process must see; set here so an embedded Ray's workers inherit it."""
     from lmtune.training.reporting import wandb_mode
 
@@ -46,8 +46,14 @@ def prepare_env(*, embedded: bool) -> dict[str, str]:
         # The scheduler snapshots the experiment after every trial start, checkpoint and end (what --resume
         # restores, see lmtune.sweep.search); Tune would warn about "excessive" snapshots each time.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-        # Multi-worker trials (Ray Train runs named train-{trial_id}) on the dashboard's Train page.
-        "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "1"),
+        # Multi-worker trials (Ray Train runs named train-{trial_id}) on the dashboard's Train page: an actor
+        # that keeps their state, for a dashboard to show. Without a dashboard nothing would read it.
+        "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING",
+                                                          "1" if dashboard or not embedded else "0"),
+        # Ray Train watches each node of a multi-worker trial for a preemption notice (a cloud's spot node being
+        # drained) from an actor of its own: on a cluster, where that happens. An embedded Ray is this machine.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                                                              "0" if embedded else "1"),
         "WANDB_SILENT": "true",
         "WANDB_CONSOLE": "off",
     }

@@ -97,7 +97,7 @@ def run(
         return _finished(rs, results_dir, base_uri, out)
     rs = _prepare_data(rs, local_root, remote, out)
 
-    env = cluster.prepare_env(embedded=address is None)
+    env = cluster.prepare_env(embedded=address is None, dashboard=dashboard)
     handler = cluster.log_to_files(results_dir / LOG_DIR)
     asked = rs.gpus
     rs, started, placement_note = _on_cluster(rs, address, env, results_dir, handler, resume=resume, out=out,
