@@ -233,26 +233,29 @@ def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tens
         starts = _grid_starts(n, d, y, w, keep).reshape(K * keep, 5)
         n, d, y, w = (t.repeat_interleave(keep, 0) for t in (n, d, y, w))
         theta = torch.where(torch.isfinite(starts), starts, torch.zeros_like(starts))
-        lam = torch.full((theta.shape[0],), 1e-2, dtype=torch.float64)
         value = _objective(theta, n, d, y, w)
-        stalled = 0
+        lam = torch.full((theta.shape[0],), 1e-2, dtype=torch.float64)
+        stalled = torch.zeros(theta.shape[0], dtype=torch.long)
+        active = torch.arange(theta.shape[0])  # the problems still moving: a converged one is left as it is
         for _ in range(iterations):
-            if stalled >= 8:  # no problem of the batch has moved for a while: converged
+            if not len(active):
                 break
-            r, jac = _residuals_and_jacobian(theta, n, d, y)
-            hw = w * torch.where(r.abs() <= HUBER_DELTA, torch.ones_like(r), HUBER_DELTA / r.abs().clamp_min(1e-300))
+            i = active
+            th, li, vi = theta[i], lam[i], value[i]
+            r, jac = _residuals_and_jacobian(th, n[i], d[i], y[i])
+            hw = w[i] * torch.where(r.abs() <= HUBER_DELTA, torch.ones_like(r), HUBER_DELTA / r.abs().clamp_min(1e-300))
             jw = jac * hw[..., None]
-            hess = jw.transpose(-1, -2) @ jac  # (K, 5, 5)
-            grad = (jw * r[..., None]).sum(1)  # (K, 5)
-            damp = lam[:, None, None] * (torch.diagonal(hess, dim1=-2, dim2=-1)[..., None] * eye + 1e-12 * eye)
-            step = torch.linalg.solve(hess + damp, -grad[..., None])[..., 0]
-            trial = theta + step
-            new = _objective(trial, n, d, y, w)
-            better = torch.isfinite(new) & (new < value)
-            stalled = 0 if (better & (new < value * (1 - 1e-10))).any() else stalled + 1
-            theta = torch.where(better[:, None], trial, theta)
-            value = torch.where(better, new, value)
-            lam = torch.where(better, lam / 3, lam * 4).clamp(1e-12, 1e12)
+            hess = jw.transpose(-1, -2) @ jac  # (k, 5, 5)
+            grad = (jw * r[..., None]).sum(1)  # (k, 5)
+            damp = li[:, None, None] * (torch.diagonal(hess, dim1=-2, dim2=-1)[..., None] * eye + 1e-12 * eye)
+            trial = th + torch.linalg.solve(hess + damp, -grad[..., None])[..., 0]
+            new = _objective(trial, n[i], d[i], y[i], w[i])
+            better = torch.isfinite(new) & (new < vi)
+            theta[i] = torch.where(better[:, None], trial, th)
+            value[i] = torch.where(better, new, vi)
+            lam[i] = torch.where(better, li / 3, li * 4).clamp(1e-12, 1e12)
+            stalled[i] = torch.where(better & (new < vi * (1 - 1e-10)), 0, stalled[i] + 1)
+            active = i[stalled[i] < 8]  # 8 tries in a row without moving: converged
         values = torch.where(torch.isfinite(value), value, torch.full_like(value, math.inf)).view(K, keep)
         out.append(theta.view(K, keep, 5)[torch.arange(K), values.argmin(1)])
     return torch.cat(out)
