@@ -4,12 +4,13 @@
   loss and val_loss as a 1-worker trial at micro-batch 16 over the same data;
 * it writes one W&B run (offline, in the sweep's group) and one checkpoint stream (rank 0's, in the
   Train run's storage);
-* a Train worker process SIGKILLed mid-run (after the first checkpoint): the trial is retried, the Train
-  run resumes from its last checkpoint (no step before it is reported again);
-* then the sweep's driver SIGKILLed during the retried trial: ``--resume`` continues the trial's Train run from
-  its latest checkpoint, and the trial ends with the uninterrupted run's reports and exact final metrics.
+* the sweep's driver (and the Ray it started) SIGKILLed after the trial's first checkpoint: ``--resume`` continues
+  the trial's Train run from its latest checkpoint (no step before it is reported again), and the trial ends with
+  the uninterrupted run's reports and exact final metrics.
 
-The sweeps run once per module (fixtures; the two kills are one sweep) and the tests read their results.
+A Train worker lost under a trial (its node killed: the trial retried, its Train run continued from its checkpoint
+on the nodes left) is tested in test_multinode.py. The sweeps run once per module (fixtures) and the tests read
+their results.
 """
 
 from __future__ import annotations
@@ -99,16 +100,14 @@ def _reports(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """A 2-worker sweep through two failures, one after the other: a Train worker SIGKILLed after the trial's
-    first checkpoint (the trial is retried and its Train run continues from that checkpoint), then, once the
-    retry has made a checkpoint of its own, the sweep's driver and the Ray it started SIGKILLed; ``--resume``
-    then continues the same Train run again. Returns what each test reads."""
+    """A 2-worker sweep whose driver and the Ray it started are SIGKILLed once the trial has made a checkpoint;
+    ``--resume`` then continues the same Train run. Returns what each test reads."""
     import threading
 
     tmp = tmp_path_factory.mktemp("kill")
     f = sweep_file(tmp, _sweep_body("ddp-kill", 2, MB, max_failures=1))
     storage = tmp / "results"
-    args = ["--storage", str(storage), "--no-wandb", "--no-report"]
+    args = ["--storage", str(storage), "--no-wandb", "--no-report", "--no-dashboard"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -122,17 +121,8 @@ def killed(tmp_path_factory):
     try:
         _wait_for(lambda: trial_dir() is not None and any(
             "val_loss" in r for r in _reports(trial_dir() / "metrics.jsonl")), 300, proc)
-        before_worker_kill = _reports(trial_dir() / "metrics.jsonl")
         workers = _train_workers(psutil.Process(proc.pid))
-        assert len(workers) == 2, [p.cmdline() for p in workers]
-        workers[-1].send_signal(signal.SIGKILL)  # one worker of the group (which rank is not pinned down)
-
-        def retry_checkpointed() -> bool:
-            attempts = _reports(trial_dir() / "attempts.jsonl")  # the retry's first new report adds a line
-            return len(attempts) >= 2 and any("val_loss" in r and r["step"] >= attempts[1]["step"]
-                                              for r in _reports(trial_dir() / "metrics.jsonl"))
-
-        _wait_for(retry_checkpointed, 300, proc)
+        assert len(workers) == 2, [p.cmdline() for p in workers]  # the trial's Train run is a group of two
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         reader.join(5)
@@ -143,8 +133,8 @@ def killed(tmp_path_factory):
     before_driver_kill = (trial_dir() / "metrics.jsonl").read_text().splitlines()
     again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    return {"results": only_run(storage), "before_worker_kill": before_worker_kill, "out": "".join(lines),
-            "before_driver_kill": before_driver_kill, "resumed": again.stdout}
+    return {"results": only_run(storage), "out": "".join(lines), "before_driver_kill": before_driver_kill,
+            "resumed": again.stdout}
 
 
 def test_two_workers_match_one_worker_at_twice_the_micro_batch(two_workers, one_worker):
@@ -196,53 +186,55 @@ def test_multi_worker_trial_writes_one_wandb_run_and_one_checkpoint_stream(two_w
         assert heads and len(heads) == len(set(heads)), heads
 
 
+def _ray_actors(results: Path) -> set[str]:
+    """The classes of the actors the sweep's (first) embedded Ray ran: each worker process's log names its actor."""
+    return {line.removeprefix(":actor_name:").strip() for out in (results / "logs" / "ray-session").glob("worker-*.out")
+            for line in out.read_text(errors="replace").splitlines() if line.startswith(":actor_name:")}
+
+
+def test_ray_train_starts_only_the_actors_an_embedded_ray_needs(two_workers, killed):
+    """Each Ray actor is a process of its own (~2 CPU-seconds to start on this machine). On an embedded Ray there is
+    no preemption to watch for, and without a dashboard nobody reads the Train runs' state: neither actor starts.
+    With the dashboard (the default) the Train page has its state."""
+    with_dashboard, without = _ray_actors(two_workers), _ray_actors(killed["results"])
+    assert {"TrainController", "RayTrainWorker"} <= with_dashboard & without, (with_dashboard, without)
+    assert "TrainStateActor" in with_dashboard and "TrainStateActor" not in without, (with_dashboard, without)
+    assert "PreemptionWatcher" not in with_dashboard | without, (with_dashboard, without)
+
+
 def _kinds(path: Path) -> list[tuple[int, bool]]:
     return [(r["step"], "val_loss" in r) for r in _reports(path)]
 
 
-def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_metrics(killed, two_workers):
-    results, out = killed["results"], killed["out"]
-    row, last = _final(results)
-    assert row["status"] == "ok", (row, out)
-    ckpt_step = max(r["step"] for r in killed["before_worker_kill"] if "val_loss" in r)
-    assert ckpt_step >= EVAL
-    tdir = results / "trials" / row["trial_id"]
-    steps = [r["step"] for r in _reports(tdir / "metrics.jsonl")]
-    # The trial failed and was retried (Tune level: the Train run itself has max_failures=0)...
-    assert f"failed   {row['trial_id']}  retrying from its last checkpoint" in out, out
-    # ...from its checkpoint, not from scratch: no step up to the checkpoint it had is reported twice
-    # (a restart from step 0 would report steps 5 and 10 again), and it reached the end.
-    ref_file = two_workers / "trials" / _final(two_workers)[0]["trial_id"] / "metrics.jsonl"
-    ref = [s for s, _ in _kinds(ref_file)]
-    assert [s for s in steps if s <= ckpt_step] == [s for s in ref if s <= ckpt_step], (steps, ref)
-    # The reports the attempts made after their checkpoints were replaced by the next attempt's: the file reads
-    # as the uninterrupted run's, report for report.
-    assert _kinds(tdir / "metrics.jsonl") == _kinds(ref_file)
-    assert steps[-1] == STEPS
-    # The same final metrics as the uninterrupted run (exact on CPU).
-    ref_row, ref_last = _final(two_workers)
-    assert last["step"] == ref_last["step"] == STEPS
-    for key in ("loss", "val_loss", "val_ppl", "tokens"):
-        assert last[key] == ref_last[key], (key, last[key], ref_last[key])
-
-
-def test_killed_driver_resumes_the_train_run_from_its_checkpoint(killed):
-    """After the retry's own checkpoint the driver (and the Ray it started) was SIGKILLed: --resume restarted the
-    trial under its id and its Train run continued from the latest Train checkpoint (not from step 0: the
-    reports before the kill are still the first ones)."""
+def test_killed_driver_resumes_the_train_run_from_its_checkpoint_with_uninterrupted_metrics(killed, two_workers):
+    """After the trial's checkpoint the driver (and the Ray it started) was SIGKILLed: --resume restarted the trial
+    under its id and its Train run continued from the latest Train checkpoint (not from step 0: the reports before
+    the kill are still the first ones), ending with the uninterrupted 2-worker run's reports and exact metrics."""
     results = killed["results"]
-    row, _ = _final(results)
+    row, last = _final(results)
     tid = row["trial_id"]
     assert row["status"] == "ok", (row, killed["resumed"])
     assert "(resumed)" in killed["resumed"] and tid in killed["resumed"]
+    before = [json.loads(line) for line in killed["before_driver_kill"]]
+    ckpt_step = max(r["step"] for r in before if "val_loss" in r)
+    assert ckpt_step >= EVAL
     after = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
-    before = killed["before_driver_kill"]
-    assert after[:2] == before[:2]  # continued, not restarted: the first reports are the first attempt's
+    assert after[:2] == killed["before_driver_kill"][:2]  # continued, not restarted: the first reports are the first attempt's
     attempts = _reports(results / "trials" / tid / "attempts.jsonl")
-    assert len(attempts) == 3, attempts  # the first attempt, the retry, the resumed sweep's attempt
-    assert 0 < attempts[1]["step"] < attempts[2]["step"] <= STEPS, attempts
+    assert len(attempts) == 2, attempts  # the first attempt, the resumed sweep's attempt
+    assert 0 < attempts[0]["step"] < attempts[1]["step"] <= STEPS, attempts
     summary = json.loads((results / "trials" / tid / "summary.json").read_text())
-    assert summary["resumed_from_step"] >= attempts[1]["step"], summary["resumed_from_step"]
+    assert summary["resumed_from_step"] >= EVAL, summary["resumed_from_step"]
+    # No step up to the checkpoint is reported twice (a restart from step 0 would report steps 5 and 10 again), and
+    # the reports made past it before the kill were replaced by the resumed attempt's: the file reads as the
+    # uninterrupted run's, report for report.
+    ref_file = two_workers / "trials" / _final(two_workers)[0]["trial_id"] / "metrics.jsonl"
+    assert _kinds(results / "trials" / tid / "metrics.jsonl") == _kinds(ref_file)
+    # The same final metrics as the uninterrupted run (exact on CPU).
+    _, ref_last = _final(two_workers)
+    assert last["step"] == ref_last["step"] == STEPS
+    for key in ("loss", "val_loss", "val_ppl", "tokens"):
+        assert last[key] == ref_last[key], (key, last[key], ref_last[key])
 
 
 def test_a_worker_that_died_unexpectedly_is_an_error_not_an_oom():
