@@ -165,22 +165,47 @@ def _no_ray_lines(text: str) -> None:
     assert not noisy, noisy[:10]
 
 
+EMBEDDED = textwrap.dedent("""
+    import json, pathlib, sys, time, ray
+    from lmtune.sweep.cluster import prepare_env, start_ray
+    pathlib.Path(sys.argv[1]).mkdir()
+    dashboard = sys.argv[2] == "dashboard"
+    t0 = time.time()
+    start_ray(None, prepare_env(embedded=True, dashboard=dashboard), pathlib.Path(sys.argv[1]), sys.stdout,
+              dashboard=dashboard)
+
+    @ray.remote(num_cpus=0)
+    def ask():
+        from ray.util.state import list_nodes
+        return [n.node_id for n in list_nodes(timeout=20)] if dashboard else []
+
+    print("state api:", json.dumps(ray.get(ask.remote())))
+    print("nodes:", json.dumps([n["NodeID"] for n in ray.nodes()]))
+    print(f"took {time.time() - t0:.0f} s")
+""")
+"""A sweep's driver's start of its embedded Ray (lmtune's own ``start_ray``, dashboard or not), then what the
+instance is made of: its nodes, and what Ray's state API inside it answers (the question Ray Train's
+placement-group cleaner asks at the end of every multi-worker trial)."""
+
+
+def _embedded_start(tmp_path: Path, env: dict[str, str], dashboard: bool) -> tuple[str, dict]:
+    proc = subprocess.run([sys.executable, "-c", EMBEDDED, str(tmp_path / "logs"), "dashboard" if dashboard else "-"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    said = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines[1:] if ": " in line}
+    return lines[0], {"state api": json.loads(said["state api"]), "nodes": json.loads(said["nodes"]),
+                      "took": int(lines[-1].split()[1])}
+
+
 def test_embedded_ray_is_its_own_next_to_a_running_cluster(cluster, tmp_path):
-    f = _sweep(tmp_path, """
-        sweep = Sweep(name="embedded", base={**TINY_CPU, "train.steps": 10, "train.eval_interval": 10},
-                      space={"train.lr": grid([1e-3])}, metric="val_loss", export=["train.lr"])
-    """)
-    # RAY_ADDRESS names the cluster too: an embedded sweep still does not join it
-    proc = subprocess.run([sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(tmp_path / "r"), "--no-wandb",
-                           "--no-report", "--no-dashboard"], cwd=tmp_path, env={**_env(), "RAY_ADDRESS": cluster.address},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    first = proc.stdout.splitlines()[0]
+    """RAY_ADDRESS names the cluster too: the embedded Ray a sweep starts still does not join it, and its first
+    line names the cluster it did not join."""
+    first, got = _embedded_start(tmp_path, {**_env(), "RAY_ADDRESS": cluster.address}, dashboard=False)
     assert first.startswith("ray: embedded local Ray (a new instance; not the Ray cluster") and cluster.address in first
     assert first.endswith("dashboard off (--no-dashboard)"), first
-    _, table = _rows(tmp_path / "r")
-    (row,) = table.values()
-    assert row["status"] == "ok" and row["node_id"] not in (cluster.head_id, cluster.worker_id)
+    (node,) = got["nodes"]
+    assert node not in (cluster.head_id, cluster.worker_id)
     assert sorted(cluster._node_ids()) == sorted([cluster.head_id, cluster.worker_id])  # the cluster is untouched
 
 
@@ -294,38 +319,15 @@ def test_a_node_lost_mid_trial_its_trial_continues_on_the_other_from_its_checkpo
     assert {r["step"] for r in reports if "loss" in r and r["step"] < 600} == set(range(every, 600, every))
 
 
-def test_a_killed_clusters_leftover_address_does_not_stall_an_embedded_sweep(cluster, tmp_path):
+def test_a_killed_clusters_leftover_address_does_not_stall_an_embedded_ray(cluster, tmp_path):
     """After the cluster's processes are SIGKILLed (no `ray stop`), its address file is still there. Neither
-    the embedded Ray nor Ray's state API inside it (which Ray Train's placement-group cleaner asks at the end
-    of every multi-worker trial, and which would wait 40 s on the dead address) is led to it."""
+    the embedded Ray a sweep starts (its dashboard on, the default) nor Ray's state API inside it (which would wait
+    40 s on the dead address for each question) is led to it, and the start does not name it as a running cluster."""
     cluster.kill_all()
     wait_for(lambda: not cluster.processes(), 10, what="the killed cluster's processes to be gone")
     assert ADDRESS_FILE.read_text().strip().endswith(f":{cluster.port}")
-    f = _sweep(tmp_path, """
-        sweep = Sweep(name="after-crash", base={**TINY_CPU, "train.steps": 10, "train.eval_interval": 10},
-                      space={"train.lr": grid([1e-3])}, metric="val_loss", export=["train.lr"])
-    """)
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "lmtune.sweep", str(f), "--storage", str(tmp_path / "r"), "--no-wandb",
-                           "--no-report"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    first = proc.stdout.splitlines()[0]
-    assert first.startswith("ray: embedded local Ray (a new instance") and f":{cluster.port}" not in first
-    assert time.time() - t0 < 120
-    # A task on the sweep's embedded Ray asks the state API what Ray Train's cleaner asks (lmtune's own start)
-    code = textwrap.dedent("""
-        import io, pathlib, sys, ray
-        from lmtune.sweep.cluster import prepare_env, start_ray
-        pathlib.Path(sys.argv[1]).mkdir()
-        start_ray(None, prepare_env(embedded=True), pathlib.Path(sys.argv[1]), io.StringIO())
-
-        @ray.remote(num_cpus=0)
-        def ask():
-            from ray.util.state import list_nodes
-            return len(list_nodes(timeout=20))
-
-        print("nodes:", ray.get(ask.remote()))
-    """)
-    asked = subprocess.run([sys.executable, "-c", code, str(tmp_path / "logs")], env=_env(), capture_output=True,
-                           text=True, timeout=120)
-    assert asked.returncode == 0 and "nodes: 1" in asked.stdout, asked.stdout[-2000:] + asked.stderr[-2000:]
+    first, got = _embedded_start(tmp_path, _env(), dashboard=True)
+    assert first.startswith("ray: embedded local Ray (a new instance") and f":{cluster.port}" not in first, first
+    assert "dashboard http://" in first, first
+    assert got["state api"] == got["nodes"] and len(got["nodes"]) == 1, got  # its own node, from its own dashboard
+    assert got["took"] < 60, got
