@@ -6,7 +6,7 @@
   W&B offline runs are written under the sweep's group;
 * a driver killed with SIGKILL mid-sweep and resumed: finished trials are not run again, the interrupted
   trial continues from its checkpoint;
-* Ctrl-C; SIGTERM to the job (`timeout`), then --resume; a trial killed by Ray's memory monitor.
+* Ctrl-C, then SIGTERM to the job (`timeout`), each followed by --resume; a trial killed by Ray's memory monitor.
 
 Multi-worker trials (Ray Train) are tested in test_multiworker.py.
 """
@@ -283,22 +283,38 @@ def two_trials(tmp_path: Path, name: str, *, steps: int) -> Path:
     """)
 
 
-def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tmp_path):
-    f = two_trials(tmp_path, "ctrl-c", steps=80)
+def test_ctrl_c_and_sigterm_stop_the_sweep_with_its_state_saved_and_resumes_continue_it(tmp_path):
+    """One sweep of two trials, stopped twice and resumed (one sweep: each fresh one costs a driver, a Ray and a trial
+    process):
+
+    1. Ctrl-C once a trial reports: exit 130, the --resume line, no traceback; the first line's dashboard shows the
+       running trial.
+    2. A resume whose saved searcher state Tune cannot restore: refused in one line, nothing changed, no trial ran.
+    3. A resume after a driver died while Tune rewrote tuner.pkl (left empty): lmtune's copy is put back. This resume
+       runs under coreutils' ``timeout``, which leads a process group of its own and relays a SIGTERM it gets to the
+       driver and to that group, as a batch system stops a job: the sweep stops as Ctrl-C stops it (state saved, the
+       --resume line, exit 143), without Ray's stack lines. (Before, the GCS in the same group died of the signal and
+       the driver hung 60 s on it before Ray ended it, with no state saved and no hint.)
+    4. The resume to the end: the stopped trial goes on from its checkpoint under its own id, and its line says from
+       which step; each trial's reports read as one uninterrupted run.
+    5. A --resume of the finished run: its table, without starting Ray (~10 s)."""
+    f = two_trials(tmp_path, "stops", steps=200)
     storage = tmp_path / "results"
-    args = ["--storage", str(storage), "--max-concurrent", "1", "--no-wandb", "--no-report"]
+    quiet = ["--storage", str(storage), "--max-concurrent", "1", "--no-wandb", "--no-report"]
+    args = [*quiet, "--no-dashboard"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # what Ctrl-C sends, once a trial reports; first the Ray line: where the dashboard of this (default) run is,
+    # 1. what Ctrl-C sends, once a trial reports; first the Ray line: where the dashboard of this (default) run is,
     # which shows the trial while it runs
+    proc = subprocess.Popen([sys.executable, "-m", "lmtune.sweep", str(f), *quiet], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = _interrupt(proc, lambda: any(storage.glob("*/trials/*/metrics.jsonl")), signal.SIGINT,
                      first_line=assert_ray_dashboard_shows_a_trial)
     assert proc.returncode == 130, out
-    assert "interrupted:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
+    assert "interrupted:" in out and f"python -m lmtune.sweep {f} {' '.join(quiet)} --resume" in out, out
     assert "Traceback" not in out and "ResourceWarning" not in out, out
-    tune_dir = only_run(storage) / "tune"
-    # A snapshot Tune cannot restore (here a whole pickle of the wrong thing in place of the searcher's state):
+    results = only_run(storage)
+    tune_dir = results / "tune"
+    # 2. A snapshot Tune cannot restore (here a whole pickle of the wrong thing in place of the searcher's state):
     # Tune would log it and start the sweep over; the resume stops instead, says so in one line, changes nothing.
     (searcher,) = tune_dir.glob("searcher-state-*.pkl")
     saved, before = searcher.read_bytes(), sorted(p.name for p in tune_dir.iterdir())
@@ -310,41 +326,23 @@ def test_ctrl_c_stops_the_sweep_with_its_state_saved_and_says_how_to_continue(tm
     assert sorted(p.name for p in tune_dir.iterdir() if not p.name.endswith(".lmtune-failed-resume")) == before
     assert "start " not in refused.stdout, refused.stdout  # no trial ran
     searcher.write_bytes(saved)
-    # A driver killed while Tune rewrote tuner.pkl leaves it empty: the resume puts back lmtune's copy of it.
+    # 3. tuner.pkl cut short, and the resume stopped by SIGTERM (to `timeout`, which relays it) past a checkpoint
     (tune_dir / "tuner.pkl").write_bytes(b"")
-    again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "resume: tuner.pkl was cut short by the interruption (EOFError" in again.stdout, again.stdout
-    table = rows(only_run(storage))
-    assert len(table) == 2 and all(r["status"] == "ok" for r in table.values()), table
-
-
-def test_sigterm_from_timeout_stops_the_sweep_as_ctrl_c_does_and_it_resumes(tmp_path):
-    """A batch system (here coreutils' `timeout`) stops a job with SIGTERM to the driver and to its whole process
-    group: the sweep stops as Ctrl-C stops it (state saved, the --resume line, exit 143), without Ray's stack lines,
-    and the resume continues the interrupted trial from its checkpoint. Before, the GCS in the same group died of
-    the signal and the driver hung 60 s on it before Ray ended it, with no state saved and no hint."""
-    f = two_trials(tmp_path, "sigterm", steps=200)
-    storage = tmp_path / "results"
-    args = ["--storage", str(storage), "--max-concurrent", "1", "--no-wandb", "--no-report", "--no-dashboard"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # timeout leads a process group of its own (the driver and whatever it starts) and relays a SIGTERM it gets to
-    # the driver and to that group, as it does at its time limit.
-    proc = subprocess.Popen(["timeout", "600", sys.executable, "-m", "lmtune.sweep", str(f), *args], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["timeout", "600", sys.executable, "-m", "lmtune.sweep", str(f), *args, "--resume"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def past_a_checkpoint() -> bool:
         return any(json.loads(line).get("step", 0) >= 20
                    for m in storage.glob("*/trials/*/metrics.jsonl") for line in m.read_text().splitlines())
 
     out = _interrupt(proc, past_a_checkpoint, signal.SIGTERM)
+    assert "resume: tuner.pkl was cut short by the interruption (EOFError" in out, out
     assert proc.returncode == 143, out
     assert "interrupted by SIGTERM:" in out and f"python -m lmtune.sweep {f} {' '.join(args)} --resume" in out, out
     assert "SIGTERM received" not in out and "Traceback" not in out and "GCS" not in out, out
-    results = only_run(storage)
     assert not (results / "trials.csv").exists() or not rows(results)  # the first trial was stopped, not ended
     (stopped,) = [p.name for p in (results / "trials").iterdir()]
-
+    # 4. to the end
     again = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     table = rows(results)
@@ -354,13 +352,14 @@ def test_sigterm_from_timeout_stops_the_sweep_as_ctrl_c_does_and_it_resumes(tmp_
     # its line says where it goes on from, not "start"
     assert f"resume   {stopped}  from step {summary['resumed_from_step']} (its last checkpoint)" in again.stdout, again.stdout
     assert f"start    {stopped}" not in again.stdout
+
     def sequence(tid):
         lines = (results / "trials" / tid / "metrics.jsonl").read_text().splitlines()
         return [(json.loads(line)["step"], "val_loss" in json.loads(line)) for line in lines]
 
     (other,) = set(table) - {stopped}
     assert sequence(stopped) == sequence(other)  # one uninterrupted run's reports, as the trial never stopped
-    # A --resume of the finished run has nothing to continue: its table, without starting Ray (~10 s before).
+    # 5. A --resume of the finished run has nothing to continue: its table, without starting Ray.
     done = run_module("lmtune.sweep", str(f), *args, "--resume", cwd=tmp_path, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout.startswith(f"resume: {results} finished at ") and "Ray not started" in done.stdout, done.stdout
