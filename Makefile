@@ -24,11 +24,11 @@ install: $(STAMP)  ## the project environment in .venv (once; again when pyproje
 demo: install  ## the main job: the memory-frontier sweep, smoke size, on an embedded local Ray (CPU, built-in corpus)
 	$(PY) -m lmtune.sweep sweeps/memory_frontier.py --smoke
 
-# The suite runs in TEST_PROCS processes, a test file each at a time: its end-to-end tests mostly wait (on Ray
-# starting, on processes being killed and resumed), so two share two cores well.
+# The suite runs in TEST_PROCS processes, a test file each at a time, the longest files first (tests/conftest.py's
+# order: xdist's own, files with the most tests first, would start them last).
 TEST_PROCS ?= 2
-test: install  ## the whole test suite, real runs at tiny sizes (about 13 minutes on 2 cores)
-	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile
+test: install  ## the whole test suite, real runs at tiny sizes (about 10 minutes on 2 cores)
+	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder
 
 lint: install  ## ruff (pyproject.toml's rules: pycodestyle, pyflakes, import order, private Ray/Optuna/torch names fenced in)
 	$(PY) -m ruff check lmtune benchmarks tests sweeps

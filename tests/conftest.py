@@ -29,6 +29,13 @@ def _isolated_env(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs as many test processes as cores: one thread each (and in the commands they start), not
+        # torch's one per core, whose idle threads spin on cores another test process is using.
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
     yield
 
 
@@ -46,15 +53,18 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float 
                           text=True, timeout=timeout)
 
 
-HEAVIEST_FIRST = ("test_slurm.py", "test_multinode.py", "test_multiworker.py", "test_sweep_e2e.py", "test_resume_anywhere.py",
-                  "test_frontier_e2e.py", "test_plan.py", "test_gpu_resources.py", "test_reuse.py")
-"""The files with the longest end-to-end runs, longest first (each 2–4 minutes under ``make test`` on 2 cores)."""
+HEAVIEST_FIRST = ("test_frontier_e2e.py", "test_multinode.py", "test_sweep_e2e.py", "test_multiworker.py",
+                  "test_resume_anywhere.py", "test_slurm.py", "test_reuse.py", "test_gpu_resources.py", "test_scaling.py",
+                  "test_plan.py", "test_prepared.py")
+"""The files with the longest end-to-end runs, longest first (1–3 minutes each under ``make test`` on 2 cores)."""
 
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first, then the other files with ``slow`` tests, then the rest. ``make test`` spreads
     the suite over two processes a whole file at a time (pytest-xdist ``--dist loadfile``) in this order: the
-    long files start at once and the quick ones fill in around them, instead of a long file starting last."""
+    long files start at once and the quick ones fill in around them, instead of a long file starting last.
+    (xdist's own order, files with the most tests first, put the long files last: ``make test`` passes
+    ``--no-loadscope-reorder`` to keep this one.)"""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
 
     def rank(item) -> tuple[int, int]:
