@@ -105,7 +105,7 @@ def killed(tmp_path_factory):
     import threading
 
     tmp = tmp_path_factory.mktemp("kill")
-    f = sweep_file(tmp, _sweep_body("ddp-kill", 2, MB, max_failures=1))
+    f = sweep_file(tmp, _sweep_body("ddp-kill", 2, MB))
     storage = tmp / "results"
     args = ["--storage", str(storage), "--no-wandb", "--no-report", "--no-dashboard"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -213,7 +213,7 @@ def test_killed_driver_resumes_the_train_run_from_its_checkpoint_with_uninterrup
     results = killed["results"]
     row, last = _final(results)
     tid = row["trial_id"]
-    assert row["status"] == "ok", (row, killed["resumed"])
+    assert row["status"] == "ok", (row, killed["out"], killed["resumed"])
     assert "(resumed)" in killed["resumed"] and tid in killed["resumed"]
     before = [json.loads(line) for line in killed["before_driver_kill"]]
     ckpt_step = max(r["step"] for r in before if "val_loss" in r)

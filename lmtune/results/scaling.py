@@ -241,15 +241,15 @@ def fit_loss_batched(log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tens
             if not len(active):
                 break
             i = active
-            th, li, vi = theta[i], lam[i], value[i]
-            r, jac = _residuals_and_jacobian(th, n[i], d[i], y[i])
-            hw = w[i] * torch.where(r.abs() <= HUBER_DELTA, torch.ones_like(r), HUBER_DELTA / r.abs().clamp_min(1e-300))
+            th, li, vi, ni, di, yi, wi = (t[i] for t in (theta, lam, value, n, d, y, w))
+            r, jac = _residuals_and_jacobian(th, ni, di, yi)
+            hw = wi * torch.where(r.abs() <= HUBER_DELTA, torch.ones_like(r), HUBER_DELTA / r.abs().clamp_min(1e-300))
             jw = jac * hw[..., None]
             hess = jw.transpose(-1, -2) @ jac  # (k, 5, 5)
             grad = (jw * r[..., None]).sum(1)  # (k, 5)
             damp = li[:, None, None] * (torch.diagonal(hess, dim1=-2, dim2=-1)[..., None] * eye + 1e-12 * eye)
             trial = th + torch.linalg.solve(hess + damp, -grad[..., None])[..., 0]
-            new = _objective(trial, n[i], d[i], y[i], w[i])
+            new = _objective(trial, ni, di, yi, wi)
             better = torch.isfinite(new) & (new < vi)
             theta[i] = torch.where(better[:, None], trial, th)
             value[i] = torch.where(better, new, vi)
