@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import ClassVar
@@ -667,3 +668,68 @@ def test_asha_saves_its_rungs_in_tunes_snapshot_through_its_own_callback(tmp_pat
         return [recorded for b in scheduler._brackets for _, recorded in b._rungs]
 
     assert rungs(restored) == rungs(asha) and any(rungs(asha))
+
+
+def _asha_rungs_64_128_256():
+    return resolve(Sweep(name="r", base={**TINY_CPU, "train.steps": 30}, scheduler="asha", grace_tokens=64,
+                         reduction_factor=2, space={"train.lr": grid([1e-3, 2e-3])}), "r.py")
+
+
+def test_a_restored_trial_that_reports_again_at_a_rung_it_had_reached_is_judged_again(tmp_path):
+    """The driver killed after a trial's report at a rung but before its next checkpoint: the snapshot holds the rung's
+    record, the trial resumes from the checkpoint before it and reports there again. ASHA stops it again, as the
+    uninterrupted sweep did (it used to find the trial recorded and let it pass to the next rung); records made
+    before the checkpoint stay."""
+    from ray.tune.callback import CallbackList
+    from ray.tune.schedulers import TrialScheduler
+
+    rs = _asha_rungs_64_128_256()
+    def report(scheduler, tid, tokens, loss):
+        return scheduler.on_trial_result(None, _Trial(tid, {}, finished=False), {"tokens": tokens, "val_loss": loss, "status": "running"})
+
+    asha = make_scheduler(rs, Ledger())
+    for tid in ("a", "b"):
+        asha.on_trial_add(None, _Trial(tid, {}, finished=False))
+    assert report(asha, "a", 64, 3.0) == report(asha, "a", 128, 2.0) == TrialScheduler.CONTINUE
+    assert report(asha, "b", 64, 2.9) == TrialScheduler.CONTINUE  # better than a at 64: on to 128
+    assert report(asha, "b", 128, 2.5) == TrialScheduler.STOP  # worse than a at 128
+    CallbackList(asha.callbacks()).save_to_dir(str(tmp_path), session_str="s1")  # the snapshot; then the kill
+
+    restored = make_scheduler(rs, Ledger())
+    CallbackList(restored.callbacks()).restore_from_dir(str(tmp_path))
+    assert report(restored, "b", 128, 2.5) == TrialScheduler.STOP  # from its checkpoint at 64: judged again
+    assert compat.asha_rungs_of(restored, "b") == {64, 128}
+    again = make_scheduler(rs, Ledger())
+    CallbackList(again.callbacks()).restore_from_dir(str(tmp_path))
+    assert report(again, "a", 192, 1.9) == TrialScheduler.CONTINUE  # resumed past its records: they stand
+    assert compat.asha_rungs_of(again, "a") == {64, 128}
+
+
+def test_a_finished_trial_replayed_after_a_resume_records_every_rung_it_reached(tmp_path):
+    """The driver killed after a trial ended but before the next snapshot: the resume restarts the trial only to
+    replay its final result. Its rungs come from all of its reports (metrics.jsonl), not only the last one (which
+    records only the highest rung): a later trial is judged at the rungs below it as in the uninterrupted sweep
+    (it used to find them empty and pass)."""
+    from ray.tune.callback import CallbackList
+    from ray.tune.schedulers import TrialScheduler
+
+    from lmtune.contract import REPLAYED
+
+    rs = _asha_rungs_64_128_256()
+    reports = [{"step": i + 1, "tokens": t, "val_loss": v} for i, (t, v) in enumerate(
+        [(64, 3.0), (128, 2.0), (256, 1.8), (300, 1.7)])]
+    (tmp_path / "trials" / "a").mkdir(parents=True)
+    (tmp_path / "trials" / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reports))
+
+    asha = make_scheduler(rs, Ledger(results_dir=tmp_path))
+    for tid in ("a", "b"):
+        asha.on_trial_add(None, _Trial(tid, {}, finished=False))
+    asha.on_trial_result(None, _Trial("a", {}, finished=False), {**reports[0], "status": "running"})
+    CallbackList(asha.callbacks()).save_to_dir(str(tmp_path), session_str="s1")  # a snapshot; `a` runs on, ends
+
+    restored = make_scheduler(rs, Ledger(results_dir=tmp_path))
+    CallbackList(restored.callbacks()).restore_from_dir(str(tmp_path))
+    restored.on_trial_result(None, _Trial("a", {}, finished=False), {**reports[-1], "status": "ok", REPLAYED: True})
+    assert compat.asha_rungs_of(restored, "a") == {64, 128, 256}
+    assert restored.on_trial_result(None, _Trial("b", {}, finished=False), {"tokens": 64, "val_loss": 2.9}) == TrialScheduler.CONTINUE
+    assert restored.on_trial_result(None, _Trial("b", {}, finished=False), {"tokens": 128, "val_loss": 2.5}) == TrialScheduler.STOP

@@ -14,7 +14,7 @@ import os
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from lmtune.config import ConfigError
 
@@ -235,6 +235,30 @@ def set_asha_state(asha: Any, state: dict) -> None:
 def asha_knows(asha: Any, trial_id: str) -> bool:
     """Whether ASHA has a bracket for the trial (restored with its rungs)."""
     return trial_id in asha._trial_info
+
+
+def asha_rungs_of(asha: Any, trial_id: str) -> set:
+    """The rung milestones at which ASHA has recorded the trial's metric."""
+    bracket = asha._trial_info.get(trial_id)
+    return {m for m, recorded in bracket._rungs if trial_id in recorded} if bracket is not None else set()
+
+
+def asha_forget(asha: Any, trial_id: str, milestones: Collection) -> None:
+    """Drop the trial's recorded metric at these rungs: its next report there is judged again."""
+    bracket = asha._trial_info.get(trial_id)
+    for m, recorded in bracket._rungs if bracket is not None else ():
+        if m in milestones:
+            recorded.pop(trial_id, None)
+
+
+def asha_record(asha: Any, trial_id: str, t: Any, value: float) -> None:
+    """Record a report of the trial (``t`` in ASHA's time attribute, ``value`` its metric) at its rung, as ASHA's own
+    handling of a result does; the decision is not used."""
+    from types import SimpleNamespace
+
+    bracket = asha._trial_info.get(trial_id)
+    if bracket is not None:
+        bracket.on_result(SimpleNamespace(trial_id=trial_id), t, asha._metric_op * value)
 
 
 def name_trial_actor(trainable: Any, name: str) -> None:

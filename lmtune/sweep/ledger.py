@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from lmtune.contract import SETTLED
@@ -114,6 +115,8 @@ class Ledger:
     pacing: SnapshotPacing = field(default_factory=SnapshotPacing)
     reconciler: Any = None
     """On ``--resume``: the :class:`lmtune.sweep.resume.Reconciler` of what Tune restores (None otherwise)."""
+    results_dir: Path | None = None
+    """The run's results directory (the driver's): its trials' reports, as the results writer recorded them."""
 
 
 class HoldsLedger:

@@ -209,7 +209,7 @@ def _run_tune(rs: ResolvedSweep, results_dir: Path, base_uri: str, *, group: str
     from lmtune.sweep.ledger import Ledger
     from lmtune.sweep.trainable import TrialSettings, make_trainable, trial_resources
 
-    ledger = Ledger()  # this run's decisions (scheduler, searcher and results writer share it)
+    ledger = Ledger(results_dir=results_dir)  # this run's decisions (scheduler, searcher and results writer share it)
     settings = TrialSettings(
         results_dir=str(results_dir), group=group, train_storage=uri_join(base_uri, TRAIN_DIR),
         workers=rs.sweep.workers, cpus=rs.cpus, gpus=rs.gpus, wandb=wandb, ray_train=probe.ray_train,

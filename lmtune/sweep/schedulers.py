@@ -15,6 +15,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
+from lmtune.contract import METRICS_JSONL, REPLAYED
+from lmtune.results.layout import read_jsonl, trial_dir
 from lmtune.sweep import compat
 from lmtune.sweep.ledger import HoldsLedger, Ledger
 from lmtune.sweep.oom import classify_trial_error, was_memory_monitor_kill
@@ -122,20 +124,73 @@ def _trials_sharing_its_node(controller, trial) -> list:
     return [t for t in others if node is None or _node(t) in (None, node)]
 
 
+TIME_ATTR = "tokens"
+"""What ASHA's rungs are spaced in: tokens trained (a trial's budget, whatever its batch and length)."""
+
+
 class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
     """ASHA whose rungs survive ``--resume``: it saves and restores them itself (:meth:`get_state`,
-    :meth:`set_state`), carried in Tune's experiment snapshot by a callback of its own (:class:`RungsInSnapshot`)."""
+    :meth:`set_state`), carried in Tune's experiment snapshot by a callback of its own (:class:`RungsInSnapshot`).
+
+    A resume restores the rungs of the snapshot it resumes from, which a driver killed at the wrong moment leaves
+    out of step with the trials, in two ways; each is mended where it shows:
+
+    * a trial that ended after the snapshot is restarted only to replay its final result, which records just the
+      highest rung it reached: its rungs are recorded from all of its reports (:meth:`_record_history`). Seen: the
+      rungs below stayed without its value, and a later trial the uninterrupted sweep stopped at the 4,096-token rung
+      passed it unjudged and ran on to the next one;
+    * a trial recorded at a rung after the checkpoint it resumes from reports there again and, found recorded, would
+      pass unjudged: each record keeps the tokens of the report that made it, and a restored trial's first report
+      drops its records made at or after that point, so what it replays is judged again as it was the first time.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.metric_name: str | None = kwargs.get("metric")
+        self._recorded_at: dict[str, dict[Any, Any]] = {}  # trial → rung milestone → tokens of the report recorded
+        self._restored: set[str] = set()  # restored trials that have not reported since
 
     def callbacks(self) -> list:
         return [RungsInSnapshot(self)]
 
     def get_state(self) -> dict:
-        """Its rungs (every trial's recorded value per rung), its trial → bracket map and its counters."""
-        return compat.asha_state(self)
+        """Its rungs (every trial's recorded value per rung, and the tokens of the report that recorded it), its
+        trial → bracket map and its counters."""
+        return {**compat.asha_state(self), "recorded_at": {t: dict(r) for t, r in self._recorded_at.items()}}
 
     def set_state(self, state: dict) -> None:
         compat.set_asha_state(self, state)
+        self._recorded_at = {t: dict(r) for t, r in state.get("recorded_at", {}).items()}
+        self._restored = set(state["trial_info"])
         logger.info("asha: rungs restored (%d trial(s) recorded)", len(state["trial_info"]))
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        tid, tokens = trial.trial_id, result.get(TIME_ATTR)
+        if tokens is None:
+            return super().on_trial_result(tune_controller, trial, result)
+        if result.get(REPLAYED):
+            self._record_history(tid)
+        if tid in self._restored:  # its first report since the restore: what it replays is judged again
+            self._restored.discard(tid)
+            mine = self._recorded_at.get(tid, {})
+            replayed = {m for m, at in mine.items() if at >= tokens}
+            compat.asha_forget(self, tid, replayed)
+            for m in replayed:
+                del mine[m]
+        before = compat.asha_rungs_of(self, tid)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        for m in compat.asha_rungs_of(self, tid) - before:
+            self._recorded_at.setdefault(tid, {})[m] = tokens
+        return decision
+
+    def _record_history(self, tid: str) -> None:
+        """Record a replayed trial's rungs from every report the driver recorded of it (its metrics.jsonl), as the
+        uninterrupted run recorded them; rungs already recorded stay as they are."""
+        if self.ledger is None or self.ledger.results_dir is None:
+            return
+        for report in read_jsonl(trial_dir(self.ledger.results_dir, tid) / METRICS_JSONL):
+            if report.get(TIME_ATTR) is not None and report.get(self.metric_name) is not None:
+                compat.asha_record(self, tid, report[TIME_ATTR], float(report[self.metric_name]))
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if compat.asha_knows(self, trial.trial_id):  # restored with its bracket: keep its place, as uninterrupted
@@ -178,7 +233,7 @@ def _make_scheduler(rs: ResolvedSweep) -> ASHA | FIFO:
     grace = rs.sweep.grace_tokens or max(1, budget // 10)
     grace = min(grace, budget)
     # stop_last_trials=False: reaching the budget is the trainer's own end (status ok), never a prune.
-    return ASHA(time_attr="tokens", metric=rs.metric, mode=rs.mode, max_t=budget, grace_period=grace,
+    return ASHA(time_attr=TIME_ATTR, metric=rs.metric, mode=rs.mode, max_t=budget, grace_period=grace,
                 reduction_factor=rs.sweep.reduction_factor, stop_last_trials=False)
 
 
