@@ -44,7 +44,8 @@ def test_asha_sweep_statuses_optuna_and_wandb(tmp_path):
         )
     """)
     storage = tmp_path / "results"
-    proc = run_module("lmtune.sweep", str(f), "--storage", str(storage), "--max-concurrent", "1",
+    # The Ray dashboard (~3 CPU-seconds of its processes) is the Ctrl-C test's; this one opens optuna-dashboard.
+    proc = run_module("lmtune.sweep", str(f), "--storage", str(storage), "--max-concurrent", "1", "--no-dashboard",
                       cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = only_run(storage)
