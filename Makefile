@@ -25,9 +25,11 @@ demo: install  ## the main job: the memory-frontier sweep, smoke size, on an emb
 	$(PY) -m lmtune.sweep sweeps/memory_frontier.py --smoke
 
 # The suite runs in TEST_PROCS processes, a test file each at a time, the longest files first (tests/conftest.py's
-# order: xdist's own, files with the most tests first, would start them last).
-TEST_PROCS ?= 2
-test: install  ## the whole test suite, real runs at tiny sizes (about 10 minutes on 2 cores)
+# order: xdist's own, files with the most tests first, would start them last). Three on two cores: the end-to-end
+# tests wait on the processes they start, and a third keeps the cores busy (512 s against 560 s with two, the same
+# tree the same hour, 2026-12-03). More cores: TEST_PROCS=auto, or one and a half per core.
+TEST_PROCS ?= 3
+test: install  ## the whole test suite, real runs at tiny sizes (about 9 minutes on 2 cores)
 	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder
 
 lint: install  ## ruff (pyproject.toml's rules: pycodestyle, pyflakes, import order, private Ray/Optuna/torch names fenced in)

@@ -61,7 +61,7 @@ HEAVIEST_FIRST = ("test_frontier_e2e.py", "test_multinode.py", "test_sweep_e2e.p
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first, then the other files with ``slow`` tests, then the rest. ``make test`` spreads
-    the suite over two processes a whole file at a time (pytest-xdist ``--dist loadfile``) in this order: the
+    the suite over three processes a whole file at a time (pytest-xdist ``--dist loadfile``) in this order: the
     long files start at once and the quick ones fill in around them, instead of a long file starting last.
     (xdist's own order, files with the most tests first, put the long files last: ``make test`` passes
     ``--no-loadscope-reorder`` to keep this one.)"""
