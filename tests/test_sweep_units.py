@@ -703,6 +703,11 @@ def test_a_restored_trial_that_reports_again_at_a_rung_it_had_reached_is_judged_
     CallbackList(again.callbacks()).restore_from_dir(str(tmp_path))
     assert report(again, "a", 192, 1.9) == TrialScheduler.CONTINUE  # resumed past its records: they stand
     assert compat.asha_rungs_of(again, "a") == {64, 128}
+    # The same within one driver: a trial retried from its checkpoint at 64 (its process lost) is judged again at 128.
+    again.on_trial_add(None, _Trial("c", {}, finished=False))
+    assert report(again, "c", 64, 2.8) == TrialScheduler.CONTINUE and report(again, "c", 128, 2.6) == TrialScheduler.STOP
+    again.on_trial_error(None, _Trial("c", {}, finished=False))
+    assert report(again, "c", 128, 2.6) == TrialScheduler.STOP
 
 
 def test_a_finished_trial_replayed_after_a_resume_records_every_rung_it_reached(tmp_path):
@@ -731,5 +736,11 @@ def test_a_finished_trial_replayed_after_a_resume_records_every_rung_it_reached(
     CallbackList(restored.callbacks()).restore_from_dir(str(tmp_path))
     restored.on_trial_result(None, _Trial("a", {}, finished=False), {**reports[-1], "status": "ok", REPLAYED: True})
     assert compat.asha_rungs_of(restored, "a") == {64, 128, 256}
+    # and when Tune hands the replayed result over only as the trial's last
+    alone = make_scheduler(rs, Ledger(results_dir=tmp_path))
+    CallbackList(alone.callbacks()).restore_from_dir(str(tmp_path))
+    alone.on_trial_complete(None, _Trial("a", {}, finished=True), {**reports[-1], "status": "ok", REPLAYED: True})
+    assert [sorted(r) for b in alone._brackets for _, r in b._rungs] == [
+        sorted(r) for b in restored._brackets for _, r in b._rungs]
     assert restored.on_trial_result(None, _Trial("b", {}, finished=False), {"tokens": 64, "val_loss": 2.9}) == TrialScheduler.CONTINUE
     assert restored.on_trial_result(None, _Trial("b", {}, finished=False), {"tokens": 128, "val_loss": 2.5}) == TrialScheduler.STOP

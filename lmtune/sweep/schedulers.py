@@ -142,13 +142,14 @@ class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
     * a trial recorded at a rung after the checkpoint it resumes from reports there again and, found recorded, would
       pass unjudged: each record keeps the tokens of the report that made it, and a restored trial's first report
       drops its records made at or after that point, so what it replays is judged again as it was the first time.
+      A trial retried from its checkpoint (its process or node lost) is the same case within one driver.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.metric_name: str | None = kwargs.get("metric")
         self._recorded_at: dict[str, dict[Any, Any]] = {}  # trial → rung milestone → tokens of the report recorded
-        self._restored: set[str] = set()  # restored trials that have not reported since
+        self._restarted: set[str] = set()  # trials restored or retried that have not reported since
 
     def callbacks(self) -> list:
         return [RungsInSnapshot(self)]
@@ -161,7 +162,7 @@ class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
     def set_state(self, state: dict) -> None:
         compat.set_asha_state(self, state)
         self._recorded_at = {t: dict(r) for t, r in state.get("recorded_at", {}).items()}
-        self._restored = set(state["trial_info"])
+        self._restarted = set(state["trial_info"])
         logger.info("asha: rungs restored (%d trial(s) recorded)", len(state["trial_info"]))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -170,8 +171,8 @@ class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
             return super().on_trial_result(tune_controller, trial, result)
         if result.get(REPLAYED):
             self._record_history(tid)
-        if tid in self._restored:  # its first report since the restore: what it replays is judged again
-            self._restored.discard(tid)
+        if tid in self._restarted:  # its first report since it started again: what it replays is judged again
+            self._restarted.discard(tid)
             mine = self._recorded_at.get(tid, {})
             replayed = {m for m, at in mine.items() if at >= tokens}
             compat.asha_forget(self, tid, replayed)
@@ -182,6 +183,15 @@ class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
         for m in compat.asha_rungs_of(self, tid) - before:
             self._recorded_at.setdefault(tid, {})[m] = tokens
         return decision
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._restarted.add(trial.trial_id)  # retried from its checkpoint (or given up: then it never reports again)
+        super().on_trial_error(tune_controller, trial)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        if result.get(REPLAYED):  # should Tune hand the replayed result over only as the trial's last
+            self._record_history(trial.trial_id)
+        super().on_trial_complete(tune_controller, trial, result)
 
     def _record_history(self, tid: str) -> None:
         """Record a replayed trial's rungs from every report the driver recorded of it (its metrics.jsonl), as the
