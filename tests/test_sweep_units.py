@@ -675,17 +675,19 @@ def _asha_rungs_64_128_256():
                          reduction_factor=2, space={"train.lr": grid([1e-3, 2e-3])}), "r.py")
 
 
-def test_a_restored_trial_that_reports_again_at_a_rung_it_had_reached_is_judged_again(tmp_path):
-    """The driver killed after a trial's report at a rung but before its next checkpoint: the snapshot holds the rung's
-    record, the trial resumes from the checkpoint before it and reports there again. ASHA stops it again, as the
-    uninterrupted sweep did (it used to find the trial recorded and let it pass to the next rung); records made
-    before the checkpoint stay."""
+def test_a_report_sent_again_by_a_restarted_trial_gets_the_decision_it_got_the_first_time(tmp_path):
+    """A trial stopped at a rung, the driver killed before the stop took effect: the snapshot holds the rung's record,
+    the resume restarts the trial from a checkpoint at or before that report, and the trial sends it again. ASHA
+    stops it again, as the uninterrupted sweep did (it used to find the trial recorded and let it pass to the next
+    rung). The same for a trial retried within one driver; a report it never sent before is judged as ever."""
     from ray.tune.callback import CallbackList
     from ray.tune.schedulers import TrialScheduler
 
     rs = _asha_rungs_64_128_256()
+
     def report(scheduler, tid, tokens, loss):
-        return scheduler.on_trial_result(None, _Trial(tid, {}, finished=False), {"tokens": tokens, "val_loss": loss, "status": "running"})
+        result = {"tokens": tokens, "val_loss": loss, "status": "running"}
+        return scheduler.on_trial_result(None, _Trial(tid, {}, finished=False), result)
 
     asha = make_scheduler(rs, Ledger())
     for tid in ("a", "b"):
@@ -697,17 +699,19 @@ def test_a_restored_trial_that_reports_again_at_a_rung_it_had_reached_is_judged_
 
     restored = make_scheduler(rs, Ledger())
     CallbackList(restored.callbacks()).restore_from_dir(str(tmp_path))
-    assert report(restored, "b", 128, 2.5) == TrialScheduler.STOP  # from its checkpoint at 64: judged again
-    assert compat.asha_rungs_of(restored, "b") == {64, 128}
-    again = make_scheduler(rs, Ledger())
-    CallbackList(again.callbacks()).restore_from_dir(str(tmp_path))
-    assert report(again, "a", 192, 1.9) == TrialScheduler.CONTINUE  # resumed past its records: they stand
-    assert compat.asha_rungs_of(again, "a") == {64, 128}
-    # The same within one driver: a trial retried from its checkpoint at 64 (its process lost) is judged again at 128.
-    again.on_trial_add(None, _Trial("c", {}, finished=False))
-    assert report(again, "c", 64, 2.8) == TrialScheduler.CONTINUE and report(again, "c", 128, 2.6) == TrialScheduler.STOP
-    again.on_trial_error(None, _Trial("c", {}, finished=False))
-    assert report(again, "c", 128, 2.6) == TrialScheduler.STOP
+    # b resumes from its checkpoint at 64 and sends its reports again: the same decisions, and no other record
+    assert report(restored, "b", 64, 2.9) == TrialScheduler.CONTINUE
+    assert report(restored, "b", 128, 2.5) == TrialScheduler.STOP
+    assert compat.asha_rungs_of(restored, "b") == {64, 128} and restored.ledger.decisions.pruned == {"b": 128}
+    assert report(restored, "a", 192, 1.9) == TrialScheduler.CONTINUE  # a report it never sent: judged as ever
+    # Within one driver: c passes 128 (better than the rung's median then), d records a better value there, and c,
+    # retried from its checkpoint at 64 (its process lost), passes again, as it did: judged against d it would not.
+    for tid in ("c", "d"):
+        restored.on_trial_add(None, _Trial(tid, {}, finished=False))
+    assert report(restored, "c", 64, 2.8) == report(restored, "c", 128, 2.1) == TrialScheduler.CONTINUE
+    assert report(restored, "d", 64, 2.0) == report(restored, "d", 128, 1.5) == TrialScheduler.CONTINUE
+    restored.on_trial_error(None, _Trial("c", {}, finished=False))
+    assert report(restored, "c", 64, 2.8) == report(restored, "c", 128, 2.1) == TrialScheduler.CONTINUE
 
 
 def test_a_finished_trial_replayed_after_a_resume_records_every_rung_it_reached(tmp_path):

@@ -14,7 +14,7 @@ import os
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Iterable
 
 from lmtune.config import ConfigError
 
@@ -241,14 +241,6 @@ def asha_rungs_of(asha: Any, trial_id: str) -> set:
     """The rung milestones at which ASHA has recorded the trial's metric."""
     bracket = asha._trial_info.get(trial_id)
     return {m for m, recorded in bracket._rungs if trial_id in recorded} if bracket is not None else set()
-
-
-def asha_forget(asha: Any, trial_id: str, milestones: Collection) -> None:
-    """Drop the trial's recorded metric at these rungs: its next report there is judged again."""
-    bracket = asha._trial_info.get(trial_id)
-    for m, recorded in bracket._rungs if bracket is not None else ():
-        if m in milestones:
-            recorded.pop(trial_id, None)
 
 
 def asha_record(asha: Any, trial_id: str, t: Any, value: float) -> None:

@@ -93,10 +93,14 @@ class _RecordsDecisions(HoldsLedger):
         super().on_trial_remove(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
+        decision = self._decide(tune_controller, trial, result)
         if decision == TrialScheduler.STOP and result.get("status", "running") == "running":
             self.ledger.decisions.stopped(trial.trial_id, result.get("tokens"))
         return decision
+
+    def _decide(self, tune_controller, trial, result: dict) -> str:
+        """The scheduler's decision on a result (Tune's scheduler's own)."""
+        return super().on_trial_result(tune_controller, trial, result)
 
     def _lower_concurrency(self, controller, running: int) -> int | None:
         """One trial fewer at once than the ``running`` ones (the killed trial included), at least one, for new and
@@ -132,61 +136,47 @@ class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
     """ASHA whose rungs survive ``--resume``: it saves and restores them itself (:meth:`get_state`,
     :meth:`set_state`), carried in Tune's experiment snapshot by a callback of its own (:class:`RungsInSnapshot`).
 
-    A resume restores the rungs of the snapshot it resumes from, which a driver killed at the wrong moment leaves
-    out of step with the trials, in two ways; each is mended where it shows:
-
-    * a trial that ended after the snapshot is restarted only to replay its final result, which records just the
-      highest rung it reached: its rungs are recorded from all of its reports (:meth:`_record_history`). Seen: the
-      rungs below stayed without its value, and a later trial the uninterrupted sweep stopped at the 4,096-token rung
-      passed it unjudged and ran on to the next one;
-    * a trial recorded at a rung after the checkpoint it resumes from reports there again and, found recorded, would
-      pass unjudged: each record keeps the tokens of the report that made it, and a restored trial's first report
-      drops its records made at or after that point, so what it replays is judged again as it was the first time.
-      A trial retried from its checkpoint (its process or node lost) is the same case within one driver.
+    A trial that starts again from a checkpoint (a resumed sweep, a retry) sends again the reports its checkpoint
+    holds and then the ones after it, which the previous attempt may have sent too. ASHA finds such a trial recorded
+    at the rung and lets it pass, whatever it had decided there (seen: a trial stopped at a rung, the driver killed
+    before the stop took effect, ran on after the resume). So each decision that recorded a rung is kept with the
+    tokens of its report, and the same report sent again gets the same decision: the sweep goes as the uninterrupted
+    one did. A trial that had ended is restarted by a resume only to replay its final result, which records just the
+    highest rung it reached: its rungs are recorded from all of its reports (:meth:`_record_history`), or the rungs
+    below would stay without its value and a later trial would pass them unjudged (seen: a trial the uninterrupted
+    sweep stopped at the 4,096-token rung ran on to the next one).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.metric_name: str | None = kwargs.get("metric")
-        self._recorded_at: dict[str, dict[Any, Any]] = {}  # trial → rung milestone → tokens of the report recorded
-        self._restarted: set[str] = set()  # trials restored or retried that have not reported since
+        self._decided: dict[str, dict[Any, str]] = {}  # trial → tokens of a report that recorded a rung → decision
 
     def callbacks(self) -> list:
         return [RungsInSnapshot(self)]
 
     def get_state(self) -> dict:
-        """Its rungs (every trial's recorded value per rung, and the tokens of the report that recorded it), its
+        """Its rungs (every trial's recorded value per rung, and the decision each recording report got), its
         trial → bracket map and its counters."""
-        return {**compat.asha_state(self), "recorded_at": {t: dict(r) for t, r in self._recorded_at.items()}}
+        return {**compat.asha_state(self), "decided": {t: dict(d) for t, d in self._decided.items()}}
 
     def set_state(self, state: dict) -> None:
         compat.set_asha_state(self, state)
-        self._recorded_at = {t: dict(r) for t, r in state.get("recorded_at", {}).items()}
-        self._restarted = set(state["trial_info"])
+        self._decided = {t: dict(d) for t, d in state.get("decided", {}).items()}
         logger.info("asha: rungs restored (%d trial(s) recorded)", len(state["trial_info"]))
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+    def _decide(self, tune_controller, trial, result: dict) -> str:
         tid, tokens = trial.trial_id, result.get(TIME_ATTR)
-        if tokens is None:
-            return super().on_trial_result(tune_controller, trial, result)
         if result.get(REPLAYED):
             self._record_history(tid)
-        if tid in self._restarted:  # its first report since it started again: what it replays is judged again
-            self._restarted.discard(tid)
-            mine = self._recorded_at.get(tid, {})
-            replayed = {m for m, at in mine.items() if at >= tokens}
-            compat.asha_forget(self, tid, replayed)
-            for m in replayed:
-                del mine[m]
+        earlier = self._decided.get(tid, {}).get(tokens)
+        if earlier is not None:  # this report again: the decision it got
+            return earlier
         before = compat.asha_rungs_of(self, tid)
-        decision = super().on_trial_result(tune_controller, trial, result)
-        for m in compat.asha_rungs_of(self, tid) - before:
-            self._recorded_at.setdefault(tid, {})[m] = tokens
+        decision = super()._decide(tune_controller, trial, result)
+        if compat.asha_rungs_of(self, tid) - before:
+            self._decided.setdefault(tid, {})[tokens] = decision
         return decision
-
-    def on_trial_error(self, tune_controller, trial) -> None:
-        self._restarted.add(trial.trial_id)  # retried from its checkpoint (or given up: then it never reports again)
-        super().on_trial_error(tune_controller, trial)
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
         if result.get(REPLAYED):  # should Tune hand the replayed result over only as the trial's last
