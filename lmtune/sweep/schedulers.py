@@ -151,6 +151,8 @@ class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
         super().__init__(*args, **kwargs)
         self.metric_name: str | None = kwargs.get("metric")
         self._decided: dict[str, dict[Any, str]] = {}  # trial → tokens of a report that recorded a rung → decision
+        self._histories: set[str] = set()  # replayed trials whose reports were recorded (read once: a replayed
+        # result reaches both on_trial_result and on_trial_complete)
 
     def callbacks(self) -> list:
         return [RungsInSnapshot(self)]
@@ -186,8 +188,9 @@ class ASHA(_RecordsDecisions, AsyncHyperBandScheduler):
     def _record_history(self, tid: str) -> None:
         """Record a replayed trial's rungs from every report the driver recorded of it (its metrics.jsonl), as the
         uninterrupted run recorded them; rungs already recorded stay as they are."""
-        if self.ledger is None or self.ledger.results_dir is None:
+        if self.ledger is None or self.ledger.results_dir is None or tid in self._histories:
             return
+        self._histories.add(tid)
         for report in read_jsonl(trial_dir(self.ledger.results_dir, tid) / METRICS_JSONL):
             if report.get(TIME_ATTR) is not None and report.get(self.metric_name) is not None:
                 compat.asha_record(self, tid, report[TIME_ATTR], float(report[self.metric_name]))
